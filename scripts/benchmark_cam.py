@@ -1,0 +1,142 @@
+"""Speed and peak memory of RelevanceCAM against one forward+backward and Grad-CAM.
+
+Case: ResNet-50 (weights=None), batch 8, 224 px, layers layer2/layer3/layer4. Each row runs in a
+fresh subprocess so its peak RSS (CPU) or peak CUDA memory is its own. Prints a markdown table.
+
+    python scripts/benchmark_cam.py                 # CPU, all rows
+    python scripts/benchmark_cam.py --device cuda   # GPU (peak = torch.cuda.max_memory_allocated)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROWS = {
+    "fwd_bwd": "1. forward + backward (unit)",
+    "relevance_k1": "2. RelevanceCAM 3 layers, K=1",
+    "relevance_k3": "3. RelevanceCAM 3 layers, K=3",
+    "gradcam": "4. wsss GradCAM 3 layers, K=1",
+    "pytorch_grad_cam": "5. pytorch_grad_cam.GradCAM 3 layers, K=1",
+}
+LAYERS = ["layer2", "layer3", "layer4"]
+
+
+def _sync(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_row(row: str, args: argparse.Namespace) -> dict:
+    """Time one row (warm-up, then the median of repeats) in this process."""
+    import torch
+    import torchvision
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None, num_classes=20).to(args.device).eval()
+    images = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    targets1 = torch.randint(0, 20, (args.batch,), device=args.device)
+    targets3 = torch.randint(0, 20, (args.batch, 3), device=args.device)
+
+    if row == "fwd_bwd":
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(images).sum().backward()
+    elif row.startswith("relevance"):
+        from wsss.cam import RelevanceCAM
+        cam = RelevanceCAM(model, LAYERS, preset=args.preset)
+        targets = targets1 if row == "relevance_k1" else targets3
+        step = lambda: cam(images, targets)  # noqa: E731
+    elif row == "gradcam":
+        from wsss.cam import GradCAM
+        cam = GradCAM(model, LAYERS)
+        step = lambda: cam(images, targets1)  # noqa: E731
+    elif row == "pytorch_grad_cam":
+        try:
+            from pytorch_grad_cam import GradCAM as ExternalGradCAM
+            from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        except ImportError:
+            return {"row": row, "skipped": "grad-cam not installed (pip install grad-cam)"}
+        cam = ExternalGradCAM(model=model, target_layers=[getattr(model, n) for n in LAYERS])
+        targets = [ClassifierOutputTarget(int(t)) for t in targets1]
+        step = lambda: cam(input_tensor=images, targets=targets)  # noqa: E731
+    else:
+        raise ValueError(row)
+
+    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        step()
+    _sync(args.device)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        _sync(args.device)
+        times.append(time.perf_counter() - start)
+    result = {"row": row, "median_s": statistics.median(times), "times": times,
+              "setup_rss_mb": setup_rss,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if args.device == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print JSON
+    args = parser.parse_args()
+
+    if args.row:
+        print(json.dumps(measure_row(args.row, args)))
+        return
+
+    results = {}
+    for row in args.rows.split(","):
+        cmd = [sys.executable, __file__, "--row", row] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("row", "rows") and v is not None]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[row] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{row}: {results[row]}", file=sys.stderr)
+
+    unit = results["fwd_bwd"]["median_s"] if "fwd_bwd" in results else None
+    mem_col = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB (above setup)"
+    print(f"\nResNet-50, batch {args.batch}, {args.size} px, {args.device}, "
+          f"{args.threads} threads, preset={args.preset}, median of {args.repeats}\n")
+    print(f"| row | median s | × fwd+bwd | {mem_col} |")
+    print("|---|---|---|---|")
+    for row, res in results.items():
+        if "skipped" in res:
+            print(f"| {ROWS[row]} | skipped: {res['skipped']} | | |")
+            continue
+        ratio = f"{res['median_s'] / unit:.2f}" if unit else "-"
+        if args.device == "cuda":
+            mem = f"{res['peak_cuda_mb']:.0f}"
+        else:
+            mem = f"{res['peak_rss_mb']:.0f} ({res['peak_rss_mb'] - res['setup_rss_mb']:.0f})"
+        print(f"| {ROWS[row]} | {res['median_s']:.3f} | {ratio} | {mem} |")
+    if unit and "relevance_k1" in results and "relevance_k3" in results:
+        k1, k3 = results["relevance_k1"]["median_s"], results["relevance_k3"]["median_s"]
+        print(f"\nrow2/row1 = {k1 / unit:.2f} (target <= 1.5); "
+              f"(row3-row2)/row1 = {(k3 - k1) / unit:.2f} (target <= 0.7)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Attribution maps for CNN classifiers: Relevance-CAM and baselines (pure torch).
+
+    from wsss.cam import RelevanceCAM
+    with RelevanceCAM(model, layers=["layer2", "layer3", "layer4"], preset="reference") as cam:
+        maps = cam(images, targets)   # {layer: (B, K, h, w)} raw maps
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from wsss.cam.baselines import CAM, METHODS, GradCAM, GradCAMPlusPlus, LiftCAM
+from wsss.cam.lrp import LRPConfig, Rule, register_handler
+from wsss.cam.postprocess import (aggregate_scales, fuse_layers, minmax_normalize,
+                                  relu_max_normalize, upsample)
+from wsss.cam.relevance import (DEFAULT_PRESET, PRESETS, RelevanceCAM, list_presets,
+                                preset_config, start_relevance)
+
+CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam")
+
+
+def build_cam(method: str, model: nn.Module, layers: list[str] | str, **options: Any):
+    """A CAM object by name: "relevance" (options: preset=..., and LRPConfig fields),
+    "gradcam", "gradcampp", "liftcam" or "cam" (no options)."""
+    if method == "relevance":
+        return RelevanceCAM(model, layers, **options)
+    if method not in METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {CAM_METHODS}")
+    if options:
+        raise TypeError(f"CAM method {method!r} takes no options, got {sorted(options)}")
+    return METHODS[method](model, layers)
+
+
+__all__ = [
+    "CAM", "CAM_METHODS", "DEFAULT_PRESET", "GradCAM", "GradCAMPlusPlus", "LRPConfig", "LiftCAM",
+    "PRESETS", "RelevanceCAM", "Rule", "aggregate_scales", "build_cam", "fuse_layers",
+    "list_presets", "minmax_normalize", "preset_config", "register_handler", "relu_max_normalize",
+    "start_relevance", "upsample",
+]

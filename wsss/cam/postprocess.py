@@ -1,0 +1,81 @@
+"""From raw maps to usable ones: ReLU + max normalisation, resizing, layer fusion, and
+aggregation over scales and horizontal flips. All functions take (B, K, h, w) tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MapsFn = Callable[[Tensor], Mapping[str, Tensor]]
+
+
+def relu_max_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """ReLU, then divide each (image, class) map by its maximum; all-zero maps stay zero."""
+    maps = maps.float().clamp(min=0)
+    peak = maps.amax(dim=(-2, -1), keepdim=True)
+    return maps / peak.clamp(min=eps)
+
+
+def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """Per-map (M - min) / (max - min), as the official Relevance-CAM figures do (no ReLU)."""
+    maps = maps.float()
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    high = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - low) / (high - low).clamp(min=eps)
+
+
+def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear resize of (B, K, h, w) maps to `size` (align_corners=False)."""
+    size = tuple(int(s) for s in size[-2:])
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def fuse_layers(maps: Mapping[str, Tensor], size: tuple[int, int] | torch.Size,
+                weights: Mapping[str, float] | Sequence[float] | None = None) -> Tensor:
+    """Weighted mean of several layers' maps, each ReLU-max-normalised and resized first.
+
+    weights: per layer (dict or list in the order of `maps`); equal weights by default.
+    The result is renormalised to a maximum of 1 per map.
+    """
+    names = list(maps)
+    if weights is None:
+        w = [1.0] * len(names)
+    elif isinstance(weights, Mapping):
+        w = [float(weights.get(name, 0.0)) for name in names]
+    else:
+        w = [float(v) for v in weights]
+    if len(w) != len(names) or sum(w) <= 0:
+        raise ValueError(f"need one non-negative weight per layer {names} with a positive sum")
+    fused = sum(wi * upsample(relu_max_normalize(maps[n]), size) for wi, n in zip(w, names))
+    return relu_max_normalize(fused / sum(w))
+
+
+def aggregate_scales(maps_fn: MapsFn | Callable[..., Mapping[str, Tensor]], images: Tensor,
+                     scales: Sequence[float] = (1.0,), flip: bool = False,
+                     targets: Tensor | None = None, **call_kwargs) -> dict[str, Tensor]:
+    """Sum of maps over rescaled (and horizontally flipped) inputs, at the input size.
+
+    maps_fn is `maps_fn(images) -> {layer: (B, K, h, w)}`, or a CAM object called as
+    `cam(images, targets, **call_kwargs)` when targets is given. Every map is ReLU-max-normalised
+    and resized before summing; flipped maps are flipped back. The sum is renormalised to max 1.
+    """
+    size = images.shape[-2:]
+    total: dict[str, Tensor] = {}
+    for scale in scales:
+        scaled = images if scale == 1.0 else F.interpolate(
+            images, scale_factor=scale, mode="bilinear", align_corners=False,
+            recompute_scale_factor=False)
+        variants = [(scaled, False)] + ([(scaled.flip(-1), True)] if flip else [])
+        for inputs, flipped in variants:
+            maps = maps_fn(inputs) if targets is None else maps_fn(inputs, targets, **call_kwargs)
+            for name, m in maps.items():
+                m = upsample(relu_max_normalize(m), size)
+                m = m.flip(-1) if flipped else m
+                total[name] = total[name] + m if name in total else m
+    return {name: relu_max_normalize(m) for name, m in total.items()}

@@ -1,0 +1,337 @@
+"""Typed run configuration: dataclasses per group, loaded from YAML, overridden by dotted
+``key=value`` arguments, and validated before any work starts.
+
+Every key has a type annotation and, where the set of values is closed, a list of choices in
+its field metadata. Validation walks the dataclasses, so adding a key is one line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, or its value has the wrong type or is not one of its choices."""
+
+
+def _choice(default: Any, *choices: Any, help: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+def _opt(default: Any, help: str = "") -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: list(default) if isinstance(default, list) else dict(default),
+                     metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "vgg16_bn")
+CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam")
+
+
+@dataclass
+class RunConfig:
+    name: str = _opt("default", "run directory name under run.dir")
+    dir: str = _opt("checkpoints", "where runs write")
+    seed: int = _opt(0, "global seed (data order, init, synthetic data)")
+    overwrite: bool = _opt(False, "redo finished stages and replace their outputs")
+
+
+@dataclass
+class DataConfig:
+    name: str = _choice("synthetic", "voc", "folder", "synthetic", help="data source")
+    root: Optional[str] = _opt(None, "voc: the VOC2012 folder; folder: the folder holding the CSVs")
+    train_split: str = _opt("train", "split name (voc: ImageSets/Segmentation/<split>.txt; folder: <split>.csv)")
+    val_split: str = _opt("val", "split used for validation and seg_miou")
+    test_split: Optional[str] = _opt(None, "optional split without masks; `wsss evaluate` writes its predictions")
+    crop_size: int = _opt(128, "training crop side in pixels")
+    batch_size: int = _opt(16, "training batch size")
+    num_workers: int = _opt(2, "DataLoader worker processes")
+    # image folder + CSV (medical)
+    image_dir: str = _opt("images", "folder: image directory, relative to data.root")
+    mask_dir: Optional[str] = _opt(None, "folder: optional mask directory (PNG named by image stem)")
+    class_names: Optional[list[str]] = _opt(None, "foreground class names; folder: default sorted from the CSV")
+    channels: int = _choice(3, 1, 3, help="grayscale images: 1 = one-channel model, 3 = repeat to RGB")
+    mean: Optional[list[float]] = _opt(None, "per-channel mean in raw pixel units; None = data set default / computed")
+    std: Optional[list[float]] = _opt(None, "per-channel std in raw pixel units; None = data set default / computed")
+    # built-in synthetic data
+    num_train: int = _opt(400, "synthetic: images in the train split")
+    num_val: int = _opt(100, "synthetic: images in the val split")
+    image_size: int = _opt(128, "synthetic: image side in pixels")
+
+
+@dataclass
+class ClassifierConfig:
+    backbone: str = _choice("resnet18", *BACKBONES, help="torchvision backbone")
+    pretrained: bool = _opt(False, "ImageNet weights from torchvision (needs network or TORCH_HOME cache)")
+    output_stride: int = _choice(32, 16, 32, help="ResNets: 16 dilates layer4 for finer maps")
+    max_epochs: int = _opt(12, "training epochs")
+    lr: float = _opt(0.01, "head learning rate (SGD)")
+    backbone_lr_mult: float = _opt(0.1, "backbone learning rate = lr * this")
+    weight_decay: float = _opt(1e-4, "SGD weight decay")
+    momentum: float = _opt(0.9, "SGD momentum")
+    schedule: str = _choice("poly", "poly", "cosine", "constant", help="learning-rate schedule")
+
+
+@dataclass
+class CamConfig:
+    method: str = _choice("relevance", *CAM_METHODS, help="attribution method")
+    preset: str = _opt("default", "RelevanceCAM preset (see wsss.cam presets)")
+    layers: list[str] = _opt(["layer2", "layer3", "layer4"], "layers to capture, as in model.named_modules()")
+    layer_weights: Optional[list[float]] = _opt(None, "fusion weights per layer; None = equal")
+    scales: list[float] = _opt([1.0], "input scales to aggregate")
+    flip: bool = _opt(False, "also aggregate horizontally flipped inputs")
+    batch_size: int = _opt(8, "images per predict batch")
+
+
+@dataclass
+class PseudoConfig:
+    calibration: str = _choice("libra", "libra", "fixed", help="threshold calibration")
+    threshold: float = _opt(0.25, "fixed foreground threshold on ReLU/max-normalised maps (also the seed threshold)")
+    objective: str = _choice("keep_delete", "increase", "keep_delete", "area",
+                             help="libra calibration objective (ALGORITHMS.md §3.5)")
+    rho: float = _opt(0.9, "area objective: keep this fraction of the confidence")
+    calibration_images: int = _opt(64, "training images used to calibrate thresholds")
+    grid: list[float] = _opt([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
+                             "candidate thresholds")
+    ignore_band: float = _opt(0.05, "pixels whose best score is within this of the background score become 255")
+    crf: bool = _opt(False, "dense CRF refinement (needs the `crf` extra: pydensecrf2)")
+    save_maps: bool = _opt(False, "also write fused float maps as .npz (float16)")
+    num_panels: int = _opt(8, "samples in the panel grid")
+
+
+@dataclass
+class SegmenterConfig:
+    arch: str = _choice("DeepLabV3Plus", "Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3",
+                        "DeepLabV3Plus", "Linknet", "MAnet", "PAN", help="smp architecture")
+    encoder: str = _opt("resnet18", "smp encoder name")
+    pretrained: bool = _opt(False, "ImageNet encoder weights (needs network)")
+    max_epochs: int = _opt(12, "training epochs")
+    lr: float = _opt(0.01, "SGD learning rate")
+    weight_decay: float = _opt(1e-4, "SGD weight decay")
+    masks: str = _opt("pseudo", "training masks: pseudo | ground_truth | a directory of palette PNGs")
+    eval_scales: list[float] = _opt([1.0], "evaluation scales (multi-scale inference)")
+    eval_flip: bool = _opt(False, "evaluation with horizontal flip")
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = _choice("auto", "auto", "cpu", "gpu", "cuda", "mps", help="Lightning accelerator")
+    devices: Union[int, str] = _opt("auto", "Lightning devices (int or 'auto')")
+    strategy: str = _opt("auto", "Lightning strategy (e.g. ddp, ddp_spawn)")
+    precision: str = _choice("32-true", "32-true", "16-mixed", "bf16-mixed", "32", "16", "bf16",
+                             help="Lightning precision")
+    log_every_n_steps: int = _opt(10, "logging interval")
+    limit_train_batches: Optional[float] = _opt(None, "Lightning limit (int batches or float fraction)")
+    limit_val_batches: Optional[float] = _opt(None, "Lightning limit (int batches or float fraction)")
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = _choice("wandb", "wandb", "csv", "none", help="experiment tracker")
+    wandb_mode: str = _choice("offline", "offline", "online", "disabled", help="wandb mode")
+    project: str = _opt("wsss", "wandb project")
+    num_panels: int = _opt(4, "image panels logged per validation epoch")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section_hash(self, *groups: str) -> str:
+        """Short stable hash of the named groups, to tell whether stage outputs are stale."""
+        payload = {g: dataclasses.asdict(getattr(self, g)) for g in groups}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_describe(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build_group(cls: type, values: dict[str, Any], group: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {group}.{unknown[0]}; valid keys in '{group}': {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{group}.{name}"
+        coerced = _coerce(value, hints[name], key)
+        choices = fields[name].metadata.get("choices")
+        if choices and coerced not in choices:
+            raise ConfigError(f"{key}: {coerced!r} is not a valid choice; choose one of: "
+                              f"{', '.join(map(str, choices))}")
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (unknown keys and bad values raise)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of groups, got {type(raw).__name__}")
+    groups = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - set(groups))
+    if unknown:
+        raise ConfigError(f"unknown config group '{unknown[0]}'; valid groups: {', '.join(groups)}")
+    hints = typing.get_type_hints(Config)
+    built = {}
+    for name in groups:
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+        built[name] = _build_group(hints[name], values, name)
+    cfg = Config(**built)
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _check_cross_field(cfg: Config) -> None:
+    if cfg.data.name in ("voc", "folder") and not cfg.data.root:
+        raise ConfigError(f"data.root: required for data.name={cfg.data.name}; pass data.root=/path")
+    if cfg.cam.layer_weights is not None and len(cfg.cam.layer_weights) != len(cfg.cam.layers):
+        raise ConfigError(f"cam.layer_weights: needs one weight per layer in cam.layers "
+                          f"({len(cfg.cam.layers)}), got {len(cfg.cam.layer_weights)}")
+    if not cfg.cam.scales or any(s <= 0 for s in cfg.cam.scales):
+        raise ConfigError(f"cam.scales: needs positive scales, got {cfg.cam.scales}")
+    if not 0.0 < cfg.pseudo.threshold < 1.0:
+        raise ConfigError(f"pseudo.threshold: must lie in (0, 1), got {cfg.pseudo.threshold}")
+    for key in ("batch_size", "crop_size", "num_train", "num_val", "image_size"):
+        if getattr(cfg.data, key) < 1:
+            raise ConfigError(f"data.{key}: must be at least 1, got {getattr(cfg.data, key)}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``group.key=value`` into its path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. data.batch_size=8")
+    key, _, raw_value = text.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override {text!r}: keys have the form group.key, e.g. run.name=exp1")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return path, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``group.key=value`` overrides and validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of groups")
+    for text in overrides:
+        (group, key), value = parse_override(text)
+        section = raw.setdefault(group, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{group}: expected a mapping of keys")
+        section[key] = value
+    return config_from_dict(raw)
+
+
+def describe_keys() -> str:
+    """Every key with its type, default and choices, for `wsss show-config --keys`."""
+    lines = []
+    hints = typing.get_type_hints(Config)
+    for group in dataclasses.fields(Config):
+        cls = hints[group.name]
+        group_hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            extra = f" choices: {', '.join(map(str, choices))}" if choices else ""
+            lines.append(f"{group.name}.{f.name} ({_describe(group_hints[f.name])}, default {default!r})"
+                         f"{extra}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""The shared data-set contract: each source loads raw samples; this base class applies the
+albumentations pipeline (image and mask together, masks padded with 255), normalises per data
+set and returns tensors.
+
+A sample is a dict with ``image`` (float C,H,W, normalised), ``labels`` (multi-hot float over
+the foreground classes), ``mask`` (long H,W, 255 = ignore; only where ground truth exists) and
+``id`` (str).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from wsss.data.imageio import DataError, check_mask, read_mask
+from wsss.data.masks import voc_palette
+
+
+@dataclass
+class RawSample:
+    id: str
+    image: np.ndarray  # float32 HxWxC, raw units
+    labels: np.ndarray  # float32 multi-hot over the foreground classes
+    mask: Optional[np.ndarray]  # uint8 HxW or None
+
+
+def labels_from_mask(mask: np.ndarray, num_foreground: int) -> np.ndarray:
+    """Multi-hot labels of the classes present in a mask, other than background 0 and void 255."""
+    present = np.unique(mask)
+    present = present[(present > 0) & (present <= num_foreground)]
+    labels = np.zeros(num_foreground, dtype=np.float32)
+    labels[present.astype(np.int64) - 1] = 1.0
+    return labels
+
+
+class SegmentationSource(Dataset):
+    """Base class of the three data sources. Subclasses implement ``ids`` and ``load_raw``."""
+
+    class_names: list[str]  # foreground classes; index 0 of masks is background
+    has_masks: bool = True
+
+    def __init__(self, transform: Optional[Callable[..., dict[str, Any]]] = None,
+                 mean: Optional[list[float]] = None, std: Optional[list[float]] = None,
+                 channels: int = 3) -> None:
+        self.transform = transform
+        self.channels = channels
+        self._mean = mean
+        self._std = std
+        self.mask_override: Optional[Path] = None
+
+    # -- to implement
+    @property
+    def ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def load_raw(self, index: int) -> RawSample:
+        raise NotImplementedError
+
+    def default_stats(self) -> tuple[list[float], list[float]]:
+        raise NotImplementedError
+
+    # -- shared behaviour
+    @property
+    def num_classes(self) -> int:
+        """Classes including background."""
+        return len(self.class_names) + 1
+
+    @property
+    def all_class_names(self) -> list[str]:
+        return ["background", *self.class_names]
+
+    @property
+    def palette(self) -> list[int]:
+        return voc_palette()
+
+    @property
+    def stats(self) -> tuple[list[float], list[float]]:
+        if self._mean is None or self._std is None:
+            mean, std = self.default_stats()
+            self._mean = self._mean if self._mean is not None else mean
+            self._std = self._std if self._std is not None else std
+        if len(self._mean) != self.channels or len(self._std) != self.channels:
+            raise DataError(f"data.mean/data.std need {self.channels} value(s) (one per channel), "
+                            f"got {self._mean} / {self._std}")
+        return self._mean, self._std
+
+    def use_masks_from(self, directory: str | Path | None) -> None:
+        """Read masks from ``directory/<id>.png`` instead of the data set's own (pseudo-masks)."""
+        self.mask_override = Path(directory) if directory is not None else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> RawSample:
+        sample = self.load_raw(index)
+        sample.image = self._to_channels(sample.image, sample.id)
+        if self.mask_override is not None:
+            path = self.mask_override / f"{sample.id}.png"
+            mask = read_mask(path)
+            check_mask(mask, self.num_classes, path, sample.image.shape[:2])
+            sample.mask = mask
+        return sample
+
+    def _to_channels(self, image: np.ndarray, sample_id: str) -> np.ndarray:
+        if image.shape[2] == self.channels:
+            return image
+        if image.shape[2] == 1 and self.channels == 3:
+            return np.repeat(image, 3, axis=2)
+        if image.shape[2] == 3 and self.channels == 1:
+            return image.mean(axis=2, keepdims=True)
+        raise DataError(f"{sample_id}: image has {image.shape[2]} channels, the model expects {self.channels}")
+
+    def normalise(self, image: np.ndarray) -> torch.Tensor:
+        mean, std = self.stats
+        image = (image - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.load(index)
+        image, mask = sample.image, sample.mask
+        if self.transform is not None:
+            if mask is not None:
+                out = self.transform(image=image, mask=mask)
+                image, mask = out["image"], out["mask"]
+            else:
+                image = self.transform(image=image)["image"]
+        if image.ndim == 2:
+            image = image[:, :, None]
+        item: dict[str, Any] = {
+            "image": self.normalise(image),
+            "labels": torch.from_numpy(sample.labels),
+            "id": sample.id,
+        }
+        if mask is not None:
+            item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        return item
+
+    def fill_value(self) -> tuple[float, ...]:
+        """Raw-unit padding colour (the data set mean), so padding normalises to zero."""
+        return tuple(float(m) for m in self.stats[0])

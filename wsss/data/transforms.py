@@ -1,0 +1,27 @@
+"""albumentations 2.x pipelines for each stage. Image and mask move together; masks are padded
+with 255 (ignore) and images with the data-set mean, so padding normalises to zero."""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+
+
+def train_transform(crop_size: int, fill: tuple[float, ...], scale_range: tuple[float, float] = (0.7, 1.3)) -> A.Compose:
+    """Random scale, pad, random crop and flip: classifier and segmenter training."""
+    return A.Compose([
+        A.RandomScale(scale_limit=(scale_range[0] - 1.0, scale_range[1] - 1.0), p=1.0),
+        A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT,
+                      fill=fill, fill_mask=255),
+        A.RandomCrop(height=crop_size, width=crop_size),
+        A.HorizontalFlip(p=0.5),
+    ])
+
+
+def eval_transform(crop_size: int, fill: tuple[float, ...]) -> A.Compose:
+    """Fit the longest side to ``crop_size`` and pad to a square: batched classifier validation."""
+    return A.Compose([
+        A.LongestMaxSize(max_size=crop_size),
+        A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT,
+                      fill=fill, fill_mask=255),
+    ])
