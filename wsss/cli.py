@@ -1,0 +1,101 @@
+"""The ``wsss`` command: one subcommand per stage, plus ``run``, ``data-check`` and ``show-config``.
+
+Every subcommand takes a YAML config and dotted ``group.key=value`` overrides. Bad keys or
+values and bad input data stop the command with a message and exit status 1 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional
+
+from wsss.config import Config, ConfigError, describe_keys, load_config
+
+COMMANDS: dict[str, str] = {
+    "run": "all stages (train-classifier -> make-pseudo-masks -> train-segmenter -> evaluate), resumable",
+    "train-classifier": "train the multi-label classifier on image-level labels",
+    "make-pseudo-masks": "write Relevance-CAM pseudo-masks for the training split",
+    "train-segmenter": "train the segmentation network on the masks segmenter.masks names",
+    "evaluate": "segmenter mIoU on the val split; predictions as palette PNGs",
+    "data-check": "load every item of the configured splits and report counts and bad files",
+    "show-config": "print the resolved config (or every key with --keys)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised semantic segmentation "
+                                     "from image-level labels with multi-layer Relevance-CAM.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if name == "show-config":
+            sub.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
+            sub.add_argument("--keys", action="store_true", help="list every key, its type and choices")
+        else:
+            sub.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+        sub.add_argument("overrides", nargs="*", metavar="group.key=value", help="config overrides")
+    return parser
+
+
+def _data_check(cfg: Config) -> int:
+    from wsss.data.check import check_source, format_report
+    from wsss.data.datamodule import build_source
+
+    splits = [cfg.data.train_split, cfg.data.val_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
+    failed = False
+    for split in dict.fromkeys(splits):
+        report = check_source(build_source(cfg, split))
+        print(format_report(report, split))
+        failed = failed or report.total_problems > 0
+    return 1 if failed else 0
+
+
+def _stage(name: str) -> Callable[[Config], int]:
+    def command(cfg: Config) -> int:
+        from wsss import pipeline
+
+        pipeline.save_config(cfg)
+        if name == "run":
+            pipeline.run_all(cfg)
+            return 0
+        key = {"train-classifier": "classifier", "make-pseudo-masks": "pseudo_masks",
+               "train-segmenter": "segmenter", "evaluate": "evaluation"}[name]
+        result = pipeline.STAGE_FUNCTIONS[key](cfg)
+        state = "skipped (already done; run.overwrite=true redoes it)" if result.get("skipped") else "done"
+        print(f"[wsss] {name}: {state}; outputs in {pipeline.stage_dir(cfg, key)}")
+        pipeline.write_report(cfg)
+        return 0
+    return command
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from wsss.data.imageio import DataError
+
+    try:
+        if args.command == "show-config":
+            if args.keys:
+                print(describe_keys())
+                return 0
+            print(load_config(args.config, args.overrides).to_yaml(), end="")
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "data-check":
+            return _data_check(cfg)
+        return _stage(args.command)(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"wsss {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        from wsss.models.common import NonFiniteLossError
+        from wsss.pipeline import StageError
+
+        if isinstance(exc, (StageError, NonFiniteLossError)):
+            print(f"wsss {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""From a config to data sets and loaders: one factory for the three sources, a padding collate
+for images of different sizes, and one LightningDataModule per training stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from wsss.config import Config
+from wsss.data.base import SegmentationSource
+from wsss.data.transforms import eval_transform, train_transform
+
+
+def build_source(cfg: Config, split: str, transform: Optional[Callable[..., dict[str, Any]]] = None,
+                 mean: Optional[list[float]] = None, std: Optional[list[float]] = None) -> SegmentationSource:
+    """The configured data source for one split (``mean``/``std`` override the data set's)."""
+    data = cfg.data
+    mean = mean if mean is not None else data.mean
+    std = std if std is not None else data.std
+    common = dict(transform=transform, mean=mean, std=std, channels=data.channels)
+    if data.name == "synthetic":
+        from wsss.data.synthetic import SyntheticSegmentation
+
+        sizes = {"train": data.num_train, "val": data.num_val}
+        return SyntheticSegmentation(split, num_images=sizes.get(split, data.num_val),
+                                     image_size=data.image_size, seed=cfg.run.seed, **common)
+    if data.name == "voc":
+        from wsss.data.voc import VOCSegmentation
+
+        return VOCSegmentation(data.root, split, **common)
+    from wsss.data.folder import FolderDataset
+
+    return FolderDataset(data.root, split, image_dir=data.image_dir, mask_dir=data.mask_dir,
+                         class_names=data.class_names, **common)
+
+
+def train_stats(cfg: Config) -> tuple[list[float], list[float]]:
+    """Normalisation statistics of the training split, shared by every split and stage."""
+    return build_source(cfg, cfg.data.train_split).stats
+
+
+def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples of different sizes: images padded with 0 (the mean after normalising),
+    masks with 255 (ignore). ``size`` keeps each original (H, W) so outputs can be cropped back."""
+    height = max(item["image"].shape[1] for item in items)
+    width = max(item["image"].shape[2] for item in items)
+    batch: dict[str, Any] = {
+        "image": torch.stack([F.pad(item["image"], (0, width - item["image"].shape[2],
+                                                    0, height - item["image"].shape[1]))
+                              for item in items]),
+        "labels": torch.stack([item["labels"] for item in items]),
+        "id": [item["id"] for item in items],
+        "size": torch.tensor([tuple(item["image"].shape[1:]) for item in items]),
+    }
+    if all("mask" in item for item in items):
+        batch["mask"] = torch.stack([F.pad(item["mask"], (0, width - item["mask"].shape[1],
+                                                          0, height - item["mask"].shape[0]), value=255)
+                                     for item in items])
+    return batch
+
+
+def make_loader(dataset: SegmentationSource, cfg: Config, batch_size: int, shuffle: bool,
+                drop_last: bool = False) -> DataLoader:
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=workers, persistent_workers=workers > 0, collate_fn=pad_collate,
+                      pin_memory=torch.cuda.is_available())
+
+
+class StageDataModule(L.LightningDataModule):
+    """Loaders for one training stage.
+
+    Training uses random scale / crop / flip at ``data.crop_size``. Validation of the classifier
+    fits images into a ``crop_size`` square; validation of the segmenter keeps full size (mIoU is
+    measured on the original pixels), padded per batch.
+    """
+
+    def __init__(self, cfg: Config, stage: str, train_masks: Optional[Path | str] = None) -> None:
+        super().__init__()
+        if stage not in ("classifier", "segmenter"):
+            raise ValueError(f"unknown stage {stage!r}")
+        self.cfg = cfg
+        self.stage = stage
+        self.train_masks = train_masks
+        self.mean, self.std = train_stats(cfg)
+        fill = tuple(float(m) for m in self.mean)
+        self.train_set = build_source(cfg, cfg.data.train_split, train_transform(cfg.data.crop_size, fill),
+                                      self.mean, self.std)
+        if train_masks is not None:
+            self.train_set.use_masks_from(train_masks)
+        val_transform = eval_transform(cfg.data.crop_size, fill) if stage == "classifier" else None
+        self.val_set = build_source(cfg, cfg.data.val_split, val_transform, self.mean, self.std)
+
+    @property
+    def num_foreground(self) -> int:
+        return len(self.train_set.class_names)
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, self.cfg, self.cfg.data.batch_size, shuffle=True,
+                           drop_last=len(self.train_set) > self.cfg.data.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        batch = self.cfg.data.batch_size if self.stage == "classifier" else max(1, self.cfg.data.batch_size // 4)
+        return make_loader(self.val_set, self.cfg, batch, shuffle=False)

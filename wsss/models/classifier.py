@@ -1,0 +1,144 @@
+"""ClassifierModule: the multi-label image classifier whose attributions become pseudo-masks.
+
+The network keeps torchvision's own module structure (``model.layer4``, ``model.fc``, ...), so
+``wsss.cam.RelevanceCAM`` can walk it and layer names match ``named_modules()``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
+
+from wsss.models.common import check_finite_loss
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def _weights_enum(backbone: str):
+    return torchvision.models.get_model_weights(backbone).DEFAULT
+
+
+def build_backbone(backbone: str, num_classes: int, pretrained: bool = False, output_stride: int = 32,
+                   in_channels: int = 3) -> nn.Module:
+    """A torchvision classifier with a GAP + linear head over ``num_classes`` foreground classes.
+
+    ResNets at output stride 16 dilate layer4 (``replace_stride_with_dilation=[F, F, T]``), the
+    usual WSSS backbone. VGG16-BN gets global average pooling and one linear layer instead of its
+    7x7 pooling and MLP. One input channel replaces the first conv (pretrained weights summed).
+    """
+    weights = _weights_enum(backbone) if pretrained else None
+    kwargs: dict[str, Any] = {}
+    if backbone in RESNETS and output_stride == 16:
+        kwargs["replace_stride_with_dilation"] = [False, False, True]
+    try:
+        model = torchvision.models.get_model(backbone, weights=weights, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not load ImageNet weights for {backbone} ({exc}). torchvision looks for them in "
+            f"{torch.hub.get_dir()}/checkpoints (set TORCH_HOME to move it) and downloads them when "
+            f"online. Copy the file there, or run without: classifier.pretrained=false") from exc
+    if backbone in RESNETS:
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        first = "conv1"
+    elif backbone == "vgg16_bn":
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = nn.Linear(512, num_classes)
+        first = "features.0"
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {RESNETS + ('vgg16_bn',)}")
+    if in_channels != 3:
+        _set_input_channels(model, first, in_channels)
+    return model
+
+
+def _set_input_channels(model: nn.Module, path: str, in_channels: int) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old: nn.Conv2d = getattr(parent, name)
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    old.dilation, old.groups, old.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    setattr(parent, name, new)
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    return model.fc if hasattr(model, "fc") else model.classifier
+
+
+def lr_lambda(schedule: str, total_steps: int):
+    """Multiplier of the base learning rate at each optimizer step."""
+    total = max(1, total_steps)
+    if schedule == "poly":
+        return lambda step: max(0.0, 1.0 - step / total) ** 0.9
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return lambda step: 1.0
+
+
+class ClassifierModule(L.LightningModule):
+    """Multi-label BCE classifier; validation reports macro mAP and F1 at 0.5."""
+
+    def __init__(self, num_classes: int, backbone: str = "resnet18", pretrained: bool = False,
+                 output_stride: int = 32, in_channels: int = 3, lr: float = 0.01,
+                 backbone_lr_mult: float = 0.1, weight_decay: float = 1e-4, momentum: float = 0.9,
+                 schedule: str = "poly", class_names: Optional[list[str]] = None,
+                 mean: Optional[list[float]] = None, std: Optional[list[float]] = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_backbone(backbone, num_classes, pretrained, output_stride, in_channels)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.val_map = MultilabelAveragePrecision(num_labels=num_classes, average="macro")
+        self.val_f1 = MultilabelF1Score(num_labels=num_classes, average="macro", threshold=0.5)
+        self.last_val_scores: dict[str, float] = {}
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def export(self) -> nn.Module:
+        """The plain torchvision network (backbone + head), in eval mode, for the CAM code."""
+        return self.model.eval()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits.float(), batch["labels"])
+        check_finite_loss(self, loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self(batch["image"]).float()
+        labels = batch["labels"]
+        self.log("val/loss", self.loss_fn(logits, labels), batch_size=len(logits), sync_dist=True)
+        self.val_map.update(logits.sigmoid(), labels.long())
+        self.val_f1.update(logits.sigmoid(), labels.long())
+
+    def on_validation_epoch_end(self) -> None:
+        scores = {"val/mAP": float(self.val_map.compute()), "val/f1": float(self.val_f1.compute())}
+        self.val_map.reset()
+        self.val_f1.reset()
+        self.log_dict(scores, prog_bar=True)
+        self.last_val_scores = scores
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        head = head_of(self.model)
+        head_ids = {id(p) for p in head.parameters()}
+        backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
+        optimizer = torch.optim.SGD(
+            [{"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
+             {"params": list(head.parameters()), "lr": hp.lr}],
+            lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.schedule, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

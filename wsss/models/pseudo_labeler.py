@@ -1,0 +1,161 @@
+"""The pseudo-mask stage as Lightning predict: ``PseudoMaskModule`` turns classifier attributions
+into label maps and ``PseudoMaskWriter`` writes them, so multi-GPU DDP comes from Lightning.
+
+Per batch: maps for every class present in each image, all classes in one call, at each scale
+(and flipped), fused over layers and scales, then thresholded into a label map. Seeds (fixed
+threshold, no ignore band) are written beside the pseudo-masks, so both are scored from files
+and a resumed run scores the whole split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor, nn
+
+from wsss.cam import aggregate_scales, build_cam, fuse_layers
+from wsss.data.masks import write_label_png
+from wsss.io import atomic_path
+from wsss.pseudo.labels import scores_to_labels
+
+SEED_DIR = "seeds"
+MAP_DIR = "maps"
+
+
+def present_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, C) multi-hot labels -> (B, K) class indices of the present classes, K = the most in any
+    image, and a (B, K) validity mask (padding slots repeat class 0 and are invalid)."""
+    present = labels > 0.5
+    k = max(1, int(present.sum(1).max()))
+    order = torch.argsort(present.float(), dim=1, descending=True, stable=True)[:, :k]
+    valid = torch.gather(present, 1, order)
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+class PseudoMaskModule(L.LightningModule):
+    """Classifier -> fused maps -> label maps. Run with ``Trainer(inference_mode=False)``."""
+
+    def __init__(self, model: nn.Module, method: str = "relevance", layers: Sequence[str] = ("layer4",),
+                 preset: str = "default", layer_weights: Optional[Sequence[float]] = None,
+                 scales: Sequence[float] = (1.0,), flip: bool = False,
+                 thresholds: Optional[Tensor] = None, seed_threshold: float = 0.25,
+                 ignore_band: float = 0.0, crf: bool = False, keep_maps: bool = False,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.method = method
+        self.layers = list(layers)
+        self.options = {"preset": preset} if method == "relevance" else {}
+        self.layer_weights = list(layer_weights) if layer_weights is not None else None
+        self.scales = list(scales)
+        self.flip = flip
+        num_classes = self._num_outputs(model)
+        if thresholds is None:
+            thresholds = torch.full((num_classes,), float(seed_threshold))
+        self.register_buffer("thresholds", thresholds.float().clone(), persistent=False)
+        self.seed_threshold = seed_threshold
+        self.ignore_band = ignore_band
+        self.crf = crf
+        self.keep_maps = keep_maps
+        self.mean, self.std = mean, std
+
+    @staticmethod
+    def _num_outputs(model: nn.Module) -> int:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("the classifier needs a final nn.Linear head")
+        return linears[-1].out_features
+
+    def train(self, mode: bool = True) -> "PseudoMaskModule":
+        super().train(mode)
+        self.model.eval()  # BatchNorm statistics stay frozen whatever Lightning asks
+        return self
+
+    def fused_maps(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Maps of the present classes: per layer and fused, (B, K, H, W) each in [0, 1]."""
+        targets, valid = present_targets(labels)
+        kwargs = {"present": labels > 0.5} if self.method == "relevance" else {}
+        with build_cam(self.method, self.model, self.layers, **self.options) as cam:
+            per_layer = aggregate_scales(cam, images, self.scales, self.flip, targets=targets, **kwargs)
+        fused = fuse_layers(per_layer, images.shape[-2:], self.layer_weights)
+        mask = valid[:, :, None, None].float()
+        return {"targets": targets, "valid": valid, "fused": fused * mask,
+                "layers": {k: v * mask for k, v in per_layer.items()}}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        maps = self.fused_maps(batch["image"], batch["labels"])
+        targets, valid, fused = maps["targets"], maps["valid"], maps["fused"]
+        classes = targets + 1  # mask values: 0 = background
+        seeds = scores_to_labels(fused, classes, valid, self.seed_threshold, 0.0)
+        pseudo = scores_to_labels(fused, classes, valid, self.thresholds[targets], self.ignore_band)
+        if self.crf:
+            pseudo = self._refine(batch, fused, classes, valid, pseudo)
+        return {"pseudo": pseudo, "seeds": seeds, "fused": fused, "layers": maps["layers"],
+                "targets": targets, "valid": valid}
+
+    def _refine(self, batch: dict[str, Any], fused: Tensor, classes: Tensor, valid: Tensor,
+                pseudo: Tensor) -> Tensor:
+        from wsss.pseudo.labels import dense_crf
+        from wsss.viz import denormalise
+
+        refined = []
+        for i in range(len(fused)):
+            image = denormalise(batch["image"][i].cpu(), self.mean, self.std)
+            background = torch.full_like(fused[i, :1], 0.0) + self.thresholds[classes[i] - 1][:1, None, None]
+            probs = torch.cat([background, torch.where(valid[i, :, None, None], fused[i], 0.0)])
+            choice = dense_crf(image, probs.float().cpu().numpy())  # indices into {bg, slots}
+            lookup = torch.cat([torch.zeros(1, dtype=torch.long), classes[i].cpu()])
+            label = lookup[torch.from_numpy(np.asarray(choice)).long()].to(torch.uint8)
+            label[pseudo[i].cpu() == 255] = 255
+            refined.append(label)
+        return torch.stack(refined).to(pseudo.device)
+
+
+class PseudoMaskWriter(BasePredictionWriter):
+    """Writes ``<out>/<id>.png`` (pseudo-mask), ``<out>/seeds/<id>.png`` and optionally
+    ``<out>/maps/<id>.npz`` (fused float16 maps + class indices), each atomically. Keeps the first
+    ``num_panels`` samples for the panel grid. Each DDP rank writes its own share."""
+
+    def __init__(self, out_dir: Path, save_maps: bool = False, num_panels: int = 0) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.save_maps = save_maps
+        self.num_panels = num_panels
+        self.panels: list[dict[str, Any]] = []
+        self.written = 0
+
+    def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: dict[str, Any],
+                           batch_indices: Optional[list[int]], batch: dict[str, Any], batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        for i, sample_id in enumerate(batch["id"]):
+            h, w = (int(v) for v in batch["size"][i])
+            write_label_png(self.out_dir / SEED_DIR / f"{sample_id}.png",
+                            prediction["seeds"][i, :h, :w].cpu().numpy())
+            if self.save_maps:
+                keep = prediction["valid"][i].cpu()
+                with atomic_path(self.out_dir / MAP_DIR / f"{sample_id}.npz") as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.savez_compressed(
+                            handle, maps=prediction["fused"][i, keep, :h, :w].half().cpu().numpy(),
+                            classes=(prediction["targets"][i, keep] + 1).cpu().numpy())
+            # the pseudo-mask goes last: its presence marks the image as done
+            write_label_png(self.out_dir / f"{sample_id}.png", prediction["pseudo"][i, :h, :w].cpu().numpy())
+            self.written += 1
+            if len(self.panels) < self.num_panels and trainer.is_global_zero:
+                self.panels.append(self._panel_item(batch, prediction, i, h, w))
+
+    @staticmethod
+    def _panel_item(batch: dict[str, Any], prediction: dict[str, Any], i: int, h: int, w: int) -> dict[str, Any]:
+        return {
+            "id": batch["id"][i],
+            "image": batch["image"][i, :, :h, :w].cpu(),
+            "layers": {k: v[i, 0, :h, :w].cpu() for k, v in prediction["layers"].items()},
+            "fused": prediction["fused"][i, 0, :h, :w].cpu(),
+            "pseudo": prediction["pseudo"][i, :h, :w].cpu().numpy(),
+            "mask": batch["mask"][i, :h, :w].cpu().numpy() if "mask" in batch else None,
+        }
