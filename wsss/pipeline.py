@@ -278,7 +278,7 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path) -> dict[str, Any]:
     import torch
     from torch.utils.data import Subset
 
-    from wsss.models.pseudo_labeler import SEED_DIR, PseudoMaskWriter
+    from wsss.models.pseudo_labeler import RANK_DIR, SEED_DIR, PseudoMaskWriter
 
     manifest_path = out_dir / "manifest.json"
     calibration_path = out_dir / "thresholds.json"
@@ -306,6 +306,7 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path) -> dict[str, Any]:
                 raise StageError("pseudo-mask stage interrupted; run the same command again to "
                                  "finish the remaining images")
         seconds = time.perf_counter() - started
+        rank_counts = _collect_rank_counts(out_dir / RANK_DIR)
         gt_source = build_source(cfg, cfg.data.train_split)
         pseudo_scores = score_mask_dir(gt_source, out_dir)
         seed_scores = score_mask_dir(gt_source, out_dir / SEED_DIR)
@@ -325,11 +326,22 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path) -> dict[str, Any]:
         "thresholds": thresholds, "class_names": ["background", *names],
         "seed_miou": seed_scores.get("miou"), "seed_per_class_iou": seed_scores.get("per_class_iou"),
         "pseudo_miou": pseudo_scores.get("miou"), "pseudo_per_class_iou": pseudo_scores.get("per_class_iou"),
-        "ignore_fraction": pseudo_scores["ignore_fraction"],
+        "ignore_fraction": pseudo_scores["ignore_fraction"], "rank_counts": rank_counts,
     }
     write_json_atomic(manifest_path, {"config_hash": stage_hashes(cfg)["pseudo_masks"], "count": len(dataset),
                                       "thresholds": thresholds, "complete": True})
     return results
+
+
+def _collect_rank_counts(directory: Path) -> dict[str, int]:
+    """Images written by each predict process in this call (then the reports are removed)."""
+    counts = {}
+    for path in sorted(directory.glob("rank_*.json")):
+        counts[path.stem] = int(read_json(path)["written"])
+        path.unlink()
+    if directory.is_dir():
+        directory.rmdir()
+    return counts
 
 
 def pseudo_panel_grid(panels: list[dict[str, Any]], mean, std, layers: list[str]):

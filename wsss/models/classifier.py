@@ -34,7 +34,8 @@ def build_backbone(backbone: str, num_classes: int, pretrained: bool = False, ou
     """
     weights = _weights_enum(backbone) if pretrained else None
     kwargs: dict[str, Any] = {}
-    if backbone in RESNETS and output_stride == 16:
+    basic_block = backbone in ("resnet18", "resnet34")
+    if backbone in RESNETS and output_stride == 16 and not basic_block:
         kwargs["replace_stride_with_dilation"] = [False, False, True]
     try:
         model = torchvision.models.get_model(backbone, weights=weights, **kwargs)
@@ -45,6 +46,8 @@ def build_backbone(backbone: str, num_classes: int, pretrained: bool = False, ou
             f"could not load ImageNet weights for {backbone} ({exc}). torchvision looks for them in "
             f"{torch.hub.get_dir()}/checkpoints (set TORCH_HOME to move it) and downloads them when "
             f"online. Copy the file there, or run without: classifier.pretrained=false") from exc
+    if basic_block and output_stride == 16:
+        _dilate_basic_layer4(model)
     if backbone in RESNETS:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         first = "conv1"
@@ -57,6 +60,18 @@ def build_backbone(backbone: str, num_classes: int, pretrained: bool = False, ou
     if in_channels != 3:
         _set_input_channels(model, first, in_channels)
     return model
+
+
+def _dilate_basic_layer4(model: nn.Module) -> None:
+    """Output stride 16 for BasicBlock ResNets, as torchvision does it for Bottleneck ones
+    (which it refuses for BasicBlock): layer4 keeps stride 1 and its later blocks dilate by 2."""
+    first, *rest = model.layer4
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for block in rest:
+        for conv in (block.conv1, block.conv2):
+            conv.dilation, conv.padding = (2, 2), (2, 2)
 
 
 def _set_input_channels(model: nn.Module, path: str, in_channels: int) -> None:

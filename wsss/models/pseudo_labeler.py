@@ -20,11 +20,12 @@ from torch import Tensor, nn
 
 from wsss.cam import aggregate_scales, build_cam, fuse_layers
 from wsss.data.masks import write_label_png
-from wsss.io import atomic_path
+from wsss.io import atomic_path, write_json_atomic
 from wsss.pseudo.labels import scores_to_labels
 
 SEED_DIR = "seeds"
 MAP_DIR = "maps"
+RANK_DIR = ".ranks"
 
 
 def present_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,6 +149,11 @@ class PseudoMaskWriter(BasePredictionWriter):
             self.written += 1
             if len(self.panels) < self.num_panels and trainer.is_global_zero:
                 self.panels.append(self._panel_item(batch, prediction, i, h, w))
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        """Each rank reports how many images it wrote (the stage checks the shares add up)."""
+        write_json_atomic(self.out_dir / RANK_DIR / f"rank_{trainer.global_rank}.json",
+                          {"rank": trainer.global_rank, "written": self.written})
 
     @staticmethod
     def _panel_item(batch: dict[str, Any], prediction: dict[str, Any], i: int, h: int, w: int) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""The pseudo-mask stage: valid PNGs, resuming after an interruption, DDP shares, the VOC path."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsss import pipeline
+from wsss.config import load_config
+
+TINY = [
+    "data.num_train=12", "data.num_val=4", "data.image_size=64", "data.crop_size=64",
+    "data.batch_size=4", "data.num_workers=0", "classifier.max_epochs=1", "classifier.output_stride=16",
+    "cam.batch_size=4", "cam.flip=false", "pseudo.calibration_images=4", "pseudo.grid=[0.1, 0.3, 0.5]",
+    "pseudo.num_panels=2", "logger.kind=none", "trainer.accelerator=cpu", "trainer.devices=1",
+]
+
+
+def digest(directory):
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("syn_*.png"))}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pseudo")
+    cfg = load_config("configs/default.yaml", [f"run.dir={root}", *TINY])
+    pipeline.train_classifier(cfg)
+    return root
+
+
+def config(root, *extra):
+    return load_config("configs/default.yaml", [f"run.dir={root}", *TINY, *extra])
+
+
+def copy_classifier(src_root, dst_root):
+    import shutil
+
+    shutil.copytree(src_root / "default" / "classifier", dst_root / "default" / "classifier")
+
+
+def test_pseudo_masks_are_valid_palette_pngs(trained):
+    cfg = config(trained)
+    result = pipeline.make_pseudo_masks(cfg)
+    out = trained / "default" / "pseudo_masks"
+    masks = sorted(out.glob("syn_*.png"))
+    assert len(masks) == 12 and result["count"] == 12
+    source = pipeline.build_source(cfg, "train")
+    for path in masks:
+        with Image.open(path) as img:
+            assert img.mode == "P" and img.size == (64, 64)
+            values = np.unique(np.array(img))
+        assert set(values.tolist()) <= {0, 1, 2, 3, 4, 255}
+    # a pseudo-mask only holds classes of its image's labels
+    for index in range(len(source)):
+        raw = source.load_raw(index)
+        values = np.unique(np.array(Image.open(out / f"{raw.id}.png")))
+        allowed = {0, 255} | {int(c) + 1 for c in np.flatnonzero(raw.labels)}
+        assert set(values.tolist()) <= allowed
+    assert (out / "panels.png").is_file() and (out / "manifest.json").is_file()
+    assert 0.0 <= result["seed_miou"] <= 1.0 and 0.0 <= result["pseudo_miou"] <= 1.0
+
+
+def test_interrupted_stage_resumes_to_identical_files(trained, tmp_path, monkeypatch):
+    import lightning as L
+
+    reference = digest(trained / "default" / "pseudo_masks")
+    if not reference:
+        pipeline.make_pseudo_masks(config(trained))
+        reference = digest(trained / "default" / "pseudo_masks")
+    copy_classifier(trained, tmp_path)
+
+    class KillAfterTwoBatches(L.Callback):
+        def on_predict_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 1:
+                raise KeyboardInterrupt
+
+    original = pipeline.make_trainer
+    extra = [KillAfterTwoBatches()]
+    monkeypatch.setattr(pipeline, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
+                        original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
+    cfg = config(tmp_path)
+    with pytest.raises(pipeline.StageError, match="interrupted"):
+        pipeline.make_pseudo_masks(cfg)
+    out = tmp_path / "default" / "pseudo_masks"
+    assert len(list(out.glob("syn_*.png"))) == 8  # two batches of 4 landed
+    extra.clear()
+    result = pipeline.make_pseudo_masks(cfg)
+    assert result["written_now"] == 4
+    assert digest(out) == reference
+
+
+def test_rerun_skips_and_changed_config_is_refused(trained):
+    first = pipeline.make_pseudo_masks(config(trained))
+    again = pipeline.make_pseudo_masks(config(trained))
+    assert again["skipped"] and again["count"] == first["count"]
+    with pytest.raises(pipeline.StageError, match="different config"):
+        pipeline.make_pseudo_masks(config(trained, "pseudo.ignore_band=0.2"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_write_every_id_once(trained, tmp_path):
+    copy_classifier(trained, tmp_path)
+    cfg = config(tmp_path, "trainer.devices=2", "trainer.strategy=ddp_spawn", "cam.batch_size=2")
+    result = pipeline.make_pseudo_masks(cfg)
+    out = tmp_path / "default" / "pseudo_masks"
+    ids = sorted(p.stem for p in out.glob("syn_*.png"))
+    assert ids == sorted(pipeline.build_source(cfg, "train").ids)
+    shares = result["rank_counts"]
+    assert len(shares) == 2 and all(n > 0 for n in shares.values()) and sum(shares.values()) == 12
+    assert digest(out) == digest(trained / "default" / "pseudo_masks")
+
+
+@pytest.mark.slow
+def test_voc_path_runs_every_stage_on_voc_mini(voc_root, tmp_path):
+    cfg = load_config("configs/voc.yaml", [
+        f"data.root={voc_root}", "data.train_split=train_aug", "data.val_split=val", f"run.dir={tmp_path}",
+        "data.crop_size=96", "data.batch_size=2", "data.num_workers=0",
+        "classifier.backbone=resnet18", "classifier.pretrained=false", "classifier.max_epochs=1",
+        "cam.scales=[1.0]", "cam.flip=false", "cam.batch_size=2", "pseudo.calibration_images=2",
+        "pseudo.grid=[0.2, 0.4]", "segmenter.encoder=resnet18", "segmenter.arch=FPN",
+        "segmenter.pretrained=false", "segmenter.max_epochs=1", "segmenter.eval_scales=[1.0]",
+        "segmenter.eval_flip=false", "trainer.accelerator=cpu", "trainer.precision=32-true",
+        "logger.kind=csv"])
+    report = pipeline.run_all(cfg, echo=lambda _: None)
+    for key in ("seed_miou", "pseudo_miou", "seg_miou"):
+        assert report[key] is not None and np.isfinite(report[key])
+    assert len(report["per_class_iou"]) == 21
+    preds = sorted((tmp_path / "voc" / "evaluation" / "val").glob("*.png"))
+    assert len(preds) == 14
+    sample = preds[0]
+    gt = Image.open(voc_root / "SegmentationClass" / sample.name)
+    assert Image.open(sample).size == gt.size
+    assert json.loads((tmp_path / "voc" / "report.json").read_text())["data"] == "voc"
