@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from wsss.cam import aggregate_scales, fuse_layers, relu_max_normalize, upsample
-from wsss.metrics_faithfulness import average_drop_increase, class_scores, insertion_deletion_auc
+from wsss.metrics import average_drop_increase, class_scores, insertion_deletion_auc
 
 
 def test_relu_max_normalize():

@@ -265,8 +265,9 @@ def score_mask_dir(source, directory: Path) -> dict[str, Any]:
         pred = read_mask(directory / f"{raw.id}.png")
         ignored += int((pred == 255).sum())
         total += pred.size
-        if raw.mask is not None:
-            meter.update(torch.from_numpy(pred).long()[None], torch.from_numpy(raw.mask).long()[None])
+        if raw.mask is not None:  # ignored pixels count as background, as IRN scores its labels
+            scored = np.where(pred == 255, 0, pred)
+            meter.update(torch.from_numpy(scored).long()[None], torch.from_numpy(raw.mask).long()[None])
     result = {"ignore_fraction": round(ignored / max(1, total), 4)}
     if source.has_masks:
         result.update(meter.compute())

@@ -1,5 +1,7 @@
-"""CAM faithfulness: Average Drop / Increase and insertion / deletion AUC (batched, any device).
+"""Metrics: segmentation mIoU (torchmetrics, accumulated over a whole split) and CAM
+faithfulness: Average Drop / Increase and insertion / deletion AUC (batched, any device).
 
+Faithfulness conventions:
 Conventions shared by every function:
 - images are raw (B, C, H, W) tensors in [0, 1]; `normalize` (e.g. mean/std) is applied after
   masking, so removed pixels are black, as in the Relevance-CAM protocol (ALGORITHMS.md §2);
@@ -15,8 +17,48 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 Normalize = Callable[[Tensor], Tensor] | None
+IGNORE_INDEX = 255
+
+
+class IoUMeter:
+    """mIoU as ``MulticlassJaccardIndex(ignore_index=255, average="macro")`` over everything
+    passed to ``update``, plus per-class IoU. Classes absent from both predictions and ground
+    truth of the whole split get NaN per-class IoU and do not count in the mean."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+
+    def to(self, device: torch.device | str) -> "IoUMeter":
+        self.confusion = self.confusion.to(device)
+        return self
+
+    def reset(self) -> None:
+        self.confusion.reset()
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """preds, target: (B, H, W) class indices; target 255 is ignored."""
+        if preds.shape != target.shape:
+            raise ValueError(f"prediction {tuple(preds.shape)} and target {tuple(target.shape)} differ in shape")
+        self.confusion.update(preds.long().to(self.confusion.device), target.long().to(self.confusion.device))
+
+    def compute(self) -> dict[str, float | list[float]]:
+        matrix = self.confusion.compute().double()  # rows: truth, columns: prediction
+        hits = matrix.diag()
+        union = matrix.sum(0) + matrix.sum(1) - hits
+        iou = torch.where(union > 0, hits / union.clamp(min=1), torch.full_like(hits, float("nan")))
+        seen = union > 0
+        miou = float(iou[seen].mean()) if seen.any() else float("nan")
+        return {"miou": miou, "per_class_iou": [float(v) for v in iou]}
+
+
+def miou_reference(preds: Tensor, target: Tensor, num_classes: int) -> float:
+    """One-shot torchmetrics mIoU, the definition IoUMeter must agree with (used by tests)."""
+    metric = MulticlassJaccardIndex(num_classes, ignore_index=IGNORE_INDEX, average="macro")
+    return float(metric(preds.long(), target.long()))
 
 
 def _prepare(images: Tensor, maps: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,128 @@
+"""SegmenterModule: a segmentation-models-pytorch network trained with cross-entropy (255 =
+ignore), scored with mIoU over the whole validation split, with optional multi-scale + flip
+inference."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsss.metrics import IGNORE_INDEX, IoUMeter
+from wsss.models.classifier import lr_lambda
+from wsss.models.common import check_finite_loss
+
+STRIDE = 32  # smp encoders downsample by 32: inputs are padded to a multiple of it
+
+
+def build_network(arch: str, encoder: str, num_classes: int, in_channels: int = 3,
+                  pretrained: bool = False) -> nn.Module:
+    try:
+        return smp.create_model(arch, encoder_name=encoder, encoder_weights="imagenet" if pretrained else None,
+                                in_channels=in_channels, classes=num_classes)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not pretrained:
+            raise
+        raise RuntimeError(f"could not load ImageNet weights for the {encoder} encoder ({exc}). They are "
+                           f"downloaded when online (torch hub / Hugging Face cache); pre-populate the "
+                           f"cache, or run without: segmenter.pretrained=false") from exc
+
+
+class SegmenterModule(L.LightningModule):
+    """smp network + CE(ignore 255) + poly schedule; validation mIoU and per-class IoU."""
+
+    def __init__(self, num_classes: int, arch: str = "DeepLabV3Plus", encoder: str = "resnet18",
+                 pretrained: bool = False, in_channels: int = 3, lr: float = 0.01, weight_decay: float = 1e-4,
+                 momentum: float = 0.9, eval_scales: Sequence[float] = (1.0,), eval_flip: bool = False,
+                 class_names: Optional[list[str]] = None, mean: Optional[list[float]] = None,
+                 std: Optional[list[float]] = None, num_panels: int = 4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_network(arch, encoder, num_classes, in_channels, pretrained)
+        self.loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self.meter = IoUMeter(num_classes)
+        self.last_val_scores: dict[str, Any] = {}
+        self._panels: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits at the input size; any H, W (padded to a multiple of 32, then cropped back)."""
+        h, w = images.shape[-2:]
+        pad_h, pad_w = (-h) % STRIDE, (-w) % STRIDE
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        return self.net(images)[..., :h, :w]
+
+    @torch.no_grad()
+    def predict_probs(self, images: Tensor) -> Tensor:
+        """Softmax averaged over ``eval_scales`` and (optionally) horizontal flip, at input size."""
+        size = images.shape[-2:]
+        total = None
+        for scale in self.hparams.eval_scales:
+            scaled = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                               align_corners=False)
+            variants = [(scaled, False)] + ([(scaled.flip(-1), True)] if self.hparams.eval_flip else [])
+            for inputs, flipped in variants:
+                logits = self(inputs)
+                logits = logits.flip(-1) if flipped else logits
+                probs = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).softmax(1)
+                total = probs if total is None else total + probs
+        return total / total.sum(1, keepdim=True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits.float(), batch["mask"])
+        check_finite_loss(self, loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.meter = IoUMeter(self.hparams.num_classes).to(self.device)
+        self._panels = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "mask" not in batch:
+            return
+        preds = self.predict_probs(batch["image"]).argmax(1)
+        self.meter.update(preds, batch["mask"])
+        for i in range(len(preds)):
+            if len(self._panels) < self.hparams.num_panels:
+                h, w = (int(v) for v in batch["size"][i]) if "size" in batch else preds.shape[-2:]
+                self._panels.append((batch["image"][i, :, :h, :w].cpu(), preds[i, :h, :w].cpu(),
+                                     batch["mask"][i, :h, :w].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.meter.compute()
+        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        self.log("val/miou", scores["miou"], prog_bar=True)
+        for name, iou in zip(names, scores["per_class_iou"]):
+            if iou == iou:  # not NaN
+                self.log(f"val/iou_{name}", iou)
+        self.last_val_scores = {"val/miou": scores["miou"],
+                                "per_class_iou": dict(zip(names, scores["per_class_iou"]))}
+        self._log_panels()
+
+    def _log_panels(self) -> None:
+        from wsss.data.masks import colorize
+        from wsss.tracking import log_images
+        from wsss.viz import denormalise, panel_grid
+
+        if not self._panels or not self.trainer.is_global_zero:
+            return
+        rows = [[denormalise(img, self.hparams.mean, self.hparams.std), colorize(pred.numpy()), colorize(gt.numpy())]
+                for img, pred, gt in self._panels]
+        log_images(self.logger, "val/panels", [panel_grid(rows, ["input", "prediction", "ground truth"])],
+                   step=self.global_step)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return {"pred": self.predict_probs(batch["image"]).argmax(1)}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("poly", total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
