@@ -124,7 +124,9 @@ def _fit(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.Light
          max_epochs: int) -> dict[str, Any]:
     """Fit with a last.ckpt written every epoch, resuming from it when present."""
     directory = stage_dir(cfg, stage)
-    checkpoint = ModelCheckpoint(dirpath=str(directory), save_top_k=0, save_last=True)
+    # one rolling checkpoint, overwritten every epoch: the resume point and the final weights
+    checkpoint = ModelCheckpoint(dirpath=str(directory), filename="last", save_top_k=1, monitor=None,
+                                 enable_version_counter=False)
     logger = make_logger(cfg, stage)
     trainer = make_trainer(cfg, max_epochs, logger, [checkpoint])
     last = directory / "last.ckpt"
