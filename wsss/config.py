@@ -80,6 +80,7 @@ class ClassifierConfig:
     weight_decay: float = _opt(1e-4, "SGD weight decay")
     momentum: float = _opt(0.9, "SGD momentum")
     schedule: str = _choice("poly", "poly", "cosine", "constant", help="learning-rate schedule")
+    optimizer: str = _choice("sgd", "sgd", "adamw", help="sgd (with momentum) or adamw (scratch training)")
 
 
 @dataclass

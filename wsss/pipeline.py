@@ -159,7 +159,7 @@ def train_classifier(cfg: Config) -> dict[str, Any]:
         num_classes=datamodule.num_foreground, backbone=c.backbone, pretrained=c.pretrained,
         output_stride=c.output_stride, in_channels=cfg.data.channels, lr=c.lr,
         backbone_lr_mult=c.backbone_lr_mult, weight_decay=c.weight_decay, momentum=c.momentum,
-        schedule=c.schedule, class_names=datamodule.train_set.class_names,
+        schedule=c.schedule, optimizer=c.optimizer, class_names=datamodule.train_set.class_names,
         mean=datamodule.mean, std=datamodule.std)
     results = _fit(cfg, "classifier", module, datamodule, c.max_epochs)
     return finish_stage(cfg, "classifier", results, time.perf_counter() - started)

@@ -2,7 +2,8 @@
 
 It is made hard enough that attribution methods differ:
 - each class is a shape with its own texture, in random colours, so colour gives nothing away;
-- cluttered background with small textured fragments of every texture, and smooth noise;
+- cluttered background with a few small fragments of the class textures (finer than on the
+  objects), and smooth noise;
 - several objects per image, at varied scales, occluding one another;
 - a *context* region ("water") that co-occurs with boats but is background, the way VOC boats
   sit on water: classifiers learn to look at it, and good maps must not spill onto it.
@@ -99,12 +100,12 @@ def render_sample(seed: int, split: str, index: int, size: int) -> tuple[np.ndar
         image = np.where(water[..., None], water_rgb, image)
 
     # clutter: small fragments of every texture in random colours
-    for _ in range(int(rng.integers(6, 13))):
+    for _ in range(int(rng.integers(2, 7))):
         kind = SYNTHETIC_CLASSES[int(rng.integers(0, len(SYNTHETIC_CLASSES) - 1))]
         cy, cx = rng.uniform(0, size, 2)
         r = size * rng.uniform(0.025, 0.06)
         frag = ((yy - cy) ** 2 / rng.uniform(0.3, 1.0) + (xx - cx) ** 2) <= r * r
-        tex = _texture(_CLASS_TEXTURE[kind], yy, xx, size * rng.uniform(0.03, 0.06), rng.uniform(0, np.pi))
+        tex = _texture(_CLASS_TEXTURE[kind], yy, xx, size * rng.uniform(0.02, 0.04), rng.uniform(0, np.pi))
         col = np.where(tex[..., None] > 0, _random_colour(rng), _random_colour(rng))
         image = np.where(frag[..., None], col, image)
 

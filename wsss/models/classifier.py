@@ -107,7 +107,7 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, num_classes: int, backbone: str = "resnet18", pretrained: bool = False,
                  output_stride: int = 32, in_channels: int = 3, lr: float = 0.01,
                  backbone_lr_mult: float = 0.1, weight_decay: float = 1e-4, momentum: float = 0.9,
-                 schedule: str = "poly", class_names: Optional[list[str]] = None,
+                 schedule: str = "poly", optimizer: str = "sgd", class_names: Optional[list[str]] = None,
                  mean: Optional[list[float]] = None, std: Optional[list[float]] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -150,10 +150,12 @@ class ClassifierModule(L.LightningModule):
         head = head_of(self.model)
         head_ids = {id(p) for p in head.parameters()}
         backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
-        optimizer = torch.optim.SGD(
-            [{"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
-             {"params": list(head.parameters()), "lr": hp.lr}],
-            lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        groups = [{"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
+                  {"params": list(head.parameters()), "lr": hp.lr}]
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.schedule, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -101,17 +101,20 @@ class PseudoMaskModule(L.LightningModule):
 
     def _refine(self, batch: dict[str, Any], fused: Tensor, classes: Tensor, valid: Tensor,
                 pseudo: Tensor) -> Tensor:
+        """Dense CRF over {background, present classes}; the background score is the mean
+        threshold of the image's classes. Pixels in the ignore band stay ignored."""
         from wsss.pseudo.labels import dense_crf
         from wsss.viz import denormalise
 
         refined = []
         for i in range(len(fused)):
             image = denormalise(batch["image"][i].cpu(), self.mean, self.std)
-            background = torch.full_like(fused[i, :1], 0.0) + self.thresholds[classes[i] - 1][:1, None, None]
-            probs = torch.cat([background, torch.where(valid[i, :, None, None], fused[i], 0.0)])
-            choice = dense_crf(image, probs.float().cpu().numpy())  # indices into {bg, slots}
+            slot_thresholds = self.thresholds[classes[i] - 1][valid[i]]
+            background = torch.full_like(fused[i, :1], float(slot_thresholds.mean()) if len(slot_thresholds) else 1.0)
+            probs = torch.cat([background, fused[i] * valid[i, :, None, None]]).float().cpu().numpy()
+            choice = torch.from_numpy(np.asarray(dense_crf(image, probs))).long()
             lookup = torch.cat([torch.zeros(1, dtype=torch.long), classes[i].cpu()])
-            label = lookup[torch.from_numpy(np.asarray(choice)).long()].to(torch.uint8)
+            label = lookup[choice].to(torch.uint8)
             label[pseudo[i].cpu() == 255] = 255
             refined.append(label)
         return torch.stack(refined).to(pseudo.device)

@@ -1,11 +1,11 @@
 """Foreground thresholds without pixel labels, in the style of Libra-CAM (ALGORITHMS.md §3.5).
 
-For each image and present class the classifier is queried on the image masked by the
-thresholded map (kept region) and by its complement (deleted region), for every threshold of a
-grid in batches. An objective picks one threshold per (image, class); the per-class threshold is
-the median over a calibration subset. Masking multiplies the normalised image by a {0, 1} mask,
-so removed pixels take the data-set mean colour. The cut that was scored is the cut returned
-(Libra's code returns the next one).
+For each image and present class, the classifier is queried on the image masked by the
+thresholded map (the kept region, K = 1[map >= t]) and by its complement (the deleted region),
+for every threshold t of a grid. An objective picks one threshold per (image, class); the
+per-class threshold is the median over a calibration subset. Masking multiplies the normalised
+image by the {0, 1} mask, so removed pixels take the data-set mean colour. The cut that was scored
+is the cut returned (Libra's code returns the next one).
 """
 
 from __future__ import annotations
@@ -13,119 +13,189 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 OBJECTIVES = ("increase", "keep_delete", "area")
+
+
+def _grid(grid: Sequence[float], device: torch.device) -> Tensor:
+    taus = torch.as_tensor(list(grid), dtype=torch.float32, device=device)
+    if taus.dim() != 1 or taus.numel() == 0 or not bool(taus.isfinite().all()):
+        raise ValueError(f"the threshold grid must be a non-empty list of finite numbers, got {list(grid)}")
+    return taus
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown calibration objective {objective!r}; choose one of {OBJECTIVES}")
+
+
+class _EvalMode:
+    """Runs an nn.Module in eval mode, then restores every submodule's own mode: a training-mode
+    BatchNorm would make the confidences depend on how queries are batched, and would update its
+    running statistics on masked images."""
+
+    def __init__(self, model: Callable[[Tensor], Tensor]) -> None:
+        self.modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+
+    def __enter__(self) -> None:
+        for module, _ in self.modes:
+            module.training = False
+
+    def __exit__(self, *exc: object) -> None:
+        for module, mode in self.modes:
+            module.training = mode
 
 
 @torch.no_grad()
 def masked_confidences(model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor,
                        class_index: Tensor, valid: Tensor, grid: Sequence[float],
                        max_batch: int = 64) -> tuple[Tensor, Tensor, Tensor]:
-    """Sigmoid confidences of each slot's class on masked images.
+    """Sigmoid confidence of each slot's class on the image with its map's region kept or deleted.
 
-    images (B, C, H, W) normalised; maps (B, K, H, W) in [0, 1]; class_index (B, K) logit index;
-    valid (B, K). Returns keep (B, K, T) on image * 1[map >= t], delete (B, K, T) on
-    image * 1[map < t] and base (B, K) on the plain image; invalid slots are NaN.
+    images: (B, Ch, H, W) normalised; maps: (B, K, H, W) in [0, 1]; class_index: (B, K) index
+    into the (B, C) logits (any value on invalid slots); valid: (B, K). Returns float32
+    ``keep`` (B, K, T) on ``image * 1[map >= t]``, ``delete`` (B, K, T) on ``image * 1[map < t]``
+    and ``base`` (B, K) on the plain image; invalid slots are NaN and cost no forward pass.
+
+    Every (valid slot, threshold, keep/delete) query is one row of a batch; rows are sent in
+    chunks of ``max_batch`` so memory is bounded whatever B, K and T are. An nn.Module in training
+    mode is switched to eval mode for the queries and back afterwards.
     """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if images.dim() != 4 or maps.dim() != 4:
+        raise ValueError(f"images and maps must be 4-D, got {tuple(images.shape)} and {tuple(maps.shape)}")
     b, k = class_index.shape
-    taus = torch.as_tensor(list(grid), dtype=maps.dtype, device=maps.device)
-    t = len(taus)
-    base_probs = torch.sigmoid(model(images).float())
-    base = torch.gather(base_probs, 1, class_index.to(images.device))
-    keep = torch.full((b, k, t), float("nan"), device=images.device)
-    delete = torch.full_like(keep, float("nan"))
-    slots = valid.nonzero().tolist()  # [(image, slot)] of the valid slots
-    # one query = (valid slot, threshold, keep|delete); chunked to bound memory
-    queries = [(i, j, ti, kind) for i, j in slots for ti in range(t) for kind in (0, 1)]
-    for start in range(0, len(queries), max_batch):
-        chunk = queries[start:start + max_batch]
-        idx = torch.tensor(chunk, device=images.device)
-        kept = (maps[idx[:, 0], idx[:, 1]] >= taus[idx[:, 2]][:, None, None]).to(images.dtype)
-        region = torch.where(idx[:, 3:4, None] == 0, kept, 1.0 - kept)  # (Q, H, W)
-        logits = model(images[idx[:, 0]] * region[:, None])
-        probs = torch.sigmoid(logits.float())
-        conf = probs.gather(1, class_index.to(images.device)[idx[:, 0], idx[:, 1]][:, None])[:, 0]
-        for target, kind in ((keep, 0), (delete, 1)):
-            sel = idx[:, 3] == kind
-            target[idx[sel, 0], idx[sel, 1], idx[sel, 2]] = conf[sel]
-    base = torch.where(valid.to(images.device), base, torch.full_like(base, float("nan")))
-    return keep, delete, base
+    if maps.shape[:2] != (b, k) or valid.shape != (b, k) or images.shape[0] != b:
+        raise ValueError(f"maps (B, K, H, W), class_index and valid (B, K) disagree: {tuple(maps.shape)}, "
+                         f"{tuple(class_index.shape)}, {tuple(valid.shape)}, images {tuple(images.shape)}")
+    if maps.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"maps are {tuple(maps.shape[-2:])} but images are {tuple(images.shape[-2:])}: "
+                         "upsample the maps first")
+    device = images.device
+    taus = _grid(grid, device)
+    t = taus.numel()
+    maps = maps.to(device)
+    valid = valid.to(device, torch.bool)
+    index = torch.where(valid, class_index.to(device, torch.long), 0)  # padding may hold anything
+    nan = float("nan")
+
+    with _EvalMode(model):
+        logits = torch.cat([model(images[i:i + max_batch]) for i in range(0, b, max_batch)])
+        num_classes = logits.shape[1]
+        if bool(((index < 0) | (index >= num_classes)).any()):
+            raise ValueError(f"class_index of a valid slot is outside the {num_classes} logits")
+        base = torch.sigmoid(logits.float()).gather(1, index).masked_fill(~valid, nan)
+
+        slot_b, slot_k = valid.nonzero(as_tuple=True)  # (S,) each
+        # query q <-> slot q // (2T), threshold (q // 2) % T, keep (q even) or delete (q odd)
+        out = torch.empty(slot_b.numel() * t * 2, device=device)
+        for start in range(0, out.numel(), max_batch):
+            q = torch.arange(start, min(start + max_batch, out.numel()), device=device)
+            s, ti, delete = q // (2 * t), (q // 2) % t, (q % 2).bool()
+            bi, ki = slot_b[s], slot_k[s]
+            kept = maps[bi, ki] >= taus[ti][:, None, None]  # (Q, H, W)
+            region = (kept ^ delete[:, None, None]).to(images.dtype)
+            probs = torch.sigmoid(model(images[bi] * region[:, None]).float())
+            out[q] = probs.gather(1, index[bi, ki][:, None])[:, 0]
+
+    out = out.view(-1, t, 2)
+    keep = torch.full((b, k, t), nan, device=device)
+    drop = torch.full((b, k, t), nan, device=device)
+    keep[slot_b, slot_k] = out[..., 0]
+    drop[slot_b, slot_k] = out[..., 1]
+    return keep, drop, base
 
 
 def choose_thresholds(keep: Tensor, delete: Tensor, base: Tensor, grid: Sequence[float],
                       objective: str, rho: float = 0.9) -> Tensor:
-    """One threshold per (image, slot), (B, K); NaN for invalid slots.
+    """One threshold per (image, slot) from the masked confidences: (B, K), NaN for invalid slots
+    (NaN ``base``).
 
-    - increase: Libra's max(0, s(keep) - s(x)), first maximum (the lowest threshold on ties);
-    - keep_delete: s(keep) - s(delete), first maximum;
-    - area: the largest threshold (smallest kept area) with s(keep) >= rho * s(x), else the lowest.
+    - ``increase``: Libra's max(0, keep - base); the best threshold, ties to the lowest one (so
+      "no gain anywhere" gives the lowest threshold). The scored cut itself is returned.
+    - ``keep_delete``: keep - delete, the best threshold, ties to the lowest.
+    - ``area``: the largest threshold (smallest kept region) with keep >= rho * base, or the
+      lowest threshold of the grid if none qualifies.
     """
-    taus = torch.as_tensor(list(grid), dtype=torch.float32, device=keep.device)
-    if objective == "increase":
-        score = (keep - base[..., None]).clamp(min=0)
-    elif objective == "keep_delete":
-        score = keep - delete
-    elif objective == "area":
-        ok = keep >= rho * base[..., None]
-        last_ok = torch.where(ok, torch.arange(len(taus), device=keep.device), -1).amax(-1)
-        chosen = taus[last_ok.clamp(min=0)]
-        return torch.where(base.isnan(), torch.full_like(chosen, float("nan")), chosen)
+    _check_objective(objective)
+    taus = _grid(grid, keep.device)
+    if keep.shape != delete.shape or keep.shape[:-1] != base.shape or keep.shape[-1] != taus.numel():
+        raise ValueError(f"keep/delete must be (B, K, T={taus.numel()}) and base (B, K), got "
+                         f"{tuple(keep.shape)}, {tuple(delete.shape)}, {tuple(base.shape)}")
+    invalid = base.isnan()
+    if objective == "area":
+        ok = keep >= rho * base[..., None]  # NaN compares False
+        largest = torch.where(ok, taus, float("-inf")).amax(-1)
+        chosen = torch.where(ok.any(-1), largest, taus.min())
     else:
-        raise ValueError(f"unknown calibration objective {objective!r}; choose one of {OBJECTIVES}")
-    score = torch.nan_to_num(score, nan=float("-inf"))
-    best = score.argmax(-1)  # argmax returns the first maximum
-    chosen = taus[best]
-    return torch.where(base.isnan(), torch.full_like(chosen, float("nan")), chosen)
+        score = (keep - base[..., None]).clamp(min=0) if objective == "increase" else keep - delete
+        score = score.masked_fill(score.isnan(), float("-inf"))
+        ties = score == score.amax(-1, keepdim=True)
+        chosen = torch.where(ties, taus, float("inf")).amin(-1)
+    return chosen.masked_fill(invalid, float("nan"))
 
 
 def aggregate_thresholds(per_slot: Tensor, class_index: Tensor, num_classes: int, default: float) -> Tensor:
-    """Per-class median of the chosen thresholds (NaNs dropped); ``default`` for unseen classes."""
+    """Per-class median of the chosen thresholds, (num_classes,) on the CPU.
+
+    NaNs are dropped; classes without a value get ``default``. The median is the lower median
+    (torch.median), so with a grid objective the result is always a threshold that was chosen.
+    """
+    per_slot, class_index = per_slot.flatten().float().cpu(), class_index.flatten().long().cpu()
+    if per_slot.shape != class_index.shape:
+        raise ValueError(f"per_slot and class_index differ in size: {per_slot.numel()} vs {class_index.numel()}")
+    seen = ~per_slot.isnan()
+    per_slot, class_index = per_slot[seen], class_index[seen]
+    if per_slot.numel() and (int(class_index.min()) < 0 or int(class_index.max()) >= num_classes):
+        raise ValueError(f"class_index must lie in 0..{num_classes - 1}, got {sorted(set(class_index.tolist()))}")
     out = torch.full((num_classes,), float(default))
-    per_slot, class_index = per_slot.flatten().cpu(), class_index.flatten().cpu()
-    for c in range(num_classes):
-        values = per_slot[(class_index == c) & ~per_slot.isnan()]
-        if values.numel():
-            out[c] = values.median()
+    for c in class_index.unique().tolist():
+        out[c] = per_slot[class_index == c].median()
     return out
 
 
 class ThresholdCalibrator:
-    """Accumulates per-(image, class) thresholds over batches; ``compute`` gives per-class medians."""
+    """Collects one threshold per (image, present class) over batches, then aggregates them per
+    class (``compute``) or over everything (``global_threshold``). Stored on the CPU."""
 
     def __init__(self, grid: Sequence[float], objective: str = "keep_delete", rho: float = 0.9,
                  num_classes: int = 1, default: float = 0.25, max_batch: int = 64) -> None:
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown calibration objective {objective!r}; choose one of {OBJECTIVES}")
-        if not grid:
-            raise ValueError("the threshold grid is empty")
-        self.grid, self.objective, self.rho = list(grid), objective, rho
-        self.num_classes, self.default, self.max_batch = num_classes, default, max_batch
+        _check_objective(objective)
+        _grid(grid, torch.device("cpu"))
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.grid, self.objective, self.rho = [float(g) for g in grid], objective, float(rho)
+        self.num_classes, self.default, self.max_batch = num_classes, float(default), max_batch
         self._thresholds: list[Tensor] = []
         self._classes: list[Tensor] = []
 
     def update(self, model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor,
                class_index: Tensor, valid: Tensor) -> Tensor:
+        """Score one batch (see ``masked_confidences``); returns its (B, K) chosen thresholds."""
         keep, delete, base = masked_confidences(model, images, maps, class_index, valid, self.grid,
                                                 self.max_batch)
         chosen = choose_thresholds(keep, delete, base, self.grid, self.objective, self.rho)
+        valid = valid.to(chosen.device, torch.bool)
         self._thresholds.append(chosen[valid].cpu())
-        self._classes.append(class_index.to(valid.device)[valid].cpu())
+        self._classes.append(class_index.to(chosen.device)[valid].cpu())
         return chosen
 
     @property
     def num_samples(self) -> int:
+        """How many (image, class) pairs have been scored."""
         return int(sum(t.numel() for t in self._thresholds))
 
     def compute(self) -> Tensor:
+        """Per-class median threshold, (num_classes,); ``default`` for classes never seen."""
         if not self._thresholds:
-            return torch.full((self.num_classes,), float(self.default))
+            return torch.full((self.num_classes,), self.default)
         return aggregate_thresholds(torch.cat(self._thresholds), torch.cat(self._classes),
                                     self.num_classes, self.default)
 
     def global_threshold(self) -> float:
-        if not self._thresholds:
-            return float(self.default)
-        values = torch.cat(self._thresholds)
+        """Median over all scored (image, class) pairs; ``default`` before any."""
+        values = torch.cat(self._thresholds) if self._thresholds else torch.empty(0)
         values = values[~values.isnan()]
-        return float(values.median()) if values.numel() else float(self.default)
+        return float(values.median()) if values.numel() else self.default

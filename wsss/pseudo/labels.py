@@ -1,5 +1,10 @@
-"""From fused class maps to a label map: per-class background thresholds, argmax over
-{background, present classes}, an ignore band of uncertain pixels, and optional dense CRF."""
+"""From fused class maps to label maps.
+
+The rule (ALGORITHMS.md §3.5, step 6): every present class competes through its margin over its
+own background threshold; the best positive margin wins, otherwise the pixel is background.
+Pixels whose best margin lies close to zero are marked 255 (ignored by the segmenter's loss).
+An optional fully connected CRF refines the result when the ``crf`` extra is installed.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +13,90 @@ import torch
 from torch import Tensor
 
 IGNORE = 255
+CRF_MISSING = "dense CRF needs the optional extra: pip install -e '.[crf]' (pydensecrf2)"
+
+
+def _slot_thresholds(thresholds: Tensor | float, shape: torch.Size, device: torch.device) -> Tensor:
+    """A scalar, a one-element tensor or a (B, K) tensor -> (B, K) float32 on ``device``."""
+    t = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
+    if t.numel() == 1:
+        return t.reshape(()).expand(shape)
+    if t.shape != shape:
+        raise ValueError(f"thresholds must be a scalar or one value per slot {tuple(shape)}, "
+                         f"got shape {tuple(t.shape)}")
+    return t
 
 
 def scores_to_labels(scores: Tensor, classes: Tensor, valid: Tensor, thresholds: Tensor | float,
                      ignore_band: float = 0.0) -> Tensor:
-    """Label maps (B, H, W) uint8 from per-slot scores.
+    """Label maps (B, H, W) uint8 from per-slot class scores.
 
-    scores: (B, K, H, W) in [0, 1], one slot per present class; classes: (B, K) mask values of the
-    slots (1..C); valid: (B, K), False for padding slots; thresholds: scalar or (B, K) background
-    threshold per slot. A pixel takes the slot with the largest margin ``score - threshold`` if
-    that margin is positive, else background 0; pixels whose best margin lies within
-    ``ignore_band`` of zero are uncertain and become 255.
+    scores: (B, K, H, W) in [0, 1], one slot per present class; classes: (B, K) mask value of
+    each slot's class (1..254); valid: (B, K), False for padding slots, which are ignored;
+    thresholds: scalar or (B, K) background threshold per slot.
+
+    A pixel takes the class of the valid slot with the largest margin ``score - threshold`` if
+    that margin is positive, else background 0. With ``ignore_band > 0`` pixels whose best margin
+    satisfies ``|margin| < ignore_band`` become 255. Images without a valid slot are all
+    background. NaN scores never win. Runs on the device of ``scores``.
     """
-    if not torch.is_tensor(thresholds):
-        thresholds = torch.full(classes.shape, float(thresholds), device=scores.device)
-    margins = scores.float() - thresholds.to(scores.device).float()[:, :, None, None]
-    margins = margins.masked_fill(~valid.to(scores.device)[:, :, None, None], float("-inf"))
-    best, slot = margins.max(dim=1)
-    labels = torch.gather(classes.to(scores.device), 1, slot.flatten(1)).view_as(slot)
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be (B, K, H, W), got shape {tuple(scores.shape)}")
+    b, k, h, w = scores.shape
+    if classes.shape != (b, k) or valid.shape != (b, k):
+        raise ValueError(f"classes and valid must be (B, K) = {(b, k)}, got "
+                         f"{tuple(classes.shape)} and {tuple(valid.shape)}")
+    if ignore_band < 0:
+        raise ValueError(f"ignore_band must be >= 0, got {ignore_band}")
+    device = scores.device
+    valid = valid.to(device, torch.bool)
+    classes = classes.to(device, torch.long)
+    if k == 0:
+        return torch.zeros((b, h, w), dtype=torch.uint8, device=device)
+    chosen = classes[valid]
+    if chosen.numel() and (int(chosen.min()) < 1 or int(chosen.max()) >= IGNORE):
+        raise ValueError(f"classes of valid slots must be mask values 1..{IGNORE - 1}, "
+                         f"got {sorted(set(chosen.tolist()))}")
+    margins = scores.float() - _slot_thresholds(thresholds, classes.shape, device)[:, :, None, None]
+    margins = margins.masked_fill(~valid[:, :, None, None] | margins.isnan(), float("-inf"))
+    best, slot = margins.max(dim=1)  # (B, H, W); ties go to the first slot
+    labels = torch.gather(classes, 1, slot.flatten(1)).view_as(slot)
     labels = torch.where(best > 0, labels, torch.zeros_like(labels))
     if ignore_band > 0:
-        labels = torch.where(best.abs() < ignore_band, torch.full_like(labels, IGNORE), labels)
+        labels = labels.masked_fill(best.abs() < ignore_band, IGNORE)
     return labels.to(torch.uint8)
 
 
 def dense_crf(image: np.ndarray, label_probs: np.ndarray, iterations: int = 5) -> np.ndarray:
-    """Refine (L, H, W) label probabilities on an HxWx3 uint8 image with a fully connected CRF
-    (Krähenbühl & Koltun), returning the (H, W) index of the most likely label."""
+    """Refine label probabilities with a fully connected CRF (Krähenbühl & Koltun, 2011).
+
+    image: HxWx3 uint8 (HxW or HxWx1 grey images are repeated to three channels);
+    label_probs: (L, H, W) non-negative scores per label, normalised here. Returns the (H, W)
+    index of the most likely label after ``iterations`` mean-field steps. Needs the optional
+    ``pydensecrf2`` package (imported as ``pydensecrf``).
+    """
     try:
         import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_softmax
     except ImportError as exc:
-        raise ImportError("dense CRF (pseudo.crf=true) needs the optional extra: "
-                          "pip install -e '.[crf]' (pydensecrf2)") from exc
-    num_labels, height, width = label_probs.shape
-    probs = np.clip(label_probs.astype(np.float32), 1e-5, None)
-    probs /= probs.sum(0, keepdims=True)
+        raise ImportError(CRF_MISSING) from exc
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"image must be HxWx3, got shape {image.shape}")
+    image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+    probs = np.asarray(label_probs, dtype=np.float32)
+    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"label_probs must be (L, H, W) with (H, W) = {image.shape[:2]}, "
+                         f"got shape {probs.shape}")
+    num_labels, height, width = probs.shape
+    probs = np.clip(np.nan_to_num(probs, nan=0.0), 1e-5, None)
+    probs = probs / probs.sum(0, keepdims=True)
+    unary = np.ascontiguousarray(-np.log(probs).reshape(num_labels, -1), dtype=np.float32)
     crf = dcrf.DenseCRF2D(width, height, num_labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=3, compat=3)
-    crf.addPairwiseBilateral(sxy=50, srgb=13, rgbim=np.ascontiguousarray(image.astype(np.uint8)), compat=10)
-    inference = np.array(crf.inference(iterations)).reshape(num_labels, height, width)
-    return inference.argmax(0)
+    crf.addPairwiseBilateral(sxy=50, srgb=13, compat=10,
+                             rgbim=np.ascontiguousarray(image, dtype=np.uint8))
+    q = np.asarray(crf.inference(iterations), dtype=np.float32).reshape(num_labels, height, width)
+    return q.argmax(0)
