@@ -107,6 +107,7 @@ def test_rerun_skips_and_changed_config_is_refused(trained):
 
 @pytest.mark.slow
 def test_ddp_two_processes_write_every_id_once(trained, tmp_path):
+    pipeline.make_pseudo_masks(config(trained))  # the single-process reference (skipped if done)
     copy_classifier(trained, tmp_path)
     cfg = config(tmp_path, "trainer.devices=2", "trainer.strategy=ddp_spawn", "cam.batch_size=2")
     result = pipeline.make_pseudo_masks(cfg)

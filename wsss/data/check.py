@@ -1,52 +1,81 @@
-"""`wsss data-check`: load every item of a split and report counts, sizes and every bad file."""
+"""`wsss data-check`: load every item of a split and report counts, sizes and every bad file.
+
+Each item is loaded raw (image, labels, mask where present; no transform). A bad item does not
+stop the check: its problem is recorded with the file it concerns and the check goes on, so one
+run names every bad file. Problems:
+
+- an image or mask that is missing, unreadable or truncated;
+- a mask whose size differs from its image's;
+- a mask value outside the class range other than 255 (void);
+- an image with no labels, where the split is labelled (masks, or a CSV of labels).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from wsss.data.base import SegmentationSource
+from wsss.data.base import RawSample, SegmentationSource
 from wsss.data.imageio import DataError
 
 
 @dataclass
 class DataCheckReport:
     num_images: int = 0
-    per_class: dict[str, int] = field(default_factory=dict)
-    min_hw: tuple[int, int] | None = None
-    max_hw: tuple[int, int] | None = None
-    problems: list[str] = field(default_factory=list)
+    per_class: dict[str, int] = field(default_factory=dict)  # images holding each foreground class
+    min_hw: Optional[tuple[int, int]] = None  # (smallest height, smallest width) over the split
+    max_hw: Optional[tuple[int, int]] = None  # (largest height, largest width)
+    problems: list[str] = field(default_factory=list)  # the first max_listed, each naming its file
     total_problems: int = 0
     has_masks: bool = False
 
+    @property
+    def ok(self) -> bool:
+        return self.total_problems == 0
+
 
 def check_source(source: SegmentationSource, max_listed: int = 20) -> DataCheckReport:
-    """Load every raw item; collect counts and problems (naming each file) instead of stopping."""
-    report = DataCheckReport(num_images=len(source), per_class={n: 0 for n in source.class_names},
-                             has_masks=source.has_masks)
-    heights, widths = [], []
-    for index in tqdm(range(len(source)), desc=f"checking {getattr(source, 'split', '')}", leave=False):
+    """Load every item of ``source``; collect counts, sizes and problems instead of stopping."""
+    report = DataCheckReport(num_images=len(source), per_class={name: 0 for name in source.class_names},
+                             has_masks=bool(source.has_masks))
+    labelled = bool(getattr(source, "has_labels", source.has_masks))
+    heights: list[int] = []
+    widths: list[int] = []
+    split = getattr(source, "split", "")
+    for index in tqdm(range(len(source)), desc=f"checking {split}".strip(), unit="img", leave=False,
+                      disable=None):
         try:
-            raw = source.load_raw(index)
+            raw = source.load(index)
         except DataError as exc:
             _add(report, str(exc), max_listed)
             continue
-        heights.append(raw.image.shape[0])
-        widths.append(raw.image.shape[1])
+        heights.append(int(raw.image.shape[0]))
+        widths.append(int(raw.image.shape[1]))
         for c in np.flatnonzero(raw.labels):
             report.per_class[source.class_names[c]] += 1
-        if source.has_masks and raw.labels.sum() == 0:
-            where = getattr(source, "mask_path", lambda i: raw.id)(index)
-            _add(report, f"{where}: image {raw.id} has no labels (no foreground class in its mask or CSV row)",
-                 max_listed)
-        elif not source.has_masks and raw.labels.sum() == 0 and hasattr(source, "csv_path"):
-            _add(report, f"{source.csv_path}: image {raw.id} has no labels", max_listed)
+        if labelled and not np.any(raw.labels):
+            _add(report, _no_labels(source, index, raw), max_listed)
     if heights:
         report.min_hw = (min(heights), min(widths))
         report.max_hw = (max(heights), max(widths))
     return report
+
+
+def _no_labels(source: SegmentationSource, index: int, raw: RawSample) -> str:
+    csv_path = getattr(source, "csv_path", None)
+    if csv_path is not None:
+        line = source.csv_lines[index] if hasattr(source, "csv_lines") else "?"
+        return (f"{csv_path}, row {line}: image {raw.id} has no labels (empty labels cell); "
+                f"each image needs at least one class")
+    if raw.mask is not None:
+        where = source.mask_override / f"{raw.id}.png" if source.mask_override is not None else None
+        if where is None and hasattr(source, "mask_path"):
+            where = source.mask_path(index)
+        return f"{where or raw.id}: image {raw.id} has no labels (its mask holds no foreground class)"
+    return f"{raw.id}: image has no labels"
 
 
 def _add(report: DataCheckReport, problem: str, max_listed: int) -> None:
@@ -55,16 +84,16 @@ def _add(report: DataCheckReport, problem: str, max_listed: int) -> None:
         report.problems.append(problem)
 
 
-def format_report(report: DataCheckReport, split: str) -> str:
-    lines = [f"split {split}: {report.num_images} images"
-             + ("" if report.has_masks else " (no masks)")]
-    if report.min_hw:
-        lines.append(f"  image size: {report.min_hw[1]}x{report.min_hw[0]} to {report.max_hw[1]}x{report.max_hw[0]} "
-                     f"(WxH)")
-    lines.append("  images per class: " + ", ".join(f"{n} {c}" for n, c in report.per_class.items()))
+def format_report(report: DataCheckReport, split_name: str) -> str:
+    """Human-readable summary: images, size range, images per class, problems (capped, with the total)."""
+    lines = [f"split {split_name}: {report.num_images} images" + ("" if report.has_masks else " (no masks)")]
+    if report.min_hw is not None and report.max_hw is not None:
+        lines.append(f"  image size: {report.min_hw[1]}x{report.min_hw[0]} to "
+                     f"{report.max_hw[1]}x{report.max_hw[0]} (WxH)")
+    lines.append("  images per class: " + ", ".join(f"{name} {count}" for name, count in report.per_class.items()))
     if report.total_problems:
         lines.append(f"  {report.total_problems} problem(s):")
-        lines += [f"    {p}" for p in report.problems]
+        lines += [f"    {problem}" for problem in report.problems]
         if report.total_problems > len(report.problems):
             lines.append(f"    ... and {report.total_problems - len(report.problems)} more")
     else:
