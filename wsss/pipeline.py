@@ -165,15 +165,19 @@ def train_classifier(cfg: Config) -> dict[str, Any]:
     return finish_stage(cfg, "classifier", results, time.perf_counter() - started)
 
 
+def load_trained(cfg: Config, stage: str, module_class, command: str):
+    """The finished stage's LightningModule from its checkpoint, on the CPU."""
+    record = read_stage(cfg, stage)
+    if record is None or record.get("status") != "done":
+        raise StageError(f"no trained {stage} in {stage_dir(cfg, stage)}; run `wsss {command}` "
+                         f"(or `wsss run`) first")
+    return module_class.load_from_checkpoint(stage_dir(cfg, stage) / record["checkpoint"], map_location="cpu")
+
+
 def load_classifier(cfg: Config):
     from wsss.models.classifier import ClassifierModule
 
-    record = read_stage(cfg, "classifier")
-    if record is None or record.get("status") != "done":
-        raise StageError(f"no trained classifier in {stage_dir(cfg, 'classifier')}; run "
-                         f"`wsss train-classifier` (or `wsss run`) first")
-    return ClassifierModule.load_from_checkpoint(stage_dir(cfg, "classifier") / record["checkpoint"],
-                                                 map_location="cpu")
+    return load_trained(cfg, "classifier", ClassifierModule, "train-classifier")
 
 
 def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
@@ -434,12 +438,7 @@ def train_segmenter(cfg: Config) -> dict[str, Any]:
 def load_segmenter(cfg: Config):
     from wsss.models.segmenter import SegmenterModule
 
-    record = read_stage(cfg, "segmenter")
-    if record is None or record.get("status") != "done":
-        raise StageError(f"no trained segmenter in {stage_dir(cfg, 'segmenter')}; run "
-                         f"`wsss train-segmenter` (or `wsss run`) first")
-    return SegmenterModule.load_from_checkpoint(stage_dir(cfg, "segmenter") / record["checkpoint"],
-                                                map_location="cpu")
+    return load_trained(cfg, "segmenter", SegmenterModule, "train-segmenter")
 
 
 def _predict_split(cfg: Config, module, split: str, out_dir: Path) -> Optional[dict[str, Any]]:
