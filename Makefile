@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export WANDB_MODE ?= offline
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test install clean
 

@@ -98,12 +98,13 @@ class CamConfig:
 class PseudoConfig:
     calibration: str = _choice("libra", "libra", "fixed", help="threshold calibration")
     threshold: float = _opt(0.25, "fixed foreground threshold on ReLU/max-normalised maps (also the seed threshold)")
-    objective: str = _choice("keep_delete", "increase", "keep_delete", "area",
-                             help="libra calibration objective (ALGORITHMS.md §3.5)")
+    objective: str = _choice("area", "increase", "keep_delete", "area",
+                             help="libra calibration objective (ALGORITHMS.md §3.5); area measured best "
+                                  "(docs/benchmarks.md)")
     rho: float = _opt(0.9, "area objective: keep this fraction of the confidence")
     calibration_images: int = _opt(64, "training images used to calibrate thresholds")
-    grid: list[float] = _opt([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
-                             "candidate thresholds")
+    grid: list[float] = _opt([0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75,
+                              0.8, 0.85, 0.9], "candidate thresholds")
     ignore_band: float = _opt(0.05, "pixels whose best score is within this of the background score become 255")
     crf: bool = _opt(False, "dense CRF refinement (needs the `crf` extra: pydensecrf2)")
     save_maps: bool = _opt(False, "also write fused float maps as .npz (float16)")

@@ -1,8 +1,7 @@
 """Metrics: segmentation mIoU (torchmetrics, accumulated over a whole split) and CAM
 faithfulness: Average Drop / Increase and insertion / deletion AUC (batched, any device).
 
-Faithfulness conventions:
-Conventions shared by every function:
+Conventions shared by the faithfulness functions:
 - images are raw (B, C, H, W) tensors in [0, 1]; `normalize` (e.g. mean/std) is applied after
   masking, so removed pixels are black, as in the Relevance-CAM protocol (ALGORITHMS.md §2);
 - maps are (B, K, h, w) saliency maps for targets (B, K) (or (B, h, w) with targets (B,));
@@ -12,6 +11,7 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -46,7 +46,9 @@ class IoUMeter:
         self.confusion.update(preds.long().to(self.confusion.device), target.long().to(self.confusion.device))
 
     def compute(self) -> dict[str, float | list[float]]:
-        matrix = self.confusion.compute().double()  # rows: truth, columns: prediction
+        with warnings.catch_warnings():  # nothing seen yet is a valid state here: all NaN
+            warnings.filterwarnings("ignore", message=".*called before the ``update`` method.*")
+            matrix = self.confusion.compute().double()  # rows: truth, columns: prediction
         hits = matrix.diag()
         union = matrix.sum(0) + matrix.sum(1) - hits
         iou = torch.where(union > 0, hits / union.clamp(min=1), torch.full_like(hits, float("nan")))

@@ -4,6 +4,7 @@ inference."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -28,8 +29,9 @@ def build_network(arch: str, encoder: str, num_classes: int, in_channels: int = 
         if not pretrained:
             raise
         raise RuntimeError(f"could not load ImageNet weights for the {encoder} encoder ({exc}). They are "
-                           f"downloaded when online (torch hub / Hugging Face cache); pre-populate the "
-                           f"cache, or run without: segmenter.pretrained=false") from exc
+                           f"downloaded when online into the Hugging Face cache (HF_HOME, default "
+                           f"~/.cache/huggingface); pre-populate the cache, or run without: "
+                           f"segmenter.pretrained=false") from exc
 
 
 class SegmenterModule(L.LightningModule):
@@ -74,7 +76,11 @@ class SegmenterModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
-        loss = self.loss_fn(logits.float(), batch["mask"])
+        mask = batch["mask"]
+        if bool((mask != IGNORE_INDEX).any()):
+            loss = self.loss_fn(logits.float(), mask)
+        else:  # an all-void batch (e.g. a crop inside an ignore band): nothing to learn, not a NaN
+            loss = logits.float().sum() * 0.0
         check_finite_loss(self, loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
@@ -95,7 +101,10 @@ class SegmenterModule(L.LightningModule):
                                      batch["mask"][i, :h, :w].cpu()))
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.meter.compute()
+        self._log_panels()
+        scores = self.meter.compute()  # synced across processes: every rank takes the same branch
+        if math.isnan(scores["miou"]):  # no ground-truth pixel in the whole split: nothing to score
+            return
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
         self.log("val/miou", scores["miou"], prog_bar=True)
         for name, iou in zip(names, scores["per_class_iou"]):
@@ -103,7 +112,6 @@ class SegmenterModule(L.LightningModule):
                 self.log(f"val/iou_{name}", iou)
         self.last_val_scores = {"val/miou": scores["miou"],
                                 "per_class_iou": dict(zip(names, scores["per_class_iou"]))}
-        self._log_panels()
 
     def _log_panels(self) -> None:
         from wsss.data.masks import colorize
