@@ -17,6 +17,7 @@ import time
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from wsss.data.synthetic import SyntheticSegmentation
 from wsss.models.classifier import ClassifierModule
@@ -53,7 +54,7 @@ def lightning_run(module: L.LightningModule, batches: list[dict], device: str) -
     trainer = L.Trainer(accelerator=device, devices=1, max_epochs=1, logger=False, callbacks=[timer],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, train_dataloaders=batches)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return images_per_second(timer.marks, len(batches[0]["image"]))
 
 
