@@ -53,14 +53,16 @@ def main() -> None:
     num_classes = len(classifier.hparams.class_names) + 1
     rows = []
     for name, method, options in METHODS:
-        collected: dict[str, list] = {layer: [] for layer in LAYERS + ["fused"]}
+        layers = ["layer4"] if method == "liftcam" else LAYERS  # LIFT-CAM: last layer only (§4)
+        collected: dict[str, list] = {layer: [] for layer in layers + (["fused"] if len(layers) > 1 else [])}
         for batch in batches:
             images, labels = batch["image"], batch["labels"]
             targets, valid = present_targets(labels)
             kwargs = {"present": labels > 0.5} if method == "relevance" else {}
-            with build_cam(method, model, LAYERS, **options) as cam:
+            with build_cam(method, model, layers, **options) as cam:
                 per_layer = aggregate_scales(cam, images, [1.0], False, targets=targets, **kwargs)
-            per_layer["fused"] = fuse_layers({k: per_layer[k] for k in LAYERS}, images.shape[-2:])
+            if len(layers) > 1:
+                per_layer["fused"] = fuse_layers({k: per_layer[k] for k in layers}, images.shape[-2:])
             raw = (images * std + mean) / 255.0
             for layer, maps in per_layer.items():
                 collected[layer].append((raw, maps, targets, valid, batch["mask"]))
