@@ -8,8 +8,6 @@ its field metadata. Validation walks the dataclasses, so adding a key is one lin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -165,12 +163,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def section_hash(self, *groups: str) -> str:
-        """Short stable hash of the named groups, to tell whether stage outputs are stale."""
-        payload = {g: dataclasses.asdict(getattr(self, g)) for g in groups}
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- validation

@@ -22,12 +22,14 @@ import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from wsss.config import Config
-from wsss.data.datamodule import StageDataModule, build_source, make_loader, train_stats
+from wsss.data.datamodule import StageDataModule, build_source, make_loader
 from wsss.data.imageio import DataError
 from wsss.io import read_json, write_json_atomic, write_text_atomic
 from wsss.tracking import close_logger, make_logger
 
 STAGES = ("classifier", "pseudo_masks", "segmenter", "evaluation")
+# keys that change how a stage runs, never what it produces (cam.batch_size: maps are per image)
+VOLATILE_KEYS = ("num_workers", "num_panels")
 
 
 class StageError(RuntimeError):
@@ -42,10 +44,8 @@ def config_hash(cfg: Config, *groups: str, extra: Any = None) -> str:
     payload: dict[str, Any] = {}
     for group in groups:
         values = dataclasses.asdict(getattr(cfg, group))
-        for volatile in ("num_workers", "num_panels", "overwrite", "name", "dir", "batch_size"
-                         if group == "cam" else ""):
-            values.pop(volatile, None)
-        payload[group] = values
+        volatile = VOLATILE_KEYS + (("batch_size",) if group == "cam" else ())
+        payload[group] = {k: v for k, v in values.items() if k not in volatile}
     payload["extra"] = extra
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -314,9 +314,8 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path) -> dict[str, Any]:
                                  "finish the remaining images")
         seconds = time.perf_counter() - started
         rank_counts = _collect_rank_counts(out_dir / RANK_DIR)
-        gt_source = build_source(cfg, cfg.data.train_split)
-        pseudo_scores = score_mask_dir(gt_source, out_dir)
-        seed_scores = score_mask_dir(gt_source, out_dir / SEED_DIR)
+        pseudo_scores = score_mask_dir(dataset, out_dir)
+        seed_scores = score_mask_dir(dataset, out_dir / SEED_DIR)
         if writer.panels:
             from wsss.viz import save_png
 
