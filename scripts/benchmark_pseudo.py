@@ -4,9 +4,10 @@ one trained classifier, plus the pseudo stage's throughput and peak memory.
     .venv/bin/python scripts/benchmark_pseudo.py quality --run checkpoints/default [--images 200]
     .venv/bin/python scripts/benchmark_pseudo.py speed --run checkpoints/default --images 200 [--scales 4]
 
-quality: for each method / layer set, seed mIoU at the fixed threshold (pseudo.threshold), mIoU
-with thresholds calibrated by each objective (no pixel labels), and the oracle: the best single
-fixed threshold found with the ground truth (for reference only). Labels come from
+quality: for each method, map normalisation and layer (alone and fused), seed mIoU at the fixed
+threshold (pseudo.threshold), mIoU with per-class thresholds calibrated by each objective on other
+training images (no pixel labels; one set of masked queries feeds all objectives), and the oracle:
+the best single fixed threshold found with the ground truth (for reference only). Labels come from
 wsss.pseudo.labels.scores_to_labels with no ignore band, so the columns compare thresholds only.
 speed: runs the real make-pseudo-masks stage into a scratch run directory and prints images/s
 and the peak RSS, for 1 scale or 4 scales + flip.
@@ -31,71 +32,94 @@ from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.metrics import IoUMeter
 from wsss.models.classifier import ClassifierModule
-from wsss.pseudo.calibrate import ThresholdCalibrator
+from wsss.pseudo.calibrate import ThresholdCalibrator, masked_confidences
 from wsss.pseudo.labels import scores_to_labels
 
-VARIANTS = [  # (name, method, layers, preset)
-    ("Relevance-CAM default, layer2", "relevance", ["layer2"], "default"),
-    ("Relevance-CAM default, layer3", "relevance", ["layer3"], "default"),
-    ("Relevance-CAM default, layer4", "relevance", ["layer4"], "default"),
-    ("Relevance-CAM default, fused 2-4", "relevance", ["layer2", "layer3", "layer4"], "default"),
-    ("Relevance-CAM reference, layer4", "relevance", ["layer4"], "reference"),
-    ("Relevance-CAM reference, fused 2-4", "relevance", ["layer2", "layer3", "layer4"], "reference"),
-    ("Grad-CAM, layer4", "gradcam", ["layer4"], None),
-    ("Grad-CAM, fused 2-4", "gradcam", ["layer2", "layer3", "layer4"], None),
-    ("Grad-CAM++, layer4", "gradcampp", ["layer4"], None),
-    ("LIFT-CAM, layer4", "liftcam", ["layer4"], None),
+GROUPS = [  # (name, method, preset, normalisation, layers reported alone)
+    ("Relevance-CAM default", "relevance", "default", "centred", ["layer2", "layer3", "layer4"]),
+    ("Relevance-CAM reference", "relevance", "reference", "centred", ["layer2", "layer3", "layer4"]),
+    ("Relevance-CAM default", "relevance", "default", "relu_max", ["layer4"]),
+    ("Relevance-CAM reference", "relevance", "reference", "minmax", ["layer4"]),
+    ("Grad-CAM", "gradcam", None, "centred", ["layer2", "layer3", "layer4"]),
+    ("Grad-CAM", "gradcam", None, "relu_max", ["layer4"]),
+    ("Grad-CAM++", "gradcampp", None, "centred", ["layer4"]),
+    ("Grad-CAM++", "gradcampp", None, "relu_max", ["layer4"]),
+    ("LIFT-CAM", "liftcam", None, "centred", ["layer4"]),
+    ("LIFT-CAM", "liftcam", None, "relu_max", ["layer4"]),
 ]
+ALL_LAYERS = ["layer2", "layer3", "layer4"]
 ORACLE_GRID = [round(0.05 * i, 2) for i in range(1, 20)]
 OBJECTIVES = ("increase", "keep_delete", "area")
 
 
-def miou(fused_batches, thresholds_of, num_classes) -> float:
+def miou(batches, thresholds_of, num_classes) -> float:
     meter = IoUMeter(num_classes)
-    for maps, targets, valid, masks in fused_batches:
+    for maps, targets, valid, masks in batches:
         labels = scores_to_labels(maps, targets + 1, valid, thresholds_of(targets), 0.0)
         meter.update(labels.long(), masks)
     return meter.compute()["miou"]
 
 
+def collect(module, dataset) -> tuple[list, float]:
+    """Per batch: ({'layer2': ..., 'fused': ...} maps, targets, valid, masks, images), and seconds."""
+    started = time.perf_counter()
+    out = []
+    for batch in make_loader(dataset, module.cfg, module.cfg.cam.batch_size, shuffle=False):
+        maps = module.fused_maps(batch["image"], batch["labels"])
+        views = {**maps["layers"], "fused": maps["fused"]}
+        out.append((views, maps["targets"], maps["valid"], batch["mask"], batch["image"]))
+    return out, time.perf_counter() - started
+
+
 def quality(args) -> None:
-    cfg = load_config(Path(args.run) / "config.yaml", [f"data.num_workers=0"])
+    cfg = load_config(Path(args.run) / "config.yaml", ["data.num_workers=0"])
     classifier = pipeline.load_classifier(cfg)
     mean, std = classifier.hparams.mean, classifier.hparams.std
     dataset = build_source(cfg, cfg.data.train_split, mean=mean, std=std)
-    subset = Subset(dataset, list(range(min(args.images, len(dataset)))))
-    calib = Subset(dataset, list(range(len(dataset) - min(args.calibration_images, len(dataset)), len(dataset))))
+    n_eval = min(args.images, len(dataset))
+    evaluation = Subset(dataset, list(range(n_eval)))
+    calibration = Subset(dataset, list(range(len(dataset) - min(args.calibration_images, len(dataset) - n_eval),
+                                             len(dataset))))
     num_fg = len(classifier.hparams.class_names)
+    p = cfg.pseudo
+    print(f"classifier {classifier.hparams.backbone}; {n_eval} images scored, {len(calibration)} other "
+          f"training images for calibration; grid {p.grid}; area rho {p.rho}; min_confidence "
+          f"{args.min_confidence}", file=sys.stderr)
     rows = []
-    for name, method, layers, preset in VARIANTS:
-        run_cfg = dataclasses.replace(cfg, cam=dataclasses.replace(cfg.cam, method=method, layers=layers,
-                                                                   preset=preset or cfg.cam.preset,
-                                                                   layer_weights=None))
+    for name, method, preset, normalize, alone in GROUPS:
+        layers = ["layer4"] if method == "liftcam" else ALL_LAYERS
+        run_cfg = dataclasses.replace(cfg, cam=dataclasses.replace(
+            cfg.cam, method=method, layers=layers, preset=preset or cfg.cam.preset, layer_weights=None,
+            normalize=normalize))
         module = pipeline._pseudo_module(run_cfg, classifier)
-        started = time.perf_counter()
-        batches = []
-        for batch in make_loader(subset, run_cfg, run_cfg.cam.batch_size, shuffle=False):
-            out = module.fused_maps(batch["image"], batch["labels"])
-            batches.append((out["fused"], out["targets"], out["valid"], batch["mask"]))
-        seconds = time.perf_counter() - started
-        fixed = miou(batches, lambda t: cfg.pseudo.threshold, num_fg + 1)
-        oracle = max((miou(batches, lambda t, v=v: v, num_fg + 1), v) for v in ORACLE_GRID)
-        calibrated = {}
-        for objective in OBJECTIVES:
-            calibrator = ThresholdCalibrator(cfg.pseudo.grid, objective, cfg.pseudo.rho, num_fg, cfg.pseudo.threshold)
-            for batch in make_loader(calib, run_cfg, run_cfg.cam.batch_size, shuffle=False):
-                out = module.fused_maps(batch["image"], batch["labels"])
-                calibrator.update(module.model, batch["image"], out["fused"], out["targets"], out["valid"])
-            per_class = calibrator.compute()
-            calibrated[objective] = miou(batches, lambda t, pc=per_class: pc[t], num_fg + 1)
-        rows.append((name, fixed, calibrated, oracle, len(subset) / seconds))
-        print(f"{name}: seed {fixed:.3f} calibrated {calibrated} oracle {oracle}", file=sys.stderr)
+        module.cfg = run_cfg
+        scored, seconds = collect(module, evaluation)
+        queried, _ = collect(module, calibration)
+        views = alone + (["fused"] if len(layers) > 1 else [])
+        for view in views:
+            batches = [(v[view], t, ok, m) for v, t, ok, m, _ in scored]
+            fixed = miou(batches, lambda t: p.threshold, num_fg + 1)
+            oracle = max((miou(batches, lambda t, v=v: v, num_fg + 1), v) for v in ORACLE_GRID)
+            calibrators = {o: ThresholdCalibrator(p.grid, o, p.rho, num_fg, p.threshold,
+                                                  min_confidence=args.min_confidence) for o in OBJECTIVES}
+            for v, t, ok, _, images in queried:
+                keep, delete, base = masked_confidences(module.model, images, v[view], t, ok, p.grid)
+                for calibrator in calibrators.values():
+                    calibrator.update_from_confidences(keep, delete, base, t, ok)
+            calibrated = {o: miou(batches, lambda t, pc=c.compute(): pc[t], num_fg + 1)
+                          for o, c in calibrators.items()}
+            label = f"{name}, {view}"
+            rows.append((label, normalize, fixed, calibrated, oracle, n_eval / seconds))
+            print(f"{label} [{normalize}]: seed {fixed:.3f} calibrated {calibrated} oracle {oracle}",
+                  file=sys.stderr, flush=True)
     header = " | ".join(f"calibrated {o}" for o in OBJECTIVES)
-    print(f"| method | seed mIoU (τ={cfg.pseudo.threshold}) | {header} | oracle mIoU (τ) | maps img/s |")
-    print("|---|---|" + "---|" * len(OBJECTIVES) + "---|---|")
-    for name, fixed, calibrated, (best, tau), speed in rows:
+    print(f"| method, layer | normalisation | seed mIoU (τ={p.threshold}) | {header} | oracle mIoU (τ) | "
+          f"area − oracle | maps img/s |")
+    print("|---|---|---|" + "---|" * len(OBJECTIVES) + "---|---|---|")
+    for label, normalize, fixed, calibrated, (best, tau), speed in rows:
         cells = " | ".join(f"{100 * calibrated[o]:.1f}" for o in OBJECTIVES)
-        print(f"| {name} | {100 * fixed:.1f} | {cells} | {100 * best:.1f} ({tau}) | {speed:.1f} |")
+        print(f"| {label} | {normalize} | {100 * fixed:.1f} | {cells} | {100 * best:.1f} ({tau}) | "
+              f"{100 * (calibrated['area'] - best):+.1f} | {speed:.1f} |")
 
 
 def speed(args) -> None:
@@ -128,7 +152,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--scales", type=int, default=1, choices=[1, 4])
     parser.add_argument("--scratch", default="/tmp/wsss_bench")
-    parser.add_argument("--calibration-images", type=int, default=32)
+    parser.add_argument("--calibration-images", type=int, default=64)
+    parser.add_argument("--min-confidence", type=float, default=0.5)
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     quality(args) if args.mode == "quality" else speed(args)

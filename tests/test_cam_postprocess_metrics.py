@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from wsss.cam import aggregate_scales, fuse_layers, relu_max_normalize, upsample
+from wsss.cam import (NORMALIZATIONS, aggregate_scales, centred_normalize, fuse_layers, normalize_maps,
+                      relu_max_normalize, upsample)
+from wsss.config import MAP_NORMALIZATIONS
 from wsss.metrics import average_drop_increase, class_scores, insertion_deletion_auc
 
 
@@ -15,6 +17,41 @@ def test_relu_max_normalize():
     out = relu_max_normalize(m)
     torch.testing.assert_close(out[0, 0], torch.tensor([[0.0, 0.25], [1.0, 0.0]]))
     assert (out[1] == 0).all()
+
+
+def test_centred_normalize_removes_a_positive_floor():
+    """A map that is a positive floor plus an object: relu_max keeps the floor (every pixel above
+    0.25 would be foreground), centring leaves exactly the object at 1 and the rest at 0."""
+    obj = torch.zeros(1, 1, 8, 8)
+    obj[..., 2:5, 3:7] = 1.0
+    raw = 3.0 + 2.0 * obj
+    assert relu_max_normalize(raw).min() == pytest.approx(0.6)
+    assert torch.equal(centred_normalize(raw), obj)
+    assert torch.equal(normalize_maps(raw, "centred"), obj)
+    # shifting a map by a constant changes nothing; a flat map gives all zeros, not NaN
+    assert torch.allclose(centred_normalize(raw - 10.0), obj)
+    assert torch.equal(centred_normalize(torch.full((1, 1, 4, 4), 7.0)), torch.zeros(1, 1, 4, 4))
+    assert set(NORMALIZATIONS) == set(MAP_NORMALIZATIONS)
+    with pytest.raises(ValueError, match="centred.*minmax.*relu_max"):
+        normalize_maps(raw, "zscore")
+
+
+def test_aggregate_scales_normalises_each_raw_map_before_summing():
+    """Two flips of a floor-plus-object map: centring happens per raw map, before the sum."""
+    obj = torch.zeros(1, 1, 6, 6)
+    obj[..., 1:3, 0:2] = 1.0
+
+    def maps_fn(images):
+        flipped = bool(images[0, 0, 0, 0] < 0)  # the test marks flipped inputs
+        return {"layer": 5.0 + (obj.flip(-1) if flipped else obj)}
+
+    images = torch.ones(1, 3, 6, 6)
+    images[..., :, 3:] = -1.0  # left half positive: flipped, the top-left pixel is negative
+    out = aggregate_scales(maps_fn, images, flip=True, normalize="centred")
+    assert torch.equal(out["layer"], obj)
+    assert out["layer"].min() == 0 and relu_max_normalize(obj).min() == 0
+    plain = aggregate_scales(maps_fn, images, flip=True)  # relu_max keeps the floor
+    assert plain["layer"].min() > 0.8
 
 
 def test_fuse_layers_weights():

@@ -265,8 +265,26 @@ def test_calibrator_accumulates_valid_slots_over_batches():
     calibrator.update(model, images[:1], core_only, class_index[:1, :1], valid[:1, :1])
     assert calibrator.num_samples == 4
     per_class = calibrator.compute()
-    # class 0: {0.5, 0.1} -> lower median 0.1; class 1: {0.5, 0.5}; class 2 unseen
-    assert per_class.tolist() == pytest.approx([0.1, 0.5, 0.25])
+    # class 0: {0.5, 0.1} -> lower median 0.1; class 1: {0.5, 0.5}; class 2 unseen: the global median
+    assert per_class.tolist() == pytest.approx([0.1, 0.5, 0.5])
+    assert calibrator.pairs_per_class() == [2, 2, 0]
     assert calibrator.global_threshold() == pytest.approx(0.5)  # {0.1, 0.5, 0.5, 0.5}
     with pytest.raises(ValueError, match="choose one of"):
         ThresholdCalibrator(GRID, "best")
+
+
+def test_calibration_skips_pairs_the_classifier_does_not_recognise():
+    """Class 0 is recognised on the whole image (sigmoid 0.88), class 1 is not (logit -10): with
+    min_confidence 0.5 only the class-0 pair is scored, and every class without a pair takes its
+    threshold. Without the gate, class 1's uninformative queries would set its threshold."""
+    model, images, maps, class_index, valid = toy_batch(c0=torch.tensor([6.0, -6.0]))
+    ungated = ThresholdCalibrator(GRID, "area", num_classes=3, default=0.25)
+    chosen = ungated.update(model, images, maps, class_index, valid)
+    gated = ThresholdCalibrator(GRID, "area", num_classes=3, default=0.25, min_confidence=0.5)
+    gated_chosen = gated.update(model, images, maps, class_index, valid)
+    assert gated.skipped == 2 and gated.pairs_per_class() == [1, 0, 0]
+    assert gated_chosen[0, 0] == chosen[0, 0] and gated_chosen[0, 1].isnan() and gated_chosen[1, 0].isnan()
+    assert gated.compute().tolist() == pytest.approx([float(chosen[0, 0])] * 3)
+    assert ungated.pairs_per_class() == [1, 2, 0]
+    with pytest.raises(ValueError, match="min_confidence"):
+        ThresholdCalibrator(GRID, min_confidence=1.5)

@@ -34,6 +34,7 @@ def _opt(default: Any, help: str = "") -> Any:
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "vgg16_bn")
 CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam")
+MAP_NORMALIZATIONS = ("centred", "relu_max", "minmax")  # wsss.cam.NORMALIZATIONS
 
 
 @dataclass
@@ -89,18 +90,23 @@ class CamConfig:
     layer_weights: Optional[list[float]] = _opt(None, "fusion weights per layer; None = equal")
     scales: list[float] = _opt([1.0], "input scales to aggregate")
     flip: bool = _opt(False, "also aggregate horizontally flipped inputs")
+    normalize: str = _choice("centred", *MAP_NORMALIZATIONS,
+                             help="per-map normalisation before fusion: centred (minus the spatial mean, "
+                                  "then ReLU/max; measured best, docs/benchmarks.md), relu_max, minmax")
     batch_size: int = _opt(8, "images per predict batch")
 
 
 @dataclass
 class PseudoConfig:
     calibration: str = _choice("libra", "libra", "fixed", help="threshold calibration")
-    threshold: float = _opt(0.25, "fixed foreground threshold on ReLU/max-normalised maps (also the seed threshold)")
+    threshold: float = _opt(0.25, "fixed foreground threshold on the normalised fused maps (also the seed threshold)")
     objective: str = _choice("area", "increase", "keep_delete", "area",
                              help="libra calibration objective (ALGORITHMS.md §3.5); area measured best "
                                   "(docs/benchmarks.md)")
     rho: float = _opt(0.9, "area objective: keep this fraction of the confidence")
     calibration_images: int = _opt(64, "training images used to calibrate thresholds")
+    min_confidence: float = _opt(0.5, "calibrate only on (image, class) pairs the classifier scores at least "
+                                      "this on the whole image; classes without one take the global median")
     grid: list[float] = _opt([0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75,
                               0.8, 0.85, 0.9], "candidate thresholds")
     ignore_band: float = _opt(0.05, "pixels whose best score is within this of the background score become 255")

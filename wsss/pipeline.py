@@ -203,7 +203,8 @@ def _pseudo_module(cfg: Config, classifier, thresholds=None):
     c, p = cfg.cam, cfg.pseudo
     return PseudoMaskModule(
         classifier.export(), method=c.method, layers=c.layers, preset=c.preset,
-        layer_weights=c.layer_weights, scales=c.scales, flip=c.flip, thresholds=thresholds,
+        layer_weights=c.layer_weights, scales=c.scales, flip=c.flip, normalize=c.normalize,
+        thresholds=thresholds,
         seed_threshold=p.threshold, ignore_band=p.ignore_band, crf=p.crf,
         mean=classifier.hparams.mean, std=classifier.hparams.std)
 
@@ -226,7 +227,8 @@ def calibrate_thresholds(cfg: Config, classifier) -> dict[str, Any]:
     dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed))
     subset = Subset(dataset, order[: min(p.calibration_images, len(dataset))].tolist())
-    calibrator = ThresholdCalibrator(p.grid, p.objective, p.rho, len(names), p.threshold)
+    calibrator = ThresholdCalibrator(p.grid, p.objective, p.rho, len(names), p.threshold,
+                                     min_confidence=p.min_confidence)
     loader = make_loader(subset, cfg, cfg.cam.batch_size, shuffle=False)
     for batch in tqdm(loader, desc="calibrating thresholds", leave=False):
         images, labels = batch["image"].to(device), batch["labels"].to(device)
@@ -235,7 +237,8 @@ def calibrate_thresholds(cfg: Config, classifier) -> dict[str, Any]:
     per_class = calibrator.compute()
     return {"method": "libra", "objective": p.objective, "global": round(calibrator.global_threshold(), 4),
             "per_class": {n: round(float(t), 4) for n, t in zip(names, per_class)},
-            "images": len(subset)}
+            "images": len(subset), "pairs": dict(zip(names, calibrator.pairs_per_class())),
+            "low_confidence_pairs": calibrator.skipped}
 
 
 def _done_ids(directory: Path, ids: list[str]) -> set[str]:
@@ -527,9 +530,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["## Thresholds", "", f"method `{thresholds.get('method')}`, objective "
                   f"`{thresholds.get('objective')}`, global {thresholds.get('global')}", ""]
         per_class = thresholds.get("per_class") or {}
+        pairs = thresholds.get("pairs") or {}
         if per_class:
-            lines += ["| class | threshold |", "|---|---|"]
-            lines += [f"| {k} | {v:.3f} |" for k, v in per_class.items()]
+            lines += ["| class | threshold | calibration pairs |", "|---|---|---|"]
+            lines += [f"| {k} | {v:.3f} | {pairs.get(k, 'n/a')} |" for k, v in per_class.items()]
+            if thresholds.get("low_confidence_pairs"):
+                lines.append(f"\n{thresholds['low_confidence_pairs']} (image, class) pairs left out: the "
+                             f"classifier scored them under pseudo.min_confidence on the whole image.")
             lines.append("")
     lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v if v is not None else 'n/a'} |" for k, v in report["stage_seconds"].items()]

@@ -13,7 +13,8 @@ from torch import nn
 
 from wsss.cam.baselines import CAM, METHODS, GradCAM, GradCAMPlusPlus, LiftCAM
 from wsss.cam.lrp import LRPConfig, Rule, register_handler
-from wsss.cam.postprocess import (aggregate_scales, fuse_layers, minmax_normalize,
+from wsss.cam.postprocess import (NORMALIZATIONS, aggregate_scales, centred_normalize,
+                                  fuse_layers, minmax_normalize, normalize_maps,
                                   relu_max_normalize, upsample)
 from wsss.cam.relevance import (DEFAULT_PRESET, PRESETS, RelevanceCAM, list_presets,
                                 preset_config, start_relevance)
@@ -35,7 +36,7 @@ def build_cam(method: str, model: nn.Module, layers: list[str] | str, **options:
 
 __all__ = [
     "CAM", "CAM_METHODS", "DEFAULT_PRESET", "GradCAM", "GradCAMPlusPlus", "LRPConfig", "LiftCAM",
-    "PRESETS", "RelevanceCAM", "Rule", "aggregate_scales", "build_cam", "fuse_layers",
-    "list_presets", "minmax_normalize", "preset_config", "register_handler", "relu_max_normalize",
-    "start_relevance", "upsample",
+    "NORMALIZATIONS", "PRESETS", "RelevanceCAM", "Rule", "aggregate_scales", "build_cam",
+    "centred_normalize", "fuse_layers", "list_presets", "minmax_normalize", "normalize_maps",
+    "preset_config", "register_handler", "relu_max_normalize", "start_relevance", "upsample",
 ]

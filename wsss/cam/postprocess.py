@@ -1,5 +1,14 @@
-"""From raw maps to usable ones: ReLU + max normalisation, resizing, layer fusion, and
-aggregation over scales and horizontal flips. All functions take (B, K, h, w) tensors.
+"""From raw maps to usable ones: normalisation, resizing, layer fusion, and aggregation over
+scales and horizontal flips. All functions take (B, K, h, w) tensors.
+
+Normalisation modes (``NORMALIZATIONS``), each giving maps in [0, 1] with a maximum of 1:
+- ``relu_max``: ReLU, then divide by the maximum (the usual CAM convention);
+- ``minmax``: (M - min) / (max - min), as the official Relevance-CAM figures do;
+- ``centred``: subtract each map's spatial mean, then ReLU and max. For a CAM-style map
+  Σ_c α_c A_c this is Σ_c α_c (A_c - mean A_c): evidence relative to the image's own average
+  activation (a self-reference, like Libra-CAM's reference subtraction, ALGORITHMS.md §3.1). It
+  removes the positive floor that LRP-z⁺ weights put on channels active everywhere; measured in
+  docs/benchmarks.md §4, it is the pipeline's default.
 """
 
 from __future__ import annotations
@@ -28,6 +37,23 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
     return (maps - low) / (high - low).clamp(min=eps)
 
 
+def centred_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """Subtract each (image, class) map's spatial mean, then ReLU and divide by the maximum."""
+    maps = maps.float()
+    return relu_max_normalize(maps - maps.mean(dim=(-2, -1), keepdim=True), eps)
+
+
+NORMALIZATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu_max": relu_max_normalize, "minmax": minmax_normalize, "centred": centred_normalize}
+
+
+def normalize_maps(maps: Tensor, mode: str = "relu_max") -> Tensor:
+    """Normalise (B, K, h, w) maps to [0, 1] by one of ``NORMALIZATIONS``."""
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"unknown map normalisation {mode!r}; choose one of {sorted(NORMALIZATIONS)}")
+    return NORMALIZATIONS[mode](maps)
+
+
 def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Bilinear resize of (B, K, h, w) maps to `size` (align_corners=False)."""
     size = tuple(int(s) for s in size[-2:])
@@ -37,11 +63,13 @@ def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
 
 
 def fuse_layers(maps: Mapping[str, Tensor], size: tuple[int, int] | torch.Size,
-                weights: Mapping[str, float] | Sequence[float] | None = None) -> Tensor:
-    """Weighted mean of several layers' maps, each ReLU-max-normalised and resized first.
+                weights: Mapping[str, float] | Sequence[float] | None = None,
+                normalize: str = "relu_max") -> Tensor:
+    """Weighted mean of several layers' maps, each normalised (``normalize``) and resized first.
 
     weights: per layer (dict or list in the order of `maps`); equal weights by default.
-    The result is renormalised to a maximum of 1 per map.
+    The result is renormalised to a maximum of 1 per map. Maps that are already normalised (the
+    output of ``aggregate_scales``) pass unchanged through the default ``relu_max``.
     """
     names = list(maps)
     if weights is None:
@@ -52,18 +80,20 @@ def fuse_layers(maps: Mapping[str, Tensor], size: tuple[int, int] | torch.Size,
         w = [float(v) for v in weights]
     if len(w) != len(names) or sum(w) <= 0:
         raise ValueError(f"need one non-negative weight per layer {names} with a positive sum")
-    fused = sum(wi * upsample(relu_max_normalize(maps[n]), size) for wi, n in zip(w, names))
+    fused = sum(wi * upsample(normalize_maps(maps[n], normalize), size) for wi, n in zip(w, names))
     return relu_max_normalize(fused / sum(w))
 
 
 def aggregate_scales(maps_fn: MapsFn | Callable[..., Mapping[str, Tensor]], images: Tensor,
                      scales: Sequence[float] = (1.0,), flip: bool = False,
-                     targets: Tensor | None = None, **call_kwargs) -> dict[str, Tensor]:
+                     targets: Tensor | None = None, normalize: str = "relu_max",
+                     **call_kwargs) -> dict[str, Tensor]:
     """Sum of maps over rescaled (and horizontally flipped) inputs, at the input size.
 
     maps_fn is `maps_fn(images) -> {layer: (B, K, h, w)}`, or a CAM object called as
-    `cam(images, targets, **call_kwargs)` when targets is given. Every map is ReLU-max-normalised
-    and resized before summing; flipped maps are flipped back. The sum is renormalised to max 1.
+    `cam(images, targets, **call_kwargs)` when targets is given. Every raw map is normalised
+    (``normalize``, at its own resolution) and resized before summing; flipped maps are flipped
+    back. The sum is renormalised to max 1.
     """
     size = images.shape[-2:]
     total: dict[str, Tensor] = {}
@@ -75,7 +105,7 @@ def aggregate_scales(maps_fn: MapsFn | Callable[..., Mapping[str, Tensor]], imag
         for inputs, flipped in variants:
             maps = maps_fn(inputs) if targets is None else maps_fn(inputs, targets, **call_kwargs)
             for name, m in maps.items():
-                m = upsample(relu_max_normalize(m), size)
+                m = upsample(normalize_maps(m, normalize), size)
                 m = m.flip(-1) if flipped else m
                 total[name] = total[name] + m if name in total else m
     return {name: relu_max_normalize(m) for name, m in total.items()}

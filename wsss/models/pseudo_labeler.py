@@ -43,7 +43,7 @@ class PseudoMaskModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, method: str = "relevance", layers: Sequence[str] = ("layer4",),
                  preset: str = "default", layer_weights: Optional[Sequence[float]] = None,
-                 scales: Sequence[float] = (1.0,), flip: bool = False,
+                 scales: Sequence[float] = (1.0,), flip: bool = False, normalize: str = "centred",
                  thresholds: Optional[Tensor] = None, seed_threshold: float = 0.25,
                  ignore_band: float = 0.0, crf: bool = False, keep_maps: bool = False,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
@@ -55,6 +55,7 @@ class PseudoMaskModule(L.LightningModule):
         self.layer_weights = list(layer_weights) if layer_weights is not None else None
         self.scales = list(scales)
         self.flip = flip
+        self.normalize = normalize
         num_classes = self._num_outputs(model)
         if thresholds is None:
             thresholds = torch.full((num_classes,), float(seed_threshold))
@@ -82,7 +83,8 @@ class PseudoMaskModule(L.LightningModule):
         targets, valid = present_targets(labels)
         kwargs = {"present": labels > 0.5} if self.method == "relevance" else {}
         with build_cam(self.method, self.model, self.layers, **self.options) as cam:
-            per_layer = aggregate_scales(cam, images, self.scales, self.flip, targets=targets, **kwargs)
+            per_layer = aggregate_scales(cam, images, self.scales, self.flip, targets=targets,
+                                         normalize=self.normalize, **kwargs)
         fused = fuse_layers(per_layer, images.shape[-2:], self.layer_weights)
         mask = valid[:, :, None, None].float()
         return {"targets": targets, "valid": valid, "fused": fused * mask,

@@ -3,7 +3,10 @@
 For each image and present class, the classifier is queried on the image masked by the
 thresholded map (the kept region, K = 1[map >= t]) and by its complement (the deleted region),
 for every threshold t of a grid. An objective picks one threshold per (image, class); the
-per-class threshold is the median over a calibration subset. Masking multiplies the normalised
+per-class threshold is the median over a calibration subset. Only pairs the classifier recognises
+on the whole image (confidence >= ``min_confidence``) take part: for a class it does not see, every
+mask "keeps" its low confidence and the query says nothing. Classes left without a pair take the
+median over all classes. Masking multiplies the normalised
 image by the {0, 1} mask, so removed pixels take the data-set mean colour. The cut that was scored
 is the cut returned (Libra's code returns the next one).
 """
@@ -160,26 +163,41 @@ class ThresholdCalibrator:
     """Collects one threshold per (image, present class) over batches, then aggregates them per
     class (``compute``) or over everything (``global_threshold``). Stored on the CPU."""
 
-    def __init__(self, grid: Sequence[float], objective: str = "keep_delete", rho: float = 0.9,
-                 num_classes: int = 1, default: float = 0.25, max_batch: int = 64) -> None:
+    def __init__(self, grid: Sequence[float], objective: str = "area", rho: float = 0.9,
+                 num_classes: int = 1, default: float = 0.25, max_batch: int = 64,
+                 min_confidence: float = 0.0) -> None:
         _check_objective(objective)
         _grid(grid, torch.device("cpu"))
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence is a sigmoid score in [0, 1], got {min_confidence}")
         self.grid, self.objective, self.rho = [float(g) for g in grid], objective, float(rho)
         self.num_classes, self.default, self.max_batch = num_classes, float(default), max_batch
+        self.min_confidence = float(min_confidence)
+        self.skipped = 0  # valid pairs left out for low confidence
         self._thresholds: list[Tensor] = []
         self._classes: list[Tensor] = []
 
     def update(self, model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor,
                class_index: Tensor, valid: Tensor) -> Tensor:
-        """Score one batch (see ``masked_confidences``); returns its (B, K) chosen thresholds."""
+        """Score one batch (see ``masked_confidences``); returns its (B, K) chosen thresholds, NaN
+        where the slot is invalid or its confidence is under ``min_confidence``."""
         keep, delete, base = masked_confidences(model, images, maps, class_index, valid, self.grid,
                                                 self.max_batch)
+        return self.update_from_confidences(keep, delete, base, class_index, valid)
+
+    def update_from_confidences(self, keep: Tensor, delete: Tensor, base: Tensor, class_index: Tensor,
+                                valid: Tensor) -> Tensor:
+        """As ``update``, from the output of ``masked_confidences`` (one set of queries can feed
+        calibrators with different objectives)."""
         chosen = choose_thresholds(keep, delete, base, self.grid, self.objective, self.rho)
         valid = valid.to(chosen.device, torch.bool)
-        self._thresholds.append(chosen[valid].cpu())
-        self._classes.append(class_index.to(chosen.device)[valid].cpu())
+        confident = valid & (base >= self.min_confidence)
+        self.skipped += int((valid & ~confident).sum())
+        chosen = chosen.masked_fill(~confident, float("nan"))
+        self._thresholds.append(chosen[confident].cpu())
+        self._classes.append(class_index.to(chosen.device)[confident].cpu())
         return chosen
 
     @property
@@ -188,11 +206,17 @@ class ThresholdCalibrator:
         return int(sum(t.numel() for t in self._thresholds))
 
     def compute(self) -> Tensor:
-        """Per-class median threshold, (num_classes,); ``default`` for classes never seen."""
+        """Per-class median threshold, (num_classes,); classes without a scored pair take the
+        global median (``default`` when nothing was scored)."""
         if not self._thresholds:
             return torch.full((self.num_classes,), self.default)
         return aggregate_thresholds(torch.cat(self._thresholds), torch.cat(self._classes),
-                                    self.num_classes, self.default)
+                                    self.num_classes, self.global_threshold())
+
+    def pairs_per_class(self) -> list[int]:
+        """How many scored (image, class) pairs each class's threshold rests on."""
+        classes = torch.cat(self._classes) if self._classes else torch.empty(0, dtype=torch.long)
+        return torch.bincount(classes.long(), minlength=self.num_classes).tolist()
 
     def global_threshold(self) -> float:
         """Median over all scored (image, class) pairs; ``default`` before any."""
