@@ -65,7 +65,7 @@ def collect(module, dataset) -> tuple[list, float]:
     started = time.perf_counter()
     out = []
     for batch in make_loader(dataset, module.cfg, module.cfg.cam.batch_size, shuffle=False):
-        maps = module.fused_maps(batch["image"], batch["labels"])
+        maps = module.fused_maps(batch["image"], batch["labels"], batch["size"])
         views = {**maps["layers"], "fused": maps["fused"]}
         out.append((views, maps["targets"], maps["valid"], batch["mask"], batch["image"]))
     return out, time.perf_counter() - started

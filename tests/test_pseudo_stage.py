@@ -140,3 +140,38 @@ def test_voc_path_runs_every_stage_on_voc_mini(voc_root, tmp_path):
     gt = Image.open(voc_root / "SegmentationClass" / sample.name)
     assert Image.open(sample).size == gt.size
     assert json.loads((tmp_path / "voc" / "report.json").read_text())["data"] == "voc"
+
+
+def test_padded_batch_of_mixed_sizes_gives_each_image_its_own_maps():
+    """Two images of different sizes padded to one canvas: each gets exactly the maps it gets
+    alone (padding never enters a map or its centring), and zeros outside its own pixels."""
+    import torch
+    import torchvision
+
+    from wsss.data.datamodule import pad_collate
+    from wsss.models.pseudo_labeler import PseudoMaskModule
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    module = PseudoMaskModule(model, layers=["layer3", "layer4"], scales=[1.0, 0.75], flip=True,
+                              normalize="centred")
+    items = [{"image": torch.randn(3, 64, 48), "labels": torch.tensor([1.0, 0, 1, 0]), "id": "a"},
+             {"image": torch.randn(3, 48, 64), "labels": torch.tensor([0, 1.0, 0, 0]), "id": "b"}]
+    batch = pad_collate(items)
+    assert batch["image"].shape[-2:] == (64, 64)
+    together = module.fused_maps(batch["image"], batch["labels"], batch["size"])
+    for i, item in enumerate(items):
+        alone = module.fused_maps(item["image"][None], item["labels"][None])
+        h, w = item["image"].shape[1:]
+        k = alone["fused"].shape[1]
+        assert torch.allclose(together["fused"][i, :k, :h, :w], alone["fused"][0], atol=1e-5)
+        for name in ("layer3", "layer4"):
+            assert torch.allclose(together["layers"][name][i, :k, :h, :w], alone["layers"][name][0], atol=1e-5)
+        outside = torch.ones(64, 64, dtype=torch.bool)
+        outside[:h, :w] = False
+        assert together["fused"][i][:, outside].abs().max() == 0
+    # without sizes the padding is part of the image, and the maps differ
+    padded = module.fused_maps(batch["image"], batch["labels"])
+    assert not torch.allclose(padded["fused"][0, :2, :64, :48], together["fused"][0, :2, :64, :48], atol=1e-3)
+    with pytest.raises(ValueError, match="sizes"):
+        module.fused_maps(batch["image"], batch["labels"], torch.tensor([[65, 10], [10, 10]]))

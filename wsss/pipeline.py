@@ -232,7 +232,7 @@ def calibrate_thresholds(cfg: Config, classifier) -> dict[str, Any]:
     loader = make_loader(subset, cfg, cfg.cam.batch_size, shuffle=False)
     for batch in tqdm(loader, desc="calibrating thresholds", leave=False):
         images, labels = batch["image"].to(device), batch["labels"].to(device)
-        maps = module.fused_maps(images, labels)
+        maps = module.fused_maps(images, labels, batch["size"])
         calibrator.update(module.model, images, maps["fused"], maps["targets"], maps["valid"])
     per_class = calibrator.compute()
     return {"method": "libra", "objective": p.objective, "global": round(calibrator.global_threshold(), 4),

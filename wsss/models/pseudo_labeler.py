@@ -78,20 +78,54 @@ class PseudoMaskModule(L.LightningModule):
         self.model.eval()  # BatchNorm statistics stay frozen whatever Lightning asks
         return self
 
-    def fused_maps(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """Maps of the present classes: per layer and fused, (B, K, H, W) each in [0, 1]."""
+    def fused_maps(self, images: Tensor, labels: Tensor, sizes: Optional[Tensor] = None) -> dict[str, Any]:
+        """Maps of the present classes: per layer and fused, (B, K, H, W) each in [0, 1].
+
+        sizes: (B, 2) true (h, w) of images padded to a common canvas (``batch["size"]``). Each
+        size group is computed on its own pixels, so padding never enters a map or its
+        normalisation (centring would otherwise count it); maps are zero outside each image.
+        """
         targets, valid = present_targets(labels)
-        kwargs = {"present": labels > 0.5} if self.method == "relevance" else {}
-        with build_cam(self.method, self.model, self.layers, **self.options) as cam:
-            per_layer = aggregate_scales(cam, images, self.scales, self.flip, targets=targets,
-                                         normalize=self.normalize, **kwargs)
-        fused = fuse_layers(per_layer, images.shape[-2:], self.layer_weights)
+        present = labels > 0.5
+        b, k = targets.shape
+        height, width = images.shape[-2:]
+        groups = self._size_groups(sizes, b, (height, width))
+        if len(groups) == 1 and groups[0][1] == (height, width):
+            per_layer = self._layer_maps(images, targets, present)
+        else:
+            per_layer = {}
+            for index, (h, w) in groups:
+                maps = self._layer_maps(images[index, :, :h, :w], targets[index], present[index])
+                for name, m in maps.items():
+                    canvas = per_layer.setdefault(name, m.new_zeros(b, k, height, width))
+                    canvas[index, :, :h, :w] = m
+        fused = fuse_layers(per_layer, (height, width), self.layer_weights)
         mask = valid[:, :, None, None].float()
         return {"targets": targets, "valid": valid, "fused": fused * mask,
-                "layers": {k: v * mask for k, v in per_layer.items()}}
+                "layers": {name: m * mask for name, m in per_layer.items()}}
+
+    def _layer_maps(self, images: Tensor, targets: Tensor, present: Tensor) -> dict[str, Tensor]:
+        """Normalised per-layer maps at the images' size, aggregated over scales and flips."""
+        kwargs = {"present": present} if self.method == "relevance" else {}
+        with build_cam(self.method, self.model, self.layers, **self.options) as cam:
+            return aggregate_scales(cam, images, self.scales, self.flip, targets=targets,
+                                    normalize=self.normalize, **kwargs)
+
+    @staticmethod
+    def _size_groups(sizes: Optional[Tensor], batch: int, canvas: tuple[int, int]
+                     ) -> list[tuple[Tensor, tuple[int, int]]]:
+        """[(indices, (h, w))] of the images sharing each true size; one group without sizes."""
+        if sizes is None:
+            return [(torch.arange(batch), canvas)]
+        sizes = sizes.cpu().long()
+        if sizes.shape != (batch, 2) or bool((sizes <= 0).any()) or bool((sizes > torch.tensor(canvas)).any()):
+            raise ValueError(f"sizes must be (B, 2) = ({batch}, 2) true sizes within the canvas {canvas}, "
+                             f"got {sizes.tolist()}")
+        unique = sorted({(int(h), int(w)) for h, w in sizes.tolist()})
+        return [(((sizes[:, 0] == h) & (sizes[:, 1] == w)).nonzero().flatten(), (h, w)) for h, w in unique]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        maps = self.fused_maps(batch["image"], batch["labels"])
+        maps = self.fused_maps(batch["image"], batch["labels"], batch.get("size"))
         targets, valid, fused = maps["targets"], maps["valid"], maps["fused"]
         classes = targets + 1  # mask values: 0 = background
         seeds = scores_to_labels(fused, classes, valid, self.seed_threshold, 0.0)
