@@ -9,8 +9,10 @@ threshold (pseudo.threshold), mIoU with per-class thresholds calibrated by each 
 training images (no pixel labels; one set of masked queries feeds all objectives), and the oracle:
 the best single fixed threshold found with the ground truth (for reference only). Labels come from
 wsss.pseudo.labels.scores_to_labels with no ignore band, so the columns compare thresholds only.
-speed: runs the real make-pseudo-masks stage into a scratch run directory and prints images/s
-and the peak RSS, for 1 scale or 4 scales + flip.
+speed: runs the real make-pseudo-masks stage (fixed threshold, so calibration is not timed) into
+a scratch run directory and prints a table row: images/s of the predict loop, the stage's seconds
+(predict + scoring), and the peak RSS of the main process and of the largest data-loader worker,
+for 1 scale or 4 scales + flip. Run each row in its own process.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def collect(module, dataset) -> tuple[list, float]:
 
 
 def quality(args) -> None:
-    cfg = load_config(Path(args.run) / "config.yaml", ["data.num_workers=0"])
+    run = Path(args.run)  # the run folder may have been moved or renamed since it was trained
+    cfg = load_config(run / "config.yaml", ["data.num_workers=0", f"run.dir={run.parent}", f"run.name={run.name}"])
     classifier = pipeline.load_classifier(cfg)
     mean, std = classifier.hparams.mean, classifier.hparams.std
     dataset = build_source(cfg, cfg.data.train_split, mean=mean, std=std)
@@ -132,7 +135,7 @@ def speed(args) -> None:
     cfg = load_config(source / "config.yaml", [
         f"run.dir={scratch.parent}", f"run.name={scratch.name}", f"data.num_train={args.images}",
         f"cam.scales={scales}", f"cam.flip={flip}", "pseudo.calibration=fixed", "logger.kind=none",
-        "run.overwrite=false"])
+        "run.overwrite=false", *args.set])
     # the classifier was trained on the source run's data size; reuse its record as-is
     record = pipeline.read_json(source / "classifier" / "stage.json")
     record["config_hash"] = pipeline.stage_hashes(cfg)["classifier"]
@@ -141,8 +144,9 @@ def speed(args) -> None:
     result = pipeline.make_pseudo_masks(cfg)
     total = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"| {args.images} | {args.scales} scale(s){' + flip' if flip == 'true' else ''} | "
-          f"{result['images_per_second']:.1f} | {total:.1f} | {peak:.0f} |")
+          f"{result['images_per_second']:.1f} | {total:.1f} | {peak:.0f} | {workers:.0f} |")
 
 
 def main() -> None:
@@ -154,6 +158,8 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/wsss_bench")
     parser.add_argument("--calibration-images", type=int, default=64)
     parser.add_argument("--min-confidence", type=float, default=0.5)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="speed: config overrides, e.g. trainer.accelerator=gpu data.image_size=448")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     quality(args) if args.mode == "quality" else speed(args)
