@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -64,12 +65,28 @@ def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker start: Lightning's seeding of torch / numpy / random (from the loader's
+    base seed, the worker id and the rank), then the data set's albumentations pipeline reseeded
+    from that numpy state, since albumentations ignores global seeds."""
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    pl_worker_init_function(worker_id)
+    info = torch.utils.data.get_worker_info()
+    dataset = info.dataset if info is not None else None
+    while hasattr(dataset, "dataset"):  # torch Subset
+        dataset = dataset.dataset
+    transform = getattr(dataset, "transform", None)
+    if getattr(transform, "seed", None) is not None:
+        transform.set_random_seed(int(np.random.randint(0, 2**31 - 1)))
+
+
 def make_loader(dataset: SegmentationSource, cfg: Config, batch_size: int, shuffle: bool,
                 drop_last: bool = False) -> DataLoader:
     workers = cfg.data.num_workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=workers, persistent_workers=workers > 0, collate_fn=pad_collate,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker if workers else None)
 
 
 class StageDataModule(L.LightningDataModule):
@@ -89,7 +106,7 @@ class StageDataModule(L.LightningDataModule):
         self.train_masks = train_masks
         self.mean, self.std = train_stats(cfg)
         fill = tuple(float(m) for m in self.mean)
-        self.train_set = build_source(cfg, cfg.data.train_split, train_transform(cfg.data.crop_size, fill),
+        self.train_set = build_source(cfg, cfg.data.train_split, train_transform(cfg.data.crop_size, fill, seed=cfg.run.seed),
                                       self.mean, self.std)
         if train_masks is not None:
             self.train_set.use_masks_from(train_masks)

@@ -1,13 +1,21 @@
 """albumentations 2.x pipelines for each stage. Image and mask move together; masks are padded
-with 255 (ignore) and images with the data-set mean, so padding normalises to zero."""
+with 255 (ignore) and images with the data-set mean, so padding normalises to zero.
+
+albumentations keeps its own random state, untouched by global seeds: the training pipeline is
+seeded from ``run.seed`` here, and each DataLoader worker reseeds its copy
+(``wsss.data.datamodule.seed_worker``), so a run is reproducible and workers do not replay the
+same augmentations."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import albumentations as A
 import cv2
 
 
-def train_transform(crop_size: int, fill: tuple[float, ...], scale_range: tuple[float, float] = (0.7, 1.3)) -> A.Compose:
+def train_transform(crop_size: int, fill: tuple[float, ...], scale_range: tuple[float, float] = (0.7, 1.3),
+                    seed: Optional[int] = None) -> A.Compose:
     """Random scale, pad, random crop and flip: classifier and segmenter training."""
     return A.Compose([
         A.RandomScale(scale_limit=(scale_range[0] - 1.0, scale_range[1] - 1.0), p=1.0),
@@ -15,7 +23,7 @@ def train_transform(crop_size: int, fill: tuple[float, ...], scale_range: tuple[
                       fill=fill, fill_mask=255),
         A.RandomCrop(height=crop_size, width=crop_size),
         A.HorizontalFlip(p=0.5),
-    ])
+    ], seed=seed)
 
 
 def eval_transform(crop_size: int, fill: tuple[float, ...]) -> A.Compose:
