@@ -51,7 +51,7 @@ GROUPS = [  # (name, method, preset, normalisation, layers reported alone)
 ]
 ALL_LAYERS = ["layer2", "layer3", "layer4"]
 ORACLE_GRID = [round(0.05 * i, 2) for i in range(1, 20)]
-OBJECTIVES = ("increase", "keep_delete", "area")
+OBJECTIVES = ("increase", "keep_delete", "area", "delete")
 
 
 def miou(batches, thresholds_of, num_classes) -> float:
@@ -87,7 +87,7 @@ def quality(args) -> None:
     p = cfg.pseudo
     print(f"classifier {classifier.hparams.backbone}; {n_eval} images scored, {len(calibration)} other "
           f"training images for calibration; grid {p.grid}; area rho {p.rho}; min_confidence "
-          f"{args.min_confidence}", file=sys.stderr)
+          f"{args.min_confidence}; delete delta {p.delta}", file=sys.stderr)
     rows = []
     for name, method, preset, normalize, alone in GROUPS:
         layers = ["layer4"] if method == "liftcam" else ALL_LAYERS
@@ -104,7 +104,8 @@ def quality(args) -> None:
             fixed = miou(batches, lambda t: p.threshold, num_fg + 1)
             oracle = max((miou(batches, lambda t, v=v: v, num_fg + 1), v) for v in ORACLE_GRID)
             calibrators = {o: ThresholdCalibrator(p.grid, o, p.rho, num_fg, p.threshold,
-                                                  min_confidence=args.min_confidence) for o in OBJECTIVES}
+                                                  min_confidence=args.min_confidence, delta=p.delta)
+                           for o in OBJECTIVES}
             for v, t, ok, _, images in queried:
                 keep, delete, base = masked_confidences(module.model, images, v[view], t, ok, p.grid)
                 for calibrator in calibrators.values():
@@ -117,12 +118,13 @@ def quality(args) -> None:
                   file=sys.stderr, flush=True)
     header = " | ".join(f"calibrated {o}" for o in OBJECTIVES)
     print(f"| method, layer | normalisation | seed mIoU (τ={p.threshold}) | {header} | oracle mIoU (τ) | "
-          f"area − oracle | maps img/s |")
-    print("|---|---|---|" + "---|" * len(OBJECTIVES) + "---|---|---|")
+          f"area − oracle | delete − oracle | maps img/s |")
+    print("|---|---|---|" + "---|" * len(OBJECTIVES) + "---|---|---|---|")
     for label, normalize, fixed, calibrated, (best, tau), speed in rows:
         cells = " | ".join(f"{100 * calibrated[o]:.1f}" for o in OBJECTIVES)
         print(f"| {label} | {normalize} | {100 * fixed:.1f} | {cells} | {100 * best:.1f} ({tau}) | "
-              f"{100 * (calibrated['area'] - best):+.1f} | {speed:.1f} |")
+              f"{100 * (calibrated['area'] - best):+.1f} | {100 * (calibrated['delete'] - best):+.1f} | "
+              f"{speed:.1f} |")
 
 
 def speed(args) -> None:

@@ -195,6 +195,28 @@ def test_area_takes_the_smallest_region_that_keeps_rho_of_the_confidence():
         pytest.approx([0.9, 0.9, 0.9])
 
 
+def test_delete_takes_the_smallest_region_whose_removal_takes_the_evidence_away():
+    """A classifier that recognises the class from its core alone: `area` settles for the core
+    (0.7), `delete` needs the whole object gone (0.5), because deleting the core leaves the rest of
+    the object visible and recognised."""
+    model, images, maps, class_index, valid = toy_batch(a=8.0, b=0.0, c0=-1.0)
+    keep, delete, base = masked_confidences(model, images, maps, class_index, valid, GRID)
+    # base = sigmoid(7); core alone sigmoid(1) ... with rho 0.7 the core is "sufficient"
+    assert choose_thresholds(keep, delete, base, GRID, "area", rho=0.7)[valid].tolist() == \
+        pytest.approx([0.9, 0.9, 0.9])
+    # deleting the core leaves 3/4 of the object: sigmoid(5) > 0.3 * base; deleting the object
+    # (cut 0.5) leaves sigmoid(-1) = 0.27 <= 0.3 * base = 0.3
+    chosen = choose_thresholds(keep, delete, base, GRID, "delete", delta=0.3)
+    assert chosen[valid].tolist() == pytest.approx([0.5, 0.5, 0.5]) and chosen[1, 1].isnan()
+    # a strict delta no cut can meet: no answer (NaN), which the medians leave out
+    strict = choose_thresholds(keep, delete, base, GRID, "delete", delta=0.01)
+    assert strict.isnan().all()
+    calibrator = ThresholdCalibrator(GRID, "delete", num_classes=3, default=0.25, delta=0.01)
+    calibrator.update(model, images, maps, class_index, valid)
+    assert calibrator.num_samples == 0 and calibrator.pairs_per_class() == [0, 0, 0]
+    assert calibrator.compute().tolist() == pytest.approx([0.25] * 3)
+
+
 # --- the objectives in closed form --------------------------------------------------------------
 
 def test_increase_returns_the_scored_cut_ties_to_the_lowest():
@@ -233,7 +255,7 @@ def test_invalid_slots_are_nan_and_unknown_objectives_list_the_choices():
     for objective in OBJECTIVES:
         chosen = choose_thresholds(keep, keep, base, [0.2, 0.4], objective)
         assert not chosen[0, 0].isnan() and chosen[0, 1].isnan()
-    with pytest.raises(ValueError, match="increase.*keep_delete.*area"):
+    with pytest.raises(ValueError, match="increase.*keep_delete.*area.*delete"):
         choose_thresholds(keep, keep, base, [0.2, 0.4], "auc")
     with pytest.raises(ValueError, match="T=3"):
         choose_thresholds(keep, keep, base, [0.2, 0.4, 0.6], "area")

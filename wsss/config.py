@@ -100,10 +100,12 @@ class CamConfig:
 class PseudoConfig:
     calibration: str = _choice("libra", "libra", "fixed", help="threshold calibration")
     threshold: float = _opt(0.25, "fixed foreground threshold on the normalised fused maps (also the seed threshold)")
-    objective: str = _choice("area", "increase", "keep_delete", "area",
-                             help="libra calibration objective (ALGORITHMS.md §3.5); area measured best "
-                                  "(docs/benchmarks.md)")
+    objective: str = _choice("delete", "increase", "keep_delete", "area", "delete",
+                             help="libra calibration objective: increase, keep_delete, area (ALGORITHMS.md "
+                                  "§3.5) or delete (smallest region whose removal drops the confidence to "
+                                  "pseudo.delta of it; measured best, docs/benchmarks.md §4)")
     rho: float = _opt(0.9, "area objective: keep this fraction of the confidence")
+    delta: float = _opt(0.3, "delete objective: deleting the region leaves at most this fraction of the confidence")
     calibration_images: int = _opt(64, "training images used to calibrate thresholds")
     min_confidence: float = _opt(0.5, "calibrate only on (image, class) pairs the classifier scores at least "
                                       "this on the whole image; classes without one take the global median")
@@ -282,6 +284,9 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError(f"cam.scales: needs positive scales, got {cfg.cam.scales}")
     if not 0.0 < cfg.pseudo.threshold < 1.0:
         raise ConfigError(f"pseudo.threshold: must lie in (0, 1), got {cfg.pseudo.threshold}")
+    for key in ("rho", "delta", "min_confidence"):  # fractions of a sigmoid confidence
+        if not 0.0 <= getattr(cfg.pseudo, key) <= 1.0:
+            raise ConfigError(f"pseudo.{key}: must lie in [0, 1], got {getattr(cfg.pseudo, key)}")
     for key in ("batch_size", "crop_size", "num_train", "num_val", "image_size"):
         if getattr(cfg.data, key) < 1:
             raise ConfigError(f"data.{key}: must be at least 1, got {getattr(cfg.data, key)}")

@@ -228,7 +228,7 @@ def calibrate_thresholds(cfg: Config, classifier) -> dict[str, Any]:
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed))
     subset = Subset(dataset, order[: min(p.calibration_images, len(dataset))].tolist())
     calibrator = ThresholdCalibrator(p.grid, p.objective, p.rho, len(names), p.threshold,
-                                     min_confidence=p.min_confidence)
+                                     min_confidence=p.min_confidence, delta=p.delta)
     loader = make_loader(subset, cfg, cfg.cam.batch_size, shuffle=False)
     for batch in tqdm(loader, desc="calibrating thresholds", leave=False):
         images, labels = batch["image"].to(device), batch["labels"].to(device)

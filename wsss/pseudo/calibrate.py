@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-OBJECTIVES = ("increase", "keep_delete", "area")
+OBJECTIVES = ("increase", "keep_delete", "area", "delete")
 
 
 def _grid(grid: Sequence[float], device: torch.device) -> Tensor:
@@ -112,7 +112,7 @@ def masked_confidences(model: Callable[[Tensor], Tensor], images: Tensor, maps: 
 
 
 def choose_thresholds(keep: Tensor, delete: Tensor, base: Tensor, grid: Sequence[float],
-                      objective: str, rho: float = 0.9) -> Tensor:
+                      objective: str, rho: float = 0.9, delta: float = 0.3) -> Tensor:
     """One threshold per (image, slot) from the masked confidences: (B, K), NaN for invalid slots
     (NaN ``base``).
 
@@ -120,7 +120,12 @@ def choose_thresholds(keep: Tensor, delete: Tensor, base: Tensor, grid: Sequence
       "no gain anywhere" gives the lowest threshold). The scored cut itself is returned.
     - ``keep_delete``: keep - delete, the best threshold, ties to the lowest.
     - ``area``: the largest threshold (smallest kept region) with keep >= rho * base, or the
-      lowest threshold of the grid if none qualifies.
+      lowest threshold of the grid if none qualifies. The smallest *sufficient* region: a
+      classifier that recognises a class from a small patch makes it small.
+    - ``delete``: the largest threshold (smallest deleted region) with delete <= delta * base:
+      the smallest region whose removal takes the evidence away, so every part the classifier
+      could still recognise the class from is inside. NaN (no answer, left out of the medians)
+      if deleting even the largest region leaves more than ``delta`` of the confidence.
     """
     _check_objective(objective)
     taus = _grid(grid, keep.device)
@@ -128,10 +133,12 @@ def choose_thresholds(keep: Tensor, delete: Tensor, base: Tensor, grid: Sequence
         raise ValueError(f"keep/delete must be (B, K, T={taus.numel()}) and base (B, K), got "
                          f"{tuple(keep.shape)}, {tuple(delete.shape)}, {tuple(base.shape)}")
     invalid = base.isnan()
-    if objective == "area":
-        ok = keep >= rho * base[..., None]  # NaN compares False
+    if objective in ("area", "delete"):
+        # NaN compares False
+        ok = keep >= rho * base[..., None] if objective == "area" else delete <= delta * base[..., None]
         largest = torch.where(ok, taus, float("-inf")).amax(-1)
-        chosen = torch.where(ok.any(-1), largest, taus.min())
+        fallback = taus.min() if objective == "area" else torch.tensor(float("nan"), device=taus.device)
+        chosen = torch.where(ok.any(-1), largest, fallback)
     else:
         score = (keep - base[..., None]).clamp(min=0) if objective == "increase" else keep - delete
         score = score.masked_fill(score.isnan(), float("-inf"))
@@ -163,9 +170,9 @@ class ThresholdCalibrator:
     """Collects one threshold per (image, present class) over batches, then aggregates them per
     class (``compute``) or over everything (``global_threshold``). Stored on the CPU."""
 
-    def __init__(self, grid: Sequence[float], objective: str = "area", rho: float = 0.9,
+    def __init__(self, grid: Sequence[float], objective: str = "delete", rho: float = 0.9,
                  num_classes: int = 1, default: float = 0.25, max_batch: int = 64,
-                 min_confidence: float = 0.0) -> None:
+                 min_confidence: float = 0.0, delta: float = 0.3) -> None:
         _check_objective(objective)
         _grid(grid, torch.device("cpu"))
         if num_classes < 1:
@@ -174,7 +181,7 @@ class ThresholdCalibrator:
             raise ValueError(f"min_confidence is a sigmoid score in [0, 1], got {min_confidence}")
         self.grid, self.objective, self.rho = [float(g) for g in grid], objective, float(rho)
         self.num_classes, self.default, self.max_batch = num_classes, float(default), max_batch
-        self.min_confidence = float(min_confidence)
+        self.min_confidence, self.delta = float(min_confidence), float(delta)
         self.skipped = 0  # valid pairs left out for low confidence
         self._thresholds: list[Tensor] = []
         self._classes: list[Tensor] = []
@@ -191,7 +198,7 @@ class ThresholdCalibrator:
                                 valid: Tensor) -> Tensor:
         """As ``update``, from the output of ``masked_confidences`` (one set of queries can feed
         calibrators with different objectives)."""
-        chosen = choose_thresholds(keep, delete, base, self.grid, self.objective, self.rho)
+        chosen = choose_thresholds(keep, delete, base, self.grid, self.objective, self.rho, self.delta)
         valid = valid.to(chosen.device, torch.bool)
         confident = valid & (base >= self.min_confidence)
         self.skipped += int((valid & ~confident).sum())
@@ -202,8 +209,8 @@ class ThresholdCalibrator:
 
     @property
     def num_samples(self) -> int:
-        """How many (image, class) pairs have been scored."""
-        return int(sum(t.numel() for t in self._thresholds))
+        """How many (image, class) pairs gave a threshold."""
+        return int(sum(int((~t.isnan()).sum()) for t in self._thresholds))
 
     def compute(self) -> Tensor:
         """Per-class median threshold, (num_classes,); classes without a scored pair take the
@@ -214,9 +221,11 @@ class ThresholdCalibrator:
                                     self.num_classes, self.global_threshold())
 
     def pairs_per_class(self) -> list[int]:
-        """How many scored (image, class) pairs each class's threshold rests on."""
-        classes = torch.cat(self._classes) if self._classes else torch.empty(0, dtype=torch.long)
-        return torch.bincount(classes.long(), minlength=self.num_classes).tolist()
+        """How many (image, class) pairs gave a threshold, per class: what its median rests on."""
+        if not self._classes:
+            return [0] * self.num_classes
+        answered = ~torch.cat(self._thresholds).isnan()
+        return torch.bincount(torch.cat(self._classes)[answered].long(), minlength=self.num_classes).tolist()
 
     def global_threshold(self) -> float:
         """Median over all scored (image, class) pairs; ``default`` before any."""
