@@ -107,7 +107,8 @@ def quality(args) -> None:
                                                   min_confidence=args.min_confidence, delta=p.delta)
                            for o in OBJECTIVES}
             for v, t, ok, _, images in queried:
-                keep, delete, base = masked_confidences(module.model, images, v[view], t, ok, p.grid)
+                keep, delete, base = masked_confidences(module.model, images, v[view], t, ok, p.grid,
+                                                        min_confidence=args.min_confidence)
                 for calibrator in calibrators.values():
                     calibrator.update_from_confidences(keep, delete, base, t, ok)
             calibrated = {o: miou(batches, lambda t, pc=c.compute(): pc[t], num_fg + 1)

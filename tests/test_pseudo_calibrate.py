@@ -300,10 +300,15 @@ def test_calibration_skips_pairs_the_classifier_does_not_recognise():
     min_confidence 0.5 only the class-0 pair is scored, and every class without a pair takes its
     threshold. Without the gate, class 1's uninformative queries would set its threshold."""
     model, images, maps, class_index, valid = toy_batch(c0=torch.tensor([6.0, -6.0]))
+    rows = []
+    model.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
     ungated = ThresholdCalibrator(GRID, "area", num_classes=3, default=0.25)
     chosen = ungated.update(model, images, maps, class_index, valid)
+    assert sum(rows) == 2 + 3 * len(GRID) * 2  # the plain images, then keep + delete per slot
+    rows.clear()
     gated = ThresholdCalibrator(GRID, "area", num_classes=3, default=0.25, min_confidence=0.5)
     gated_chosen = gated.update(model, images, maps, class_index, valid)
+    assert sum(rows) == 2 + 1 * len(GRID) * 2  # unrecognised pairs are never queried
     assert gated.skipped == 2 and gated.pairs_per_class() == [1, 0, 0]
     assert gated_chosen[0, 0] == chosen[0, 0] and gated_chosen[0, 1].isnan() and gated_chosen[1, 0].isnan()
     assert gated.compute().tolist() == pytest.approx([float(chosen[0, 0])] * 3)

@@ -53,13 +53,14 @@ class _EvalMode:
 @torch.no_grad()
 def masked_confidences(model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor,
                        class_index: Tensor, valid: Tensor, grid: Sequence[float],
-                       max_batch: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+                       max_batch: int = 64, min_confidence: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Sigmoid confidence of each slot's class on the image with its map's region kept or deleted.
 
     images: (B, Ch, H, W) normalised; maps: (B, K, H, W) in [0, 1]; class_index: (B, K) index
     into the (B, C) logits (any value on invalid slots); valid: (B, K). Returns float32
     ``keep`` (B, K, T) on ``image * 1[map >= t]``, ``delete`` (B, K, T) on ``image * 1[map < t]``
-    and ``base`` (B, K) on the plain image; invalid slots are NaN and cost no forward pass.
+    and ``base`` (B, K) on the plain image; invalid slots are NaN and cost no forward pass, and
+    so do slots whose ``base`` is under ``min_confidence`` (their keep / delete are NaN).
 
     Every (valid slot, threshold, keep/delete) query is one row of a batch; rows are sent in
     chunks of ``max_batch`` so memory is bounded whatever B, K and T are. An nn.Module in training
@@ -91,7 +92,8 @@ def masked_confidences(model: Callable[[Tensor], Tensor], images: Tensor, maps: 
             raise ValueError(f"class_index of a valid slot is outside the {num_classes} logits")
         base = torch.sigmoid(logits.float()).gather(1, index).masked_fill(~valid, nan)
 
-        slot_b, slot_k = valid.nonzero(as_tuple=True)  # (S,) each
+        queried = valid & (base >= min_confidence)
+        slot_b, slot_k = queried.nonzero(as_tuple=True)  # (S,) each
         # query q <-> slot q // (2T), threshold (q // 2) % T, keep (q even) or delete (q odd)
         out = torch.empty(slot_b.numel() * t * 2, device=device)
         for start in range(0, out.numel(), max_batch):
@@ -191,7 +193,7 @@ class ThresholdCalibrator:
         """Score one batch (see ``masked_confidences``); returns its (B, K) chosen thresholds, NaN
         where the slot is invalid or its confidence is under ``min_confidence``."""
         keep, delete, base = masked_confidences(model, images, maps, class_index, valid, self.grid,
-                                                self.max_batch)
+                                                self.max_batch, self.min_confidence)
         return self.update_from_confidences(keep, delete, base, class_index, valid)
 
     def update_from_confidences(self, keep: Tensor, delete: Tensor, base: Tensor, class_index: Tensor,
