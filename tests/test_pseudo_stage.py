@@ -137,8 +137,8 @@ def test_voc_path_runs_every_stage_on_voc_mini(voc_root, tmp_path):
     preds = sorted((tmp_path / "voc" / "evaluation" / "val").glob("*.png"))
     assert len(preds) == 14
     sample = preds[0]
-    gt = Image.open(voc_root / "SegmentationClass" / sample.name)
-    assert Image.open(sample).size == gt.size
+    with Image.open(voc_root / "SegmentationClass" / sample.name) as gt, Image.open(sample) as pred:
+        assert pred.size == gt.size
     assert json.loads((tmp_path / "voc" / "report.json").read_text())["data"] == "voc"
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -131,7 +132,10 @@ def _fit(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.Light
     trainer = make_trainer(cfg, max_epochs, logger, [checkpoint])
     last = directory / "last.ckpt"
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        with warnings.catch_warnings():
+            # the stage folder always holds stage.json beside the checkpoint: not a stale run
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
     finally:
         close_logger(logger)
     if trainer.interrupted:
