@@ -62,11 +62,11 @@ def miou(batches, thresholds_of, num_classes) -> float:
     return meter.compute()["miou"]
 
 
-def collect(module, dataset) -> tuple[list, float]:
+def collect(module, dataset, cfg) -> tuple[list, float]:
     """Per batch: ({'layer2': ..., 'fused': ...} maps, targets, valid, masks, images), and seconds."""
     started = time.perf_counter()
     out = []
-    for batch in make_loader(dataset, module.cfg, module.cfg.cam.batch_size, shuffle=False):
+    for batch in make_loader(dataset, cfg, cfg.cam.batch_size, shuffle=False):
         maps = module.fused_maps(batch["image"], batch["labels"], batch["size"])
         views = {**maps["layers"], "fused": maps["fused"]}
         out.append((views, maps["targets"], maps["valid"], batch["mask"], batch["image"]))
@@ -95,9 +95,8 @@ def quality(args) -> None:
             cfg.cam, method=method, layers=layers, preset=preset or cfg.cam.preset, layer_weights=None,
             normalize=normalize))
         module = pipeline._pseudo_module(run_cfg, classifier)
-        module.cfg = run_cfg
-        scored, seconds = collect(module, evaluation)
-        queried, _ = collect(module, calibration)
+        scored, seconds = collect(module, evaluation, run_cfg)
+        queried, _ = collect(module, calibration, run_cfg)
         views = alone + (["fused"] if len(layers) > 1 else [])
         for view in views:
             batches = [(v[view], t, ok, m) for v, t, ok, m, _ in scored]

@@ -63,13 +63,12 @@ def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
 
 
 def fuse_layers(maps: Mapping[str, Tensor], size: tuple[int, int] | torch.Size,
-                weights: Mapping[str, float] | Sequence[float] | None = None,
-                normalize: str = "relu_max") -> Tensor:
-    """Weighted mean of several layers' maps, each normalised (``normalize``) and resized first.
+                weights: Mapping[str, float] | Sequence[float] | None = None) -> Tensor:
+    """Weighted mean of several layers' maps, each ReLU-max-normalised and resized first.
 
     weights: per layer (dict or list in the order of `maps`); equal weights by default.
-    The result is renormalised to a maximum of 1 per map. Maps that are already normalised (the
-    output of ``aggregate_scales``) pass unchanged through the default ``relu_max``.
+    The result is renormalised to a maximum of 1 per map. Maps already normalised by
+    ``aggregate_scales`` (in any mode) pass through the ReLU-max step unchanged.
     """
     names = list(maps)
     if weights is None:
@@ -80,7 +79,7 @@ def fuse_layers(maps: Mapping[str, Tensor], size: tuple[int, int] | torch.Size,
         w = [float(v) for v in weights]
     if len(w) != len(names) or sum(w) <= 0:
         raise ValueError(f"need one non-negative weight per layer {names} with a positive sum")
-    fused = sum(wi * upsample(normalize_maps(maps[n], normalize), size) for wi, n in zip(w, names))
+    fused = sum(wi * upsample(relu_max_normalize(maps[n]), size) for wi, n in zip(w, names))
     return relu_max_normalize(fused / sum(w))
 
 

@@ -72,8 +72,7 @@ def seed_worker(worker_id: int) -> None:
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
     pl_worker_init_function(worker_id)
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset if info is not None else None
+    dataset = torch.utils.data.get_worker_info().dataset
     while hasattr(dataset, "dataset"):  # torch Subset
         dataset = dataset.dataset
     transform = getattr(dataset, "transform", None)
@@ -106,8 +105,8 @@ class StageDataModule(L.LightningDataModule):
         self.train_masks = train_masks
         self.mean, self.std = train_stats(cfg)
         fill = tuple(float(m) for m in self.mean)
-        self.train_set = build_source(cfg, cfg.data.train_split, train_transform(cfg.data.crop_size, fill, seed=cfg.run.seed),
-                                      self.mean, self.std)
+        augment = train_transform(cfg.data.crop_size, fill, seed=cfg.run.seed)
+        self.train_set = build_source(cfg, cfg.data.train_split, augment, self.mean, self.std)
         if train_masks is not None:
             self.train_set.use_masks_from(train_masks)
         val_transform = eval_transform(cfg.data.crop_size, fill) if stage == "classifier" else None

@@ -89,16 +89,12 @@ class PseudoMaskModule(L.LightningModule):
         present = labels > 0.5
         b, k = targets.shape
         height, width = images.shape[-2:]
-        groups = self._size_groups(sizes, b, (height, width))
-        if len(groups) == 1 and groups[0][1] == (height, width):
-            per_layer = self._layer_maps(images, targets, present)
-        else:
-            per_layer = {}
-            for index, (h, w) in groups:
-                maps = self._layer_maps(images[index, :, :h, :w], targets[index], present[index])
-                for name, m in maps.items():
-                    canvas = per_layer.setdefault(name, m.new_zeros(b, k, height, width))
-                    canvas[index, :, :h, :w] = m
+        per_layer: dict[str, Tensor] = {}
+        for index, (h, w) in self._size_groups(sizes, b, (height, width)):
+            maps = self._layer_maps(images[index, :, :h, :w], targets[index], present[index])
+            for name, m in maps.items():
+                canvas = per_layer.setdefault(name, m.new_zeros(b, k, height, width))
+                canvas[index, :, :h, :w] = m
         fused = fuse_layers(per_layer, (height, width), self.layer_weights)
         mask = valid[:, :, None, None].float()
         return {"targets": targets, "valid": valid, "fused": fused * mask,
