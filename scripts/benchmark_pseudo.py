@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from wsss import pipeline
+from wsss import stages
+from wsss.io import read_json, write_json_atomic
+from wsss.stages import base as stage_base, pseudo_masks as pseudo_stage
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.metrics import IoUMeter
-from wsss.models.classifier import ClassifierModule
 from wsss.pseudo.calibrate import ThresholdCalibrator, masked_confidences
 from wsss.pseudo.labels import scores_to_labels
 
@@ -76,7 +77,7 @@ def collect(module, dataset, cfg) -> tuple[list, float]:
 def quality(args) -> None:
     run = Path(args.run)  # the run folder may have been moved or renamed since it was trained
     cfg = load_config(run / "config.yaml", ["data.num_workers=0", f"run.dir={run.parent}", f"run.name={run.name}"])
-    classifier = pipeline.load_classifier(cfg)
+    classifier = stages.load_classifier(cfg)
     mean, std = classifier.hparams.mean, classifier.hparams.std
     dataset = build_source(cfg, cfg.data.train_split, mean=mean, std=std)
     n_eval = min(args.images, len(dataset))
@@ -94,7 +95,7 @@ def quality(args) -> None:
         run_cfg = dataclasses.replace(cfg, cam=dataclasses.replace(
             cfg.cam, method=method, layers=layers, preset=preset or cfg.cam.preset, layer_weights=None,
             normalize=normalize))
-        module = pipeline._pseudo_module(run_cfg, classifier)
+        module = pseudo_stage._pseudo_module(run_cfg, classifier)
         scored, seconds = collect(module, evaluation, run_cfg)
         queried, _ = collect(module, calibration, run_cfg)
         views = alone + (["fused"] if len(layers) > 1 else [])
@@ -139,11 +140,11 @@ def speed(args) -> None:
         f"cam.scales={scales}", f"cam.flip={flip}", "pseudo.calibration=fixed", "logger.kind=none",
         "run.overwrite=false", *args.set])
     # the classifier was trained on the source run's data size; reuse its record as-is
-    record = pipeline.read_json(source / "classifier" / "stage.json")
-    record["config_hash"] = pipeline.stage_hashes(cfg)["classifier"]
-    pipeline.write_json_atomic(scratch / "classifier" / "stage.json", record)
+    record = read_json(source / "classifier" / "stage.json")
+    record["config_hash"] = stage_base.stage_hashes(cfg)["classifier"]
+    write_json_atomic(scratch / "classifier" / "stage.json", record)
     started = time.perf_counter()
-    result = pipeline.make_pseudo_masks(cfg)
+    result = stages.make_pseudo_masks(cfg)
     total = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from wsss import pipeline
+from wsss import stages
 from wsss.cam import aggregate_scales, build_cam, fuse_layers
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     cfg = load_config(Path(args.run) / "config.yaml", ["data.num_workers=0"])
-    classifier = pipeline.load_classifier(cfg)
+    classifier = stages.load_classifier(cfg)
     model = classifier.export()
     mean = torch.tensor(classifier.hparams.mean).view(1, -1, 1, 1)
     std = torch.tensor(classifier.hparams.std).view(1, -1, 1, 1)

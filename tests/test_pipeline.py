@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from wsss import pipeline
+from wsss import stages
+from wsss.data.datamodule import build_source
+from wsss.stages import base as stage_base
 from wsss.cli import main
 from wsss.config import load_config
 from wsss.data.imageio import DataError
@@ -85,7 +87,7 @@ def test_pseudo_stage_resumes_only_missing_images_identically(finished_run, tmp_
     stage = json.loads((out / "stage.json").read_text())
     stage["status"] = "running"  # as if killed mid-stage
     (out / "stage.json").write_text(json.dumps(stage))
-    result = pipeline.make_pseudo_masks(cfg)
+    result = stages.make_pseudo_masks(cfg)
     assert result["written_now"] == 5
     assert digest(out) == before
 
@@ -93,8 +95,8 @@ def test_pseudo_stage_resumes_only_missing_images_identically(finished_run, tmp_
 @pytest.mark.slow
 def test_changed_config_is_refused_unless_overwrite(finished_run):
     cfg = tiny(finished_run.parent, "cam.layers=[layer4]")
-    with pytest.raises(pipeline.StageError, match="different config.*run.overwrite=true"):
-        pipeline.make_pseudo_masks(cfg)
+    with pytest.raises(stages.StageError, match="different config.*run.overwrite=true"):
+        stages.make_pseudo_masks(cfg)
 
 
 def test_classifier_resumes_from_last_checkpoint(tmp_path, monkeypatch):
@@ -112,20 +114,20 @@ def test_classifier_resumes_from_last_checkpoint(tmp_path, monkeypatch):
         def on_train_epoch_start(self, trainer, module):
             self.started.append(trainer.current_epoch)
 
-    original = pipeline.make_trainer
+    original = stage_base.make_trainer
     extra = []
-    monkeypatch.setattr(pipeline, "make_trainer",
+    monkeypatch.setattr(stage_base, "make_trainer",
                         lambda cfg, epochs, logger=False, callbacks=None, **kw:
                         original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
     cfg = tiny(tmp_path, "data.num_train=8", "classifier.max_epochs=2")
     extra[:] = [StopAfterFirstEpoch()]
     with pytest.raises(SimulatedKill):
-        pipeline.train_classifier(cfg)
+        stages.train_classifier(cfg)
     last = tmp_path / "default" / "classifier" / "last.ckpt"
     assert torch.load(last, weights_only=False)["epoch"] == 0
     recorder = RecordEpochs()
     extra[:] = [recorder]
-    result = pipeline.train_classifier(cfg)
+    result = stages.train_classifier(cfg)
     assert recorder.started == [1]
     assert result["status"] == "done" and torch.load(last, weights_only=False)["epoch"] == 1
 
@@ -142,7 +144,7 @@ def test_non_finite_loss_stops_without_a_nan_checkpoint(tmp_path, capsys):
 
 def test_bad_mask_directory_is_rejected_with_ids(tmp_path):
     cfg = tiny(tmp_path, "data.num_train=6", f"segmenter.masks={tmp_path / 'masks'}")
-    source = pipeline.build_source(cfg, "train")
+    source = build_source(cfg, "train")
     for index in range(6):
         raw = source.load_raw(index)
         mask = raw.mask.copy()
@@ -153,7 +155,7 @@ def test_bad_mask_directory_is_rejected_with_ids(tmp_path):
         if index != 3:  # missing
             write_label_png(tmp_path / "masks" / f"{raw.id}.png", mask)
     with pytest.raises(DataError) as err:
-        pipeline.train_segmenter(cfg)
+        stages.train_segmenter(cfg)
     message = str(err.value)
     assert "3 bad or missing mask(s) out of 6" in message
     for bad in ("syn_train_00001", "syn_train_00002", "syn_train_00003"):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsss import pipeline
+from wsss import pipeline, stages
+from wsss.data.datamodule import build_source
+from wsss.stages import pseudo_masks as pseudo_stage
 from wsss.config import load_config
 
 
@@ -32,7 +34,7 @@ def digest(directory):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pseudo")
     cfg = load_config("configs/default.yaml", [f"run.dir={root}", *TINY])
-    pipeline.train_classifier(cfg)
+    stages.train_classifier(cfg)
     return root
 
 
@@ -48,11 +50,11 @@ def copy_classifier(src_root, dst_root):
 
 def test_pseudo_masks_are_valid_palette_pngs(trained):
     cfg = config(trained)
-    result = pipeline.make_pseudo_masks(cfg)
+    result = stages.make_pseudo_masks(cfg)
     out = trained / "default" / "pseudo_masks"
     masks = sorted(out.glob("syn_*.png"))
     assert len(masks) == 12 and result["count"] == 12
-    source = pipeline.build_source(cfg, "train")
+    source = build_source(cfg, "train")
     for path in masks:
         with Image.open(path) as img:
             assert img.mode == "P" and img.size == (64, 64)
@@ -73,7 +75,7 @@ def test_interrupted_stage_resumes_to_identical_files(trained, tmp_path, monkeyp
 
     reference = digest(trained / "default" / "pseudo_masks")
     if not reference:
-        pipeline.make_pseudo_masks(config(trained))
+        stages.make_pseudo_masks(config(trained))
         reference = digest(trained / "default" / "pseudo_masks")
     copy_classifier(trained, tmp_path)
 
@@ -82,38 +84,38 @@ def test_interrupted_stage_resumes_to_identical_files(trained, tmp_path, monkeyp
             if batch_idx == 1:
                 raise SimulatedKill("killed")
 
-    original = pipeline.make_trainer
+    original = pseudo_stage.make_trainer
     extra = [KillAfterTwoBatches()]
-    monkeypatch.setattr(pipeline, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
+    monkeypatch.setattr(pseudo_stage, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
                         original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
     cfg = config(tmp_path)
     with pytest.raises(SimulatedKill):
-        pipeline.make_pseudo_masks(cfg)
+        stages.make_pseudo_masks(cfg)
     out = tmp_path / "default" / "pseudo_masks"
     assert len(list(out.glob("syn_*.png"))) == 8  # two batches of 4 landed
     extra.clear()
-    result = pipeline.make_pseudo_masks(cfg)
+    result = stages.make_pseudo_masks(cfg)
     assert result["written_now"] == 4
     assert digest(out) == reference
 
 
 def test_rerun_skips_and_changed_config_is_refused(trained):
-    first = pipeline.make_pseudo_masks(config(trained))
-    again = pipeline.make_pseudo_masks(config(trained))
+    first = stages.make_pseudo_masks(config(trained))
+    again = stages.make_pseudo_masks(config(trained))
     assert again["skipped"] and again["count"] == first["count"]
-    with pytest.raises(pipeline.StageError, match="different config"):
-        pipeline.make_pseudo_masks(config(trained, "pseudo.ignore_band=0.2"))
+    with pytest.raises(stages.StageError, match="different config"):
+        stages.make_pseudo_masks(config(trained, "pseudo.ignore_band=0.2"))
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_write_every_id_once(trained, tmp_path):
-    pipeline.make_pseudo_masks(config(trained))  # the single-process reference (skipped if done)
+    stages.make_pseudo_masks(config(trained))  # the single-process reference (skipped if done)
     copy_classifier(trained, tmp_path)
     cfg = config(tmp_path, "trainer.devices=2", "trainer.strategy=ddp_spawn", "cam.batch_size=2")
-    result = pipeline.make_pseudo_masks(cfg)
+    result = stages.make_pseudo_masks(cfg)
     out = tmp_path / "default" / "pseudo_masks"
     ids = sorted(p.stem for p in out.glob("syn_*.png"))
-    assert ids == sorted(pipeline.build_source(cfg, "train").ids)
+    assert ids == sorted(build_source(cfg, "train").ids)
     shares = result["rank_counts"]
     assert len(shares) == 2 and all(n > 0 for n in shares.values()) and sum(shares.values()) == 12
     assert digest(out) == digest(trained / "default" / "pseudo_masks")

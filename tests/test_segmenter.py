@@ -1,7 +1,6 @@
 """SegmenterModule: it learns from ground-truth masks, takes any image size, averages scales and
 flips into probabilities, stops on a non-finite loss, and draws validation panels."""
 
-import math
 import re
 from types import SimpleNamespace
 

@@ -53,9 +53,9 @@ def _data_check(cfg: Config) -> int:
 
 def _stage(name: str) -> Callable[[Config], int]:
     def command(cfg: Config) -> int:
-        from wsss import pipeline
+        from wsss import pipeline, stages
 
-        pipeline.save_config(cfg)
+        stages.save_config(cfg)
         if name == "run":
             pipeline.run_all(cfg)
             return 0
@@ -63,8 +63,8 @@ def _stage(name: str) -> Callable[[Config], int]:
                "train-segmenter": "segmenter", "evaluate": "evaluation"}[name]
         result = pipeline.STAGE_FUNCTIONS[key](cfg)
         state = "skipped (already done; run.overwrite=true redoes it)" if result.get("skipped") else "done"
-        print(f"[wsss] {name}: {state}; outputs in {pipeline.stage_dir(cfg, key)}")
-        pipeline.write_report(cfg)
+        print(f"[wsss] {name}: {state}; outputs in {stages.stage_dir(cfg, key)}")
+        stages.write_report(cfg)
         return 0
     return command
 
@@ -89,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     except RuntimeError as exc:
         from wsss.models.common import NonFiniteLossError
-        from wsss.pipeline import StageError
+        from wsss.stages import StageError
 
         if isinstance(exc, (StageError, NonFiniteLossError)):
             print(f"wsss {args.command}: error: {exc}", file=sys.stderr)

@@ -1,0 +1,158 @@
+"""Stage bookkeeping shared by every stage: stage folders and their ``stage.json``, config
+hashes (a stage's hash chains its inputs' hashes), skip / resume / refuse, the Lightning
+``Trainer`` factory and the resumable fit.
+
+Every stage owns a folder in the run directory with a ``stage.json`` that records the hash of
+the config it depends on and, once finished, its results. A finished stage is skipped; a stage
+whose folder was made with another config stops with a message instead of mixing outputs;
+``run.overwrite=true`` redoes it. Training stages resume from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from wsss.config import Config
+from wsss.io import read_json, write_json_atomic, write_text_atomic
+from wsss.tracking import close_logger, make_logger
+
+if TYPE_CHECKING:
+    import torch
+
+STAGES = ("classifier", "pseudo_masks", "segmenter", "evaluation")
+VOLATILE_KEYS = ("num_workers", "num_panels")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as asked; the message says why and what to do."""
+
+
+def config_hash(cfg: Config, *groups: str, extra: Any = None) -> str:
+    """Hash of the config groups a stage depends on (worker counts and panels excluded)."""
+    payload: dict[str, Any] = {}
+    for group in groups:
+        values = dataclasses.asdict(getattr(cfg, group))
+        volatile = VOLATILE_KEYS + (("batch_size",) if group == "cam" else ())
+        payload[group] = {k: v for k, v in values.items() if k not in volatile}
+    payload["extra"] = extra
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_hashes(cfg: Config) -> dict[str, str]:
+    """Each stage's hash chains its inputs' hashes, so a change upstream invalidates downstream."""
+    classifier = config_hash(cfg, "data", "classifier", extra=[cfg.run.seed, cfg.trainer.precision])
+    pseudo = config_hash(cfg, "cam", "pseudo", extra=classifier)
+    masks = pseudo if cfg.segmenter.masks == "pseudo" else cfg.segmenter.masks
+    segmenter = config_hash(cfg, "data", "segmenter", extra=[masks, cfg.run.seed, cfg.trainer.precision])
+    return {"classifier": classifier, "pseudo_masks": pseudo, "segmenter": segmenter,
+            "evaluation": config_hash(cfg, "segmenter", extra=[segmenter, cfg.data.test_split])}
+
+
+def stage_dir(cfg: Config, stage: str) -> Path:
+    return cfg.run_dir / stage
+
+
+def read_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
+    path = stage_dir(cfg, stage) / "stage.json"
+    return read_json(path) if path.is_file() else None
+
+
+def begin_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
+    """Return the finished record to skip, or prepare the folder and return None to run."""
+    directory = stage_dir(cfg, stage)
+    wanted = stage_hashes(cfg)[stage]
+    if cfg.run.overwrite and directory.exists():
+        shutil.rmtree(directory)
+    record = read_stage(cfg, stage)
+    if record is not None and record.get("config_hash") != wanted:
+        raise StageError(
+            f"{directory} was made with a different config (hash {record.get('config_hash')}, now "
+            f"{wanted}). Redo it with run.overwrite=true, or pick another run.name")
+    if record is not None and record.get("status") == "done":
+        return record
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / "stage.json", {"stage": stage, "config_hash": wanted, "status": "running"})
+    return None
+
+
+def finish_stage(cfg: Config, stage: str, results: dict[str, Any], seconds: float) -> dict[str, Any]:
+    record = {"stage": stage, "config_hash": stage_hashes(cfg)[stage], "status": "done",
+              "seconds": round(seconds, 2), **results}
+    write_json_atomic(stage_dir(cfg, stage) / "stage.json", record)
+    return record
+
+
+def save_config(cfg: Config) -> None:
+    """The resolved config, always beside the run's outputs."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
+
+
+def _limit(value: Optional[float]) -> Optional[float | int]:
+    if value is None:
+        return None
+    return int(value) if value > 1 else value
+
+
+def make_trainer(cfg: Config, max_epochs: int, logger: Any = False, callbacks: Optional[list] = None,
+                 **overrides: Any) -> L.Trainer:
+    """One Lightning Trainer per stage, from the ``trainer`` config group."""
+    t = cfg.trainer
+    options: dict[str, Any] = dict(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+        max_epochs=max_epochs, logger=logger, callbacks=callbacks or [],
+        log_every_n_steps=t.log_every_n_steps, limit_train_batches=_limit(t.limit_train_batches),
+        limit_val_batches=_limit(t.limit_val_batches), default_root_dir=str(cfg.run_dir),
+        num_sanity_val_steps=0, enable_model_summary=False)
+    options.update(overrides)
+    return L.Trainer(**{k: v for k, v in options.items() if v is not None})
+
+
+def fit_stage(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.LightningDataModule,
+         max_epochs: int) -> dict[str, Any]:
+    """Fit with a last.ckpt written every epoch, resuming from it when present."""
+    directory = stage_dir(cfg, stage)
+    # one rolling checkpoint, overwritten every epoch: the resume point and the final weights
+    checkpoint = ModelCheckpoint(dirpath=str(directory), filename="last", save_top_k=1, monitor=None,
+                                 enable_version_counter=False)
+    logger = make_logger(cfg, stage)
+    trainer = make_trainer(cfg, max_epochs, logger, [checkpoint])
+    last = directory / "last.ckpt"
+    try:
+        with warnings.catch_warnings():
+            # the stage folder always holds stage.json beside the checkpoint: not a stale run
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    finally:
+        close_logger(logger)
+    if trainer.interrupted:
+        raise StageError(f"{stage} training was interrupted; run the same command again to resume "
+                         f"from {last}")
+    return {"epochs": trainer.current_epoch, "checkpoint": "last.ckpt",
+            "metrics": dict(getattr(module, "last_val_scores", {}))}
+
+
+def load_trained(cfg: Config, stage: str, module_class, command: str):
+    """The finished stage's LightningModule from its checkpoint, on the CPU."""
+    record = read_stage(cfg, stage)
+    if record is None or record.get("status") != "done":
+        raise StageError(f"no trained {stage} in {stage_dir(cfg, stage)}; run `wsss {command}` "
+                         f"(or `wsss run`) first")
+    return module_class.load_from_checkpoint(stage_dir(cfg, stage) / record["checkpoint"], map_location="cpu")
+
+
+def stage_device(cfg: Config) -> "torch.device":
+    """The device for work done outside a Trainer (GPU when asked for and present)."""
+    import torch
+
+    wants_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")

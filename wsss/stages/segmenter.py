@@ -1,0 +1,91 @@
+"""Stage 3: the segmentation network (smp), trained on the masks ``segmenter.masks`` names:
+the pseudo-masks, the data set's ground truth, or a directory of palette PNGs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+
+from wsss.config import Config
+from wsss.data.datamodule import StageDataModule, build_source
+from wsss.data.imageio import DataError
+from wsss.stages.base import (StageError, begin_stage, finish_stage, fit_stage, load_trained,
+                              read_stage, stage_dir)
+
+
+def segmenter_masks(cfg: Config) -> Optional[Path]:
+    """The training-mask directory that ``segmenter.masks`` names (None: the data set's own)."""
+    choice = cfg.segmenter.masks
+    if choice == "ground_truth":
+        return None
+    if choice == "pseudo":
+        record = read_stage(cfg, "pseudo_masks")
+        if record is None or record.get("status") != "done":
+            raise StageError(f"segmenter.masks=pseudo but {stage_dir(cfg, 'pseudo_masks')} is not "
+                             f"complete; run `wsss make-pseudo-masks` first, or train on "
+                             f"segmenter.masks=ground_truth")
+        return stage_dir(cfg, "pseudo_masks")
+    path = Path(choice)
+    if not path.is_dir():
+        raise StageError(f"segmenter.masks: {path} is not a directory; use pseudo, ground_truth "
+                         f"or a directory of palette PNGs named <id>.png")
+    return path
+
+
+def check_mask_dir(source, directory: Path, limit: int = 20) -> None:
+    """Stop before training when masks are missing, of the wrong size or out of range."""
+    from tqdm.auto import tqdm
+
+    problems = []
+    missing = [i for i in source.ids if not (directory / f"{i}.png").is_file()]
+    problems += [f"{i}: {directory / (i + '.png')} is missing" for i in missing]
+    missing_set = set(missing)
+    for index, sample_id in enumerate(tqdm(source.ids, desc=f"checking masks in {directory}",
+                                           leave=False)):
+        if sample_id in missing_set:
+            continue
+        try:
+            source.load(index)
+        except DataError as exc:
+            problems.append(f"{sample_id}: {exc}")
+    if problems:
+        shown = "\n  ".join(problems[:limit])
+        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+        raise DataError(f"mask directory {directory}: {len(problems)} bad or missing mask(s) out of "
+                        f"{len(source)}:\n  {shown}{more}")
+
+
+def train_segmenter(cfg: Config) -> dict[str, Any]:
+    """Stage 3: the segmentation network on the masks that ``segmenter.masks`` names."""
+    from wsss.models.segmenter import SegmenterModule
+
+    masks = segmenter_masks(cfg)
+    done = begin_stage(cfg, "segmenter")
+    if done is not None:
+        return {**done, "skipped": True}
+    started = time.perf_counter()
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    datamodule = StageDataModule(cfg, "segmenter", train_masks=masks)
+    if masks is not None:
+        plain = build_source(cfg, cfg.data.train_split, mean=datamodule.mean, std=datamodule.std)
+        plain.use_masks_from(masks)
+        check_mask_dir(plain, masks)
+    s = cfg.segmenter
+    module = SegmenterModule(
+        num_classes=datamodule.num_foreground + 1, arch=s.arch, encoder=s.encoder,
+        pretrained=s.pretrained, in_channels=cfg.data.channels, lr=s.lr, weight_decay=s.weight_decay,
+        eval_scales=s.eval_scales, eval_flip=s.eval_flip,
+        class_names=datamodule.train_set.all_class_names, mean=datamodule.mean, std=datamodule.std,
+        num_panels=cfg.logger.num_panels)
+    results = fit_stage(cfg, "segmenter", module, datamodule, s.max_epochs)
+    results["masks"] = str(masks) if masks is not None else "ground_truth"
+    return finish_stage(cfg, "segmenter", results, time.perf_counter() - started)
+
+
+def load_segmenter(cfg: Config):
+    from wsss.models.segmenter import SegmenterModule
+
+    return load_trained(cfg, "segmenter", SegmenterModule, "train-segmenter")
