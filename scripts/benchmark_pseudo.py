@@ -34,7 +34,7 @@ from wsss.io import read_json, write_json_atomic
 from wsss.stages import base as stage_base, pseudo_masks as pseudo_stage
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
-from wsss.metrics import IoUMeter
+from wsss.metrics import SegmentationScores
 from wsss.pseudo.calibrate import ThresholdCalibrator, masked_confidences
 from wsss.pseudo.labels import scores_to_labels
 
@@ -56,7 +56,7 @@ OBJECTIVES = ("increase", "keep_delete", "area", "delete")
 
 
 def miou(batches, thresholds_of, num_classes) -> float:
-    meter = IoUMeter(num_classes)
+    meter = SegmentationScores(num_classes)
     for maps, targets, valid, masks in batches:
         labels = scores_to_labels(maps, targets + 1, valid, thresholds_of(targets), 0.0)
         meter.update(labels.long(), masks)
@@ -95,7 +95,7 @@ def quality(args) -> None:
         run_cfg = dataclasses.replace(cfg, cam=dataclasses.replace(
             cfg.cam, method=method, layers=layers, preset=preset or cfg.cam.preset, layer_weights=None,
             normalize=normalize))
-        module = pseudo_stage._pseudo_module(run_cfg, classifier)
+        module = pseudo_stage.pseudo_module(run_cfg, classifier)
         scored, seconds = collect(module, evaluation, run_cfg)
         queried, _ = collect(module, calibration, run_cfg)
         views = alone + (["fused"] if len(layers) > 1 else [])

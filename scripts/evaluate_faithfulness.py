@@ -23,7 +23,7 @@ from wsss import stages
 from wsss.cam import aggregate_scales, build_cam, fuse_layers
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
-from wsss.metrics import IoUMeter, average_drop_increase, insertion_deletion_auc
+from wsss.metrics import SegmentationScores, average_drop_increase, insertion_deletion_auc
 from wsss.models.pseudo_labeler import present_targets
 from wsss.pseudo.labels import scores_to_labels
 
@@ -67,7 +67,7 @@ def main() -> None:
             for layer, maps in per_layer.items():
                 collected[layer].append((raw, maps, targets, valid, batch["mask"]))
         for layer, parts in collected.items():
-            meters = {tau: IoUMeter(num_classes) for tau in GRID}
+            meters = {tau: SegmentationScores(num_classes) for tau in GRID}
             drops, incs, rdrops, rincs, dels, inss, weights = [], [], [], [], [], [], []
             for raw, maps, targets, valid, masks in parts:
                 for tau, meter in meters.items():

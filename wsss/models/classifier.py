@@ -7,14 +7,14 @@ The network keeps torchvision's own module structure (``model.layer4``, ``model.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 import torchvision
 from torch import Tensor, nn
-from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
 
+from wsss.metrics import MultiLabelScores
 from wsss.models.common import check_finite_loss
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -91,18 +91,35 @@ def head_of(model: nn.Module) -> nn.Module:
     return model.fc if hasattr(model, "fc") else model.classifier
 
 
-def lr_lambda(schedule: str, total_steps: int):
-    """Multiplier of the base learning rate at each optimizer step."""
-    total = max(1, total_steps)
+def lr_lambda(schedule: str, total_steps: int | Callable[[], int]):
+    """Multiplier of the base learning rate at each optimizer step.
+
+    ``total_steps`` may be a callable, resolved at the first step after step 0 (the multiplier
+    at step 0 is 1 whatever the total). Modules pass ``trainer.estimated_stepping_batches`` that
+    way: asking for it in ``configure_optimizers`` makes Lightning build the training iterator
+    before a resumed fit has restored its epoch, so a loader with workers would replay epoch 0.
+    """
+    resolved: list[int] = []
+
+    def total() -> int:
+        if not resolved:
+            resolved.append(max(1, int(total_steps() if callable(total_steps) else total_steps)))
+        return resolved[0]
+
     if schedule == "poly":
-        return lambda step: max(0.0, 1.0 - step / total) ** 0.9
+        return lambda step: 1.0 if step == 0 else max(0.0, 1.0 - step / total()) ** 0.9
     if schedule == "cosine":
-        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return lambda step: 1.0 if step == 0 else 0.5 * (1.0 + math.cos(math.pi * min(step, total()) / total()))
     return lambda step: 1.0
 
 
+def planned_steps(module: L.LightningModule) -> Callable[[], int]:
+    """The optimizer steps of the whole fit, asked of the trainer only when first needed."""
+    return lambda: int(module.trainer.estimated_stepping_batches) if module._trainer is not None else 1
+
+
 class ClassifierModule(L.LightningModule):
-    """Multi-label BCE classifier; validation reports macro mAP and F1 at 0.5."""
+    """Multi-label BCE classifier; validation reports mAP and F1 at 0.5 over the classes present."""
 
     def __init__(self, num_classes: int, backbone: str = "resnet18", pretrained: bool = False,
                  output_stride: int = 32, in_channels: int = 3, lr: float = 0.01,
@@ -113,9 +130,7 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters()
         self.model = build_backbone(backbone, num_classes, pretrained, output_stride, in_channels)
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.val_map = MultilabelAveragePrecision(num_labels=num_classes, average="macro")
-        self.val_f1 = MultilabelF1Score(num_labels=num_classes, average="macro", threshold=0.5)
-        self.last_val_scores: dict[str, float] = {}
+        self.val_scores = MultiLabelScores(num_classes, threshold=0.5)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
@@ -135,15 +150,17 @@ class ClassifierModule(L.LightningModule):
         logits = self(batch["image"]).float()
         labels = batch["labels"]
         self.log("val/loss", self.loss_fn(logits, labels), batch_size=len(logits), sync_dist=True)
-        self.val_map.update(logits.sigmoid(), labels.long())
-        self.val_f1.update(logits.sigmoid(), labels.long())
+        self.val_scores.update(logits.sigmoid(), labels)
 
     def on_validation_epoch_end(self) -> None:
-        scores = {"val/mAP": float(self.val_map.compute()), "val/f1": float(self.val_f1.compute())}
-        self.val_map.reset()
-        self.val_f1.reset()
-        self.log_dict(scores, prog_bar=True)
-        self.last_val_scores = scores
+        """mAP / F1 over the classes present in the val split (synced over processes), and each
+        present class's AP, as logged scalars: they reach ``trainer.callback_metrics`` whatever
+        the strategy (spawned processes included)."""
+        scores = self.val_scores.compute()
+        self.val_scores.reset()
+        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        self.log_dict({"val/mAP": scores["mAP"], "val/f1": scores["f1"]}, prog_bar=True)
+        self.log_dict({f"val/ap_{name}": ap for name, ap in zip(names, scores["per_class_ap"]) if ap is not None})
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -156,6 +173,5 @@ class ClassifierModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         else:
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.schedule, total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.schedule, planned_steps(self)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -5,6 +5,7 @@ inference."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -13,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.metrics import IGNORE_INDEX, IoUMeter
-from wsss.models.classifier import lr_lambda
+from wsss.metrics import IGNORE_INDEX, SegmentationScores
+from wsss.models.classifier import lr_lambda, planned_steps
 from wsss.models.common import check_finite_loss
 
 STRIDE = 32  # smp encoders downsample by 32: inputs are padded to a multiple of it
@@ -46,8 +47,7 @@ class SegmenterModule(L.LightningModule):
         self.save_hyperparameters()
         self.net = build_network(arch, encoder, num_classes, in_channels, pretrained)
         self.loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-        self.meter = IoUMeter(num_classes)
-        self.last_val_scores: dict[str, Any] = {}
+        self.val_scores = SegmentationScores(num_classes)
         self._panels: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def forward(self, images: Tensor) -> Tensor:
@@ -86,14 +86,14 @@ class SegmenterModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self.meter = IoUMeter(self.hparams.num_classes).to(self.device)
+        self.val_scores.reset()
         self._panels = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "mask" not in batch:
             return
         preds = self.predict_probs(batch["image"]).argmax(1)
-        self.meter.update(preds, batch["mask"])
+        self.val_scores.update(preds, batch["mask"])
         for i in range(len(preds)):
             if len(self._panels) < self.hparams.num_panels:
                 h, w = (int(v) for v in batch["size"][i]) if "size" in batch else preds.shape[-2:]
@@ -101,17 +101,21 @@ class SegmenterModule(L.LightningModule):
                                      batch["mask"][i, :h, :w].cpu()))
 
     def on_validation_epoch_end(self) -> None:
+        """mIoU, Dice and per-class IoU over the whole val split (synced over processes), as
+        logged scalars: they reach ``trainer.callback_metrics`` whatever the strategy."""
         self._log_panels()
-        scores = self.meter.compute()  # synced across processes: every rank takes the same branch
+        with warnings.catch_warnings():  # a split without masks updates nothing: a valid state here
+            warnings.filterwarnings("ignore", message=".*called before the ``update`` method.*")
+            scores = self.val_scores.compute()  # synced across processes: every rank takes the same branch
+        self.val_scores.reset()
         if math.isnan(scores["miou"]):  # no ground-truth pixel in the whole split: nothing to score
             return
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
-        self.log("val/miou", scores["miou"], prog_bar=True)
-        for name, iou in zip(names, scores["per_class_iou"]):
-            if iou == iou:  # not NaN
-                self.log(f"val/iou_{name}", iou)
-        self.last_val_scores = {"val/miou": scores["miou"],
-                                "per_class_iou": dict(zip(names, scores["per_class_iou"]))}
+        self.log_dict({"val/miou": scores["miou"]}, prog_bar=True)
+        self.log_dict({f"val/{key}": scores[key] for key in ("pixel_accuracy", "mean_class_accuracy", "dice")
+                       if not math.isnan(scores[key])})
+        self.log_dict({f"val/iou_{name}": iou for name, iou in zip(names, scores["per_class_iou"])
+                       if iou is not None})
 
     def _log_panels(self) -> None:
         from wsss.data.masks import colorize
@@ -131,6 +135,5 @@ class SegmenterModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("poly", total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("poly", planned_steps(self)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
