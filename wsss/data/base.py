@@ -120,7 +120,13 @@ class SegmentationSource(Dataset):
         image = (image - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """``key`` is an index, or ``(index, augmentation_seed)`` from a ``GlobalBatchSampler``:
+        the albumentations pipeline is then reseeded for this item, so its augmentation depends
+        on nothing but the seed (not on the worker, the process or what was loaded before)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
         sample = self.load(index)
         image, mask = sample.image, sample.mask
         if self.transform is not None:

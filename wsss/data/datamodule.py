@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from wsss.config import Config
 from wsss.data.base import SegmentationSource
+from wsss.data.samplers import GlobalBatchSampler, ShardSampler
 from wsss.data.transforms import eval_transform, train_transform
 
 
@@ -65,27 +65,24 @@ def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker start: Lightning's seeding of torch / numpy / random (from the loader's
-    base seed, the worker id and the rank), then the data set's albumentations pipeline reseeded
-    from that numpy state, since albumentations ignores global seeds."""
+def make_loader(dataset: SegmentationSource, cfg: Config, batch_size: int, shuffle: bool = False,
+                drop_last: bool = False, sampler: Optional[Sampler] = None,
+                own_generator: bool = False) -> DataLoader:
+    """A DataLoader with the padding collate; workers seeded by Lightning's worker init.
+
+    own_generator: draw the workers' base seed from the loader's own generator (seeded from
+    ``run.seed``) instead of the global RNG, so creating the loader shifts no other random stream
+    (training loaders, which the resume guarantee needs). Only for loaders made inside the
+    process that uses them: a torch.Generator cannot be sent to a spawned process.
+    """
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
-    pl_worker_init_function(worker_id)
-    dataset = torch.utils.data.get_worker_info().dataset
-    while hasattr(dataset, "dataset"):  # torch Subset
-        dataset = dataset.dataset
-    transform = getattr(dataset, "transform", None)
-    if getattr(transform, "seed", None) is not None:
-        transform.set_random_seed(int(np.random.randint(0, 2**31 - 1)))
-
-
-def make_loader(dataset: SegmentationSource, cfg: Config, batch_size: int, shuffle: bool,
-                drop_last: bool = False) -> DataLoader:
     workers = cfg.data.num_workers
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+    generator = torch.Generator().manual_seed(cfg.run.seed) if own_generator else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
                       num_workers=workers, persistent_workers=workers > 0, collate_fn=pad_collate,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker if workers else None)
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=pl_worker_init_function if workers else None,
+                      generator=generator)
 
 
 class StageDataModule(L.LightningDataModule):
@@ -116,10 +113,27 @@ class StageDataModule(L.LightningDataModule):
     def num_foreground(self) -> int:
         return len(self.train_set.class_names)
 
+    def _process(self) -> tuple[int, int]:
+        """(global rank, world size) of this process in the Trainer that asks for loaders."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _epoch(self) -> int:
+        """The epoch Lightning is about to run, also while it restores a resumed fit (the value it
+        passes to ``set_epoch``; ``current_epoch`` lags behind then)."""
+        return self.trainer.fit_loop.epoch_progress.current.processed
+
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.cfg, self.cfg.data.batch_size, shuffle=True,
-                           drop_last=len(self.train_set) > self.cfg.data.batch_size)
+        """This process's share of each global batch of ``data.batch_size`` (see samplers)."""
+        rank, world = self._process()
+        sampler = GlobalBatchSampler(len(self.train_set), self.cfg.data.batch_size, self.cfg.run.seed,
+                                     shuffle=True, drop_last=True, rank=rank, world_size=world,
+                                     epoch_source=self._epoch if self.trainer else None)
+        return make_loader(self.train_set, self.cfg, self.cfg.data.batch_size // world, sampler=sampler,
+                           own_generator=True)
 
     def val_dataloader(self) -> DataLoader:
+        rank, world = self._process()
         batch = self.cfg.data.batch_size if self.stage == "classifier" else max(1, self.cfg.data.batch_size // 4)
-        return make_loader(self.val_set, self.cfg, batch, shuffle=False)
+        return make_loader(self.val_set, self.cfg, batch, sampler=ShardSampler(len(self.val_set), rank, world),
+                           own_generator=True)

@@ -2,9 +2,9 @@
 with 255 (ignore) and images with the data-set mean, so padding normalises to zero.
 
 albumentations keeps its own random state, untouched by global seeds: the training pipeline is
-seeded from ``run.seed`` here, and each DataLoader worker reseeds its copy
-(``wsss.data.datamodule.seed_worker``), so a run is reproducible and workers do not replay the
-same augmentations."""
+seeded from ``run.seed`` here, and reseeded for every item by the data set from the seed its
+sampler draws (``wsss.data.samplers``), so a run is reproducible, resumable to identical weights
+and independent of how many workers or processes load it."""
 
 from __future__ import annotations
 

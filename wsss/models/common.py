@@ -1,10 +1,15 @@
-"""Shared by the training modules: stopping cleanly on a non-finite loss."""
+"""Shared by the training modules: stopping cleanly on a non-finite loss, and RNG states kept in
+checkpoints."""
 
 from __future__ import annotations
 
 import math
+import random
+from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from torch import Tensor
 
 
@@ -31,3 +36,37 @@ def check_finite_loss(module: L.LightningModule, loss: Tensor) -> None:
         f"non-finite loss ({value}) at step {module.global_step}; learning rate(s) {lr}; last finite "
         f"loss {last}. Lower the learning rate (e.g. classifier.lr / segmenter.lr) or use "
         f"trainer.precision=32-true; no checkpoint of these weights was written")
+
+
+class RNGStateCallback(L.Callback):
+    """Keeps the random number generators' states in every checkpoint and restores them on
+    resume, so a training stage resumed from ``last.ckpt`` draws the same numbers (dropout,
+    anything random in the model) as an uninterrupted run. Data order and augmentation do not
+    use these generators (see ``wsss.data.samplers``)."""
+
+    KEY = "wsss_rng_states"
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
+        numpy_state = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "position": int(position), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+        states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state,
+                                  "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint[self.KEY] = states
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(self.KEY)
+        if states is None:  # a checkpoint from before RNG states were kept
+            return
+        torch.set_rng_state(states["torch"])
+        n = states["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                             n["gauss"]))
+        random.setstate(states["python"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
