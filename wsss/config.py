@@ -134,10 +134,19 @@ class SegmenterConfig:
 @dataclass
 class TrainerConfig:
     accelerator: str = _choice("auto", "auto", "cpu", "gpu", "cuda", "mps", help="Lightning accelerator")
-    devices: Union[int, str] = _opt("auto", "Lightning devices (int or 'auto')")
+    devices: Union[int, str, list[int]] = _opt("auto", "Lightning devices: a count, -1 (all), 'auto', or a "
+                                                       "list of device indices")
+    num_nodes: int = _opt(1, "machines (Lightning num_nodes); data.batch_size is the global batch over all")
     strategy: str = _opt("auto", "Lightning strategy (e.g. ddp, ddp_spawn)")
     precision: str = _choice("32-true", "32-true", "16-mixed", "bf16-mixed", "32", "16", "bf16",
                              help="Lightning precision")
+    deterministic: Optional[bool] = _opt(None, "Lightning deterministic (GPU determinism; CPU runs are "
+                                               "deterministic anyway); null = Lightning's default")
+    sync_batchnorm: bool = _opt(True, "with several GPU processes, batch norm over the global batch, so the "
+                                      "result follows the single-process run (torch offers it on GPU only)")
+    gradient_clip_val: Optional[float] = _opt(None, "clip gradients to this norm (training stages)")
+    accumulate_grad_batches: int = _opt(1, "optimizer step every this many batches (training stages)")
+    max_time: Optional[str] = _opt(None, "stop a training stage after DD:HH:MM:SS (it then counts as done)")
     log_every_n_steps: int = _opt(10, "logging interval")
     limit_train_batches: Optional[float] = _opt(None, "Lightning limit (int batches or float fraction)")
     limit_val_batches: Optional[float] = _opt(None, "Lightning limit (int batches or float fraction)")
@@ -290,6 +299,20 @@ def _check_cross_field(cfg: Config) -> None:
     for key in ("batch_size", "crop_size", "num_train", "num_val", "image_size"):
         if getattr(cfg.data, key) < 1:
             raise ConfigError(f"data.{key}: must be at least 1, got {getattr(cfg.data, key)}")
+    t = cfg.trainer
+    devices = t.devices
+    if isinstance(devices, list):
+        if not devices or any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+            raise ConfigError(f"trainer.devices: a list needs distinct device indices >= 0, got {devices}")
+    elif isinstance(devices, int) and devices < 1 and devices != -1:
+        raise ConfigError(f"trainer.devices: a count >= 1, -1 (all), 'auto' or a list, got {devices}")
+    elif isinstance(devices, str) and devices != "auto":
+        raise ConfigError(f"trainer.devices: a count >= 1, -1 (all), 'auto' or a list, got {devices!r}")
+    if t.num_nodes < 1 or t.accumulate_grad_batches < 1:
+        raise ConfigError(f"trainer.num_nodes and trainer.accumulate_grad_batches must be >= 1, got "
+                          f"{t.num_nodes} and {t.accumulate_grad_batches}")
+    if t.gradient_clip_val is not None and t.gradient_clip_val <= 0:
+        raise ConfigError(f"trainer.gradient_clip_val: must be > 0 (or null), got {t.gradient_clip_val}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from wsss.config import Config
+from wsss.stages.base import is_global_zero
 from wsss.stages import (evaluate, make_pseudo_masks, save_config, train_classifier,
                          train_segmenter, write_report)
-
 
 STAGE_FUNCTIONS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "classifier": train_classifier, "pseudo_masks": make_pseudo_masks,
@@ -19,6 +19,8 @@ STAGE_FUNCTIONS: dict[str, Callable[[Config], dict[str, Any]]] = {
 
 def run_all(cfg: Config, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """All stages in order, skipping finished ones, then report.json / report.md."""
+    if not is_global_zero():  # the other DDP processes work in silence
+        echo = _silent
     save_config(cfg)
     for stage, function in STAGE_FUNCTIONS.items():
         result = function(cfg)
@@ -27,3 +29,7 @@ def run_all(cfg: Config, echo: Callable[[str], None] = print) -> dict[str, Any]:
     report = write_report(cfg)
     echo(f"[wsss] report: {cfg.run_dir / 'report.json'}")
     return report
+
+
+def _silent(message: str) -> None:
+    """An echo that prints nothing."""

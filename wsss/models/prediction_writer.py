@@ -1,5 +1,6 @@
-"""Writes segmenter predictions as palette PNGs (the VOC server's format) and measures mIoU
-on the fly where ground truth exists, so evaluation streams over a split of any size."""
+"""Writes segmenter predictions as palette PNGs (the VOC server's format), each process its
+share; scoring reads the files afterwards (``wsss.stages.scoring``), so it needs no state from
+the processes that wrote them."""
 
 from __future__ import annotations
 
@@ -10,18 +11,15 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from wsss.data.masks import write_label_png
-from wsss.metrics import IoUMeter
 
 
 class SegmentationWriter(BasePredictionWriter):
     """``predict_step`` returns ``{"pred": (B,H,W)}``; each prediction is cropped to its image's
-    size, written to ``out_dir/<id>.png`` and scored against ``batch["mask"]`` if present."""
+    size and written to ``out_dir/<id>.png``."""
 
-    def __init__(self, out_dir: Path, num_classes: int) -> None:
+    def __init__(self, out_dir: Path) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
-        self.meter = IoUMeter(num_classes)
-        self.scored = 0
         self.written = 0
 
     def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: dict[str, torch.Tensor],
@@ -30,12 +28,5 @@ class SegmentationWriter(BasePredictionWriter):
         preds = prediction["pred"]
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i])
-            pred = preds[i, :h, :w]
-            write_label_png(self.out_dir / f"{sample_id}.png", pred.to(torch.uint8).cpu().numpy())
+            write_label_png(self.out_dir / f"{sample_id}.png", preds[i, :h, :w].to(torch.uint8).cpu().numpy())
             self.written += 1
-            if "mask" in batch:
-                self.meter.update(pred[None].long().cpu(), batch["mask"][i, :h, :w][None].long().cpu())
-                self.scored += 1
-
-    def scores(self) -> Optional[dict[str, Any]]:
-        return self.meter.compute() if self.scored else None

@@ -26,6 +26,7 @@ from wsss.pseudo.labels import scores_to_labels
 SEED_DIR = "seeds"
 MAP_DIR = "maps"
 RANK_DIR = ".ranks"
+PANEL_DIR = ".panels"
 
 
 def present_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,15 +155,17 @@ class PseudoMaskModule(L.LightningModule):
 
 class PseudoMaskWriter(BasePredictionWriter):
     """Writes ``<out>/<id>.png`` (pseudo-mask), ``<out>/seeds/<id>.png`` and optionally
-    ``<out>/maps/<id>.npz`` (fused float16 maps + class indices), each atomically. Keeps the first
-    ``num_panels`` samples for the panel grid. Each DDP rank writes its own share."""
+    ``<out>/maps/<id>.npz`` (fused float16 maps + class indices), each atomically. Each DDP
+    process writes its own share and, when predict ends, how many it wrote
+    (``<out>/.ranks/rank_<r>.json``). The samples named in ``panel_ids`` are saved for the panel
+    grid as ``<out>/.panels/<id>.pt`` by whichever process meets them, and kept: files, so the
+    grid shows the same images whether the stage was resumed, spawned or sharded."""
 
-    def __init__(self, out_dir: Path, save_maps: bool = False, num_panels: int = 0) -> None:
+    def __init__(self, out_dir: Path, save_maps: bool = False, panel_ids: Sequence[str] = ()) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
         self.save_maps = save_maps
-        self.num_panels = num_panels
-        self.panels: list[dict[str, Any]] = []
+        self.panel_ids = set(panel_ids)
         self.written = 0
 
     def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: dict[str, Any],
@@ -179,11 +182,12 @@ class PseudoMaskWriter(BasePredictionWriter):
                         np.savez_compressed(
                             handle, maps=prediction["fused"][i, keep, :h, :w].half().cpu().numpy(),
                             classes=(prediction["targets"][i, keep] + 1).cpu().numpy())
+            if sample_id in self.panel_ids:
+                with atomic_path(self.out_dir / PANEL_DIR / f"{sample_id}.pt") as tmp:
+                    torch.save(self._panel_item(batch, prediction, i, h, w), tmp)
             # the pseudo-mask goes last: its presence marks the image as done
             write_label_png(self.out_dir / f"{sample_id}.png", prediction["pseudo"][i, :h, :w].cpu().numpy())
             self.written += 1
-            if len(self.panels) < self.num_panels and trainer.is_global_zero:
-                self.panels.append(self._panel_item(batch, prediction, i, h, w))
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
         """Each rank reports how many images it wrote (the stage checks the shares add up)."""
@@ -192,11 +196,16 @@ class PseudoMaskWriter(BasePredictionWriter):
 
     @staticmethod
     def _panel_item(batch: dict[str, Any], prediction: dict[str, Any], i: int, h: int, w: int) -> dict[str, Any]:
+        """What the panel grid shows of one sample: the image, every present class's map per
+        layer and fused, the seed and pseudo-mask, and the ground truth if any."""
+        valid = prediction["valid"][i].cpu()
         return {
             "id": batch["id"][i],
             "image": batch["image"][i, :, :h, :w].cpu(),
-            "layers": {k: v[i, 0, :h, :w].cpu() for k, v in prediction["layers"].items()},
-            "fused": prediction["fused"][i, 0, :h, :w].cpu(),
-            "pseudo": prediction["pseudo"][i, :h, :w].cpu().numpy(),
-            "mask": batch["mask"][i, :h, :w].cpu().numpy() if "mask" in batch else None,
+            "classes": (prediction["targets"][i].cpu()[valid] + 1).tolist(),
+            "layers": {k: v[i, valid, :h, :w].cpu() for k, v in prediction["layers"].items()},
+            "fused": prediction["fused"][i, valid, :h, :w].cpu(),
+            "seeds": prediction["seeds"][i, :h, :w].cpu(),
+            "pseudo": prediction["pseudo"][i, :h, :w].cpu(),
+            "mask": batch["mask"][i, :h, :w].cpu() if "mask" in batch else None,
         }

@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -49,10 +51,13 @@ def config_hash(cfg: Config, *groups: str, extra: Any = None) -> str:
 
 def stage_hashes(cfg: Config) -> dict[str, str]:
     """Each stage's hash chains its inputs' hashes, so a change upstream invalidates downstream."""
-    classifier = config_hash(cfg, "data", "classifier", extra=[cfg.run.seed, cfg.trainer.precision])
+    t = cfg.trainer
+    # what changes a trained network: not the devices or strategy (the global batch is fixed)
+    training = [cfg.run.seed, t.precision, t.deterministic, t.gradient_clip_val, t.accumulate_grad_batches]
+    classifier = config_hash(cfg, "data", "classifier", extra=training)
     pseudo = config_hash(cfg, "cam", "pseudo", extra=classifier)
     masks = pseudo if cfg.segmenter.masks == "pseudo" else cfg.segmenter.masks
-    segmenter = config_hash(cfg, "data", "segmenter", extra=[masks, cfg.run.seed, cfg.trainer.precision])
+    segmenter = config_hash(cfg, "data", "segmenter", extra=[masks, *training])
     return {"classifier": classifier, "pseudo_masks": pseudo, "segmenter": segmenter,
             "evaluation": config_hash(cfg, "segmenter", extra=[segmenter, cfg.data.test_split])}
 
@@ -66,12 +71,47 @@ def read_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
     return read_json(path) if path.is_file() else None
 
 
+# ------------------------------------------------------------------ processes
+# Under ``trainer.strategy=ddp`` every process runs the whole command (Lightning relaunches it),
+# so work outside a Trainer call is gated here: files are written by global rank zero only, and
+# the processes meet at a barrier before anyone reads what rank zero wrote. Under ``ddp_spawn``
+# only the main process runs this code (the spawned ones run inside Trainer calls), and the
+# barrier is a no-op. The process group outlives each Trainer, so barriers work between stages.
+
+
+def is_global_zero() -> bool:
+    """True in the process that writes shared files: global rank zero, or the only process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    # a relaunched DDP process before its first Trainer call: the launcher's environment says
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def barrier() -> None:
+    """Wait for every process of the run (no-op in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
 def begin_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
-    """Return the finished record to skip, or prepare the folder and return None to run."""
+    """Return the finished record to skip, or prepare the folder and return None to run.
+
+    Every process takes the same decision: rank zero prepares the folder, then all of them read
+    the record after a barrier.
+    """
     directory = stage_dir(cfg, stage)
     wanted = stage_hashes(cfg)[stage]
-    if cfg.run.overwrite and directory.exists():
+    if is_global_zero() and cfg.run.overwrite and directory.exists():
         shutil.rmtree(directory)
+    barrier()
     record = read_stage(cfg, stage)
     if record is not None and record.get("config_hash") != wanted:
         raise StageError(
@@ -79,22 +119,55 @@ def begin_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
             f"{wanted}). Redo it with run.overwrite=true, or pick another run.name")
     if record is not None and record.get("status") == "done":
         return record
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(directory / "stage.json", {"stage": stage, "config_hash": wanted, "status": "running"})
+    barrier()  # everyone has read the record before rank zero rewrites it
+    if is_global_zero():
+        directory.mkdir(parents=True, exist_ok=True)
+        earlier = float((record or {}).get("seconds", 0.0))  # spent by interrupted attempts
+        write_json_atomic(directory / "stage.json", {"stage": stage, "config_hash": wanted, "status": "running",
+                                                     "seconds": round(earlier, 2)})
+    barrier()
     return None
 
 
 def finish_stage(cfg: Config, stage: str, results: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Mark the stage done with its results; ``seconds`` of this attempt add to earlier ones."""
+    earlier = float((read_stage(cfg, stage) or {}).get("seconds", 0.0))
     record = {"stage": stage, "config_hash": stage_hashes(cfg)[stage], "status": "done",
-              "seconds": round(seconds, 2), **results}
-    write_json_atomic(stage_dir(cfg, stage) / "stage.json", record)
+              "seconds": round(earlier + seconds, 2), **results}
+    barrier()  # everyone has read the earlier time
+    if is_global_zero():
+        write_json_atomic(stage_dir(cfg, stage) / "stage.json", record)
+    barrier()
     return record
 
 
+def _add_attempt_seconds(cfg: Config, stage: str, seconds: float) -> None:
+    """An attempt that failed or was interrupted still counts in the stage's time."""
+    record = read_stage(cfg, stage)
+    if is_global_zero() and record is not None and record.get("status") == "running":
+        record["seconds"] = round(float(record.get("seconds", 0.0)) + seconds, 2)
+        write_json_atomic(stage_dir(cfg, stage) / "stage.json", record)
+
+
+def run_stage(cfg: Config, stage: str, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Skip a finished stage, or run ``body`` and record its results and time (over attempts)."""
+    done = begin_stage(cfg, stage)
+    if done is not None:
+        return {**done, "skipped": True}
+    started = time.perf_counter()
+    try:
+        results = body()
+    except BaseException:
+        _add_attempt_seconds(cfg, stage, time.perf_counter() - started)
+        raise
+    return finish_stage(cfg, stage, results, time.perf_counter() - started)
+
+
 def save_config(cfg: Config) -> None:
-    """The resolved config, always beside the run's outputs."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
+    """The resolved config, always beside the run's outputs (written by global rank zero)."""
+    if is_global_zero():
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
 
 
 def _limit(value: Optional[float]) -> Optional[float | int]:
@@ -106,9 +179,14 @@ def _limit(value: Optional[float]) -> Optional[float | int]:
 def make_trainer(cfg: Config, max_epochs: int, logger: Any = False, callbacks: Optional[list] = None,
                  **overrides: Any) -> L.Trainer:
     """One Lightning Trainer per stage, from the ``trainer`` config group."""
+    import torch
+
     t = cfg.trainer
+    on_gpu = t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     options: dict[str, Any] = dict(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=t.precision, deterministic=t.deterministic,
+        sync_batchnorm=t.sync_batchnorm and on_gpu,  # torch's SyncBatchNorm is GPU-only
         max_epochs=max_epochs, logger=logger, callbacks=callbacks or [],
         log_every_n_steps=t.log_every_n_steps, limit_train_batches=_limit(t.limit_train_batches),
         limit_val_batches=_limit(t.limit_val_batches), default_root_dir=str(cfg.run_dir),
@@ -118,14 +196,28 @@ def make_trainer(cfg: Config, max_epochs: int, logger: Any = False, callbacks: O
 
 
 def fit_stage(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.LightningDataModule,
-         max_epochs: int) -> dict[str, Any]:
-    """Fit with a last.ckpt written every epoch, resuming from it when present."""
+              max_epochs: int) -> dict[str, Any]:
+    """Fit with a last.ckpt written every epoch, resuming from it when present.
+
+    The checkpoint also holds the RNG states, and the data order and augmentation depend on
+    (seed, epoch) alone (``wsss.data.samplers``), so a resumed run ends bit-identical to an
+    uninterrupted one on the CPU. Results come back through ``trainer.callback_metrics`` and the
+    checkpoint file, which survive spawned processes.
+    """
+    import torch
+
+    from wsss.models.common import RNGStateCallback
+
     directory = stage_dir(cfg, stage)
     # one rolling checkpoint, overwritten every epoch: the resume point and the final weights
     checkpoint = ModelCheckpoint(dirpath=str(directory), filename="last", save_top_k=1, monitor=None,
                                  enable_version_counter=False)
     logger = make_logger(cfg, stage)
-    trainer = make_trainer(cfg, max_epochs, logger, [checkpoint])
+    t = cfg.trainer
+    # the data module's samplers shard each global batch themselves (use_distributed_sampler off)
+    trainer = make_trainer(cfg, max_epochs, logger, [checkpoint, RNGStateCallback()],
+                           use_distributed_sampler=False, gradient_clip_val=t.gradient_clip_val,
+                           accumulate_grad_batches=t.accumulate_grad_batches, max_time=t.max_time)
     last = directory / "last.ckpt"
     try:
         with warnings.catch_warnings():
@@ -137,8 +229,12 @@ def fit_stage(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.
     if trainer.interrupted:
         raise StageError(f"{stage} training was interrupted; run the same command again to resume "
                          f"from {last}")
-    return {"epochs": trainer.current_epoch, "checkpoint": "last.ckpt",
-            "metrics": dict(getattr(module, "last_val_scores", {}))}
+    barrier()
+    saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    metrics = {key: round(float(value), 6) for key, value in trainer.callback_metrics.items()
+               if key.startswith("val/")}
+    return {"epochs": int(saved["epoch"]) + 1, "steps": int(saved["global_step"]), "checkpoint": "last.ckpt",
+            "metrics": metrics}
 
 
 def load_trained(cfg: Config, stage: str, module_class, command: str):

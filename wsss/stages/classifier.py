@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning as L
 
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule
-from wsss.stages.base import begin_stage, finish_stage, fit_stage, load_trained
+from wsss.stages.base import fit_stage, load_trained, run_stage
 
 
 def train_classifier(cfg: Config) -> dict[str, Any]:
     """Stage 1: the multi-label classifier on image-level labels."""
+    return run_stage(cfg, "classifier", lambda: _train(cfg))
+
+
+def _train(cfg: Config) -> dict[str, Any]:
     from wsss.models.classifier import ClassifierModule
 
-    done = begin_stage(cfg, "classifier")
-    if done is not None:
-        return {**done, "skipped": True}
-    started = time.perf_counter()
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = StageDataModule(cfg, "classifier")
     c = cfg.classifier
@@ -29,8 +28,7 @@ def train_classifier(cfg: Config) -> dict[str, Any]:
         backbone_lr_mult=c.backbone_lr_mult, weight_decay=c.weight_decay, momentum=c.momentum,
         schedule=c.schedule, optimizer=c.optimizer, class_names=datamodule.train_set.class_names,
         mean=datamodule.mean, std=datamodule.std)
-    results = fit_stage(cfg, "classifier", module, datamodule, c.max_epochs)
-    return finish_stage(cfg, "classifier", results, time.perf_counter() - started)
+    return fit_stage(cfg, "classifier", module, datamodule, c.max_epochs)
 
 
 def load_classifier(cfg: Config):

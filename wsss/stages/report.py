@@ -6,13 +6,13 @@ from typing import Any, Optional
 
 from wsss.config import Config
 from wsss.io import write_json_atomic, write_text_atomic
-from wsss.stages.base import STAGES, read_stage
+from wsss.stages.base import STAGES, is_global_zero, read_stage
 
 
 def _named(values: Optional[list[float]], names: list[str]) -> Optional[dict[str, float]]:
     if values is None:
         return None
-    return {name: round(float(v), 4) for name, v in zip(names, values)}
+    return {name: None if v is None else round(float(v), 4) for name, v in zip(names, values)}
 
 
 def build_report(cfg: Config) -> dict[str, Any]:
@@ -78,6 +78,8 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def write_report(cfg: Config) -> dict[str, Any]:
     report = build_report(cfg)
+    if not is_global_zero():
+        return report
     write_json_atomic(cfg.run_dir / "report.json", report)
     write_text_atomic(cfg.run_dir / "report.md", report_markdown(report))
     return report

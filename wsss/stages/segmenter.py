@@ -3,7 +3,6 @@ the pseudo-masks, the data set's ground truth, or a directory of palette PNGs.""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,8 +11,7 @@ import lightning as L
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule, build_source
 from wsss.data.imageio import DataError
-from wsss.stages.base import (StageError, begin_stage, finish_stage, fit_stage, load_trained,
-                              read_stage, stage_dir)
+from wsss.stages.base import StageError, fit_stage, load_trained, read_stage, run_stage, stage_dir
 
 
 def segmenter_masks(cfg: Config) -> Optional[Path]:
@@ -60,13 +58,13 @@ def check_mask_dir(source, directory: Path, limit: int = 20) -> None:
 
 def train_segmenter(cfg: Config) -> dict[str, Any]:
     """Stage 3: the segmentation network on the masks that ``segmenter.masks`` names."""
+    masks = segmenter_masks(cfg)
+    return run_stage(cfg, "segmenter", lambda: _train(cfg, masks))
+
+
+def _train(cfg: Config, masks: Optional[Path]) -> dict[str, Any]:
     from wsss.models.segmenter import SegmenterModule
 
-    masks = segmenter_masks(cfg)
-    done = begin_stage(cfg, "segmenter")
-    if done is not None:
-        return {**done, "skipped": True}
-    started = time.perf_counter()
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = StageDataModule(cfg, "segmenter", train_masks=masks)
     if masks is not None:
@@ -82,7 +80,7 @@ def train_segmenter(cfg: Config) -> dict[str, Any]:
         num_panels=cfg.logger.num_panels)
     results = fit_stage(cfg, "segmenter", module, datamodule, s.max_epochs)
     results["masks"] = str(masks) if masks is not None else "ground_truth"
-    return finish_stage(cfg, "segmenter", results, time.perf_counter() - started)
+    return results
 
 
 def load_segmenter(cfg: Config):

@@ -1,0 +1,155 @@
+"""Every stage under DDP (2 CPU processes, gloo) against one process, and training stages killed
+mid-epoch that resume to bit-identical weights."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from wsss import stages
+from wsss.config import load_config
+from wsss.stages import base as stage_base
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "data.num_train=16", "data.num_val=6", "data.image_size=64", "data.crop_size=64",
+    "data.batch_size=8", "data.num_workers=0",
+    "classifier.max_epochs=2", "classifier.output_stride=16",
+    "segmenter.max_epochs=1", "segmenter.arch=FPN",
+    "cam.batch_size=4", "cam.flip=false",
+    "pseudo.calibration_images=8", "pseudo.grid=[0.1, 0.3, 0.5]", "pseudo.num_panels=3",
+    "logger.kind=none", "trainer.accelerator=cpu",
+]
+# torch has no CPU SyncBatchNorm: on CPU each process normalises over its share of the global
+# batch, so trained networks follow a slightly different path than in one process (on GPU,
+# trainer.sync_batchnorm makes the paths agree). Figures that depend on DDP training are bounded
+# by this tolerance; what does not depend on it must be identical.
+TOLERANCE = 0.1
+
+
+class SimulatedKill(RuntimeError):
+    """Stands in for a killed process: Lightning re-raises it after its own clean-up."""
+
+
+def run_cli(run_dir: Path, *extra: str) -> dict:
+    """`wsss run` in a fresh interpreter (the ddp launcher relaunches this very command)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "wsss.cli", "run", "configs/default.yaml", f"run.dir={run_dir}", *TINY, *extra]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run_dir / "default" / "report.json").read_text())
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("syn_*.png"))}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    return root, run_cli(root, "trainer.devices=1")
+
+
+def check_shares_and_outputs(run: Path) -> dict:
+    """Each training image written once over the two processes' shares; spawned processes'
+    results (panels, metrics, epochs, predictions) made it back."""
+    out = run / "pseudo_masks"
+    record = json.loads((out / "stage.json").read_text())
+    shares = record["rank_counts"]
+    assert sorted(shares) == ["rank_0", "rank_1"] and all(n > 0 for n in shares.values())
+    assert sum(shares.values()) == 16 == len(list(out.glob("syn_*.png")))
+    assert (out / "panels.png").is_file() and len(record["panel_ids"]) == 3
+    segmenter = json.loads((run / "segmenter" / "stage.json").read_text())
+    assert segmenter["epochs"] == 1 and "val/miou" in segmenter["metrics"]
+    assert len(list((run / "evaluation" / "val").glob("*.png"))) == 6
+    return record
+
+
+@pytest.mark.slow
+def test_ddp_pseudo_masks_are_identical_to_one_process_given_the_classifier(single_process, tmp_path):
+    """trainer.strategy=ddp: every process runs the whole command. With the single-process run's
+    classifier, calibration (sharded, gathered) and the pseudo-masks are bit-identical; the
+    segmenter then trains under DDP."""
+    single_root, single = single_process
+    shutil.copytree(single_root / "default" / "classifier", tmp_path / "default" / "classifier")
+    report = run_cli(tmp_path, "trainer.devices=2", "trainer.strategy=ddp")
+    check_shares_and_outputs(tmp_path / "default")
+    assert report["thresholds"] == single["thresholds"]
+    assert digest(tmp_path / "default" / "pseudo_masks") == digest(single_root / "default" / "pseudo_masks")
+    for key in ("seed_miou", "pseudo_miou", "seed_per_class_iou", "pseudo_per_class_iou", "ignore_fraction"):
+        assert report[key] == single[key], key
+    assert report["seg_miou"] == pytest.approx(single["seg_miou"], abs=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_ddp_spawn_runs_every_stage_and_follows_one_process(single_process, tmp_path):
+    """trainer.strategy=ddp_spawn: only the main process runs the stage code; every result of
+    the spawned processes must come back through files or callback metrics."""
+    _, single = single_process
+    report = run_cli(tmp_path, "trainer.devices=2", "trainer.strategy=ddp_spawn")
+    check_shares_and_outputs(tmp_path / "default")
+    for key in ("seed_miou", "pseudo_miou", "seg_miou"):
+        assert report[key] == pytest.approx(single[key], abs=TOLERANCE), (key, report[key], single[key])
+    # the classifier's validation scores came back from the spawned processes
+    assert {"val/mAP", "val/f1", "val/loss"} <= set(report["classifier"])
+
+
+def _tiny(tmp_path, *extra):
+    return load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, "trainer.devices=1", *extra])
+
+
+def _with_callbacks(monkeypatch, extra):
+    original = stage_base.make_trainer
+    monkeypatch.setattr(stage_base, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
+                        original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
+
+
+class KillMidEpoch(L.Callback):
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise SimulatedKill("killed")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, extra", [
+    ("classifier", ["data.num_workers=2"]),                  # workers, augmentation, BN
+    ("segmenter", ["segmenter.masks=ground_truth", "segmenter.max_epochs=3"]),  # FPN dropout: RNG
+])
+def test_training_killed_mid_epoch_resumes_bit_identical(tmp_path, monkeypatch, stage, extra):
+    options = ["classifier.max_epochs=3", *extra]
+    train = stages.train_classifier if stage == "classifier" else stages.train_segmenter
+    if stage == "segmenter":
+        options.append("data.num_train=8")
+    whole = train(_tiny(tmp_path / "whole", *options))
+    kill = KillMidEpoch(epoch=1, batch=0)
+    _with_callbacks(monkeypatch, [kill])
+    cfg = _tiny(tmp_path / "resumed", *options)
+    with pytest.raises(SimulatedKill):
+        train(cfg)
+    interrupted = json.loads((tmp_path / "resumed" / "default" / stage / "stage.json").read_text())
+    assert interrupted["status"] == "running" and interrupted["seconds"] > 0
+    kill.epoch = -1  # the resumed attempt runs to the end
+    resumed = train(cfg)
+    assert resumed["epochs"] == whole["epochs"] == 3 and resumed["steps"] == whole["steps"]
+    assert resumed["seconds"] > interrupted["seconds"]  # time adds up over attempts
+    a = _weights(tmp_path / "whole" / "default" / stage / "last.ckpt")
+    b = _weights(tmp_path / "resumed" / "default" / stage / "last.ckpt")
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, differing[:5]
