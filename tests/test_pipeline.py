@@ -67,7 +67,7 @@ def test_second_run_skips_finished_stages_and_changes_nothing(finished_run, caps
     before = digest(finished_run / "pseudo_masks")
     ckpt = (finished_run / "segmenter" / "last.ckpt").stat().st_mtime_ns
     assert main(["run", "configs/default.yaml", f"run.dir={finished_run.parent}", *TINY]) == 0
-    assert capsys.readouterr().out.count("skipped (already done)") == 4
+    assert capsys.readouterr().out.count("already done, skipped") == 4
     assert digest(finished_run / "pseudo_masks") == before
     assert (finished_run / "segmenter" / "last.ckpt").stat().st_mtime_ns == ckpt
 

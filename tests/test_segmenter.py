@@ -42,8 +42,8 @@ def test_trained_on_ground_truth_beats_chance(monkeypatch):
     for all-background (uniform random guessing: 0.06). The bar is all-background + 0.10.
     """
     panels = []
-    monkeypatch.setattr("wsss.tracking.log_images",
-                        lambda logger, key, images, **kw: panels.append((key, images)))
+    monkeypatch.setattr("wsss.tracking.log_mask_overlays",
+                        lambda logger, key, items, names, step=None: panels.append((key, items, names)))
     items, (mean, std) = synthetic_items(8, 48)
     L.seed_everything(0, verbose=False)
     names = ["background", *SyntheticSegmentation.class_names]
@@ -68,12 +68,14 @@ def test_trained_on_ground_truth_beats_chance(monkeypatch):
     assert {f"val/iou_{name}" for name in names} <= set(logged)
     assert whole_split > background_only + 0.10, (whole_split, background_only)
 
-    # one panel per validation epoch: num_panels rows of input | prediction | ground truth
-    assert len(panels) == 1 and panels[0][0] == "val/panels"
-    (grid,) = panels[0][1]
-    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
-    gap, title = 2, 14
-    assert grid.shape[:2] == (title + 2 * 48 + gap, 3 * 48 + 2 * gap)
+    # once per validation epoch: num_panels images with prediction and ground truth overlays
+    assert len(panels) == 1 and panels[0][0] == "val/overlays" and panels[0][2] == names
+    items = panels[0][1]
+    assert len(items) == 2
+    for item in items:
+        assert item["image"].dtype == np.uint8 and item["image"].shape == (48, 48, 3)
+        assert set(item["masks"]) == {"prediction", "ground_truth"}
+        assert item["masks"]["ground_truth"].shape == (48, 48)
 
 
 def test_validation_without_masks_scores_nothing_and_does_not_fail():

@@ -7,6 +7,7 @@ values and bad input data stop the command with a message and exit status 1 (no 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional
 
@@ -62,15 +63,38 @@ def _stage(name: str) -> Callable[[Config], int]:
         key = {"train-classifier": "classifier", "make-pseudo-masks": "pseudo_masks",
                "train-segmenter": "segmenter", "evaluate": "evaluation"}[name]
         result = pipeline.STAGE_FUNCTIONS[key](cfg)
-        state = "skipped (already done; run.overwrite=true redoes it)" if result.get("skipped") else "done"
-        print(f"[wsss] {name}: {state}; outputs in {stages.stage_dir(cfg, key)}")
+        if result.get("skipped"):
+            print(f"[wsss] {name}: run.overwrite=true redoes it; outputs in {stages.stage_dir(cfg, key)}")
         stages.write_report(cfg)
         return 0
     return command
 
 
+def _quiet_third_party() -> None:
+    """Drop what Lightning and torch repeat on every stage and that says nothing about the run:
+    Lightning's product tips and torch's ``_pytree`` deprecation notice (from Lightning)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "Tip:" not in record.getMessage())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_third_party()
+    try:
+        code = _main(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:  # `wsss show-config --keys | head`: the reader left, nothing is wrong
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(args: argparse.Namespace) -> int:
     from wsss.data.imageio import DataError
 
     try:

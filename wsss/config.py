@@ -43,6 +43,8 @@ class RunConfig:
     dir: str = _opt("checkpoints", "where runs write")
     seed: int = _opt(0, "global seed (data order, init, synthetic data)")
     overwrite: bool = _opt(False, "redo finished stages and replace their outputs")
+    reference: Optional[str] = _opt(None, "a finished run directory whose segmenter was trained on ground truth "
+                                          "(segmenter.masks=ground_truth): report.md shows it and the ratio")
 
 
 @dataclass
@@ -115,6 +117,8 @@ class PseudoConfig:
     crf: bool = _opt(False, "dense CRF refinement (needs the `crf` extra: pydensecrf2)")
     save_maps: bool = _opt(False, "also write fused float maps as .npz (float16)")
     num_panels: int = _opt(8, "samples in the panel grid")
+    score_split: Optional[str] = _opt(None, "also score seeds and pseudo-masks on the pseudo-labelled images of "
+                                            "this split (VOC: train, the 1,464 images published tables use)")
 
 
 @dataclass

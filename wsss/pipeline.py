@@ -19,17 +19,10 @@ STAGE_FUNCTIONS: dict[str, Callable[[Config], dict[str, Any]]] = {
 
 def run_all(cfg: Config, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """All stages in order, skipping finished ones, then report.json / report.md."""
-    if not is_global_zero():  # the other DDP processes work in silence
-        echo = _silent
     save_config(cfg)
-    for stage, function in STAGE_FUNCTIONS.items():
-        result = function(cfg)
-        echo(f"[wsss] {stage}: {'skipped (already done)' if result.get('skipped') else 'done'} "
-             f"in {result.get('seconds')} s")
+    for function in STAGE_FUNCTIONS.values():
+        function(cfg)  # each stage prints its own start and end lines
     report = write_report(cfg)
-    echo(f"[wsss] report: {cfg.run_dir / 'report.json'}")
+    if is_global_zero():  # the other DDP processes work in silence
+        echo(f"[wsss] report: {cfg.run_dir / 'report.md'}")
     return report
-
-
-def _silent(message: str) -> None:
-    """An echo that prints nothing."""

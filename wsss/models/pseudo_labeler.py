@@ -184,7 +184,7 @@ class PseudoMaskWriter(BasePredictionWriter):
                             classes=(prediction["targets"][i, keep] + 1).cpu().numpy())
             if sample_id in self.panel_ids:
                 with atomic_path(self.out_dir / PANEL_DIR / f"{sample_id}.pt") as tmp:
-                    torch.save(self._panel_item(batch, prediction, i, h, w), tmp)
+                    torch.save(self._panel_item(batch, prediction, i, h, w, pl_module.mean, pl_module.std), tmp)
             # the pseudo-mask goes last: its presence marks the image as done
             write_label_png(self.out_dir / f"{sample_id}.png", prediction["pseudo"][i, :h, :w].cpu().numpy())
             self.written += 1
@@ -195,13 +195,16 @@ class PseudoMaskWriter(BasePredictionWriter):
                           {"rank": trainer.global_rank, "written": self.written})
 
     @staticmethod
-    def _panel_item(batch: dict[str, Any], prediction: dict[str, Any], i: int, h: int, w: int) -> dict[str, Any]:
-        """What the panel grid shows of one sample: the image, every present class's map per
-        layer and fused, the seed and pseudo-mask, and the ground truth if any."""
+    def _panel_item(batch: dict[str, Any], prediction: dict[str, Any], i: int, h: int, w: int,
+                    mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> dict[str, Any]:
+        """What the panel grid shows of one sample: the image (as displayed, uint8), every present
+        class's map per layer and fused, the seed and pseudo-mask, and the ground truth if any."""
+        from wsss.viz import denormalise
+
         valid = prediction["valid"][i].cpu()
         return {
             "id": batch["id"][i],
-            "image": batch["image"][i, :, :h, :w].cpu(),
+            "display": denormalise(batch["image"][i, :, :h, :w], mean, std),
             "classes": (prediction["targets"][i].cpu()[valid] + 1).tolist(),
             "layers": {k: v[i, valid, :h, :w].cpu() for k, v in prediction["layers"].items()},
             "fused": prediction["fused"][i, valid, :h, :w].cpu(),

@@ -118,16 +118,17 @@ class SegmenterModule(L.LightningModule):
                        if iou is not None})
 
     def _log_panels(self) -> None:
-        from wsss.data.masks import colorize
-        from wsss.tracking import log_images
-        from wsss.viz import denormalise, panel_grid
+        """The first validation images with prediction and ground truth as wandb mask overlays."""
+        from wsss.tracking import log_mask_overlays
+        from wsss.viz import denormalise
 
         if not self._panels or not self.trainer.is_global_zero:
             return
-        rows = [[denormalise(img, self.hparams.mean, self.hparams.std), colorize(pred.numpy()), colorize(gt.numpy())]
-                for img, pred, gt in self._panels]
-        log_images(self.logger, "val/panels", [panel_grid(rows, ["input", "prediction", "ground truth"])],
-                   step=self.global_step)
+        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        items = [{"image": denormalise(img, self.hparams.mean, self.hparams.std), "caption": f"val image {i}",
+                  "masks": {"prediction": pred.numpy(), "ground_truth": gt.numpy()}}
+                 for i, (img, pred, gt) in enumerate(self._panels)]
+        log_mask_overlays(self.logger, "val/overlays", items, names, step=self.global_step)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return {"pred": self.predict_probs(batch["image"]).argmax(1)}

@@ -149,18 +149,54 @@ def _add_attempt_seconds(cfg: Config, stage: str, seconds: float) -> None:
         write_json_atomic(stage_dir(cfg, stage) / "stage.json", record)
 
 
-def run_stage(cfg: Config, stage: str, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Skip a finished stage, or run ``body`` and record its results and time (over attempts)."""
+Recorder = Callable[[Any, dict[str, Any]], None]
+KEY_FIGURES = {"classifier": ("metrics", "val/mAP"), "pseudo_masks": (None, "pseudo_miou"),
+               "segmenter": ("metrics", "val/miou"), "evaluation": (None, "miou")}
+
+
+def key_figure(stage: str, record: dict[str, Any]) -> str:
+    """The one number that says how a stage went, for the console."""
+    group, key = KEY_FIGURES.get(stage, (None, None))
+    value = (record.get(group) or {}).get(key) if group else record.get(key)
+    return f"{key.split('/')[-1]} {100 * value:.1f}%" if isinstance(value, (int, float)) else ""
+
+
+def run_stage(cfg: Config, stage: str, body: Callable[[Any], dict[str, Any]],
+              recorder: Optional[Recorder] = None) -> dict[str, Any]:
+    """Skip a finished stage, or run ``body(logger)`` and record its results and time (over
+    attempts). The stage's logger lives for the whole stage: ``body`` trains or predicts with
+    it, then global rank zero logs the stage's numbers (``log_summary``) and whatever
+    ``recorder(logger, record)`` adds (tables, overlays, artifacts) before it is closed."""
+    from wsss.tracking import log_summary
+
     done = begin_stage(cfg, stage)
     if done is not None:
+        echo(f"[wsss] {stage}: already done, skipped ({key_figure(stage, done)})")
         return {**done, "skipped": True}
+    echo(f"[wsss] {stage}: started")
+    logger = make_logger(cfg, stage)
     started = time.perf_counter()
     try:
-        results = body()
-    except BaseException:
-        _add_attempt_seconds(cfg, stage, time.perf_counter() - started)
-        raise
-    return finish_stage(cfg, stage, results, time.perf_counter() - started)
+        try:
+            results = body(logger)
+        except BaseException:
+            _add_attempt_seconds(cfg, stage, time.perf_counter() - started)
+            raise
+        record = finish_stage(cfg, stage, results, time.perf_counter() - started)
+        if is_global_zero():
+            log_summary(logger, {key: value for key, value in record.items() if key != "config_hash"})
+            if recorder is not None:
+                recorder(logger, record)
+    finally:
+        close_logger(logger)
+    echo(f"[wsss] {stage}: done in {record['seconds']} s ({key_figure(stage, record)})")
+    return record
+
+
+def echo(message: str) -> None:
+    """One console line, from global rank zero only."""
+    if is_global_zero():
+        print(message, flush=True)
 
 
 def save_config(cfg: Config) -> None:
@@ -196,7 +232,7 @@ def make_trainer(cfg: Config, max_epochs: int, logger: Any = False, callbacks: O
 
 
 def fit_stage(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.LightningDataModule,
-              max_epochs: int) -> dict[str, Any]:
+              max_epochs: int, logger: Any = False) -> dict[str, Any]:
     """Fit with a last.ckpt written every epoch, resuming from it when present.
 
     The checkpoint also holds the RNG states, and the data order and augmentation depend on
@@ -207,25 +243,22 @@ def fit_stage(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.
     import torch
 
     from wsss.models.common import RNGStateCallback
+    from wsss.tracking import lr_monitor
 
     directory = stage_dir(cfg, stage)
     # one rolling checkpoint, overwritten every epoch: the resume point and the final weights
     checkpoint = ModelCheckpoint(dirpath=str(directory), filename="last", save_top_k=1, monitor=None,
                                  enable_version_counter=False)
-    logger = make_logger(cfg, stage)
     t = cfg.trainer
     # the data module's samplers shard each global batch themselves (use_distributed_sampler off)
-    trainer = make_trainer(cfg, max_epochs, logger, [checkpoint, RNGStateCallback()],
+    trainer = make_trainer(cfg, max_epochs, logger, [checkpoint, RNGStateCallback(), *lr_monitor(logger)],
                            use_distributed_sampler=False, gradient_clip_val=t.gradient_clip_val,
                            accumulate_grad_batches=t.accumulate_grad_batches, max_time=t.max_time)
     last = directory / "last.ckpt"
-    try:
-        with warnings.catch_warnings():
-            # the stage folder always holds stage.json beside the checkpoint: not a stale run
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
-    finally:
-        close_logger(logger)
+    with warnings.catch_warnings():
+        # the stage folder always holds stage.json beside the checkpoint: not a stale run
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
     if trainer.interrupted:
         raise StageError(f"{stage} training was interrupted; run the same command again to resume "
                          f"from {last}")
@@ -235,6 +268,13 @@ def fit_stage(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.
                if key.startswith("val/")}
     return {"epochs": int(saved["epoch"]) + 1, "steps": int(saved["global_step"]), "checkpoint": "last.ckpt",
             "metrics": metrics}
+
+
+def log_checkpoint(cfg: Config, stage: str, logger: Any) -> None:
+    """The stage's checkpoint as a wandb artifact (referenced, not copied)."""
+    from wsss.tracking import log_artifact
+
+    log_artifact(logger, f"{cfg.run.name}-{stage}", "model", references=[stage_dir(cfg, stage) / "last.ckpt"])
 
 
 def load_trained(cfg: Config, stage: str, module_class, command: str):

@@ -8,15 +8,16 @@ import lightning as L
 
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule
-from wsss.stages.base import fit_stage, load_trained, run_stage
+from wsss.stages.base import fit_stage, load_trained, log_checkpoint, run_stage
 
 
 def train_classifier(cfg: Config) -> dict[str, Any]:
     """Stage 1: the multi-label classifier on image-level labels."""
-    return run_stage(cfg, "classifier", lambda: _train(cfg))
+    return run_stage(cfg, "classifier", lambda logger: _train(cfg, logger),
+                     recorder=lambda logger, record: _record(cfg, logger, record))
 
 
-def _train(cfg: Config) -> dict[str, Any]:
+def _train(cfg: Config, logger: Any) -> dict[str, Any]:
     from wsss.models.classifier import ClassifierModule
 
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
@@ -28,7 +29,17 @@ def _train(cfg: Config) -> dict[str, Any]:
         backbone_lr_mult=c.backbone_lr_mult, weight_decay=c.weight_decay, momentum=c.momentum,
         schedule=c.schedule, optimizer=c.optimizer, class_names=datamodule.train_set.class_names,
         mean=datamodule.mean, std=datamodule.std)
-    return fit_stage(cfg, "classifier", module, datamodule, c.max_epochs)
+    return fit_stage(cfg, "classifier", module, datamodule, c.max_epochs, logger)
+
+
+def _record(cfg: Config, logger: Any, record: dict[str, Any]) -> None:
+    """Per-class average precision on the val split as a table, and the checkpoint."""
+    from wsss.tracking import log_table
+
+    metrics = record.get("metrics") or {}
+    rows = [[key[len("val/ap_"):], value] for key, value in metrics.items() if key.startswith("val/ap_")]
+    log_table(logger, "classifier/per_class_ap", ["class", "average precision"], rows)
+    log_checkpoint(cfg, "classifier", logger)
 
 
 def load_classifier(cfg: Config):

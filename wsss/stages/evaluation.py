@@ -14,14 +14,14 @@ from wsss.stages.scoring import score_mask_dir
 from wsss.stages.segmenter import load_segmenter
 
 
-def _predict_split(cfg: Config, module, split: str, out_dir: Path) -> Optional[dict[str, Any]]:
+def _predict_split(cfg: Config, module, split: str, out_dir: Path, logger: Any = False) -> Optional[dict[str, Any]]:
     """Write the split's predictions; their scores (rank zero, where ground truth exists)."""
     from wsss.models.prediction_writer import SegmentationWriter
 
     mean, std = module.hparams.mean, module.hparams.std
     dataset = build_source(cfg, split, mean=mean, std=std)
     batch = cfg.data.batch_size if cfg.data.name == "synthetic" else 1  # full size, no padding
-    trainer = make_trainer(cfg, 1, callbacks=[SegmentationWriter(out_dir)], limit_predict_batches=None)
+    trainer = make_trainer(cfg, 1, logger, callbacks=[SegmentationWriter(out_dir)], limit_predict_batches=None)
     trainer.predict(module, dataloaders=make_loader(dataset, cfg, batch), return_predictions=False)
     barrier()
     if not (is_global_zero() and dataset.has_masks):
@@ -32,17 +32,44 @@ def _predict_split(cfg: Config, module, split: str, out_dir: Path) -> Optional[d
 
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Stage 4: segmenter scores on the val split; predictions of val (and test) as palette PNGs."""
-    return run_stage(cfg, "evaluation", lambda: _evaluate(cfg))
+    return run_stage(cfg, "evaluation", lambda logger: _evaluate(cfg, logger),
+                     recorder=lambda logger, record: _record(cfg, logger, record))
 
 
-def _evaluate(cfg: Config) -> dict[str, Any]:
+def _evaluate(cfg: Config, logger: Any) -> dict[str, Any]:
     module = load_segmenter(cfg)
     directory = stage_dir(cfg, "evaluation")
     results: dict[str, Any] = {"class_names": list(module.hparams.class_names or [])}
-    scores = _predict_split(cfg, module, cfg.data.val_split, directory / cfg.data.val_split)
+    scores = _predict_split(cfg, module, cfg.data.val_split, directory / cfg.data.val_split, logger)
     if scores is not None:
         results.update(split=cfg.data.val_split, **{k: v for k, v in scores.items() if k != "ignore_fraction"})
     if cfg.data.test_split:
-        _predict_split(cfg, module, cfg.data.test_split, directory / cfg.data.test_split)
+        _predict_split(cfg, module, cfg.data.test_split, directory / cfg.data.test_split, logger)
         results["test_predictions"] = str(directory / cfg.data.test_split)
     return results
+
+
+def _record(cfg: Config, logger: Any, record: dict[str, Any], overlays: int = 8) -> None:
+    """Per-class IoU / Dice as a table, and the first val predictions over their images."""
+    import torch
+
+    from wsss.data.imageio import read_mask
+    from wsss.tracking import log_mask_overlays, log_table
+    from wsss.viz import denormalise
+
+    names = record.get("class_names") or []
+    iou, dice = record.get("per_class_iou") or [], record.get("per_class_dice") or []
+    log_table(logger, "evaluation/per_class", ["class", "IoU", "Dice"],
+              [[name, iou[c] if c < len(iou) else None, dice[c] if c < len(dice) else None]
+               for c, name in enumerate(names)])
+    source = build_source(cfg, cfg.data.val_split)
+    directory = stage_dir(cfg, "evaluation") / cfg.data.val_split
+    items = []
+    for index in range(min(overlays, len(source))):
+        raw = source.load_raw(index)
+        image = denormalise(torch.from_numpy(raw.image.transpose(2, 0, 1).copy()), None, None)
+        masks = {"prediction": read_mask(directory / f"{raw.id}.png")}
+        if raw.mask is not None:
+            masks["ground_truth"] = raw.mask
+        items.append({"image": image, "caption": raw.id, "masks": masks})
+    log_mask_overlays(logger, "evaluation/overlays", items, names)

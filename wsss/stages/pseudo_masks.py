@@ -33,7 +33,6 @@ from wsss.stages.base import (StageError, barrier, is_global_zero, make_trainer,
                               stage_hashes)
 from wsss.stages.classifier import load_classifier
 from wsss.stages.scoring import score_mask_dir
-from wsss.tracking import close_logger, log_images, make_logger
 
 CALIBRATION_DIR = ".calibration"
 
@@ -41,7 +40,8 @@ CALIBRATION_DIR = ".calibration"
 def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
     """Stage 2: calibrated Relevance-CAM pseudo-masks for the training split."""
     return run_stage(cfg, "pseudo_masks",
-                     lambda: run_pseudo_stage(cfg, load_classifier(cfg), stage_dir(cfg, "pseudo_masks")))
+                     lambda logger: run_pseudo_stage(cfg, load_classifier(cfg), stage_dir(cfg, "pseudo_masks"), logger),
+                     recorder=lambda logger, record: record_pseudo_stage(cfg, logger, record))
 
 
 def pseudo_module_options(cfg: Config, classifier) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def panel_ids(ids: list[str], count: int) -> list[str]:
     return [ids[(i * len(ids)) // count] for i in range(count)]
 
 
-def run_pseudo_stage(cfg: Config, classifier, out_dir: Path) -> dict[str, Any]:
+def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False) -> dict[str, Any]:
     """Calibrate, predict (resuming past finished images), then score, panel and manifest."""
     from wsss.models.pseudo_labeler import PANEL_DIR, RANK_DIR, SEED_DIR, PseudoMaskWriter
 
@@ -156,45 +156,107 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path) -> dict[str, Any]:
     shown = panel_ids(dataset.ids, cfg.pseudo.num_panels)
     writer = PseudoMaskWriter(out_dir, save_maps=cfg.pseudo.save_maps, panel_ids=shown)
     barrier()  # everyone has listed what is done before anyone writes more
-    logger = make_logger(cfg, "pseudo_masks")
     started = time.perf_counter()
-    try:
-        if todo:
-            trainer = make_trainer(cfg, 1, logger, [writer], inference_mode=False)
-            trainer.predict(module, dataloaders=make_loader(Subset(dataset, todo), cfg, cfg.cam.batch_size),
-                            return_predictions=False)
-            if trainer.interrupted:
-                raise StageError("pseudo-mask stage interrupted; run the same command again to "
-                                 "finish the remaining images")
-        barrier()
-        seconds = time.perf_counter() - started
-        if not is_global_zero():
-            return {}
-        rank_counts = _collect_rank_counts(out_dir / RANK_DIR)
-        pseudo_scores = score_mask_dir(dataset, out_dir)
-        seed_scores = score_mask_dir(dataset, out_dir / SEED_DIR)
-        panels = [torch.load(out_dir / PANEL_DIR / f"{i}.pt", weights_only=False) for i in shown
-                  if (out_dir / PANEL_DIR / f"{i}.pt").is_file()]
-        if panels:
-            from wsss.viz import save_png
-
-            grid = pseudo_panel_grid(panels, classifier.hparams.mean, classifier.hparams.std, cfg.cam.layers)
-            save_png(out_dir / "panels.png", grid)
-            log_images(logger, "pseudo/panels", [grid], ["image | layers | fused | pseudo | ground truth"])
-    finally:
-        close_logger(logger)
-    results = {
+    if todo:
+        trainer = make_trainer(cfg, 1, logger, [writer], inference_mode=False)
+        trainer.predict(module, dataloaders=make_loader(Subset(dataset, todo), cfg, cfg.cam.batch_size),
+                        return_predictions=False)
+        if trainer.interrupted:
+            raise StageError("pseudo-mask stage interrupted; run the same command again to "
+                             "finish the remaining images")
+    barrier()
+    seconds = time.perf_counter() - started
+    if not is_global_zero():
+        return {}
+    results: dict[str, Any] = {
         "count": len(dataset), "written_now": len(todo), "images_per_second": round(len(todo) / max(seconds, 1e-9), 2),
         "thresholds": thresholds, "class_names": ["background", *names],
-        "seed_miou": seed_scores.get("miou"), "seed_per_class_iou": seed_scores.get("per_class_iou"),
-        "pseudo_miou": pseudo_scores.get("miou"), "pseudo_per_class_iou": pseudo_scores.get("per_class_iou"),
-        "ignore_fraction": pseudo_scores["ignore_fraction"], "rank_counts": rank_counts,
-        "panel_ids": [item["id"] for item in panels],
-    }
+        "rank_counts": _collect_rank_counts(out_dir / RANK_DIR)}
+    for step, directory in (("seed", out_dir / SEED_DIR), ("pseudo", out_dir)):
+        results.update(_step_scores(step, score_mask_dir(dataset, directory)))
+    results["ignore_fraction"] = results.pop("pseudo_ignore_fraction")
+    results.pop("seed_ignore_fraction")
+    if cfg.pseudo.score_split and cfg.pseudo.score_split != cfg.data.train_split:
+        results["scored_on"] = _scores_on_split(cfg, dataset, out_dir, cfg.pseudo.score_split)
+    panels = [torch.load(out_dir / PANEL_DIR / f"{i}.pt", weights_only=False) for i in shown
+              if (out_dir / PANEL_DIR / f"{i}.pt").is_file()]
+    results["panel_ids"] = [item["id"] for item in panels]
+    if panels:
+        from wsss.viz import save_png
+
+        grid = pseudo_panel_grid(panels, cfg.cam.layers, ["background", *names])
+        save_png(out_dir / "panels.png", grid)
     write_json_atomic(out_dir / "manifest.json", {"config_hash": stage_hashes(cfg)["pseudo_masks"],
                                                   "count": len(dataset), "thresholds": thresholds,
                                                   "complete": True})
     return results
+
+
+def _step_scores(step: str, scores: dict[str, Any]) -> dict[str, Any]:
+    """``score_mask_dir`` keys under the step's name: seed_miou, seed_per_class_iou, ..."""
+    return {f"{step}_{key}": value for key, value in scores.items()}
+
+
+def _scores_on_split(cfg: Config, dataset, out_dir: Path, split: str) -> dict[str, Any]:
+    """Seed and pseudo-mask scores on the pseudo-labelled images that also belong to ``split``
+    (VOC: the 1,464 ``train`` images with SegmentationClass ground truth, as published tables
+    report them)."""
+    from wsss.models.pseudo_labeler import SEED_DIR
+
+    members = set(build_source(cfg, split).ids)
+    subset = [i for i, sample_id in enumerate(dataset.ids) if sample_id in members]
+    view = dataset.subset(subset) if hasattr(dataset, "subset") else _SubsetSource(dataset, subset)
+    scores: dict[str, Any] = {"split": split, "images": len(subset)}
+    for step, directory in (("seed", out_dir / SEED_DIR), ("pseudo", out_dir)):
+        scores.update(_step_scores(step, score_mask_dir(view, directory)))
+    return scores
+
+
+class _SubsetSource:
+    """The part of a data source that ``score_mask_dir`` reads, restricted to some indices."""
+
+    def __init__(self, source, indices: list[int]) -> None:
+        self.source, self.indices = source, indices
+        self.num_classes, self.has_masks = source.num_classes, source.has_masks
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_raw(self, index: int):
+        return self.source.load_raw(self.indices[index])
+
+
+def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> None:
+    """Thresholds and per-class scores as tables, the panel samples as mask overlays, the panel
+    grid, and the pseudo-mask set (with manifest and thresholds) as an artifact."""
+    from wsss.models.pseudo_labeler import PANEL_DIR
+    from wsss.tracking import log_artifact, log_images, log_mask_overlays, log_table
+
+    out_dir = stage_dir(cfg, "pseudo_masks")
+    names = record.get("class_names") or []
+    thresholds = record.get("thresholds") or {}
+    pairs = thresholds.get("pairs") or {}
+    log_table(logger, "pseudo/thresholds", ["class", "threshold", "calibration pairs", "fallback"],
+              [[name, value, pairs.get(name), pairs.get(name) == 0]
+               for name, value in (thresholds.get("per_class") or {}).items()])
+    steps = [step for step in ("seed", "pseudo", "refined") if record.get(f"{step}_per_class_iou")]
+    log_table(logger, "pseudo/per_class_iou", ["class", *steps],
+              [[name, *[record[f"{step}_per_class_iou"][c] for step in steps]] for c, name in enumerate(names)])
+    items = []
+    for sample_id in record.get("panel_ids") or []:
+        item = torch.load(out_dir / PANEL_DIR / f"{sample_id}.pt", weights_only=False)
+        masks = {"seeds": item["seeds"].numpy(), "pseudo": item["pseudo"].numpy()}
+        if item["mask"] is not None:
+            masks["ground_truth"] = item["mask"].numpy()
+        items.append({"image": item["display"], "caption": str(sample_id), "masks": masks})
+    log_mask_overlays(logger, "pseudo/overlays", items, names)
+    if (out_dir / "panels.png").is_file():
+        from PIL import Image
+
+        log_images(logger, "pseudo/panels", [np.asarray(Image.open(out_dir / "panels.png"))])
+    log_artifact(logger, f"{cfg.run.name}-pseudo-masks", "dataset",
+                 files=[out_dir / "manifest.json", out_dir / "thresholds.json"], references=[out_dir],
+                 max_objects=3 * int(record.get("count", 0)) + 1000)
 
 
 def _collect_rank_counts(directory: Path) -> dict[str, int]:
@@ -208,17 +270,29 @@ def _collect_rank_counts(directory: Path) -> dict[str, int]:
     return counts
 
 
-def pseudo_panel_grid(panels: list[dict[str, Any]], mean, std, layers: list[str]):
-    """image | map per layer | fused | pseudo-mask | ground truth, one row per sample."""
-    from wsss.data.masks import colorize
-    from wsss.viz import denormalise, heatmap, overlay, panel_grid
+def pseudo_panel_grid(panels: list[dict[str, Any]], layers: list[str], class_names: list[str]) -> np.ndarray:
+    """One row per (sample, present class): the image, that class's map at each layer and fused
+    (the class named in each heatmap), then, on the sample's first row, the seeds and the
+    pseudo-mask over the image at 50 %, the plain pseudo-mask and the ground truth; a colour
+    legend with the class names below. ``class_names`` includes background."""
+    from wsss.data.masks import colorize, voc_palette
+    from wsss.viz import annotate, blank_like, color_legend, heatmap, mask_overlay, overlay, panel_grid, stack_rows
 
     rows = []
     for item in panels:
-        image = denormalise(item["image"], mean, std)
-        first = (lambda maps: maps[0].numpy() if len(maps) else np.zeros(image.shape[:2], np.float32))
-        row = [image] + [overlay(image, heatmap(first(item["layers"][n]))) for n in layers]
-        row += [overlay(image, heatmap(first(item["fused"]))), colorize(item["pseudo"].numpy())]
-        row.append(colorize(item["mask"].numpy()) if item["mask"] is not None else np.zeros_like(image))
-        rows.append(row)
-    return panel_grid(rows, ["image", *layers, "fused", "pseudo", "ground truth"])
+        image = item["display"]
+        truth = colorize(item["mask"].numpy()) if item["mask"] is not None else annotate(blank_like(image), "none")
+        masks = [mask_overlay(image, item["seeds"].numpy()), mask_overlay(image, item["pseudo"].numpy()),
+                 colorize(item["pseudo"].numpy()), truth]
+        classes = item["classes"]
+        for k, label in enumerate(classes or [None]):
+            name = class_names[label] if label is not None else "no class"
+            maps = [item["layers"][n][k] for n in layers] + [item["fused"][k]] if label is not None else []
+            heat = [annotate(overlay(image, heatmap(m.numpy())), name) for m in maps] or \
+                [annotate(blank_like(image), name)] * (len(layers) + 1)
+            first = annotate(image, str(item["id"])) if k == 0 else blank_like(image)
+            rows.append([first, *heat, *(masks if k == 0 else [blank_like(image)] * len(masks))])
+    grid = panel_grid(rows, ["image", *layers, "fused", "seeds", "pseudo", "pseudo mask", "ground truth"])
+    palette = np.asarray(voc_palette(), np.uint8).reshape(256, 3)
+    legend = color_legend([*class_names, "ignore"], palette[[*range(len(class_names)), 255]], grid.shape[1])
+    return stack_rows(grid, legend)

@@ -1,62 +1,134 @@
-"""report.json (the DESIGN.md contract) and report.md, built from the stages' records."""
+"""report.json (the DESIGN.md contract, keys only ever added) and report.md, built from the
+stages' records; the report also goes to its own wandb run in the run's group, with the report
+numbers in its summary and the files as an artifact."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from wsss.config import Config
-from wsss.io import write_json_atomic, write_text_atomic
-from wsss.stages.base import STAGES, is_global_zero, read_stage
+from wsss.io import read_json, write_json_atomic, write_text_atomic
+from wsss.stages.base import STAGES, is_global_zero, read_stage, stage_dir
+
+STEPS = ("seed", "pseudo", "refined")  # the pseudo-mask stage's scored steps, in order
 
 
-def _named(values: Optional[list[float]], names: list[str]) -> Optional[dict[str, float]]:
+def _named(values: Optional[list[Optional[float]]], names: list[str]) -> Optional[dict[str, Optional[float]]]:
     if values is None:
         return None
     return {name: None if v is None else round(float(v), 4) for name, v in zip(names, values)}
 
 
+def _reference(cfg: Config) -> Optional[dict[str, Any]]:
+    """The ground-truth-trained run that ``run.reference`` names, if finished."""
+    if not cfg.run.reference:
+        return None
+    path = Path(cfg.run.reference) / "report.json"
+    if not path.is_file():
+        return {"run": cfg.run.reference, "missing": True}
+    other = read_json(path)
+    return {"run": cfg.run.reference, "seg_miou": other.get("seg_miou"), "dice": other.get("dice"),
+            "segmenter_masks": other.get("segmenter_masks")}
+
+
 def build_report(cfg: Config) -> dict[str, Any]:
     """report.json: the headline numbers of every finished stage (DESIGN.md contract)."""
+    from wsss.tracking import run_paths
+
     records = {stage: read_stage(cfg, stage) or {} for stage in STAGES}
     pseudo, evaluation = records["pseudo_masks"], records["evaluation"]
     names = evaluation.get("class_names") or pseudo.get("class_names") or []
-    return {
+    report: dict[str, Any] = {
         "run": cfg.run.name,
         "data": cfg.data.name,
         "cam_method": cfg.cam.method,
         "seed_miou": pseudo.get("seed_miou"),
         "pseudo_miou": pseudo.get("pseudo_miou"),
+        "refined_miou": pseudo.get("refined_miou"),
         "seg_miou": evaluation.get("miou"),
         "per_class_iou": _named(evaluation.get("per_class_iou"), names),
-        "pseudo_per_class_iou": _named(pseudo.get("pseudo_per_class_iou"), names),
-        "seed_per_class_iou": _named(pseudo.get("seed_per_class_iou"), names),
+        "dice": evaluation.get("dice"),
+        "per_class_dice": _named(evaluation.get("per_class_dice"), names),
+        "seg_pixel_accuracy": evaluation.get("pixel_accuracy"),
+        "seg_mean_class_accuracy": evaluation.get("mean_class_accuracy"),
         "thresholds": pseudo.get("thresholds"),
         "ignore_fraction": pseudo.get("ignore_fraction"),
         "classifier": records["classifier"].get("metrics"),
         "stage_seconds": {stage: records[stage].get("seconds") for stage in STAGES},
         "segmenter_masks": records["segmenter"].get("masks"),
+        "class_names": names,
+        "absent_classes": {"segmenter": [names[c] for c in evaluation.get("absent_classes") or [] if c < len(names)],
+                           "pseudo": [names[c] for c in pseudo.get("pseudo_absent_classes") or [] if c < len(names)]},
+        "scored_on": pseudo.get("scored_on"),
+        "reference": _reference(cfg),
+        "panels": str(stage_dir(cfg, "pseudo_masks") / "panels.png")
+        if (stage_dir(cfg, "pseudo_masks") / "panels.png").is_file() else None,
+        "wandb_runs": run_paths(cfg) if cfg.logger.kind == "wandb" else None,
     }
+    for step in STEPS:
+        report[f"{step}_per_class_iou"] = _named(pseudo.get(f"{step}_per_class_iou"), names)
+        for key in ("dice", "pixel_accuracy", "mean_class_accuracy"):
+            report[f"{step}_{key}"] = pseudo.get(f"{step}_{key}")
+        report[f"{step}_per_class_dice"] = _named(pseudo.get(f"{step}_per_class_dice"), names)
+    return report
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if not isinstance(value, (int, float)) or value != value else f"{100 * value:.1f}"
+
+
+def _summary_table(report: dict[str, Any]) -> list[str]:
+    classifier = report.get("classifier") or {}
+    rows = [("classifier (val split)", f"mAP {_pct(classifier.get('val/mAP'))}, F1 {_pct(classifier.get('val/f1'))}",
+             "", "", "")]
+    labels = {"seed": "seeds (fixed threshold, train split)", "pseudo": "pseudo-masks (calibrated, train split)",
+              "refined": "refined pseudo-masks (train split)"}
+    for step in STEPS:
+        if step == "refined" and report.get("refined_miou") is None:
+            continue
+        rows.append((labels[step], _pct(report.get(f"{step}_miou")), _pct(report.get(f"{step}_dice")),
+                     _pct(report.get(f"{step}_pixel_accuracy")), _pct(report.get(f"{step}_mean_class_accuracy"))))
+    rows.append((f"segmenter on `{report.get('segmenter_masks')}` masks (val split)", _pct(report.get("seg_miou")),
+                 _pct(report.get("dice")), _pct(report.get("seg_pixel_accuracy")),
+                 _pct(report.get("seg_mean_class_accuracy"))))
+    reference = report.get("reference")
+    if reference and not reference.get("missing"):
+        ratio = (report["seg_miou"] / reference["seg_miou"]) if report.get("seg_miou") and reference.get("seg_miou") \
+            else None
+        rows.append((f"ground-truth reference: `{reference['run']}`", _pct(reference.get("seg_miou")),
+                     _pct(reference.get("dice")), "", ""))
+        rows.append(("segmenter / reference", "n/a" if ratio is None else f"{ratio:.2f}", "", "", ""))
+    lines = ["| step | mIoU (%) | Dice (%) | pixel acc. (%) | mean class acc. (%) |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return lines
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    def fmt(value: Any) -> str:
-        return "n/a" if value is None else (f"{100 * value:.1f}" if isinstance(value, float) else str(value))
-
+    """report.md: the summary table first, then per-class tables, thresholds (fallbacks marked),
+    the ignored share, stage times and where to look next (panels, wandb runs)."""
     lines = [f"# wsss report: {report['run']}", "",
-             f"data `{report['data']}`, CAM method `{report['cam_method']}`, segmenter trained on "
-             f"`{report['segmenter_masks']}` masks.", "",
-             "| stage | mIoU (%) |", "|---|---|",
-             f"| seeds (fixed threshold, train split) | {fmt(report['seed_miou'])} |",
-             f"| pseudo-masks (calibrated, train split) | {fmt(report['pseudo_miou'])} |",
-             f"| segmenter (val split) | {fmt(report['seg_miou'])} |", ""]
-    tables = [("seeds", report["seed_per_class_iou"]), ("pseudo-masks", report["pseudo_per_class_iou"]),
-              ("segmenter", report["per_class_iou"])]
-    names = next((list(t) for _, t in tables if t), [])
-    if names:
-        lines += ["## Per-class IoU (%)", "", "| class | " + " | ".join(n for n, _ in tables) + " |",
-                  "|---|" + "---|" * len(tables)]
-        for name in names:
-            lines.append(f"| {name} | " + " | ".join(fmt((t or {}).get(name)) for _, t in tables) + " |")
+             f"data `{report['data']}`, CAM method `{report['cam_method']}`. Scores count only the classes "
+             f"present in each split's ground truth; Dice is the mean over foreground classes.", ""]
+    lines += _summary_table(report) + [""]
+    scored_on = report.get("scored_on")
+    if scored_on:
+        lines += [f"On the `{scored_on['split']}` split ({scored_on['images']} images, as published tables report "
+                  f"them): seeds {_pct(scored_on.get('seed_miou'))}, pseudo-masks "
+                  f"{_pct(scored_on.get('pseudo_miou'))} mIoU.", ""]
+    names = report.get("class_names") or []
+    columns = [(f"{step} IoU", report.get(f"{step}_per_class_iou")) for step in STEPS] + \
+        [("segmenter IoU", report.get("per_class_iou")), ("segmenter Dice", report.get("per_class_dice"))]
+    columns = [(title, table) for title, table in columns if table]
+    if names and columns:
+        lines += ["## Per-class scores (%)", "", "| class | " + " | ".join(t for t, _ in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        lines += [f"| {name} | " + " | ".join(_pct(table.get(name)) for _, table in columns) + " |" for name in names]
+        absent = report.get("absent_classes") or {}
+        for where, missing in absent.items():
+            if missing:
+                lines.append(f"\nLeft out of the {where} means (no ground-truth pixel in the split): "
+                             f"{', '.join(missing)}.")
         lines.append("")
     thresholds = report.get("thresholds") or {}
     if thresholds:
@@ -65,21 +137,52 @@ def report_markdown(report: dict[str, Any]) -> str:
         per_class = thresholds.get("per_class") or {}
         pairs = thresholds.get("pairs") or {}
         if per_class:
-            lines += ["| class | threshold | calibration pairs |", "|---|---|---|"]
-            lines += [f"| {k} | {v:.3f} | {pairs.get(k, 'n/a')} |" for k, v in per_class.items()]
+            lines += ["| class | threshold | calibration pairs | |", "|---|---|---|---|"]
+            for name, value in per_class.items():
+                fallback = "fallback: no calibration pair, global threshold" if pairs.get(name) == 0 else ""
+                lines.append(f"| {name} | {value:.3f} | {pairs.get(name, 'n/a')} | {fallback} |")
             if thresholds.get("low_confidence_pairs"):
                 lines.append(f"\n{thresholds['low_confidence_pairs']} (image, class) pairs left out: the "
                              f"classifier scored them under pseudo.min_confidence on the whole image.")
             lines.append("")
+    lines += [f"Ignored pixels (255) in the pseudo-masks: {_pct(report.get('ignore_fraction'))} %.", ""]
     lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v if v is not None else 'n/a'} |" for k, v in report["stage_seconds"].items()]
+    lines += ["", "## Where to look", ""]
+    if report.get("panels"):
+        lines.append(f"- [panels.png]({Path(report['panels']).relative_to(Path(report['panels']).parents[1])}): "
+                     f"per sample and present class, the maps of each layer and fused, the seeds and "
+                     f"pseudo-mask over the image, the ground truth, and a colour legend.")
+    for stage, paths in (report.get("wandb_runs") or {}).items():
+        if paths:
+            lines.append(f"- wandb `{stage}`: {paths} (upload with `wandb sync <folder>`)")
     return "\n".join(lines) + "\n"
 
 
 def write_report(cfg: Config) -> dict[str, Any]:
+    """report.json and report.md on global rank zero, and the report's wandb run."""
     report = build_report(cfg)
     if not is_global_zero():
         return report
     write_json_atomic(cfg.run_dir / "report.json", report)
     write_text_atomic(cfg.run_dir / "report.md", report_markdown(report))
+    _track_report(cfg, report)
     return report
+
+
+def _track_report(cfg: Config, report: dict[str, Any]) -> None:
+    """The report numbers as a wandb run summary (job type ``report``) and the files as an
+    artifact; CSV: one row of the same numbers in logs/report."""
+    from wsss.tracking import close_logger, log_artifact, log_summary, make_logger
+
+    logger = make_logger(cfg, "report")
+    if not logger:
+        return
+    try:
+        log_summary(logger, {k: v for k, v in report.items() if k not in ("thresholds", "wandb_runs")})
+        files = [cfg.run_dir / "report.json", cfg.run_dir / "report.md"]
+        if report.get("panels"):
+            files.append(Path(report["panels"]))
+        log_artifact(logger, f"{cfg.run.name}-report", "report", files=files)
+    finally:
+        close_logger(logger)

@@ -11,7 +11,8 @@ import lightning as L
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule, build_source
 from wsss.data.imageio import DataError
-from wsss.stages.base import StageError, fit_stage, load_trained, read_stage, run_stage, stage_dir
+from wsss.stages.base import (StageError, fit_stage, load_trained, log_checkpoint, read_stage, run_stage,
+                              stage_dir)
 
 
 def segmenter_masks(cfg: Config) -> Optional[Path]:
@@ -59,10 +60,11 @@ def check_mask_dir(source, directory: Path, limit: int = 20) -> None:
 def train_segmenter(cfg: Config) -> dict[str, Any]:
     """Stage 3: the segmentation network on the masks that ``segmenter.masks`` names."""
     masks = segmenter_masks(cfg)
-    return run_stage(cfg, "segmenter", lambda: _train(cfg, masks))
+    return run_stage(cfg, "segmenter", lambda logger: _train(cfg, masks, logger),
+                     recorder=lambda logger, record: log_checkpoint(cfg, "segmenter", logger))
 
 
-def _train(cfg: Config, masks: Optional[Path]) -> dict[str, Any]:
+def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
     from wsss.models.segmenter import SegmenterModule
 
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
@@ -78,7 +80,7 @@ def _train(cfg: Config, masks: Optional[Path]) -> dict[str, Any]:
         eval_scales=s.eval_scales, eval_flip=s.eval_flip,
         class_names=datamodule.train_set.all_class_names, mean=datamodule.mean, std=datamodule.std,
         num_panels=cfg.logger.num_panels)
-    results = fit_stage(cfg, "segmenter", module, datamodule, s.max_epochs)
+    results = fit_stage(cfg, "segmenter", module, datamodule, s.max_epochs, logger)
     results["masks"] = str(masks) if masks is not None else "ground_truth"
     return results
 

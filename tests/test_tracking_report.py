@@ -1,0 +1,166 @@
+"""The experiment record: what a tiny `wsss run` leaves in its offline wandb runs, CSV logs,
+report.md and panels.png, and the console's quiet corners."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from wandb_records import read_run, runs_by_job
+from wsss import stages
+from wsss.cli import main
+from wsss.config import load_config
+from wsss.stages import base as stage_base
+from wsss.stages.report import report_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.num_train=16", "data.num_val=6", "data.image_size=64", "data.crop_size=64",
+    "data.batch_size=8", "data.num_workers=0", "classifier.max_epochs=2", "classifier.output_stride=16",
+    "segmenter.max_epochs=1", "segmenter.arch=FPN", "cam.batch_size=8", "cam.flip=false",
+    "pseudo.calibration_images=8", "pseudo.grid=[0.1, 0.3, 0.5]", "pseudo.num_panels=2",
+    "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wandb_run")
+    assert main(["run", "configs/default.yaml", f"run.dir={root}", *TINY,
+                 "logger.kind=wandb", "logger.wandb_mode=offline"]) == 0
+    return root / "default"
+
+
+@pytest.mark.slow
+def test_offline_wandb_runs_hold_each_stages_numbers_tables_overlays_and_artifacts(wandb_run):
+    runs = runs_by_job(wandb_run)
+    assert set(runs) == {"classifier", "pseudo_masks", "segmenter", "evaluation", "report"}
+    group = json.loads((wandb_run / "tracking.json").read_text())["group"]
+    assert group.startswith("default-") and group != "default"
+    assert {run["run"]["group"] for job in runs.values() for run in job} == {group}
+    report = json.loads((wandb_run / "report.json").read_text())
+
+    pseudo = runs["pseudo_masks"][0]
+    for key in ("seed_miou", "pseudo_miou", "ignore_fraction"):
+        assert pseudo["summary"][key] == pytest.approx(report[key])
+    assert {"pseudo/thresholds", "pseudo/per_class_iou", "pseudo/overlays", "pseudo/panels"} <= pseudo["logged"]
+    table = next(p for p in pseudo["files"] if "pseudo/thresholds" in p or "thresholds" in p and p.endswith(".json"))
+    rows = json.loads((next((wandb_run / "wandb").glob("offline-run-*pseudo-masks*")) / "files" / table).read_text())
+    assert rows["columns"] == ["class", "threshold", "calibration pairs", "fallback"] and len(rows["data"]) == 4
+    assert any(p.endswith(".mask.png") for p in pseudo["files"])  # the overlays' masks were saved
+    assert any(kind == "dataset" and "manifest.json" in paths for _, kind, paths in pseudo["artifacts"])
+
+    classifier = runs["classifier"][0]
+    assert classifier["summary"]["metrics/val/mAP"] == pytest.approx(report["classifier"]["val/mAP"])
+    assert any(key.startswith("lr-") for key in classifier["logged"])  # LearningRateMonitor
+    assert any(kind == "model" for _, kind, _ in classifier["artifacts"])
+    assert runs["segmenter"][0]["summary"]["metrics/val/miou"] is not None
+    assert runs["evaluation"][0]["summary"]["miou"] == pytest.approx(report["seg_miou"])
+    summary = runs["report"][0]["summary"]
+    for key in ("seed_miou", "pseudo_miou", "seg_miou", "dice"):
+        assert summary[key] == pytest.approx(report[key])
+    assert any(kind == "report" for _, kind, _ in runs["report"][0]["artifacts"])
+
+
+@pytest.mark.slow
+def test_report_md_leads_with_the_summary_and_marks_fallbacks(wandb_run):
+    text = (wandb_run / "report.md").read_text()
+    report = json.loads((wandb_run / "report.json").read_text())
+    lines = text.splitlines()
+    first_table = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    assert lines[first_table].startswith("| step | mIoU (%) | Dice (%)")
+    assert "classifier (val split)" in lines[first_table + 2]
+    assert f"{100 * report['seed_miou']:.1f}" in lines[first_table + 3]
+    assert "[panels.png](pseudo_masks/panels.png)" in text
+    assert "wandb `pseudo_masks`" in text and "wandb sync" in text
+    pairs = report["thresholds"]["pairs"]
+    for name, count in pairs.items():
+        row = next(line for line in lines if line.startswith(f"| {name} | {report['thresholds']['per_class'][name]:.3f}"))
+        assert ("fallback" in row) == (count == 0)
+
+
+def test_report_marks_fallback_classes_and_reference_ratio():
+    report = {"run": "r", "data": "synthetic", "cam_method": "relevance", "seed_miou": 0.3, "pseudo_miou": 0.4,
+              "refined_miou": 0.5, "seg_miou": 0.6, "dice": 0.7, "segmenter_masks": "pseudo",
+              "classifier": {"val/mAP": 0.91, "val/f1": 0.8}, "class_names": ["background", "a", "b"],
+              "per_class_iou": {"background": 0.9, "a": 0.5, "b": None}, "absent_classes": {"segmenter": ["b"]},
+              "thresholds": {"method": "libra", "objective": "delete", "global": 0.4,
+                             "per_class": {"a": 0.35, "b": 0.4}, "pairs": {"a": 12, "b": 0}},
+              "ignore_fraction": 0.1, "stage_seconds": {"classifier": 1.0},
+              "reference": {"run": "gt_run", "seg_miou": 0.8, "dice": 0.85}}
+    text = report_markdown(report)
+    assert "| refined pseudo-masks (train split) | 50.0 |" in text
+    assert "| ground-truth reference: `gt_run` | 80.0 | 85.0 |" in text
+    assert "| segmenter / reference | 0.75 |" in text
+    assert "| b | 0.400 | 0 | fallback: no calibration pair, global threshold |" in text
+    assert "| a | 0.350 | 12 |  |" in text
+    assert "Left out of the segmenter means (no ground-truth pixel in the split): b." in text
+    assert "mAP 91.0, F1 80.0" in text
+
+
+def test_panel_grid_has_a_row_per_present_class_and_a_legend():
+    from wsss.stages.pseudo_masks import pseudo_panel_grid
+
+    h = w = 32
+    item = {"id": "x", "display": np.zeros((h, w, 3), np.uint8), "classes": [1, 3],
+            "layers": {"layer4": torch.rand(2, h, w)}, "fused": torch.rand(2, h, w),
+            "seeds": torch.zeros(h, w, dtype=torch.uint8), "pseudo": torch.ones(h, w, dtype=torch.uint8),
+            "mask": None}
+    one_class = dict(item, classes=[2], layers={"layer4": torch.rand(1, h, w)}, fused=torch.rand(1, h, w))
+    grid = pseudo_panel_grid([item, one_class], ["layer4"], ["background", "a", "b", "c"])
+    title, gap = 14, 2
+    rows = 3  # two classes of the first sample, one of the second
+    grid_height = title + rows * (h + gap) - gap
+    assert grid.shape[0] > grid_height + 10  # the legend strip below the grid
+    assert grid.shape[1] == 7 * (w + gap) - gap  # image, layer4, fused, seeds, pseudo, pseudo mask, truth
+    legend = grid[grid_height + gap:]
+    voc_red = np.array([128, 0, 0])  # class 1's swatch in the VOC palette
+    assert (np.abs(legend.astype(int) - voc_red).sum(-1) == 0).any()
+
+
+@pytest.mark.slow
+def test_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
+    class Kill(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("killed")
+
+    original = stage_base.make_trainer
+    extra = [Kill()]
+    monkeypatch.setattr(stage_base, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
+                        original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
+    cfg = load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, "logger.kind=wandb"])
+    with pytest.raises(RuntimeError, match="killed"):
+        stages.train_classifier(cfg)
+    extra.clear()
+    stages.train_classifier(cfg)
+    folders = sorted((tmp_path / "default" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
+    ids = {read_run(folder)["run"]["id"] for folder in folders}
+    assert ids == {json.loads((tmp_path / "default" / "tracking.json").read_text())["runs"]["classifier"]}
+
+
+@pytest.mark.slow
+def test_csv_logger_gets_the_same_scalars(tmp_path):
+    cfg = load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, "logger.kind=csv",
+                                                "pseudo.calibration=fixed"])
+    stages.train_classifier(cfg)
+    record = stages.make_pseudo_masks(cfg)
+    rows = (tmp_path / "default" / "logs" / "pseudo_masks" / "metrics.csv").read_text().splitlines()
+    header, values = rows[0].split(","), rows[-1].split(",")
+    logged = dict(zip(header, values))
+    assert float(logged["seed_miou"]) == pytest.approx(record["seed_miou"])
+    assert float(logged["pseudo_miou"]) == pytest.approx(record["pseudo_miou"])
+    assert (tmp_path / "default" / "logs" / "classifier" / "metrics.csv").is_file()
+    assert not (tmp_path / "default" / "wandb").exists()
+
+
+def test_show_config_keys_into_a_closed_pipe_is_quiet():
+    done = subprocess.run(f"{sys.executable} -m wsss.cli show-config --keys | head -1", shell=True, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("run.name") and done.stderr == ""
