@@ -168,3 +168,24 @@ def test_insertion_deletion_auc_closed_form():
     s_full, s_half, s_zero = torch.sigmoid(torch.tensor([10.0, 5.0, 0.0]))
     expected = (s_full / 2 + s_full + s_full + s_half + s_zero / 2) / 4
     assert float(del_bad) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_insertion_from_the_blurred_baseline_by_hand():
+    """insertion's default baseline is the blurred image: a uniform image blurs to itself, so
+    the curve is flat at the image's score; a half-bright image starts from its blur."""
+    from wsss.metrics import _blur
+
+    model = MeanBrightness()
+    t = torch.tensor([0])
+    uniform = torch.full((1, 1, 8, 8), 0.5)
+    saliency = torch.arange(64.0).view(1, 1, 8, 8)
+    flat = insertion_deletion_auc(model, uniform, saliency, t, activation="sigmoid", steps=4, mode="insertion")
+    assert float(flat) == pytest.approx(float(torch.sigmoid(model(uniform))[0, 0]), rel=1e-6)
+    images = torch.zeros(1, 1, 8, 8)
+    images[..., :4] = 1.0
+    blurred = _blur(images)
+    assert not torch.allclose(blurred, images) and float(blurred.mean()) == pytest.approx(0.5, abs=1e-6)
+    nothing_inserted = insertion_deletion_auc(model, images, saliency, t, activation="sigmoid", steps=1,
+                                              mode="insertion")
+    start, end = torch.sigmoid(model(blurred))[0, 0], torch.sigmoid(model(images))[0, 0]
+    assert float(nothing_inserted) == pytest.approx(float(start + end) / 2, rel=1e-5)

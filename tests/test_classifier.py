@@ -73,3 +73,25 @@ def test_backbone_learns_slower_than_head():
     assert lrs == pytest.approx([0.01, 0.1])
     head = {id(p) for p in module.model.fc.parameters()}
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == head
+
+
+def test_adamw_and_schedules_follow_their_closed_forms():
+    import math
+
+    from wsss.models.classifier import lr_lambda
+
+    module = ClassifierModule(num_classes=2, lr=0.1, backbone_lr_mult=0.5, optimizer="adamw", weight_decay=0.01)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([0.05, 0.1])
+    assert all(g["weight_decay"] == 0.01 for g in optimizer.param_groups)
+    total = 10
+    cosine, constant, poly = (lr_lambda(name, total) for name in ("cosine", "constant", "poly"))
+    assert [cosine(s) for s in (0, 5, 10, 12)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert cosine(3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+    assert [constant(s) for s in (0, 7, 100)] == [1.0, 1.0, 1.0]
+    assert poly(4) == pytest.approx(0.6 ** 0.9) and poly(10) == 0.0
+    asked = []
+    lazy = lr_lambda("poly", lambda: asked.append(1) or 8)
+    assert lazy(0) == 1.0 and not asked  # step 0 never asks for the total
+    assert lazy(4) == pytest.approx(0.5 ** 0.9) and lazy(6) == pytest.approx(0.25 ** 0.9) and asked == [1]

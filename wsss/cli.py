@@ -56,12 +56,13 @@ def _stage(name: str) -> Callable[[Config], int]:
     def command(cfg: Config) -> int:
         from wsss import pipeline, stages
 
-        stages.save_config(cfg)
         if name == "run":
             pipeline.run_all(cfg)
             return 0
         key = {"train-classifier": "classifier", "make-pseudo-masks": "pseudo_masks",
                "train-segmenter": "segmenter", "evaluate": "evaluation"}[name]
+        stages.check_stage_folders(cfg, [key])
+        stages.save_config(cfg)
         result = pipeline.STAGE_FUNCTIONS[key](cfg)
         if result.get("skipped"):
             print(f"[wsss] {name}: run.overwrite=true redoes it; outputs in {stages.stage_dir(cfg, key)}")
@@ -94,9 +95,38 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
 
+def original_message(exc: BaseException) -> str:
+    """The error's own message. An error raised in a DataLoader worker comes back wrapped in the
+    worker's whole traceback; only its last line (``SomeError: message``) is the message."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    prefix = f"{type(exc).__name__}: "
+    tail = text[text.rfind(prefix) + len(prefix):] if prefix in text else text.strip().splitlines()[-1]
+    return tail.strip()
+
+
+def filesystem_message(exc: OSError, cfg: Optional[Config]) -> str:
+    """One line for a file that cannot be written or a folder in the way, with the fix."""
+    path = exc.filename or "a path"
+    where = f" (run.dir={cfg.run.dir}, run.name={cfg.run.name})" if cfg is not None else ""
+    if isinstance(exc, PermissionError):
+        fix = f"make it writable, or choose a writable run.dir{where}"
+    elif isinstance(exc, NotADirectoryError):
+        fix = f"a file stands where a folder is needed: move it, or choose another run.dir / run.name{where}"
+    elif isinstance(exc, FileExistsError):
+        fix = f"a file or folder of that name is in the way: move it, or choose another run.name{where}"
+    else:
+        fix = f"check the disk and the path{where}"
+    return f"cannot write {path}: {exc.strerror or exc}; {fix}"
+
+
 def _main(args: argparse.Namespace) -> int:
     from wsss.data.imageio import DataError
+    from wsss.models.common import NonFiniteLossError
+    from wsss.stages import StageError
 
+    cfg: Optional[Config] = None
     try:
         if args.command == "show-config":
             if args.keys:
@@ -108,17 +138,12 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "data-check":
             return _data_check(cfg)
         return _stage(args.command)(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"wsss {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, StageError, NonFiniteLossError) as exc:
+        print(f"wsss {args.command}: error: {original_message(exc)}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:
-        from wsss.models.common import NonFiniteLossError
-        from wsss.stages import StageError
-
-        if isinstance(exc, (StageError, NonFiniteLossError)):
-            print(f"wsss {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
+        print(f"wsss {args.command}: error: {filesystem_message(exc, cfg)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -31,26 +31,31 @@ if TYPE_CHECKING:
     import torch
 
 STAGES = ("classifier", "pseudo_masks", "segmenter", "evaluation")
-VOLATILE_KEYS = ("num_workers", "num_panels")
 
 
 class StageError(RuntimeError):
     """A stage cannot run as asked; the message says why and what to do."""
 
 
+# keys a stage does not read: how it runs (workers, map batch size, panels), or what only a later
+# stage uses (the test split and test-time augmentation are evaluation's)
+NOT_READ = {"data": {"num_workers", "test_split"}, "cam": {"batch_size"}, "pseudo": {"num_panels"},
+            "segmenter": {"eval_scales", "eval_flip"}}
+
+
 def config_hash(cfg: Config, *groups: str, extra: Any = None) -> str:
-    """Hash of the config groups a stage depends on (worker counts and panels excluded)."""
+    """Hash of the config groups a stage depends on, without the keys it does not read."""
     payload: dict[str, Any] = {}
     for group in groups:
         values = dataclasses.asdict(getattr(cfg, group))
-        volatile = VOLATILE_KEYS + (("batch_size",) if group == "cam" else ())
-        payload[group] = {k: v for k, v in values.items() if k not in volatile}
+        payload[group] = {k: v for k, v in values.items() if k not in NOT_READ.get(group, ())}
     payload["extra"] = extra
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stage_hashes(cfg: Config) -> dict[str, str]:
-    """Each stage's hash chains its inputs' hashes, so a change upstream invalidates downstream."""
+    """Each stage's hash holds what that stage reads and chains its inputs' hashes, so a change
+    upstream invalidates downstream and nothing else does."""
     t = cfg.trainer
     # what changes a trained network: not the devices or strategy (the global batch is fixed)
     training = [cfg.run.seed, t.precision, t.deterministic, t.gradient_clip_val, t.accumulate_grad_batches]
@@ -58,8 +63,9 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     pseudo = config_hash(cfg, "cam", "pseudo", extra=classifier)
     masks = pseudo if cfg.segmenter.masks == "pseudo" else cfg.segmenter.masks
     segmenter = config_hash(cfg, "data", "segmenter", extra=[masks, *training])
-    return {"classifier": classifier, "pseudo_masks": pseudo, "segmenter": segmenter,
-            "evaluation": config_hash(cfg, "segmenter", extra=[segmenter, cfg.data.test_split])}
+    s, d = cfg.segmenter, cfg.data
+    evaluation = config_hash(cfg, extra=[segmenter, s.eval_scales, s.eval_flip, d.val_split, d.test_split])
+    return {"classifier": classifier, "pseudo_masks": pseudo, "segmenter": segmenter, "evaluation": evaluation}
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
@@ -101,6 +107,37 @@ def barrier() -> None:
             dist.barrier()
 
 
+def _has_outputs(directory: Path) -> bool:
+    """Whether a stage folder holds anything but its stage.json."""
+    return directory.is_dir() and any(p.name != "stage.json" for p in directory.iterdir())
+
+
+def conflicting_record(cfg: Config, stage: str) -> Optional[str]:
+    """Why the stage's folder cannot be used with this config, or None.
+
+    A folder made with another config is refused once it holds outputs; a stage that failed
+    before writing anything does not hold a new config back.
+    """
+    directory = stage_dir(cfg, stage)
+    record = read_stage(cfg, stage)
+    wanted = stage_hashes(cfg)[stage]
+    if record is None or record.get("config_hash") == wanted or cfg.run.overwrite:
+        return None
+    if record.get("status") != "done" and not _has_outputs(directory):
+        return None
+    return (f"{directory} was made with a different config (hash {record.get('config_hash')}, now "
+            f"{wanted}). Redo it with run.overwrite=true, or pick another run.name")
+
+
+def check_stage_folders(cfg: Config, stages: Sequence[str]) -> None:
+    """Refuse a command before any work (and before config.yaml is rewritten) when one of the
+    stages it runs would refuse its folder."""
+    for stage in stages:
+        problem = conflicting_record(cfg, stage)
+        if problem:
+            raise StageError(problem)
+
+
 def begin_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
     """Return the finished record to skip, or prepare the folder and return None to run.
 
@@ -112,11 +149,12 @@ def begin_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
     if is_global_zero() and cfg.run.overwrite and directory.exists():
         shutil.rmtree(directory)
     barrier()
+    problem = conflicting_record(cfg, stage)
+    if problem:
+        raise StageError(problem)
     record = read_stage(cfg, stage)
     if record is not None and record.get("config_hash") != wanted:
-        raise StageError(
-            f"{directory} was made with a different config (hash {record.get('config_hash')}, now "
-            f"{wanted}). Redo it with run.overwrite=true, or pick another run.name")
+        record = None  # an attempt with another config that left nothing behind
     if record is not None and record.get("status") == "done":
         return record
     barrier()  # everyone has read the record before rank zero rewrites it

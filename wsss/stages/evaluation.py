@@ -38,6 +38,8 @@ def evaluate(cfg: Config) -> dict[str, Any]:
 
 def _evaluate(cfg: Config, logger: Any) -> dict[str, Any]:
     module = load_segmenter(cfg)
+    # test-time augmentation is evaluation's choice, not part of the trained segmenter
+    module.hparams.eval_scales, module.hparams.eval_flip = cfg.segmenter.eval_scales, cfg.segmenter.eval_flip
     directory = stage_dir(cfg, "evaluation")
     results: dict[str, Any] = {"class_names": list(module.hparams.class_names or [])}
     scores = _predict_split(cfg, module, cfg.data.val_split, directory / cfg.data.val_split, logger)

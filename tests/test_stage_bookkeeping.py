@@ -1,0 +1,89 @@
+"""Stage bookkeeping: hashes hold what each stage reads, refusals happen before any work and
+before config.yaml changes, and errors come out as one line that names the file and the fix."""
+
+import json
+
+import pytest
+
+from wsss import stages
+from wsss.cli import main, original_message
+from wsss.config import load_config
+from wsss.data.imageio import DataError
+from wsss.stages.base import begin_stage, stage_hashes
+
+TINY = ["data.num_train=8", "data.num_val=4", "data.image_size=48", "data.crop_size=48", "data.batch_size=4",
+        "data.num_workers=0", "classifier.max_epochs=1", "logger.kind=none", "trainer.accelerator=cpu",
+        "trainer.devices=1"]
+
+
+def cfg_of(tmp_path, *extra):
+    return load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, *extra])
+
+
+def test_each_hash_holds_only_what_its_stage_reads(tmp_path):
+    base = stage_hashes(cfg_of(tmp_path))
+
+    def changed(*extra):
+        other = stage_hashes(cfg_of(tmp_path, *extra))
+        return {stage for stage in base if other[stage] != base[stage]}
+
+    assert changed("data.test_split=test") == {"evaluation"}
+    assert changed("segmenter.eval_flip=true") == {"evaluation"}
+    assert changed("segmenter.eval_scales=[0.75, 1.0]") == {"evaluation"}
+    assert changed("cam.batch_size=2", "data.num_workers=1", "pseudo.num_panels=1") == set()
+    assert changed("trainer.devices=2", "trainer.strategy=ddp") == set()  # global batch: same result
+    assert changed("pseudo.ignore_band=0.1") == {"pseudo_masks", "segmenter", "evaluation"}
+    assert changed("segmenter.lr=0.1") == {"segmenter", "evaluation"}
+    assert changed("classifier.lr=0.1") == set(base)
+    assert changed("trainer.gradient_clip_val=1.0") == set(base)
+
+
+def test_a_stage_that_failed_before_writing_does_not_hold_a_new_config_back(tmp_path):
+    cfg = cfg_of(tmp_path)
+    assert begin_stage(cfg, "classifier") is None  # "running", nothing written yet
+    other = cfg_of(tmp_path, "classifier.lr=0.5")
+    assert begin_stage(other, "classifier") is None
+    record = json.loads((tmp_path / "default" / "classifier" / "stage.json").read_text())
+    assert record["config_hash"] == stage_hashes(other)["classifier"]
+    (tmp_path / "default" / "classifier" / "last.ckpt").write_bytes(b"weights")  # now it has outputs
+    with pytest.raises(stages.StageError, match="different config.*run.overwrite=true"):
+        begin_stage(cfg, "classifier")
+
+
+def test_a_refused_command_leaves_config_yaml_alone(tmp_path, capsys):
+    cfg = cfg_of(tmp_path)
+    stages.save_config(cfg)
+    begin_stage(cfg, "classifier")
+    (tmp_path / "default" / "classifier" / "last.ckpt").write_bytes(b"weights")
+    before = (tmp_path / "default" / "config.yaml").read_text()
+    assert main(["run", "configs/default.yaml", f"run.dir={tmp_path}", *TINY, "classifier.lr=0.5"]) == 1
+    assert "different config" in capsys.readouterr().err
+    assert (tmp_path / "default" / "config.yaml").read_text() == before
+    assert main(["train-classifier", "configs/default.yaml", f"run.dir={tmp_path}", *TINY, "classifier.lr=0.5"]) == 1
+    assert (tmp_path / "default" / "config.yaml").read_text() == before
+
+
+def test_a_file_where_the_run_directory_should_be_is_one_line(tmp_path, capsys):
+    (tmp_path / "blocker").write_text("not a folder")
+    assert main(["train-classifier", "configs/default.yaml", f"run.dir={tmp_path / 'blocker'}", *TINY]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "blocker" in err and "run.dir" in err and "Traceback" not in err
+
+
+def test_unwritable_output_is_one_line_with_the_fix(tmp_path, capsys, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr("pathlib.Path.mkdir", refuse)
+    assert main(["train-classifier", "configs/default.yaml", f"run.dir={tmp_path}", *TINY]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Permission denied" in err and "writable run.dir" in err
+
+
+def test_worker_errors_come_back_as_their_own_message():
+    """torch wraps an error raised in a DataLoader worker with the worker's traceback."""
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                        "call last):\n  File \"x.py\", line 1, in load\n    raise DataError(msg)\n"
+                        "wsss.data.imageio.DataError: /data/img_7.png: truncated image; re-export it")
+    assert original_message(wrapped) == "/data/img_7.png: truncated image; re-export it"
+    assert original_message(DataError("plain message")) == "plain message"

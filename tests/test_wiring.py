@@ -1,0 +1,203 @@
+"""Config keys reach the code that uses them: for each key, changing it changes what the stage
+writes in the way the key says. A stage that ignored the key (kept a default, hard-wired a
+method) fails here."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsss import stages
+from wsss.cam import aggregate_scales, build_cam, fuse_layers
+from wsss.config import load_config
+from wsss.data.datamodule import build_source, make_loader
+from wsss.data.imageio import read_mask
+from wsss.io import read_json
+from wsss.models.pseudo_labeler import SEED_DIR, present_targets
+from wsss.pseudo.labels import scores_to_labels
+from wsss.stages.pseudo_masks import pseudo_module
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.num_train=12", "data.num_val=4", "data.image_size=64", "data.crop_size=64",
+    "data.batch_size=4", "data.num_workers=0", "classifier.max_epochs=1", "classifier.output_stride=16",
+    "segmenter.max_epochs=1", "segmenter.arch=FPN",
+    "cam.batch_size=4", "cam.flip=false", "pseudo.calibration_images=8", "pseudo.num_panels=0",
+    "logger.kind=none", "trainer.accelerator=cpu", "trainer.devices=1",
+]
+
+
+def config(root, *extra):
+    return load_config("configs/default.yaml", [f"run.dir={root}", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wiring")
+    stages.train_classifier(config(root))
+    return root
+
+
+def reuse_classifier(trained, root):
+    shutil.copytree(trained / "default" / "classifier", root / "default" / "classifier")
+
+
+def batch_of(cfg, classifier, count=4):
+    dataset = build_source(cfg, "train", mean=classifier.hparams.mean, std=classifier.hparams.std)
+    return next(iter(make_loader(dataset, cfg, count)))
+
+
+def expected_fused(model, images, labels, method, layers, options, normalize, scales, flip, weights):
+    """The fused maps computed by hand from the public CAM functions."""
+    targets, valid = present_targets(labels)
+    extra = {"present": labels > 0.5} if method == "relevance" else {}
+    with build_cam(method, model, layers, **options) as cam:
+        maps = aggregate_scales(cam, images, scales, flip, targets=targets, normalize=normalize, **extra)
+    return fuse_layers(maps, images.shape[-2:], weights) * valid[:, :, None, None]
+
+
+@pytest.mark.parametrize("overrides, method, options, normalize, scales, flip, weights", [
+    ([], "relevance", {"preset": "default"}, "centred", [1.0], False, None),
+    (["cam.method=gradcam"], "gradcam", {}, "centred", [1.0], False, None),
+    (["cam.preset=lrp"], "relevance", {"preset": "lrp"}, "centred", [1.0], False, None),
+    (["cam.normalize=relu_max"], "relevance", {"preset": "default"}, "relu_max", [1.0], False, None),
+    (["cam.scales=[0.5, 1.0]", "cam.flip=true"], "relevance", {"preset": "default"}, "centred", [0.5, 1.0], True,
+     None),
+    (["cam.layer_weights=[0.0, 0.0, 1.0]"], "relevance", {"preset": "default"}, "centred", [1.0], False,
+     [0.0, 0.0, 1.0]),
+])
+def test_cam_keys_reach_the_pseudo_module(trained, overrides, method, options, normalize, scales, flip, weights):
+    cfg = config(trained, *overrides)
+    classifier = stages.load_classifier(cfg)
+    module = pseudo_module(cfg, classifier)
+    batch = batch_of(cfg, classifier)
+    fused = module.fused_maps(batch["image"], batch["labels"])["fused"]
+    expected = expected_fused(classifier.export(), batch["image"], batch["labels"], method, cfg.cam.layers,
+                              options, normalize, scales, flip, weights)
+    assert torch.allclose(fused, expected, atol=1e-5)
+    default = pseudo_module(config(trained), classifier).fused_maps(batch["image"], batch["labels"])["fused"]
+    if overrides:  # and the key made a difference
+        assert not torch.allclose(fused, default, atol=1e-3), overrides
+
+
+def test_centred_maps_cover_less_than_relu_max_at_one_threshold(trained):
+    """centred subtracts each map's mean before ReLU / max: the same threshold keeps less."""
+    cfg = config(trained)
+    classifier = stages.load_classifier(cfg)
+    batch = batch_of(cfg, classifier)
+    area = {}
+    for mode in ("centred", "relu_max"):
+        fused = pseudo_module(config(trained, f"cam.normalize={mode}"), classifier).fused_maps(
+            batch["image"], batch["labels"])["fused"]
+        area[mode] = float((fused >= 0.25).float().mean())
+    assert area["centred"] < area["relu_max"]
+
+
+def _recomputed(out_dir: Path, sample_id: str, thresholds: dict, names: list[str], band: float) -> np.ndarray:
+    saved = np.load(out_dir / "maps" / f"{sample_id}.npz")
+    maps = torch.from_numpy(saved["maps"].astype(np.float32))[None]
+    classes = torch.from_numpy(saved["classes"].astype(np.int64))[None]
+    per_slot = torch.tensor([[thresholds["per_class"][names[c - 1]] for c in classes[0].tolist()]])
+    return scores_to_labels(maps, classes, torch.ones_like(classes, dtype=torch.bool), per_slot, band)[0].numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("calibration", ["libra", "fixed"])
+def test_written_masks_use_the_calibrated_thresholds_and_the_ignore_band(trained, tmp_path, calibration):
+    """Seed threshold 0.15 lies outside the calibration grid, so calibrated thresholds differ
+    from it; every written mask must equal the labels recomputed from the saved maps with
+    thresholds.json and the ignore band (float16 maps: a few boundary pixels may flip)."""
+    reuse_classifier(trained, tmp_path)
+    band = 0.05
+    cfg = config(tmp_path, f"pseudo.calibration={calibration}", "pseudo.threshold=0.15",
+                 "pseudo.grid=[0.3, 0.5, 0.7]", "pseudo.min_confidence=0.0", "pseudo.objective=keep_delete",
+                 f"pseudo.ignore_band={band}",
+                 "pseudo.save_maps=true")
+    record = stages.make_pseudo_masks(cfg)
+    out = tmp_path / "default" / "pseudo_masks"
+    thresholds = read_json(out / "thresholds.json")
+    names = record["class_names"][1:]
+    values = set(thresholds["per_class"].values())
+    assert values <= {0.3, 0.5, 0.7} if calibration == "libra" else values == {0.15}
+    agree = total = ignored = 0
+    seeds_differ = False
+    for sample_id in build_source(cfg, "train").ids:
+        written = read_mask(out / f"{sample_id}.png")
+        expected = _recomputed(out, sample_id, thresholds, names, band)
+        agree += int((written == expected).sum())
+        total += written.size
+        ignored += int((written == 255).sum())
+        seed = read_mask(out / SEED_DIR / f"{sample_id}.png")
+        seeds_differ |= bool((seed != written).any())
+        assert 255 not in seed  # seeds: fixed threshold, no ignore band
+    assert agree / total > 0.995 and ignored > 0 and seeds_differ
+
+
+@pytest.mark.slow
+def test_evaluation_uses_the_configured_test_time_augmentation(trained, tmp_path):
+    """segmenter.eval_scales / eval_flip are evaluation's (they do not retrain the segmenter):
+    predictions equal the trained segmenter's multi-scale + flip prediction."""
+    from wsss.stages.evaluation import evaluate
+
+    reuse_classifier(trained, tmp_path)
+    trained_enough = ["segmenter.masks=ground_truth", "segmenter.max_epochs=4", "segmenter.lr=0.05"]
+    cfg = config(tmp_path, *trained_enough)
+    stages.train_segmenter(cfg)
+    evaluate(cfg)
+    plain = {p.name: read_mask(p) for p in (tmp_path / "default" / "evaluation" / "val").glob("*.png")}
+    augmented_cfg = config(tmp_path, *trained_enough, "segmenter.eval_scales=[0.5, 1.5]", "segmenter.eval_flip=true")
+    skipped = stages.train_segmenter(augmented_cfg)
+    assert skipped["skipped"]  # the trained segmenter stays valid
+    shutil.rmtree(tmp_path / "default" / "evaluation")
+    evaluate(augmented_cfg)
+    module = stages.load_segmenter(augmented_cfg).eval()
+    module.hparams.eval_scales, module.hparams.eval_flip = [0.5, 1.5], True
+    dataset = build_source(augmented_cfg, "val", mean=module.hparams.mean, std=module.hparams.std)
+    changed = False
+    for index in range(len(dataset)):
+        item = dataset[index]
+        expected = module.predict_probs(item["image"][None]).argmax(1)[0].numpy()
+        written = read_mask(tmp_path / "default" / "evaluation" / "val" / f"{item['id']}.png")
+        assert np.array_equal(written, expected)
+        changed |= not np.array_equal(written, plain[f"{item['id']}.png"])
+    assert changed
+
+
+@pytest.mark.slow
+def test_segmenter_trains_on_a_mask_directory_and_standalone_evaluate_runs(trained, tmp_path):
+    """segmenter.masks=DIR: a directory of palette PNGs (here: the ground truth, written out)."""
+    reuse_classifier(trained, tmp_path)
+    masks = tmp_path / "my_masks"
+    cfg = config(tmp_path, f"segmenter.masks={masks}")
+    from wsss.data.masks import write_label_png
+
+    source = build_source(cfg, "train")
+    for index in range(len(source)):
+        raw = source.load_raw(index)
+        write_label_png(masks / f"{raw.id}.png", raw.mask)
+    record = stages.train_segmenter(cfg)
+    assert record["masks"] == str(masks) and record["epochs"] == 1
+    done = subprocess.run([sys.executable, "-m", "wsss.cli", "evaluate", "configs/default.yaml",
+                           f"run.dir={tmp_path}", *TINY, f"segmenter.masks={masks}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    evaluation = read_json(tmp_path / "default" / "evaluation" / "stage.json")
+    assert evaluation["status"] == "done" and 0 <= evaluation["miou"] <= 1
+    assert len(list((tmp_path / "default" / "evaluation" / "val").glob("*.png"))) == 4
+    assert read_json(tmp_path / "default" / "report.json")["seg_miou"] == evaluation["miou"]
+
+
+def test_installed_console_script_runs():
+    script = Path(sys.executable).parent / "wsss"
+    if not script.is_file():
+        pytest.skip("the wsss console script is installed by pip install -e '.[dev]'")
+    done = subprocess.run([str(script), "show-config", "configs/default.yaml", "run.name=x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "name: x" in done.stdout
+    bad = subprocess.run([str(script), "run", "configs/default.yaml", "cam.normalize=nope"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "cam.normalize" in bad.stderr and "Traceback" not in bad.stderr
