@@ -315,3 +315,25 @@ def test_calibration_skips_pairs_the_classifier_does_not_recognise():
     assert ungated.pairs_per_class() == [1, 2, 0]
     with pytest.raises(ValueError, match="min_confidence"):
         ThresholdCalibrator(GRID, min_confidence=1.5)
+
+
+def test_shrink_fallback_pulls_few_pairs_toward_the_fixed_threshold():
+    calibrator = ThresholdCalibrator(GRID, "keep_delete", num_classes=3, default=0.25, fallback="shrink",
+                                     shrinkage=2.0)
+    keep = torch.zeros(3, 1, len(GRID))
+    delete = torch.zeros(3, 1, len(GRID))
+    best = [GRID.index(0.5), GRID.index(0.5), GRID.index(0.9)]  # class 0 twice at 0.5, class 1 at 0.9
+    for row, index in enumerate(best):
+        keep[row, 0, index] = 1.0
+    base = torch.ones(3, 1)
+    classes = torch.tensor([[0], [0], [1]])
+    calibrator.update_from_confidences(keep, delete, base, classes, torch.ones(3, 1, dtype=torch.bool))
+    per_class = calibrator.compute()
+    # class 0: (2 * 0.5 + 2 * 0.25) / 4; class 1: (1 * 0.9 + 2 * 0.25) / 3; class 2 (no pair): 0.25
+    assert per_class.tolist() == pytest.approx([0.375, 1.4 / 3, 0.25])
+    assert calibrator.sources() == ["shrunk", "shrunk", "fixed"]
+    plain = ThresholdCalibrator(GRID, "keep_delete", num_classes=3, default=0.25, fallback="global")
+    plain.update_from_confidences(keep, delete, base, classes, torch.ones(3, 1, dtype=torch.bool))
+    assert plain.compute().tolist() == pytest.approx([0.5, 0.9, 0.5]) and plain.sources()[2] == "global"
+    with pytest.raises(ValueError, match="fallback"):
+        ThresholdCalibrator(GRID, fallback="median")

@@ -51,7 +51,7 @@ def test_offline_wandb_runs_hold_each_stages_numbers_tables_overlays_and_artifac
     assert {"pseudo/thresholds", "pseudo/per_class_iou", "pseudo/overlays", "pseudo/panels"} <= pseudo["logged"]
     table = next(p for p in pseudo["files"] if "pseudo/thresholds" in p or "thresholds" in p and p.endswith(".json"))
     rows = json.loads((next((wandb_run / "wandb").glob("offline-run-*pseudo-masks*")) / "files" / table).read_text())
-    assert rows["columns"] == ["class", "threshold", "calibration pairs", "fallback"] and len(rows["data"]) == 4
+    assert rows["columns"] == ["class", "threshold", "calibration pairs", "source"] and len(rows["data"]) == 4
     assert any(p.endswith(".mask.png") for p in pseudo["files"])  # the overlays' masks were saved
     assert any(kind == "dataset" and "manifest.json" in paths for _, kind, paths in pseudo["artifacts"])
 
@@ -81,7 +81,7 @@ def test_report_md_leads_with_the_summary_and_marks_fallbacks(wandb_run):
     pairs = report["thresholds"]["pairs"]
     for name, count in pairs.items():
         row = next(line for line in lines if line.startswith(f"| {name} | {report['thresholds']['per_class'][name]:.3f}"))
-        assert ("fallback" in row) == (count == 0)
+        assert ("fallback" in row) == (count == 0) and ("shrunk" in row) == (count > 0)
 
 
 def test_report_marks_fallback_classes_and_reference_ratio():
@@ -97,7 +97,7 @@ def test_report_marks_fallback_classes_and_reference_ratio():
     assert "| refined pseudo-masks (train split) | 50.0 |" in text
     assert "| ground-truth reference: `gt_run` | 80.0 | 85.0 |" in text
     assert "| segmenter / reference | 0.75 |" in text
-    assert "| b | 0.400 | 0 | fallback: no calibration pair, global threshold |" in text
+    assert "| b | 0.400 | 0 | fallback: no calibration pair, the global median |" in text
     assert "| a | 0.350 | 12 |  |" in text
     assert "Left out of the segmenter means (no ground-truth pixel in the split): b." in text
     assert "mAP 91.0, F1 80.0" in text

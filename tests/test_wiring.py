@@ -201,3 +201,26 @@ def test_installed_console_script_runs():
     bad = subprocess.run([str(script), "run", "configs/default.yaml", "cam.normalize=nope"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "cam.normalize" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_class_the_classifier_does_not_recognise_is_no_worse_than_with_the_fixed_threshold(trained, tmp_path):
+    """The head's bias for 'square' is pushed to -30: no image passes the confidence gate for it,
+    so calibration knows nothing about it. With the shrink fallback it keeps the fixed threshold:
+    its pseudo-mask IoU equals its seed IoU (no ignore band), and the report says so."""
+    reuse_classifier(trained, tmp_path)
+    checkpoint = tmp_path / "default" / "classifier" / "last.ckpt"
+    state = torch.load(checkpoint, weights_only=False)
+    names = state["hyper_parameters"]["class_names"]
+    square = names.index("square")
+    state["state_dict"]["model.fc.bias"][square] = -30.0
+    torch.save(state, checkpoint)
+    cfg = config(tmp_path, "pseudo.min_confidence=0.0001", "pseudo.ignore_band=0.0", "pseudo.objective=keep_delete",
+                 "pseudo.grid=[0.3, 0.5, 0.7]", "pseudo.threshold=0.15")
+    record = stages.make_pseudo_masks(cfg)
+    thresholds = record["thresholds"]
+    assert thresholds["pairs"]["square"] == 0 and thresholds["sources"]["square"] == "fixed"
+    assert thresholds["per_class"]["square"] == 0.15
+    assert any(thresholds["pairs"][n] > 0 for n in names if n != "square")
+    seed_iou, pseudo_iou = record["seed_per_class_iou"][square + 1], record["pseudo_per_class_iou"][square + 1]
+    assert pseudo_iou >= seed_iou - 1e-9

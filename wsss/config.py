@@ -111,6 +111,11 @@ class PseudoConfig:
     calibration_images: int = _opt(64, "training images used to calibrate thresholds")
     min_confidence: float = _opt(0.5, "calibrate only on (image, class) pairs the classifier scores at least "
                                       "this on the whole image; classes without one take the global median")
+    fallback: str = _choice("shrink", "shrink", "global",
+                            help="threshold of a class with few or no calibration pairs: shrink (its median pulled "
+                                 "toward pseudo.threshold by pseudo.shrinkage pseudo-pairs; none: "
+                                 "pseudo.threshold) or global (the median over all classes)")
+    shrinkage: float = _opt(4.0, "shrink fallback: weight of pseudo.threshold, in calibration pairs")
     grid: list[float] = _opt([0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75,
                               0.8, 0.85, 0.9], "candidate thresholds")
     ignore_band: float = _opt(0.05, "pixels whose best score is within this of the background score become 255")

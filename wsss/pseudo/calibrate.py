@@ -5,8 +5,10 @@ thresholded map (the kept region, K = 1[map >= t]) and by its complement (the de
 for every threshold t of a grid. An objective picks one threshold per (image, class); the
 per-class threshold is the median over a calibration subset. Only pairs the classifier recognises
 on the whole image (confidence >= ``min_confidence``) take part: for a class it does not see, every
-mask "keeps" its low confidence and the query says nothing. Classes left without a pair take the
-median over all classes. Masking multiplies the normalised
+mask "keeps" its low confidence and the query says nothing. What a class with few or no pairs
+takes is ``fallback``: ``global``, the median over all classes, or ``shrink``, its own median pulled
+toward the fixed threshold by ``shrinkage`` pseudo-pairs (no pair: the fixed threshold itself),
+so calibration never does worse than the fixed threshold where it knows nothing. Masking multiplies the normalised
 image by the {0, 1} mask, so removed pixels take the data-set mean colour. The cut that was scored
 is the cut returned (Libra's code returns the next one).
 """
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 OBJECTIVES = ("increase", "keep_delete", "area", "delete")
+FALLBACKS = ("shrink", "global")
 
 
 def _grid(grid: Sequence[float], device: torch.device) -> Tensor:
@@ -174,8 +177,14 @@ class ThresholdCalibrator:
 
     def __init__(self, grid: Sequence[float], objective: str = "delete", rho: float = 0.9,
                  num_classes: int = 1, default: float = 0.25, max_batch: int = 64,
-                 min_confidence: float = 0.0, delta: float = 0.3) -> None:
+                 min_confidence: float = 0.0, delta: float = 0.3, fallback: str = "global",
+                 shrinkage: float = 0.0) -> None:
         _check_objective(objective)
+        if fallback not in FALLBACKS:
+            raise ValueError(f"unknown calibration fallback {fallback!r}; choose one of {FALLBACKS}")
+        if shrinkage < 0:
+            raise ValueError(f"shrinkage is a number of pseudo-pairs >= 0, got {shrinkage}")
+        self.fallback, self.shrinkage = fallback, float(shrinkage)
         _grid(grid, torch.device("cpu"))
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -215,12 +224,29 @@ class ThresholdCalibrator:
         return int(sum(int((~t.isnan()).sum()) for t in self._thresholds))
 
     def compute(self) -> Tensor:
-        """Per-class median threshold, (num_classes,); classes without a scored pair take the
-        global median (``default`` when nothing was scored)."""
+        """Per-class threshold, (num_classes,): the median of the class's scored pairs, then
+        the fallback. ``global``: classes without a pair take the global median (``default``
+        when nothing was scored). ``shrink``: (n * median + k * default) / (n + k) for a class
+        with n pairs and k = ``shrinkage``; without a pair, ``default`` (the fixed threshold)."""
         if not self._thresholds:
             return torch.full((self.num_classes,), self.default)
-        return aggregate_thresholds(torch.cat(self._thresholds), torch.cat(self._classes),
-                                    self.num_classes, self.global_threshold())
+        fill = self.global_threshold() if self.fallback == "global" else self.default
+        medians = aggregate_thresholds(torch.cat(self._thresholds), torch.cat(self._classes), self.num_classes, fill)
+        if self.fallback == "global" or self.shrinkage == 0:
+            return medians
+        pairs = torch.tensor(self.pairs_per_class(), dtype=torch.float32)
+        return (pairs * medians + self.shrinkage * self.default) / (pairs + self.shrinkage)
+
+    def sources(self) -> list[str]:
+        """Where each class's threshold comes from: ``calibrated``, ``shrunk`` toward the fixed
+        threshold, or the ``global`` median / the ``fixed`` threshold for a class without pairs."""
+        out = []
+        for count in self.pairs_per_class():
+            if count == 0:
+                out.append("global" if self.fallback == "global" else "fixed")
+            else:
+                out.append("shrunk" if self.fallback == "shrink" and self.shrinkage > 0 else "calibrated")
+        return out
 
     def pairs_per_class(self) -> list[int]:
         """How many (image, class) pairs gave a threshold, per class: what its median rests on."""

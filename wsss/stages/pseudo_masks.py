@@ -72,7 +72,8 @@ def thresholds_from_confidences(cfg: Config, names: list[str], confidences: dict
 
     p = cfg.pseudo
     calibrator = ThresholdCalibrator(p.grid, p.objective, p.rho, len(names), p.threshold,
-                                     min_confidence=p.min_confidence, delta=p.delta)
+                                     min_confidence=p.min_confidence, delta=p.delta, fallback=p.fallback,
+                                     shrinkage=p.shrinkage)
     if confidences["base"].numel():
         base = confidences["base"][:, None]  # one slot per row: (S, 1)
         calibrator.update_from_confidences(confidences["keep"][:, None], confidences["delete"][:, None], base,
@@ -81,6 +82,7 @@ def thresholds_from_confidences(cfg: Config, names: list[str], confidences: dict
     return {"method": "libra", "objective": p.objective, "global": round(calibrator.global_threshold(), 4),
             "per_class": {n: round(float(t), 4) for n, t in zip(names, per_class)},
             "images": images, "pairs": dict(zip(names, calibrator.pairs_per_class())),
+            "sources": dict(zip(names, calibrator.sources())), "fallback": p.fallback,
             "low_confidence_pairs": calibrator.skipped}
 
 
@@ -236,8 +238,9 @@ def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> Non
     names = record.get("class_names") or []
     thresholds = record.get("thresholds") or {}
     pairs = thresholds.get("pairs") or {}
-    log_table(logger, "pseudo/thresholds", ["class", "threshold", "calibration pairs", "fallback"],
-              [[name, value, pairs.get(name), pairs.get(name) == 0]
+    sources = thresholds.get("sources") or {}
+    log_table(logger, "pseudo/thresholds", ["class", "threshold", "calibration pairs", "source"],
+              [[name, value, pairs.get(name), sources.get(name, thresholds.get("method"))]
                for name, value in (thresholds.get("per_class") or {}).items()])
     steps = [step for step in ("seed", "pseudo", "refined") if record.get(f"{step}_per_class_iou")]
     log_table(logger, "pseudo/per_class_iou", ["class", *steps],

@@ -104,6 +104,19 @@ def _summary_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+SOURCE_NOTES = {"fixed": "fallback: no calibration pair, the fixed threshold (pseudo.threshold)",
+                "global": "fallback: no calibration pair, the global median",
+                "shrunk": "calibrated, shrunk toward the fixed threshold (pseudo.shrinkage)", "calibrated": ""}
+
+
+def _source_note(thresholds: dict[str, Any], name: str) -> str:
+    """How a class's threshold was chosen, with every fallback spelt out."""
+    source = (thresholds.get("sources") or {}).get(name)
+    if source is None:  # a record from before sources were kept
+        source = "global" if (thresholds.get("pairs") or {}).get(name) == 0 else "calibrated"
+    return SOURCE_NOTES.get(source, source)
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: the summary table first, then per-class tables, thresholds (fallbacks marked),
     the ignored share, stage times and where to look next (panels, wandb runs)."""
@@ -139,8 +152,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         if per_class:
             lines += ["| class | threshold | calibration pairs | |", "|---|---|---|---|"]
             for name, value in per_class.items():
-                fallback = "fallback: no calibration pair, global threshold" if pairs.get(name) == 0 else ""
-                lines.append(f"| {name} | {value:.3f} | {pairs.get(name, 'n/a')} | {fallback} |")
+                lines.append(f"| {name} | {value:.3f} | {pairs.get(name, 'n/a')} | "
+                             f"{_source_note(thresholds, name)} |")
             if thresholds.get("low_confidence_pairs"):
                 lines.append(f"\n{thresholds['low_confidence_pairs']} (image, class) pairs left out: the "
                              f"classifier scored them under pseudo.min_confidence on the whole image.")
