@@ -164,3 +164,19 @@ def test_show_config_keys_into_a_closed_pipe_is_quiet():
     done = subprocess.run(f"{sys.executable} -m wsss.cli show-config --keys | head -1", shell=True, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.startswith("run.name") and done.stderr == ""
+
+
+def test_folder_reports_lead_with_each_findings_dice_and_iou():
+    report = {"run": "r", "data": "folder", "cam_method": "relevance", "segmenter_masks": "pseudo",
+              "class_names": ["background", "polyp"], "stage_seconds": {},
+              "pseudo_per_class_dice": {"background": 0.95, "polyp": 0.62},
+              "pseudo_per_class_iou": {"background": 0.9, "polyp": 0.45},
+              "per_class_dice": {"background": 0.96, "polyp": 0.7}, "per_class_iou": {"background": 0.92, "polyp": 0.54}}
+    text = report_markdown(report)
+    lines = text.splitlines()
+    first_heading = next(line for line in lines if line.startswith("## "))
+    assert first_heading == "## Findings (foreground classes)"
+    assert "| polyp | 62.0 | 45.0 | 70.0 | 54.0 |" in text and "| **mean** | 62.0 | 45.0 | 70.0 | 54.0 |" in text
+    assert text.index("## Findings") < text.index("| step | mIoU")
+    synthetic = report_markdown(dict(report, data="synthetic"))
+    assert "## Findings" not in synthetic

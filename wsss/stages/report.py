@@ -78,6 +78,31 @@ def _pct(value: Any) -> str:
     return "n/a" if not isinstance(value, (int, float)) or value != value else f"{100 * value:.1f}"
 
 
+MEDICAL_SOURCES = ("folder", "synthetic_lesion")  # reports lead with each finding's Dice and IoU
+
+
+def _foreground_table(report: dict[str, Any]) -> list[str]:
+    """Dice and IoU of each foreground class (finding) and their means: what medical
+    segmentation reports first, before the background-inclusive mIoU."""
+    names = [n for n in (report.get("class_names") or [])[1:]]
+    columns = [("pseudo-mask Dice", report.get("pseudo_per_class_dice")),
+               ("pseudo-mask IoU", report.get("pseudo_per_class_iou")),
+               ("segmenter Dice", report.get("per_class_dice")), ("segmenter IoU", report.get("per_class_iou"))]
+    columns = [(title, table) for title, table in columns if table]
+    if not names or not columns:
+        return []
+
+    def mean(table: dict[str, Optional[float]]) -> Optional[float]:
+        values = [table.get(n) for n in names if table.get(n) is not None]
+        return sum(values) / len(values) if values else None
+
+    lines = ["## Findings (foreground classes)", "", "| finding | " + " | ".join(t for t, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    lines += [f"| {n} | " + " | ".join(_pct(t.get(n)) for _, t in columns) + " |" for n in names]
+    lines += ["| **mean** | " + " | ".join(_pct(mean(t)) for _, t in columns) + " |", ""]
+    return lines
+
+
 def _summary_table(report: dict[str, Any]) -> list[str]:
     classifier = report.get("classifier") or {}
     rows = [("classifier (val split)", f"mAP {_pct(classifier.get('val/mAP'))}, F1 {_pct(classifier.get('val/f1'))}",
@@ -123,6 +148,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# wsss report: {report['run']}", "",
              f"data `{report['data']}`, CAM method `{report['cam_method']}`. Scores count only the classes "
              f"present in each split's ground truth; Dice is the mean over foreground classes.", ""]
+    if report.get("data") in MEDICAL_SOURCES:
+        lines += _foreground_table(report)
     lines += _summary_table(report) + [""]
     scored_on = report.get("scored_on")
     if scored_on:
