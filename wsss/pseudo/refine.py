@@ -188,34 +188,38 @@ def par_affinity(images: Tensor, valid: Optional[Tensor] = None,
     b, _, h, w = images.shape
     offsets = par_offsets(dilations)
     pad = max(dilations)
-    img = images.float()
-    mask = _as_pixel_mask(valid, img)
+    mask = _as_pixel_mask(valid, images)
+    img = _standardise(images.float(), mask) * mask  # the weights do not change; fewer rounding errors
     img_pad, mask_pad = F.pad(img, [pad] * 4), F.pad(mask, [pad] * 4)
-    partners = [_shifted(mask_pad, dy, dx, pad, h, w) * mask for dy, dx in offsets]
-    count = torch.stack(partners).sum(0).clamp_min(1.0)
+    present = torch.cat([_shifted(mask_pad, dy, dx, pad, h, w) for dy, dx in offsets], 1) * mask
     # local colour spread over the valid neighbours (population standard deviation)
     total, total_sq = torch.zeros_like(img), torch.zeros_like(img)
-    for (dy, dx), m in zip(offsets, partners):
-        n = _shifted(img_pad, dy, dx, pad, h, w) * m
-        total, total_sq = total + n, total_sq + n * n
-    mean = total / count
-    spread = (total_sq / count - mean * mean).clamp_min(0).sqrt() + 1e-8
+    for dy, dx in offsets:
+        neighbour = _shifted(img_pad, dy, dx, pad, h, w)  # 0 outside ``valid``
+        total.add_(neighbour)
+        total_sq.addcmul_(neighbour, neighbour)
+    count = present.sum(1, keepdim=True)
+    total, total_sq = total / count.clamp_min(1.0), total_sq / count.clamp_min(1.0)
+    inverse = 1.0 / (((total_sq - total * total).clamp_min(0).sqrt() + 1e-8) * colour_scale)
     logits = torch.empty(b, len(offsets), h, w, device=img.device)
-    for k, ((dy, dx), m) in enumerate(zip(offsets, partners)):
-        diff = (_shifted(img_pad, dy, dx, pad, h, w) - img).abs() / (spread * colour_scale)
-        logits[:, k] = (-(diff * diff).mean(1)).masked_fill(m[:, 0] == 0, float("-inf"))
+    for k, (dy, dx) in enumerate(offsets):
+        diff = (_shifted(img_pad, dy, dx, pad, h, w) - img).mul_(inverse)
+        logits[:, k] = diff.square_().mean(1).neg_()
+    colour = torch.softmax(logits.masked_fill_(present == 0, float("-inf")), 1)
     distance = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], device=img.device)
-    position = -(distance / (distance.std() + 1e-8) / colour_scale) ** 2
-    absent = torch.isinf(logits)
-    position = position[None, :, None, None].expand_as(logits).masked_fill(absent, float("-inf"))
-    weights = _softmax_or_zero(logits) + position_weight * _softmax_or_zero(position)
-    return weights / (1.0 + position_weight)
+    position = torch.softmax(-(distance / (distance.std() + 1e-8) / colour_scale) ** 2, 0)
+    position = position[None, :, None, None] * present
+    position = position / position.sum(1, keepdim=True).clamp_min(1e-12)
+    colour = colour.masked_fill_(count == 0, 0.0)  # no valid neighbour: all 0 (softmax gave NaN)
+    return (colour + position_weight * position) / (1.0 + position_weight)
 
 
-def _softmax_or_zero(logits: Tensor) -> Tensor:
-    """Softmax over dim 1; all-zero where every logit is -inf (instead of NaN)."""
-    none = torch.isinf(logits).all(1, keepdim=True)
-    return torch.softmax(logits.masked_fill(none, 0.0), 1).masked_fill(none, 0.0)
+def _standardise(images: Tensor, mask: Tensor) -> Tensor:
+    """Each image's channels shifted and scaled to mean 0, std 1 over its ``mask`` pixels."""
+    count = mask.sum((2, 3), keepdim=True).clamp_min(1.0)
+    mean = (images * mask).sum((2, 3), keepdim=True) / count
+    var = (((images - mean) * mask) ** 2).sum((2, 3), keepdim=True) / count
+    return (images - mean) / (var.sqrt() + 1e-8)
 
 
 def par(scores: Tensor, images: Tensor, valid: Optional[Tensor] = None,
@@ -228,7 +232,7 @@ def par(scores: Tensor, images: Tensor, valid: Optional[Tensor] = None,
     normalised or not (the weights are invariant to per-channel affine intensity changes);
     valid: optional (B, H, W) pixel mask of the true image inside a padded canvas: padding is
     never a neighbour and keeps its scores. Each output is a convex combination of inputs, so
-    distributions stay distributions. Same dtype-independent float32 result on any device.
+    distributions stay distributions. float32 result on the inputs' device.
     """
     _check_scores(scores)
     _check_scores(images, "images")
@@ -246,7 +250,7 @@ def par(scores: Tensor, images: Tensor, valid: Optional[Tensor] = None,
         padded = F.pad(x, [pad] * 4)
         out = x * keep
         for k, (dy, dx) in enumerate(offsets):
-            out = out + weights[:, k:k + 1] * _shifted(padded, dy, dx, pad, h, w)
+            out.addcmul_(weights[:, k:k + 1], _shifted(padded, dy, dx, pad, h, w))
         x = out
     return x
 
