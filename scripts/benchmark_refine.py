@@ -119,8 +119,9 @@ def _scores_and_truth(source, pseudo_dir, batch_size: int, limit: Optional[int] 
         yield batch, probs, classes, valid, mask
 
 
-def train_affinity(cfg, classifier, masks_dir, freeze: bool, epochs: int, device: str):
-    """An AffinityModule fitted on the run's training images with ``masks_dir`` as seeds."""
+def train_affinity(cfg, classifier, masks_dir, freeze: bool, epochs: int, device: str, cache=None):
+    """An AffinityModule fitted on the run's training images with ``masks_dir`` as seeds (loaded
+    from the checkpoint ``cache`` instead when it exists; saved there otherwise)."""
     import lightning as L
 
     from wsss.data.datamodule import build_source, make_loader
@@ -134,20 +135,35 @@ def train_affinity(cfg, classifier, masks_dir, freeze: bool, epochs: int, device
     loader = make_loader(train_set, cfg, cfg.data.batch_size, shuffle=True, drop_last=True)
     torch.manual_seed(cfg.run.seed)
     module = AffinityModule(classifier.export(), freeze_backbone=freeze)
+    if cache is not None and cache.is_file():
+        return AffinityModule.load_from_checkpoint(cache, backbone=classifier.export()).eval().to(device), 0.0
     trainer = L.Trainer(max_epochs=epochs, accelerator="cuda" if device.startswith("cuda") else "cpu",
                         devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False)
     start = time.perf_counter()
     trainer.fit(module, loader)
-    return module.eval().to(device), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if cache is not None:
+        trainer.save_checkpoint(cache)
+    return module.eval().to(device), seconds
+
+
+def _par(options: dict, device: str) -> Callable:
+    from wsss.pseudo.refine import par
+
+    return lambda probs, batch, mask: par(probs, batch["image"].to(device), valid=mask, **options)
+
+
+def _chain(first: Callable, second: Callable) -> Callable:
+    return lambda probs, batch, mask: second(first(probs, batch, mask), batch, mask)
 
 
 class _Walker:
     """The random walk of a trained AffinityModule; also counts how its affinities agree with the
     ground-truth pairs (affinity > 0.5 on same-label pairs, <= 0.5 across labels)."""
 
-    def __init__(self, module, device: str) -> None:
-        self.module, self.device = module, device
+    def __init__(self, module, device: str, steps: int, beta: float) -> None:
+        self.module, self.device, self.steps, self.beta = module, device, steps, beta
         self.hits = {"pos": [0, 0], "neg": [0, 0]}
 
     def __call__(self, probs, batch, mask):
@@ -161,8 +177,7 @@ class _Walker:
                                     ("neg", pairs["neg"], values <= 0.5)):
             self.hits[kind][0] += int((right & chosen).sum())
             self.hits[kind][1] += int(chosen.sum())
-        return propagate(affinities, probs, valid=mask, beta=self.module.hparams.beta,
-                         steps=self.module.hparams.steps)
+        return propagate(affinities, probs, valid=mask, beta=self.beta, steps=self.steps)
 
     def accuracy(self) -> str:
         pos, neg = (self.hits[k][0] / max(1, self.hits[k][1]) for k in ("pos", "neg"))
@@ -176,7 +191,7 @@ def quality(args: argparse.Namespace) -> None:
     from wsss.data.datamodule import build_source
     from wsss.metrics import IoUMeter
     from wsss.models.classifier import ClassifierModule
-    from wsss.pseudo.refine import distribution_labels, ignore_uncertain, par
+    from wsss.pseudo.refine import distribution_labels, ignore_uncertain
 
     run_dir = Path(args.quality)
     cfg = load_config(run_dir / "config.yaml")
@@ -185,16 +200,26 @@ def quality(args: argparse.Namespace) -> None:
                                                        map_location="cpu")
     pseudo_dir = run_dir / "pseudo_masks"
     device = args.device
-    methods: dict[str, Callable] = {"none": lambda probs, batch, mask: probs,
-                                    "par": lambda probs, batch, mask: par(probs, batch["image"].to(device),
-                                                                          valid=mask)}
+    methods: dict[str, Callable] = {"none": lambda probs, batch, mask: probs}
+    for variant in args.par:
+        iterations, dilations = variant.split("@")
+        options = {"iterations": int(iterations), "dilations": tuple(int(d) for d in dilations.split(","))}
+        methods[f"par {variant}"] = _par(options, device)
     fit_seconds = {}
     for freeze in args.affinity_backbones:
-        name = f"affinity ({'frozen' if freeze else 'fine-tuned'})"
-        module, fit_seconds[name] = train_affinity(cfg, classifier, pseudo_dir, freeze, args.affinity_epochs, device)
-        methods[name] = _Walker(module, device)
-    rules = {"no ignore": {}, "margin 0.1": {"margin": 0.1}, "margin 0.2": {"margin": 0.2},
-             "quantile 0.1": {"quantile": 0.1}, "quantile 0.2": {"quantile": 0.2}}
+        kind = "frozen" if freeze else "fine-tuned"
+        cache = Path(args.affinity_cache) / f"affinity_{kind}_{args.affinity_epochs}.ckpt" if args.affinity_cache else None
+        seeds = Path(args.affinity_seeds) if args.affinity_seeds else pseudo_dir
+        module, fit_seconds[kind] = train_affinity(cfg, classifier, seeds, freeze, args.affinity_epochs, device, cache)
+        for walk in args.walks:
+            steps, beta = walk.split(":")
+            methods[f"affinity {kind} {steps} steps beta {beta}"] = _Walker(module, device, int(steps), float(beta))
+            if args.par:  # the walk from the first PAR variant's output
+                first = methods[f"par {args.par[0]}"]
+                walker = _Walker(module, device, int(steps), float(beta))
+                methods[f"par {args.par[0]} then affinity {kind} {steps} steps beta {beta}"] = _chain(first, walker)
+    rules = {rule: ({} if rule == "none" else {rule.split(":")[0]: float(rule.split(":")[1])})
+             for rule in args.rules}
     source = build_source(cfg, cfg.data.train_split, None, classifier.hparams.mean, classifier.hparams.std)
     meters: dict[tuple[str, str], list] = {}
     seconds = {name: 0.0 for name in methods}
@@ -226,8 +251,11 @@ def quality(args: argparse.Namespace) -> None:
     for (name, rule), (all_meter, kept_meter, counts) in meters.items():
         print(f"| {name} | {rule} | {100 * all_meter.compute()['miou']:.1f} | {100 * counts[0] / counts[1]:.1f} % | "
               f"{100 * kept_meter.compute()['miou']:.1f} | {seconds[name] / images:.3f} |")
-    for name, value in fit_seconds.items():
-        print(f"\n{name}: trained in {value:.0f} s; {methods[name].accuracy()}")
+    for name, method in methods.items():
+        if isinstance(method, _Walker):
+            print(f"\n{name}: {method.accuracy()}")
+    for kind, value in fit_seconds.items():
+        print(f"affinity {kind}: trained in {value:.0f} s (0: loaded from --affinity-cache)")
 
 
 def main() -> None:
@@ -241,6 +269,14 @@ def main() -> None:
     parser.add_argument("--quality", default=None, help="a run directory: score the refinements instead")
     parser.add_argument("--affinity-epochs", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="--quality: score only the first N images")
+    parser.add_argument("--affinity-cache", default=None, help="--quality: folder to keep trained affinity nets")
+    parser.add_argument("--affinity-seeds", default=None,
+                        help="--quality: label PNGs that train the affinity net (default: the run's pseudo-masks)")
+    parser.add_argument("--walks", nargs="*", default=["256:8"], help="--quality: random walks STEPS:BETA")
+    parser.add_argument("--par", nargs="*", default=["10@1,2,4,8,12,24"],
+                        help="--quality: PAR variants ITERATIONS@DILATIONS")
+    parser.add_argument("--rules", nargs="*", default=["none", "margin:0.1", "margin:0.2", "quantile:0.1"],
+                        help="--quality: ignore rules none | margin:BAND | quantile:Q")
     parser.add_argument("--affinity-backbones", nargs="*", type=lambda v: v == "frozen",
                         default=[True, False], help="frozen and/or tuned")
     args = parser.parse_args()

@@ -376,6 +376,10 @@ def random_walk(scores: Tensor, affinity: Tensor, radius: int, beta: float = 8.0
     ``transition_weights``: x <- T x, each cell's scores becoming the weighted mean of its own and
     its neighbours'. T's rows are distributions, so a distribution per cell stays one; identity
     affinities (all 0) change nothing. Memory O((C + 2K) h w), never (hw)^2; time O(steps K C h w).
+
+    How far scores travel grows with sqrt(steps) cells, so ``steps`` scales with the square of
+    the grid side: IRN's 256 suit a 128-cell grid (512 px at stride 4); a 28-cell grid (112 px)
+    wants about 256 * (28/128)^2 = 12, and more steps there wash the maps out (measured).
     """
     _check_scores(scores)
     if scores.shape[0] != affinity.shape[0] or scores.shape[-2:] != affinity.shape[-2:]:
