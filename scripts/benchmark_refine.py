@@ -2,7 +2,8 @@
 at a VOC-like 512x384, with their default parameters. Prints a markdown table.
 
 Rows: PAR (6 dilations, 10 iterations, full resolution); the random walk alone (stride 4,
-radius 5, beta 8, 256 steps, on the feature grid) and with the resampling of ``random_walk_refine``;
+radius 5, beta 8, 16 or 256 steps, on the feature grid) and with the resampling of
+``random_walk_refine``;
 the affinity network's ``predict_affinity`` (ResNet-18 at output stride 16, four levels); the
 dense CRF when the ``crf`` extra is installed. Scores are random distributions over
 ``--classes`` channels (background + the present classes), images random: neither method's
@@ -75,8 +76,9 @@ def measure(height: int, width: int, args: argparse.Namespace) -> dict[str, floa
                             radius=radius).to(device).eval()
     rows = {
         "par": lambda: par(scores, images),
-        "random walk (feature grid)": lambda: random_walk(cells, affinity, radius, beta=8.0, steps=256),
-        "random walk + resampling": lambda: random_walk_refine(scores, Affinities(affinity, radius, stride)),
+        "random walk, 16 steps (feature grid)": lambda: random_walk(cells, affinity, radius, beta=8.0, steps=16),
+        "random walk, 256 steps (feature grid)": lambda: random_walk(cells, affinity, radius, beta=8.0, steps=256),
+        "random walk, 256 steps + resampling": lambda: random_walk_refine(scores, Affinities(affinity, radius, stride)),
         "predict_affinity (ResNet-18)": lambda: module.predict_affinity(images),
     }
     try:

@@ -473,11 +473,11 @@ def dense_crf(image: np.ndarray, label_probs: np.ndarray, iterations: int = 5) -
     return crf_probabilities(image, label_probs, iterations).argmax(0)
 
 
-def crf(scores: Tensor, colours: Sequence[np.ndarray], valid: Optional[Tensor] = None,
-        iterations: int = 5, **pairwise: float) -> Tensor:
+def crf(scores: Tensor, colours: Sequence[np.ndarray], iterations: int = 5, **pairwise: float) -> Tensor:
     """The dense CRF over a batch: (B, C, H, W) scores -> (B, C, H, W) marginals, on the scores'
-    device. colours: B HxWx3 uint8 images of each image's true size (at the top left of the
-    canvas; ``valid`` is not needed then); pixels outside them keep their scores."""
+    device. colours: B HxWx3 uint8 images, each of its image's true size (at the top left of a
+    padded canvas); pixels outside them keep their scores. ``pairwise``: the keyword parameters
+    of ``crf_probabilities``."""
     _check_scores(scores)
     out = scores.float().clone()
     for i, image in enumerate(colours):
