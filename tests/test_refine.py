@@ -352,13 +352,15 @@ def test_refine_scores_none_and_unknown_method():
     assert all(name in str(info.value) for name in REFINE_METHODS)
     with pytest.raises(ValueError, match="needs affinities"):
         refine_scores("affinity", scores, torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="needs the images"):
+        refine_scores("par", scores)
 
 
 def test_refine_scores_dispatches_to_par_and_the_walk():
     image, scores, _ = square_scene()
     assert torch.equal(refine_scores("par", scores, image, iterations=3), par(scores, image, iterations=3))
     affinities = Affinities(random_affinity(1, 12, 12, 3), 3, 4)
-    assert torch.equal(refine_scores("affinity", scores, image, affinities=affinities, steps=3),
+    assert torch.equal(refine_scores("affinity", scores, affinities=affinities, steps=3),
                        random_walk_refine(scores, affinities, steps=3))
 
 

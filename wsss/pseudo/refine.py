@@ -501,7 +501,7 @@ def refine_scores(method: str, scores: Tensor, images: Optional[Tensor] = None, 
     images: (B, 3 or 1, H, W) as the classifier saw them (normalised); ``mean`` / ``std`` undo
     the normalisation for ``crf``, which needs 0..255 colours (``par`` does not care).
     valid: (B, H, W) true-image pixels of a padded canvas. ``affinity`` needs ``affinities`` from
-    ``AffinityModule.predict_affinity``. ``options`` go to the method (``par``: dilations,
+    ``AffinityModule.predict_affinity`` (and no images). ``options`` go to the method (``par``: dilations,
     iterations, colour_scale, position_weight; ``affinity``: beta, steps; ``crf``: iterations and
     the pairwise parameters). Returns float32 distributions of the same shape.
     """
@@ -509,14 +509,14 @@ def refine_scores(method: str, scores: Tensor, images: Optional[Tensor] = None, 
     _check_scores(scores)
     if method == "none":
         return scores.float()
-    if images is None:
-        raise ValueError(f"refinement {method!r} needs the images")
-    if method == "par":
-        return par(scores, images, valid=valid, **options)
     if method == "affinity":
         if affinities is None:
             raise ValueError("refinement 'affinity' needs affinities from AffinityModule.predict_affinity")
         return random_walk_refine(scores, affinities, valid=valid, **options)
+    if images is None:
+        raise ValueError(f"refinement {method!r} needs the images")
+    if method == "par":
+        return par(scores, images, valid=valid, **options)
     from wsss.viz import denormalise
 
     mask = _as_pixel_mask(valid, scores)[:, 0]
