@@ -191,7 +191,7 @@ def quality(args: argparse.Namespace) -> None:
 
     from wsss.config import load_config
     from wsss.data.datamodule import build_source
-    from wsss.metrics import IoUMeter
+    from wsss.metrics import SegmentationScores
     from wsss.models.classifier import ClassifierModule
     from wsss.pseudo.refine import distribution_labels, ignore_uncertain
 
@@ -210,7 +210,9 @@ def quality(args: argparse.Namespace) -> None:
     fit_seconds = {}
     for freeze in args.affinity_backbones:
         kind = "frozen" if freeze else "fine-tuned"
-        cache = Path(args.affinity_cache) / f"affinity_{kind}_{args.affinity_epochs}.ckpt" if args.affinity_cache else None
+        cache = None
+        if args.affinity_cache:
+            cache = Path(args.affinity_cache) / f"affinity_{kind}_{args.affinity_epochs}.ckpt"
         seeds = Path(args.affinity_seeds) if args.affinity_seeds else pseudo_dir
         module, fit_seconds[kind] = train_affinity(cfg, classifier, seeds, freeze, args.affinity_epochs, device, cache)
         for walk in args.walks:
@@ -239,8 +241,8 @@ def quality(args: argparse.Namespace) -> None:
                 labels = distribution_labels(refined, classes, valid)
                 for rule, options in rules.items():
                     out = ignore_uncertain(labels, refined, pixel_mask=mask, **options)
-                    all_meter, kept_meter, counts = meters.setdefault(
-                        (name, rule), [IoUMeter(source.num_classes), IoUMeter(source.num_classes), [0, 0]])
+                    all_meter, kept_meter, counts = meters.setdefault((name, rule), [
+                        SegmentationScores(source.num_classes), SegmentationScores(source.num_classes), [0, 0]])
                     ignored = out == 255
                     all_meter.update(out.masked_fill(ignored, 0), truth)
                     kept_meter.update(out.masked_fill(ignored, 0), truth.masked_fill(ignored, 255))
