@@ -115,13 +115,14 @@ class AffinityModule(L.LightningModule):
 
     backbone: the classifier network (``ClassifierModule.export()``); it is copied, so the
     caller's model never changes. ``layers`` name its modules (``named_modules()``) whose outputs
-    are the feature levels. ``freeze_backbone`` trains the head only (IRN); otherwise the
-    backbone is fine-tuned at ``lr * backbone_lr_mult`` (AffinityNet), BatchNorm statistics kept.
+    are the feature levels. ``freeze_backbone`` trains the head only (IRN); otherwise (the
+    default, measured better: scripts/benchmark_refine.py --quality) the backbone is fine-tuned
+    at ``lr * backbone_lr_mult`` (AffinityNet), its BatchNorm statistics kept as they are.
     Load a checkpoint with ``AffinityModule.load_from_checkpoint(path, backbone=...)``.
     """
 
     def __init__(self, backbone: nn.Module, layers: Sequence[str] = DEFAULT_LAYERS, stride: int = 4,
-                 radius: int = 5, hidden: int = 64, embed_dim: int = 64, freeze_backbone: bool = True,
+                 radius: int = 5, hidden: int = 64, embed_dim: int = 64, freeze_backbone: bool = False,
                  lr: float = 1e-3, backbone_lr_mult: float = 0.1, weight_decay: float = 1e-4,
                  momentum: float = 0.9, optimizer: str = "adamw", schedule: str = "poly",
                  beta: float = 8.0, steps: int = 256) -> None:
