@@ -1,13 +1,9 @@
-"""The label rule (margins over per-slot thresholds, ignore band, padding) and the CRF extra."""
+"""The label rule (margins over per-slot thresholds, ignore band, padding)."""
 
-import sys
-import types
-
-import numpy as np
 import pytest
 import torch
 
-from wsss.pseudo.labels import CRF_MISSING, dense_crf, scores_to_labels
+from wsss.pseudo.labels import scores_to_labels
 
 torch.set_num_threads(2)
 
@@ -105,56 +101,3 @@ def test_bad_inputs_are_refused_with_the_reason():
         scores_to_labels(scores, torch.tensor([[0, 2]]), valid, 0.5)
     with pytest.raises(ValueError, match=r"\(B, K\)"):
         scores_to_labels(scores, torch.tensor([[1]]), valid, 0.5)
-
-
-def test_crf_without_the_extra_names_the_extra():
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("pydensecrf2 is installed")
-    with pytest.raises(ImportError) as info:
-        dense_crf(np.zeros((4, 4, 3), np.uint8), np.ones((2, 4, 4), np.float32))
-    assert str(info.value) == CRF_MISSING
-    assert "pip install -e '.[crf]'" in CRF_MISSING and "pydensecrf2" in CRF_MISSING
-
-
-def test_crf_plumbing_with_a_stand_in_module(monkeypatch):
-    """A stand-in for pydensecrf whose 'inference' is the softmax of the unary: checks the
-    width/height order, the unary (-log p, flattened per label) and the reshape back to (H, W)."""
-    calls = {}
-
-    class FakeCRF:
-        def __init__(self, width, height, labels):
-            calls["size"] = (width, height, labels)
-
-        def setUnaryEnergy(self, unary):
-            assert unary.dtype == np.float32 and unary.flags["C_CONTIGUOUS"]
-            calls["unary"] = unary
-
-        def addPairwiseGaussian(self, **kwargs):
-            pass
-
-        def addPairwiseBilateral(self, **kwargs):
-            calls["rgbim"] = kwargs["rgbim"]
-
-        def inference(self, iterations):
-            e = np.exp(-calls["unary"])
-            return e / e.sum(0, keepdims=True)
-
-    package = types.ModuleType("pydensecrf")
-    module = types.ModuleType("pydensecrf.densecrf")
-    module.DenseCRF2D = FakeCRF
-    package.densecrf = module
-    monkeypatch.setitem(sys.modules, "pydensecrf", package)
-    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", module)
-
-    h, w = 3, 5  # not square, so a swapped width/height shows
-    probs = np.random.default_rng(0).random((3, h, w)).astype(np.float32)
-    out = dense_crf(np.zeros((h, w), np.uint8), probs)  # grey image is repeated to RGB
-    assert calls["size"] == (w, h, 3) and calls["unary"].shape == (3, h * w)
-    assert calls["rgbim"].shape == (h, w, 3)
-    assert out.shape == (h, w) and np.array_equal(out, probs.argmax(0))
-    with pytest.raises(ValueError, match=r"\(L, H, W\)"):
-        dense_crf(np.zeros((h, w, 3), np.uint8), probs[:, :, :2])

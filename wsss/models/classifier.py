@@ -15,7 +15,7 @@ import torchvision
 from torch import Tensor, nn
 
 from wsss.metrics import MultiLabelScores
-from wsss.models.common import check_finite_loss
+from wsss.models.common import check_finite_loss, optimizer_with_schedule
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
@@ -169,9 +169,4 @@ class ClassifierModule(L.LightningModule):
         backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
         groups = [{"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
                   {"params": list(head.parameters()), "lr": hp.lr}]
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.schedule, planned_steps(self)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_schedule(self, groups)

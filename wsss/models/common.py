@@ -1,5 +1,5 @@
-"""Shared by the training modules: stopping cleanly on a non-finite loss, and RNG states kept in
-checkpoints."""
+"""Shared by the training modules: stopping cleanly on a non-finite loss, RNG states kept in
+checkpoints, the optimizer with its per-step learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -70,3 +70,18 @@ class RNGStateCallback(L.Callback):
         random.setstate(states["python"])
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def optimizer_with_schedule(module: L.LightningModule, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """``configure_optimizers``'s answer for parameter ``groups`` (each with its own ``lr``):
+    AdamW or SGD with momentum by ``hparams.optimizer``, weight decay ``hparams.weight_decay``,
+    and the ``hparams.schedule`` multiplier stepped every optimizer step."""
+    from wsss.models.classifier import lr_lambda, planned_steps
+
+    hp = module.hparams
+    if hp.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.schedule, planned_steps(module)))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -136,7 +136,7 @@ class PseudoMaskModule(L.LightningModule):
                 pseudo: Tensor) -> Tensor:
         """Dense CRF over {background, present classes}; the background score is the mean
         threshold of the image's classes. Pixels in the ignore band stay ignored."""
-        from wsss.pseudo.labels import dense_crf
+        from wsss.pseudo.refine import dense_crf
         from wsss.viz import denormalise
 
         refined = []

@@ -3,17 +3,15 @@
 The rule (ALGORITHMS.md §3.5, step 6): every present class competes through its margin over its
 own background threshold; the best positive margin wins, otherwise the pixel is background.
 Pixels whose best margin lies close to zero are marked 255 (ignored by the segmenter's loss).
-An optional fully connected CRF refines the result when the ``crf`` extra is installed.
+Refinement of the scores before labelling (PAR, random walk, dense CRF) is in ``refine.py``.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
 IGNORE = 255
-CRF_MISSING = "dense CRF needs the optional extra: pip install -e '.[crf]' (pydensecrf2)"
 
 
 def _slot_thresholds(thresholds: Tensor | float, shape: torch.Size, device: torch.device) -> Tensor:
@@ -65,38 +63,3 @@ def scores_to_labels(scores: Tensor, classes: Tensor, valid: Tensor, thresholds:
     if ignore_band > 0:
         labels = labels.masked_fill(best.abs() < ignore_band, IGNORE)
     return labels.to(torch.uint8)
-
-
-def dense_crf(image: np.ndarray, label_probs: np.ndarray, iterations: int = 5) -> np.ndarray:
-    """Refine label probabilities with a fully connected CRF (Krähenbühl & Koltun, 2011).
-
-    image: HxWx3 uint8 (HxW or HxWx1 grey images are repeated to three channels);
-    label_probs: (L, H, W) non-negative scores per label, normalised here. Returns the (H, W)
-    index of the most likely label after ``iterations`` mean-field steps. Needs the optional
-    ``pydensecrf2`` package (imported as ``pydensecrf``).
-    """
-    try:
-        import pydensecrf.densecrf as dcrf
-    except ImportError as exc:
-        raise ImportError(CRF_MISSING) from exc
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise ValueError(f"image must be HxWx3, got shape {image.shape}")
-    image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-    probs = np.asarray(label_probs, dtype=np.float32)
-    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"label_probs must be (L, H, W) with (H, W) = {image.shape[:2]}, "
-                         f"got shape {probs.shape}")
-    num_labels, height, width = probs.shape
-    probs = np.clip(np.nan_to_num(probs, nan=0.0), 1e-5, None)
-    probs = probs / probs.sum(0, keepdims=True)
-    unary = np.ascontiguousarray(-np.log(probs).reshape(num_labels, -1), dtype=np.float32)
-    crf = dcrf.DenseCRF2D(width, height, num_labels)
-    crf.setUnaryEnergy(unary)
-    crf.addPairwiseGaussian(sxy=3, compat=3)
-    crf.addPairwiseBilateral(sxy=50, srgb=13, compat=10,
-                             rgbim=np.ascontiguousarray(image, dtype=np.uint8))
-    q = np.asarray(crf.inference(iterations), dtype=np.float32).reshape(num_labels, height, width)
-    return q.argmax(0)
