@@ -18,7 +18,7 @@ from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import read_mask
 from wsss.io import read_json
 from wsss.models.pseudo_labeler import SEED_DIR, present_targets
-from wsss.pseudo.labels import scores_to_labels
+from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.stages.pseudo_masks import pseudo_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,9 @@ def _recomputed(out_dir: Path, sample_id: str, thresholds: dict, names: list[str
     maps = torch.from_numpy(saved["maps"].astype(np.float32))[None]
     classes = torch.from_numpy(saved["classes"].astype(np.int64))[None]
     per_slot = torch.tensor([[thresholds["per_class"][names[c - 1]] for c in classes[0].tolist()]])
-    return scores_to_labels(maps, classes, torch.ones_like(classes, dtype=torch.bool), per_slot, band)[0].numpy()
+    valid = torch.ones_like(classes, dtype=torch.bool)
+    probs = slot_distribution(maps, valid, per_slot)
+    return ignore_uncertain(distribution_labels(probs, classes, valid), probs, margin=band)[0].numpy()
 
 
 @pytest.mark.slow
@@ -115,6 +117,7 @@ def test_written_masks_use_the_calibrated_thresholds_and_the_ignore_band(trained
     band = 0.05
     cfg = config(tmp_path, f"pseudo.calibration={calibration}", "pseudo.threshold=0.15",
                  "pseudo.grid=[0.3, 0.5, 0.7]", "pseudo.min_confidence=0.0", "pseudo.objective=keep_delete",
+                 "pseudo.fallback=global",
                  f"pseudo.ignore_band={band}",
                  "pseudo.save_maps=true")
     record = stages.make_pseudo_masks(cfg)
@@ -224,3 +227,100 @@ def test_a_class_the_classifier_does_not_recognise_is_no_worse_than_with_the_fix
     assert any(thresholds["pairs"][n] > 0 for n in names if n != "square")
     seed_iou, pseudo_iou = record["seed_per_class_iou"][square + 1], record["pseudo_per_class_iou"][square + 1]
     assert pseudo_iou >= seed_iou - 1e-9
+
+
+def _labels_from_saved(out_dir: Path, sample_id: str, thresholds: dict, names: list[str]):
+    """The calibrated distribution of one image, rebuilt from its saved maps."""
+    saved = np.load(out_dir / "maps" / f"{sample_id}.npz")
+    maps = torch.from_numpy(saved["maps"].astype(np.float32))[None]
+    classes = torch.from_numpy(saved["classes"].astype(np.int64))[None]
+    per_slot = torch.tensor([[thresholds["per_class"][names[c - 1]] for c in classes[0].tolist()]])
+    valid = torch.ones_like(classes, dtype=torch.bool)
+    return slot_distribution(maps, valid, per_slot), classes, valid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["par", "crf"])
+def test_in_image_refinement_is_what_the_written_masks_went_through(trained, tmp_path, method):
+    """pseudo.refine=par / crf: the calibrated masks land in calibrated/, the refined ones are
+    the masks the segmenter trains on: PAR (or the CRF) of the calibrated distribution, labelled
+    and banded. A stage that skipped refinement would write the calibrated masks twice."""
+    if method == "crf":
+        pytest.importorskip("pydensecrf.densecrf", reason="the crf extra (pydensecrf2)")
+    from wsss.pseudo.refine import par, pixel_mask, refine_scores
+
+    reuse_classifier(trained, tmp_path)
+    band = 0.05
+    cfg = config(tmp_path, f"pseudo.refine={method}", "pseudo.save_maps=true", f"pseudo.ignore_band={band}",
+                 "pseudo.par_iterations=6")
+    classifier = stages.load_classifier(cfg)
+    record = stages.make_pseudo_masks(cfg)
+    out = tmp_path / "default" / "pseudo_masks"
+    assert record["refined_miou"] is not None and record["pseudo_miou"] is not None
+    names, thresholds = record["class_names"][1:], read_json(out / "thresholds.json")
+    dataset = build_source(cfg, "train", mean=classifier.hparams.mean, std=classifier.hparams.std)
+    agree = total = changed = 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        probs, classes, valid = _labels_from_saved(out, item["id"], thresholds, names)
+        image = item["image"][None]
+        if method == "par":
+            refined = par(probs, image, iterations=6)
+        else:
+            inside = pixel_mask(None, *probs.shape[-2:])
+            refined = refine_scores("crf", probs, image, valid=inside, mean=classifier.hparams.mean,
+                                    std=classifier.hparams.std)
+        expected = ignore_uncertain(distribution_labels(refined, classes, valid), refined, margin=band)[0].numpy()
+        written = read_mask(out / f"{item['id']}.png")
+        calibrated = read_mask(out / "calibrated" / f"{item['id']}.png")
+        agree += int((written == expected).sum())
+        total += written.size
+        changed += int((written != calibrated).sum())
+    assert agree / total > 0.99 and changed > 0.01 * total
+
+
+@pytest.mark.slow
+def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_path, monkeypatch):
+    """pseudo.refine=affinity: the affinity stage trains on the calibrated masks, writes refined
+    masks for every image, resumes from last.ckpt after a kill mid-training and does not redo
+    masks already written; the segmenter trains on the refined masks."""
+    import lightning as L
+
+    from wsss.stages import base as stage_base
+
+    class KillInEpoch(L.Callback):
+        def __init__(self):
+            self.armed = True
+
+        def on_train_epoch_start(self, trainer, module):
+            if self.armed and trainer.current_epoch == 1 and type(module).__name__ == "AffinityModule":
+                raise RuntimeError("killed")
+
+    reuse_classifier(trained, tmp_path)
+    kill = KillInEpoch()
+    original = stage_base.make_trainer
+    monkeypatch.setattr(stage_base, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
+                        original(cfg, epochs, logger, (callbacks or []) + [kill], **kw))
+    cfg = config(tmp_path, "pseudo.refine=affinity", "affinity.max_epochs=2", "affinity.steps=4")
+    stages.make_pseudo_masks(cfg)
+    with pytest.raises(RuntimeError, match="killed"):
+        stages.train_affinity(cfg)
+    directory = tmp_path / "default" / "affinity"
+    assert torch.load(directory / "last.ckpt", weights_only=False)["epoch"] == 0
+    kill.armed = False
+    record = stages.train_affinity(cfg)
+    assert record["epochs"] == 2 and record["refined_written_now"] == 12
+    ids = build_source(cfg, "train").ids
+    assert sorted(p.stem for p in (directory / "masks").glob("*.png")) == sorted(ids)
+    pseudo_dir = tmp_path / "default" / "pseudo_masks"
+    differs = sum(int((read_mask(directory / "masks" / f"{i}.png") != read_mask(pseudo_dir / f"{i}.png")).sum())
+                  for i in ids)
+    assert differs > 0 and record["refined_miou"] is not None
+    (directory / "masks" / f"{ids[0]}.png").unlink()  # as if killed while writing masks
+    state = read_json(directory / "stage.json")
+    state["status"] = "running"
+    (directory / "stage.json").write_text(__import__("json").dumps(state))
+    again = stages.train_affinity(cfg)
+    assert again["refined_written_now"] == 1
+    segmenter = stages.train_segmenter(cfg)
+    assert segmenter["masks"] == str(directory / "masks")

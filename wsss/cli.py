@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "run": "all stages (train-classifier -> make-pseudo-masks -> train-segmenter -> evaluate), resumable",
     "train-classifier": "train the multi-label classifier on image-level labels",
     "make-pseudo-masks": "write Relevance-CAM pseudo-masks for the training split",
+    "train-affinity": "with pseudo.refine=affinity: learn inter-pixel affinities, write random-walk refined masks",
     "train-segmenter": "train the segmentation network on the masks segmenter.masks names",
     "evaluate": "segmenter mIoU on the val split; predictions as palette PNGs",
     "data-check": "load every item of the configured splits and report counts and bad files",
@@ -59,7 +60,7 @@ def _stage(name: str) -> Callable[[Config], int]:
         if name == "run":
             pipeline.run_all(cfg)
             return 0
-        key = {"train-classifier": "classifier", "make-pseudo-masks": "pseudo_masks",
+        key = {"train-classifier": "classifier", "make-pseudo-masks": "pseudo_masks", "train-affinity": "affinity",
                "train-segmenter": "segmenter", "evaluate": "evaluation"}[name]
         stages.check_stage_folders(cfg, [key])
         stages.save_config(cfg)

@@ -8,6 +8,7 @@ its field metadata. Validation walks the dataclasses, so adding a key is one lin
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,11 +120,30 @@ class PseudoConfig:
     grid: list[float] = _opt([0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75,
                               0.8, 0.85, 0.9], "candidate thresholds")
     ignore_band: float = _opt(0.05, "pixels whose best score is within this of the background score become 255")
-    crf: bool = _opt(False, "dense CRF refinement (needs the `crf` extra: pydensecrf2)")
+    refine: str = _choice("none", "none", "crf", "par", "affinity",
+                          help="refinement of the calibrated maps along the image: none, crf (dense CRF, the `crf` "
+                               "extra), par (pixel-adaptive, colour and position, no training) or affinity "
+                               "(learned inter-pixel affinity + random walk: the affinity stage)")
+    par_iterations: int = _opt(10, "par: refinement iterations")
     save_maps: bool = _opt(False, "also write fused float maps as .npz (float16)")
     num_panels: int = _opt(8, "samples in the panel grid")
     score_split: Optional[str] = _opt(None, "also score seeds and pseudo-masks on the pseudo-labelled images of "
                                             "this split (VOC: train, the 1,464 images published tables use)")
+
+
+@dataclass
+class AffinityConfig:
+    """The affinity stage (pseudo.refine=affinity): inter-pixel affinities learned from the
+    calibrated pseudo-masks, then a random walk of the class maps (AffinityNet / IRN)."""
+
+    max_epochs: int = _opt(8, "training epochs")
+    lr: float = _opt(1e-3, "AdamW learning rate of the affinity head (backbone: x affinity.backbone_lr_mult)")
+    backbone_lr_mult: float = _opt(0.1, "backbone learning rate = lr * this")
+    freeze_backbone: bool = _opt(False, "keep the classifier's backbone fixed (measured: fine-tuning is better)")
+    radius: int = _opt(5, "pixel pairs within this radius, on the feature grid")
+    stride: int = _opt(4, "feature grid stride of the affinity embedding")
+    beta: float = _opt(8.0, "random walk: affinity power")
+    steps: int = _opt(16, "random walk steps; scale with the square of the feature grid side (VOC 512 px: 256)")
 
 
 @dataclass
@@ -138,6 +158,8 @@ class SegmenterConfig:
     masks: str = _opt("pseudo", "training masks: pseudo | ground_truth | a directory of palette PNGs")
     eval_scales: list[float] = _opt([1.0], "evaluation scales (multi-scale inference)")
     eval_flip: bool = _opt(False, "evaluation with horizontal flip")
+    eval_crf: bool = _opt(False, "also score the predictions after a dense CRF (the `crf` extra), as VOC "
+                                 "papers report it, beside the plain figure")
 
 
 @dataclass
@@ -176,6 +198,7 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -251,20 +274,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+def closest(value: Any, choices: Any) -> str:
+    """' (did you mean X?)' for the choice closest to a misspelt value, or ''."""
+    import difflib
+
+    match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+RENAMED = {"pseudo.crf": "pseudo.crf was replaced by pseudo.refine=crf (or par / affinity / none)"}
+
+
 def _build_group(cls: type, values: dict[str, Any], group: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
+    for key in unknown:
+        if f"{group}.{key}" in RENAMED:
+            raise ConfigError(RENAMED[f"{group}.{key}"])
     if unknown:
-        raise ConfigError(
-            f"unknown key {group}.{unknown[0]}; valid keys in '{group}': {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown key {group}.{unknown[0]}{closest(unknown[0], fields)}; valid keys in "
+                          f"'{group}': {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in values.items():
         key = f"{group}.{name}"
         coerced = _coerce(value, hints[name], key)
         choices = fields[name].metadata.get("choices")
         if choices and coerced not in choices:
-            raise ConfigError(f"{key}: {coerced!r} is not a valid choice; choose one of: "
+            raise ConfigError(f"{key}: {coerced!r} is not a valid choice{closest(coerced, choices)}; choose one of: "
                               f"{', '.join(map(str, choices))}")
         kwargs[name] = coerced
     return cls(**kwargs)
@@ -279,7 +316,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     groups = {f.name: f for f in dataclasses.fields(Config)}
     unknown = sorted(set(raw) - set(groups))
     if unknown:
-        raise ConfigError(f"unknown config group '{unknown[0]}'; valid groups: {', '.join(groups)}")
+        raise ConfigError(f"unknown config group '{unknown[0]}'{closest(unknown[0], groups)}; valid groups: "
+                          f"{', '.join(groups)}")
     hints = typing.get_type_hints(Config)
     built = {}
     for name in groups:
@@ -308,6 +346,10 @@ def _check_cross_field(cfg: Config) -> None:
     for key in ("batch_size", "crop_size", "num_train", "num_val", "image_size"):
         if getattr(cfg.data, key) < 1:
             raise ConfigError(f"data.{key}: must be at least 1, got {getattr(cfg.data, key)}")
+    if (cfg.pseudo.refine == "crf" or cfg.segmenter.eval_crf) and importlib.util.find_spec("pydensecrf") is None:
+        key = "pseudo.refine=crf" if cfg.pseudo.refine == "crf" else "segmenter.eval_crf=true"
+        raise ConfigError(f"{key} needs the dense CRF extra: pip install -e '.[crf]' (pydensecrf2); or "
+                          f"pseudo.refine=par, which needs nothing")
     t = cfg.trainer
     devices = t.devices
     if isinstance(devices, list):

@@ -1,5 +1,5 @@
 """Orchestration: every stage in order (train-classifier -> make-pseudo-masks ->
-train-segmenter -> evaluate), each skipped when finished, then the report. The stages
+train-affinity (when pseudo.refine=affinity) -> train-segmenter -> evaluate), each skipped when finished, then the report. The stages
 themselves live in ``wsss.stages``, one module each."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from typing import Any, Callable
 
 from wsss.config import Config
 from wsss.stages.base import check_stage_folders, is_global_zero
-from wsss.stages import (evaluate, make_pseudo_masks, save_config, train_classifier,
+from wsss.stages import (evaluate, make_pseudo_masks, save_config, train_affinity, train_classifier,
                          train_segmenter, write_report)
 
 STAGE_FUNCTIONS: dict[str, Callable[[Config], dict[str, Any]]] = {
-    "classifier": train_classifier, "pseudo_masks": make_pseudo_masks,
+    "classifier": train_classifier, "pseudo_masks": make_pseudo_masks, "affinity": train_affinity,
     "segmenter": train_segmenter, "evaluation": evaluate,
 }
 

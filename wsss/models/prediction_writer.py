@@ -15,18 +15,20 @@ from wsss.data.masks import write_label_png
 
 class SegmentationWriter(BasePredictionWriter):
     """``predict_step`` returns ``{"pred": (B,H,W)}``; each prediction is cropped to its image's
-    size and written to ``out_dir/<id>.png``."""
+    size and written to ``out_dir/<id>.png``; other keys named in ``extra`` go to their own
+    folders (e.g. ``{"pred_crf": out_dir_crf}``)."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, extra: Optional[dict[str, Path]] = None) -> None:
         super().__init__(write_interval="batch")
-        self.out_dir = Path(out_dir)
+        self.folders = {"pred": Path(out_dir), **{k: Path(v) for k, v in (extra or {}).items()}}
         self.written = 0
 
     def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: dict[str, torch.Tensor],
                            batch_indices: Optional[list[int]], batch: dict[str, Any], batch_idx: int,
                            dataloader_idx: int = 0) -> None:
-        preds = prediction["pred"]
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i])
-            write_label_png(self.out_dir / f"{sample_id}.png", preds[i, :h, :w].to(torch.uint8).cpu().numpy())
+            for key, folder in self.folders.items():
+                if key in prediction:
+                    write_label_png(folder / f"{sample_id}.png", prediction[key][i, :h, :w].to(torch.uint8).cpu().numpy())
             self.written += 1

@@ -22,8 +22,12 @@ from wsss.cam import aggregate_scales, build_cam, fuse_layers
 from wsss.data.masks import write_label_png
 from wsss.io import atomic_path, write_json_atomic
 from wsss.pseudo.labels import scores_to_labels
+from wsss.pseudo.refine import (check_refine_method, distribution_labels, ignore_uncertain, pixel_mask, refine_scores,
+                                slot_distribution)
 
 SEED_DIR = "seeds"
+CALIBRATED_DIR = "calibrated"  # the calibrated masks before in-image refinement (par / crf)
+IMAGE_REFINEMENTS = ("par", "crf")  # refinements the pseudo-mask module applies itself
 MAP_DIR = "maps"
 RANK_DIR = ".ranks"
 PANEL_DIR = ".panels"
@@ -46,7 +50,7 @@ class PseudoMaskModule(L.LightningModule):
                  preset: str = "default", layer_weights: Optional[Sequence[float]] = None,
                  scales: Sequence[float] = (1.0,), flip: bool = False, normalize: str = "centred",
                  thresholds: Optional[Tensor] = None, seed_threshold: float = 0.25,
-                 ignore_band: float = 0.0, crf: bool = False, keep_maps: bool = False,
+                 ignore_band: float = 0.0, refine: str = "none", refine_options: Optional[dict[str, Any]] = None,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
         super().__init__()
         self.model = model.eval()
@@ -63,8 +67,8 @@ class PseudoMaskModule(L.LightningModule):
         self.register_buffer("thresholds", thresholds.float().clone(), persistent=False)
         self.seed_threshold = seed_threshold
         self.ignore_band = ignore_band
-        self.crf = crf
-        self.keep_maps = keep_maps
+        self.refine = check_refine_method(refine)
+        self.refine_options = dict(refine_options or {})
         self.mean, self.std = mean, std
 
     @staticmethod
@@ -122,35 +126,32 @@ class PseudoMaskModule(L.LightningModule):
         return [(((sizes[:, 0] == h) & (sizes[:, 1] == w)).nonzero().flatten(), (h, w)) for h, w in unique]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        maps = self.fused_maps(batch["image"], batch["labels"], batch.get("size"))
+        """Seeds (fixed threshold, no band), then the calibrated distribution over {background,
+        present classes}, refined in the image (``refine``: par or crf; the learned affinity
+        walk is a stage of its own), labelled, and its uncertain pixels set to 255: those whose
+        two best classes are within ``ignore_band`` of each other. Without refinement the labels
+        are ``scores_to_labels``'s; with it, ``calibrated`` holds the unrefined masks too."""
+        images = batch["image"]
+        maps = self.fused_maps(images, batch["labels"], batch.get("size"))
         targets, valid, fused = maps["targets"], maps["valid"], maps["fused"]
         classes = targets + 1  # mask values: 0 = background
         seeds = scores_to_labels(fused, classes, valid, self.seed_threshold, 0.0)
-        pseudo = scores_to_labels(fused, classes, valid, self.thresholds[targets], self.ignore_band)
-        if self.crf:
-            pseudo = self._refine(batch, fused, classes, valid, pseudo)
-        return {"pseudo": pseudo, "seeds": seeds, "fused": fused, "layers": maps["layers"],
-                "targets": targets, "valid": valid}
+        inside = pixel_mask(batch.get("size"), *fused.shape[-2:], device=fused.device)
+        probs = slot_distribution(fused, valid, self.thresholds[targets])
+        band = self.ignore_band if self.ignore_band > 0 else None
 
-    def _refine(self, batch: dict[str, Any], fused: Tensor, classes: Tensor, valid: Tensor,
-                pseudo: Tensor) -> Tensor:
-        """Dense CRF over {background, present classes}; the background score is the mean
-        threshold of the image's classes. Pixels in the ignore band stay ignored."""
-        from wsss.pseudo.refine import dense_crf
-        from wsss.viz import denormalise
+        def labelled(distribution: Tensor) -> Tensor:
+            labels = distribution_labels(distribution, classes, valid)
+            return ignore_uncertain(labels, distribution, margin=band, pixel_mask=inside)
 
-        refined = []
-        for i in range(len(fused)):
-            image = denormalise(batch["image"][i].cpu(), self.mean, self.std)
-            slot_thresholds = self.thresholds[classes[i] - 1][valid[i]]
-            background = torch.full_like(fused[i, :1], float(slot_thresholds.mean()) if len(slot_thresholds) else 1.0)
-            probs = torch.cat([background, fused[i] * valid[i, :, None, None]]).float().cpu().numpy()
-            choice = torch.from_numpy(np.asarray(dense_crf(image, probs))).long()
-            lookup = torch.cat([torch.zeros(1, dtype=torch.long), classes[i].cpu()])
-            label = lookup[choice].to(torch.uint8)
-            label[pseudo[i].cpu() == 255] = 255
-            refined.append(label)
-        return torch.stack(refined).to(pseudo.device)
+        out = {"seeds": seeds, "fused": fused, "layers": maps["layers"], "targets": targets, "valid": valid}
+        if self.refine in IMAGE_REFINEMENTS:
+            refined = refine_scores(self.refine, probs, images, valid=inside, mean=self.mean, std=self.std,
+                                    **self.refine_options)
+            out.update(calibrated=labelled(probs), pseudo=labelled(refined))
+        else:
+            out["pseudo"] = labelled(probs)
+        return out
 
 
 class PseudoMaskWriter(BasePredictionWriter):
@@ -175,6 +176,9 @@ class PseudoMaskWriter(BasePredictionWriter):
             h, w = (int(v) for v in batch["size"][i])
             write_label_png(self.out_dir / SEED_DIR / f"{sample_id}.png",
                             prediction["seeds"][i, :h, :w].cpu().numpy())
+            if "calibrated" in prediction:
+                write_label_png(self.out_dir / CALIBRATED_DIR / f"{sample_id}.png",
+                                prediction["calibrated"][i, :h, :w].cpu().numpy())
             if self.save_maps:
                 keep = prediction["valid"][i].cpu()
                 with atomic_path(self.out_dir / MAP_DIR / f"{sample_id}.npz") as tmp:
@@ -209,6 +213,7 @@ class PseudoMaskWriter(BasePredictionWriter):
             "layers": {k: v[i, valid, :h, :w].cpu() for k, v in prediction["layers"].items()},
             "fused": prediction["fused"][i, valid, :h, :w].cpu(),
             "seeds": prediction["seeds"][i, :h, :w].cpu(),
+            "calibrated": prediction["calibrated"][i, :h, :w].cpu() if "calibrated" in prediction else None,
             "pseudo": prediction["pseudo"][i, :h, :w].cpu(),
             "mask": batch["mask"][i, :h, :w].cpu() if "mask" in batch else None,
         }

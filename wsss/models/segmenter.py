@@ -131,7 +131,18 @@ class SegmenterModule(L.LightningModule):
         log_mask_overlays(self.logger, "val/overlays", items, names, step=self.global_step)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        return {"pred": self.predict_probs(batch["image"]).argmax(1)}
+        """``pred``: the argmax of the (multi-scale, flip) probabilities; with ``eval_crf`` set
+        (by the evaluation stage) also ``pred_crf``: the same probabilities after a dense CRF
+        on the image, as VOC papers report it."""
+        probs = self.predict_probs(batch["image"])
+        out = {"pred": probs.argmax(1)}
+        if getattr(self, "eval_crf", False):
+            from wsss.pseudo.refine import pixel_mask, refine_scores
+
+            inside = pixel_mask(batch.get("size"), *probs.shape[-2:], device=probs.device)
+            out["pred_crf"] = refine_scores("crf", probs, batch["image"], valid=inside, mean=self.hparams.mean,
+                                            std=self.hparams.std).argmax(1)
+        return out
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -30,7 +30,7 @@ from wsss.tracking import close_logger, make_logger
 if TYPE_CHECKING:
     import torch
 
-STAGES = ("classifier", "pseudo_masks", "segmenter", "evaluation")
+STAGES = ("classifier", "pseudo_masks", "affinity", "segmenter", "evaluation")
 
 
 class StageError(RuntimeError):
@@ -40,7 +40,7 @@ class StageError(RuntimeError):
 # keys a stage does not read: how it runs (workers, map batch size, panels), or what only a later
 # stage uses (the test split and test-time augmentation are evaluation's)
 NOT_READ = {"data": {"num_workers", "test_split"}, "cam": {"batch_size"}, "pseudo": {"num_panels"},
-            "segmenter": {"eval_scales", "eval_flip"}}
+            "segmenter": {"eval_scales", "eval_flip", "eval_crf"}}
 
 
 def config_hash(cfg: Config, *groups: str, extra: Any = None) -> str:
@@ -61,11 +61,14 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     training = [cfg.run.seed, t.precision, t.deterministic, t.gradient_clip_val, t.accumulate_grad_batches]
     classifier = config_hash(cfg, "data", "classifier", extra=training)
     pseudo = config_hash(cfg, "cam", "pseudo", extra=classifier)
-    masks = pseudo if cfg.segmenter.masks == "pseudo" else cfg.segmenter.masks
+    affinity = config_hash(cfg, "affinity", extra=[pseudo, *training])
+    refined = affinity if cfg.pseudo.refine == "affinity" else pseudo
+    masks = refined if cfg.segmenter.masks == "pseudo" else cfg.segmenter.masks
     segmenter = config_hash(cfg, "data", "segmenter", extra=[masks, *training])
     s, d = cfg.segmenter, cfg.data
-    evaluation = config_hash(cfg, extra=[segmenter, s.eval_scales, s.eval_flip, d.val_split, d.test_split])
-    return {"classifier": classifier, "pseudo_masks": pseudo, "segmenter": segmenter, "evaluation": evaluation}
+    evaluation = config_hash(cfg, extra=[segmenter, s.eval_scales, s.eval_flip, s.eval_crf, d.val_split, d.test_split])
+    return {"classifier": classifier, "pseudo_masks": pseudo, "affinity": affinity, "segmenter": segmenter,
+            "evaluation": evaluation}
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
@@ -189,6 +192,7 @@ def _add_attempt_seconds(cfg: Config, stage: str, seconds: float) -> None:
 
 Recorder = Callable[[Any, dict[str, Any]], None]
 KEY_FIGURES = {"classifier": ("metrics", "val/mAP"), "pseudo_masks": (None, "pseudo_miou"),
+               "affinity": (None, "refined_miou"),
                "segmenter": ("metrics", "val/miou"), "evaluation": (None, "miou")}
 
 
@@ -270,7 +274,7 @@ def make_trainer(cfg: Config, max_epochs: int, logger: Any = False, callbacks: O
 
 
 def fit_stage(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.LightningDataModule,
-              max_epochs: int, logger: Any = False) -> dict[str, Any]:
+              max_epochs: int, logger: Any = False, **overrides: Any) -> dict[str, Any]:
     """Fit with a last.ckpt written every epoch, resuming from it when present.
 
     The checkpoint also holds the RNG states, and the data order and augmentation depend on
@@ -291,7 +295,7 @@ def fit_stage(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.
     # the data module's samplers shard each global batch themselves (use_distributed_sampler off)
     trainer = make_trainer(cfg, max_epochs, logger, [checkpoint, RNGStateCallback(), *lr_monitor(logger)],
                            use_distributed_sampler=False, gradient_clip_val=t.gradient_clip_val,
-                           accumulate_grad_batches=t.accumulate_grad_batches, max_time=t.max_time)
+                           accumulate_grad_batches=t.accumulate_grad_batches, max_time=t.max_time, **overrides)
     last = directory / "last.ckpt"
     with warnings.catch_warnings():
         # the stage folder always holds stage.json beside the checkpoint: not a stale run

@@ -15,18 +15,24 @@ from wsss.stages.segmenter import load_segmenter
 
 
 def _predict_split(cfg: Config, module, split: str, out_dir: Path, logger: Any = False) -> Optional[dict[str, Any]]:
-    """Write the split's predictions; their scores (rank zero, where ground truth exists)."""
+    """Write the split's predictions (and, with ``segmenter.eval_crf``, their CRF-refined form
+    in ``<split>_crf``); their scores (rank zero, where ground truth exists), the CRF's under
+    ``crf_`` keys."""
     from wsss.models.prediction_writer import SegmentationWriter
 
     mean, std = module.hparams.mean, module.hparams.std
     dataset = build_source(cfg, split, mean=mean, std=std)
     batch = cfg.data.batch_size if cfg.data.name == "synthetic" else 1  # full size, no padding
-    trainer = make_trainer(cfg, 1, logger, callbacks=[SegmentationWriter(out_dir)], limit_predict_batches=None)
+    crf_dir = out_dir.with_name(f"{out_dir.name}_crf")
+    writer = SegmentationWriter(out_dir, {"pred_crf": crf_dir} if module.eval_crf else None)
+    trainer = make_trainer(cfg, 1, logger, callbacks=[writer], limit_predict_batches=None)
     trainer.predict(module, dataloaders=make_loader(dataset, cfg, batch), return_predictions=False)
     barrier()
     if not (is_global_zero() and dataset.has_masks):
         return None
     scores = score_mask_dir(dataset, out_dir)
+    if module.eval_crf:
+        scores.update({f"crf_{k}": v for k, v in score_mask_dir(dataset, crf_dir).items() if k != "ignore_fraction"})
     return scores if scores.get("miou") is not None else None
 
 
@@ -40,6 +46,7 @@ def _evaluate(cfg: Config, logger: Any) -> dict[str, Any]:
     module = load_segmenter(cfg)
     # test-time augmentation is evaluation's choice, not part of the trained segmenter
     module.hparams.eval_scales, module.hparams.eval_flip = cfg.segmenter.eval_scales, cfg.segmenter.eval_flip
+    module.eval_crf = cfg.segmenter.eval_crf
     directory = stage_dir(cfg, "evaluation")
     results: dict[str, Any] = {"class_names": list(module.hparams.class_names or [])}
     scores = _predict_split(cfg, module, cfg.data.val_split, directory / cfg.data.val_split, logger)

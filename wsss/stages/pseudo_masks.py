@@ -46,10 +46,25 @@ def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
 
 def pseudo_module_options(cfg: Config, classifier) -> dict[str, Any]:
     """The PseudoMaskModule keywords the config and the classifier define (thresholds aside)."""
+    from wsss.models.pseudo_labeler import IMAGE_REFINEMENTS
+
     c, p = cfg.cam, cfg.pseudo
+    refine = p.refine if p.refine in IMAGE_REFINEMENTS else "none"  # the affinity walk is a stage of its own
+    options = {"iterations": p.par_iterations} if refine == "par" else {}
     return dict(method=c.method, layers=c.layers, preset=c.preset, layer_weights=c.layer_weights,
                 scales=c.scales, flip=c.flip, normalize=c.normalize, seed_threshold=p.threshold,
-                ignore_band=p.ignore_band, crf=p.crf, mean=classifier.hparams.mean, std=classifier.hparams.std)
+                ignore_band=p.ignore_band, refine=refine, refine_options=options,
+                mean=classifier.hparams.mean, std=classifier.hparams.std)
+
+
+def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
+    """Where the pseudo-mask stage writes each scored step: seeds, calibrated masks ("pseudo")
+    and, after in-image refinement, the refined masks the segmenter trains on."""
+    from wsss.models.pseudo_labeler import CALIBRATED_DIR, IMAGE_REFINEMENTS, SEED_DIR
+
+    if cfg.pseudo.refine in IMAGE_REFINEMENTS:
+        return {"seed": out_dir / SEED_DIR, "pseudo": out_dir / CALIBRATED_DIR, "refined": out_dir}
+    return {"seed": out_dir / SEED_DIR, "pseudo": out_dir}
 
 
 def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = None):
@@ -118,13 +133,11 @@ def calibrate_thresholds(cfg: Config, classifier, out_dir: Path) -> dict[str, An
     return read_json(path)
 
 
-def _done_ids(directory: Path, ids: list[str]) -> set[str]:
-    """Images whose pseudo-mask and seed are already written and readable."""
-    from wsss.models.pseudo_labeler import SEED_DIR
-
+def _done_ids(directories: list[Path], ids: list[str]) -> set[str]:
+    """Images whose masks of every step are already written and readable."""
     done = set()
     for sample_id in ids:
-        paths = [directory / f"{sample_id}.png", directory / SEED_DIR / f"{sample_id}.png"]
+        paths = [directory / f"{sample_id}.png" for directory in directories]
         try:
             if all(p.is_file() for p in paths):
                 for path in paths:
@@ -145,7 +158,7 @@ def panel_ids(ids: list[str], count: int) -> list[str]:
 
 def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False) -> dict[str, Any]:
     """Calibrate, predict (resuming past finished images), then score, panel and manifest."""
-    from wsss.models.pseudo_labeler import PANEL_DIR, RANK_DIR, SEED_DIR, PseudoMaskWriter
+    from wsss.models.pseudo_labeler import PANEL_DIR, RANK_DIR, PseudoMaskWriter
 
     thresholds = calibrate_thresholds(cfg, classifier, out_dir)
     names = list(classifier.hparams.class_names)
@@ -153,10 +166,13 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False
     module = pseudo_module(cfg, classifier, per_class)
 
     dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std)
-    done = _done_ids(out_dir, dataset.ids)
+    steps = mask_steps(cfg, out_dir)
+    done = _done_ids(list(steps.values()), dataset.ids)
     todo = [i for i, sample_id in enumerate(dataset.ids) if sample_id not in done]
     shown = panel_ids(dataset.ids, cfg.pseudo.num_panels)
-    writer = PseudoMaskWriter(out_dir, save_maps=cfg.pseudo.save_maps, panel_ids=shown)
+    # the affinity stage walks the saved maps
+    save_maps = cfg.pseudo.save_maps or cfg.pseudo.refine == "affinity"
+    writer = PseudoMaskWriter(out_dir, save_maps=save_maps, panel_ids=shown)
     barrier()  # everyone has listed what is done before anyone writes more
     started = time.perf_counter()
     if todo:
@@ -174,10 +190,10 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False
         "count": len(dataset), "written_now": len(todo), "images_per_second": round(len(todo) / max(seconds, 1e-9), 2),
         "thresholds": thresholds, "class_names": ["background", *names],
         "rank_counts": _collect_rank_counts(out_dir / RANK_DIR)}
-    for step, directory in (("seed", out_dir / SEED_DIR), ("pseudo", out_dir)):
+    for step, directory in steps.items():
         results.update(_step_scores(step, score_mask_dir(dataset, directory)))
-    results["ignore_fraction"] = results.pop("pseudo_ignore_fraction")
-    results.pop("seed_ignore_fraction")
+    final = "refined" if "refined" in steps else "pseudo"
+    results["ignore_fraction"] = results[f"{final}_ignore_fraction"]
     if cfg.pseudo.score_split and cfg.pseudo.score_split != cfg.data.train_split:
         results["scored_on"] = _scores_on_split(cfg, dataset, out_dir, cfg.pseudo.score_split)
     panels = [torch.load(out_dir / PANEL_DIR / f"{i}.pt", weights_only=False) for i in shown
@@ -203,13 +219,11 @@ def _scores_on_split(cfg: Config, dataset, out_dir: Path, split: str) -> dict[st
     """Seed and pseudo-mask scores on the pseudo-labelled images that also belong to ``split``
     (VOC: the 1,464 ``train`` images with SegmentationClass ground truth, as published tables
     report them)."""
-    from wsss.models.pseudo_labeler import SEED_DIR
-
     members = set(build_source(cfg, split).ids)
     subset = [i for i, sample_id in enumerate(dataset.ids) if sample_id in members]
-    view = dataset.subset(subset) if hasattr(dataset, "subset") else _SubsetSource(dataset, subset)
+    view = _SubsetSource(dataset, subset)
     scores: dict[str, Any] = {"split": split, "images": len(subset)}
-    for step, directory in (("seed", out_dir / SEED_DIR), ("pseudo", out_dir)):
+    for step, directory in mask_steps(cfg, out_dir).items():
         scores.update(_step_scores(step, score_mask_dir(view, directory)))
     return scores
 
@@ -249,6 +263,8 @@ def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> Non
     for sample_id in record.get("panel_ids") or []:
         item = torch.load(out_dir / PANEL_DIR / f"{sample_id}.pt", weights_only=False)
         masks = {"seeds": item["seeds"].numpy(), "pseudo": item["pseudo"].numpy()}
+        if item.get("calibrated") is not None:
+            masks["calibrated"] = item["calibrated"].numpy()
         if item["mask"] is not None:
             masks["ground_truth"] = item["mask"].numpy()
         items.append({"image": item["display"], "caption": str(sample_id), "masks": masks})
@@ -275,18 +291,20 @@ def _collect_rank_counts(directory: Path) -> dict[str, int]:
 
 def pseudo_panel_grid(panels: list[dict[str, Any]], layers: list[str], class_names: list[str]) -> np.ndarray:
     """One row per (sample, present class): the image, that class's map at each layer and fused
-    (the class named in each heatmap), then, on the sample's first row, the seeds and the
-    pseudo-mask over the image at 50 %, the plain pseudo-mask and the ground truth; a colour
-    legend with the class names below. ``class_names`` includes background."""
+    (the class named in each heatmap), then, on the sample's first row, the seeds, the calibrated
+    and (after refinement) the refined masks over the image at 50 %, the final mask and the
+    ground truth; a colour legend with the class names below. ``class_names`` includes
+    background."""
     from wsss.data.masks import colorize, voc_palette
     from wsss.viz import annotate, blank_like, color_legend, heatmap, mask_overlay, overlay, panel_grid, stack_rows
 
+    refined = any(item.get("calibrated") is not None for item in panels)
     rows = []
     for item in panels:
         image = item["display"]
         truth = colorize(item["mask"].numpy()) if item["mask"] is not None else annotate(blank_like(image), "none")
-        masks = [mask_overlay(image, item["seeds"].numpy()), mask_overlay(image, item["pseudo"].numpy()),
-                 colorize(item["pseudo"].numpy()), truth]
+        steps = [item["seeds"]] + ([item["calibrated"]] if refined else []) + [item["pseudo"]]
+        masks = [mask_overlay(image, step.numpy()) for step in steps] + [colorize(item["pseudo"].numpy()), truth]
         classes = item["classes"]
         for k, label in enumerate(classes or [None]):
             name = class_names[label] if label is not None else "no class"
@@ -295,7 +313,8 @@ def pseudo_panel_grid(panels: list[dict[str, Any]], layers: list[str], class_nam
                 [annotate(blank_like(image), name)] * (len(layers) + 1)
             first = annotate(image, str(item["id"])) if k == 0 else blank_like(image)
             rows.append([first, *heat, *(masks if k == 0 else [blank_like(image)] * len(masks))])
-    grid = panel_grid(rows, ["image", *layers, "fused", "seeds", "pseudo", "pseudo mask", "ground truth"])
+    steps = ["seeds", "calibrated", "refined"] if refined else ["seeds", "pseudo"]
+    grid = panel_grid(rows, ["image", *layers, "fused", *steps, "final mask", "ground truth"])
     palette = np.asarray(voc_palette(), np.uint8).reshape(256, 3)
     legend = color_legend([*class_names, "ignore"], palette[[*range(len(class_names)), 255]], grid.shape[1])
     return stack_rows(grid, legend)

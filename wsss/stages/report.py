@@ -37,7 +37,9 @@ def build_report(cfg: Config) -> dict[str, Any]:
     from wsss.tracking import run_paths
 
     records = {stage: read_stage(cfg, stage) or {} for stage in STAGES}
-    pseudo, evaluation = records["pseudo_masks"], records["evaluation"]
+    # the refined step comes from the pseudo stage (par / crf) or the affinity stage
+    pseudo = {**{k: v for k, v in records["affinity"].items() if k.startswith("refined_")}, **records["pseudo_masks"]}
+    evaluation = records["evaluation"]
     names = evaluation.get("class_names") or pseudo.get("class_names") or []
     report: dict[str, Any] = {
         "run": cfg.run.name,
@@ -47,6 +49,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "pseudo_miou": pseudo.get("pseudo_miou"),
         "refined_miou": pseudo.get("refined_miou"),
         "seg_miou": evaluation.get("miou"),
+        "seg_miou_crf": evaluation.get("crf_miou"),
         "per_class_iou": _named(evaluation.get("per_class_iou"), names),
         "dice": evaluation.get("dice"),
         "per_class_dice": _named(evaluation.get("per_class_dice"), names),
@@ -117,6 +120,8 @@ def _summary_table(report: dict[str, Any]) -> list[str]:
     rows.append((f"segmenter on `{report.get('segmenter_masks')}` masks (val split)", _pct(report.get("seg_miou")),
                  _pct(report.get("dice")), _pct(report.get("seg_pixel_accuracy")),
                  _pct(report.get("seg_mean_class_accuracy"))))
+    if report.get("seg_miou_crf") is not None:
+        rows.append(("segmenter + dense CRF (val split)", _pct(report.get("seg_miou_crf")), "", "", ""))
     reference = report.get("reference")
     if reference and not reference.get("missing"):
         ratio = (report["seg_miou"] / reference["seg_miou"]) if report.get("seg_miou") and reference.get("seg_miou") \

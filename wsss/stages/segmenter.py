@@ -20,6 +20,10 @@ def segmenter_masks(cfg: Config) -> Optional[Path]:
     choice = cfg.segmenter.masks
     if choice == "ground_truth":
         return None
+    if choice == "pseudo" and cfg.pseudo.refine == "affinity":
+        from wsss.stages.affinity import affinity_masks
+
+        return affinity_masks(cfg)
     if choice == "pseudo":
         record = read_stage(cfg, "pseudo_masks")
         if record is None or record.get("status") != "done":
