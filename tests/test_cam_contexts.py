@@ -7,8 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from wsss.cam import GradCAM, LiftCAM, RelevanceCAM, build_cam, register_handler
-from wsss.cam.lrp import _HANDLERS
+from wsss.cam import GradCAM, LiftCAM, RelevanceCAM, build_cam, register_handler, unregister_rule
 
 C = 20
 
@@ -68,24 +67,25 @@ def test_hooks_removed_and_model_unchanged_even_after_error(method):
 
 
 def test_unsupported_module_error_names_path_and_type():
-    class Swish(nn.Module):
+    class Softsign(nn.Module):  # divides by a signal: no LRP rule for that
         def forward(self, x):
-            return x * torch.sigmoid(x)
+            return x / (1 + x.abs())
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), Swish(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), Softsign(), nn.Conv2d(8, 8, 3), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
-    with pytest.raises(NotImplementedError, match=r"'1' of type .*Swish.*register_handler"):
+    with pytest.raises(NotImplementedError, match=r"'1' of type .*Softsign.*register_handler"):
         RelevanceCAM(net, ["0"])
     RelevanceCAM(net, ["2"])  # above the unsupported module: fine
     try:
-        register_handler(Swish, "identity")
+        register_handler(Softsign, "identity")
         with RelevanceCAM(net, ["0"]) as cam:
             assert cam(torch.randn(1, 3, 16, 16), torch.tensor([1]))["0"].shape == (1, 1, 14, 14)
     finally:
-        _HANDLERS.pop(Swish)
+        unregister_rule(Softsign)
 
 
-def test_custom_forward_wrapper_is_rejected():
+def test_custom_forward_wrapper_is_traced_through():
+    """A module with its own forward around a torchvision model (the graph engine traces it)."""
     class Wrapper(nn.Module):
         def __init__(self):
             super().__init__()
@@ -94,8 +94,13 @@ def test_custom_forward_wrapper_is_rejected():
         def forward(self, x):
             return self.net(x)
 
-    with pytest.raises(NotImplementedError, match=r"'' of type .*Wrapper"):
-        RelevanceCAM(Wrapper(), ["net.layer4"])
+    wrapper = Wrapper()
+    with RelevanceCAM(wrapper, ["net.layer3", "net.layer4"]) as cam:
+        wrapped = cam(X, T)
+    with RelevanceCAM(wrapper.net, ["layer3", "layer4"]) as cam:
+        plain = cam(X, T)
+    for layer in ["layer3", "layer4"]:
+        torch.testing.assert_close(wrapped["net." + layer], plain[layer], rtol=0, atol=0)
 
 
 def test_unknown_layer_name():

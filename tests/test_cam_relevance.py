@@ -217,12 +217,12 @@ def test_class_batching_equals_separate_calls():
     x = images(2, 64)
     targets = torch.tensor([[1, 5, 9], [0, 2, 19]])
     layers = ["layer2", "layer4"]
+    # clrp_absent ("stable") contrasts against the classes absent from `present`
+    present = torch.zeros(2, C, dtype=torch.bool).scatter_(1, targets, True)
     for preset in ["reference", "default", "stable", "sglrp"]:
         with RelevanceCAM(model, layers, preset=preset) as cam:
-            together = cam(x, targets)
+            together = cam(x, targets, present=present)
             for k in range(3):
-                # clrp_absent uses the image's target set as its present classes: pass it along
-                present = torch.zeros(2, C, dtype=torch.bool).scatter_(1, targets, True)
                 alone = cam(x, targets[:, k], present=present)
                 for layer in layers:
                     torch.testing.assert_close(together[layer][:, k], alone[layer][:, 0],
