@@ -334,7 +334,12 @@ def conv_map(conv: nn.Module, x_shape: Sequence[int], weight: Tensor, bias: Tens
 
 def linear_map(weight: Tensor, bias: Tensor | None) -> LinearMap:
     """nn.Linear over the last dimension (any leading dimensions) as a LinearMap."""
-    return LinearMap(weight, bias, lambda inp, w: F.linear(inp, w), lambda s, w: s @ w, (-1,))
+
+    def backward(s: Tensor, w: Tensor) -> Tensor:
+        # one 2-d product: a permuted (channels-last) s would otherwise run as a slow batched one
+        return (s.reshape(-1, s.shape[-1]) @ w).view(*s.shape[:-1], w.shape[1])
+
+    return LinearMap(weight, bias, lambda inp, w: F.linear(inp, w), backward, (-1,))
 
 
 def plan_conv(ctx: NodeContext) -> Step:
