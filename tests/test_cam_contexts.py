@@ -191,3 +191,24 @@ def test_build_cam_rejects_unknown():
         build_cam("scorecam", small_resnet(), ["layer4"])
     assert isinstance(build_cam("gradcam", small_resnet(), "layer4"), GradCAM)
     assert isinstance(build_cam("liftcam", small_resnet(), "layer4"), LiftCAM)
+
+
+def test_relevance_plan_is_cached_per_model_and_rebuilt_when_the_model_changes():
+    import gc
+
+    from wsss.cam.lrp.graph import _PLANS
+
+    model = small_resnet()
+    first = RelevanceCAM(model, ["layer3", "layer4"]).graph
+    assert RelevanceCAM(model, ["layer3", "layer4"]).graph is first
+    assert RelevanceCAM(model, ["layer3", "layer4"], preset="reference").graph is not first
+    with torch.no_grad():  # new weights: the same plan, which reads them at every call
+        model.fc.weight.mul_(2.0)
+    with RelevanceCAM(model, ["layer4"]) as cam:
+        torch.testing.assert_close(cam(X, T)["layer4"], RelevanceCAM(model, ["layer4"])(X, T)["layer4"])
+    model.fc = nn.Linear(512, C)  # a replaced module: a new plan
+    assert RelevanceCAM(model, ["layer3", "layer4"]).graph is not first
+    n = len(_PLANS)
+    del model, first, cam
+    gc.collect()
+    assert len(_PLANS) == n - 1  # the cache does not keep a model alive

@@ -51,23 +51,21 @@ class _LayerCAM:
     def close(self) -> None:
         """Hooks never outlive a call, so there is nothing to release."""
 
-    def _forward(self, images: Tensor, keep_graph: bool
-                 ) -> tuple[Tensor, dict[str, Tensor]] | tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def _forward(self, images: Tensor, keep_graph: bool) -> tuple[Tensor, dict[str, Tensor]]:
         """Run the model, returning logits and the requested layers' outputs.
 
-        Activations are detached copies taken when each module returns, so in-place ops later in
-        the model cannot change them. With keep_graph, also the outputs as autograd tensors
-        (for d logit / dA): the model then continues on a copy, so those stay untouched too.
+        Without keep_graph the outputs are detached copies taken when each module returns. With
+        keep_graph they are the autograd tensors themselves (for d logit / dA), and the model
+        continues on a copy. Either way, in-place ops later in the model cannot change them.
         """
         activations: dict[str, Tensor] = {}
-        outputs: dict[str, Tensor] = {}
 
         def hook(name: str):
             def keep(module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
-                activations[name] = output.detach().clone()
                 if not keep_graph:
+                    activations[name] = output.detach().clone()
                     return None
-                outputs[name] = output
+                activations[name] = output
                 return output.clone()
             return keep
 
@@ -77,7 +75,7 @@ class _LayerCAM:
         finally:
             for handle in handles:
                 handle.remove()
-        return (logits, activations, outputs) if keep_graph else (logits, activations)
+        return logits, activations
 
 
 class _GradientCAM(_LayerCAM):
@@ -89,8 +87,8 @@ class _GradientCAM(_LayerCAM):
             # clones made here are normal tensors even if the caller made them in inference mode
             x = images.clone().requires_grad_(True)
             targets = targets.clone()
-            logits, acts, outputs = self._forward(x, keep_graph=True)
-            tensors = [outputs[layer] for layer in self.layers]
+            logits, acts = self._forward(x, keep_graph=True)
+            tensors = [acts[layer] for layer in self.layers]
             k = targets.shape[1]
             grads: list[tuple[Tensor, ...]] = []
             for j in range(k):
@@ -99,7 +97,7 @@ class _GradientCAM(_LayerCAM):
         out = {}
         for i, layer in enumerate(self.layers):
             dtype = compute_dtype(acts[layer])
-            a = acts[layer].to(dtype)
+            a = acts[layer].detach().to(dtype)
             g = torch.stack([grads[j][i] for j in range(k)], 1).to(dtype)  # (B, K, C, h, w)
             out[layer] = self._combine(a, g)
         return out

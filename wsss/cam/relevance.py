@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wsss.cam.lrp import INPUT_LAYER, RelevanceGraph
+from wsss.cam.lrp import INPUT_LAYER
+from wsss.cam.lrp.graph import relevance_graph
 from wsss.cam.lrp.composites import DEFAULT_PRESET, PRESETS, list_presets, preset_config
 from wsss.cam.lrp.rules import as_compute, compute_dtype
 
@@ -75,9 +76,10 @@ class RelevanceCAM:
     and one relevance sweep from the logits down to the lowest requested layer. Layers are
     module paths as in model.named_modules(), or "input" for the pixel-level heatmap. Keyword
     options override the preset (see `LRPConfig`: conv, linear, input, lower, layer_rules,
-    batchnorm, residual, start, weights). The model is traced once here (torch.fx); an op
-    without an LRP rule between the logits and a requested layer fails here, naming it. No hooks
-    are added, so the model is left untouched. Put the model in eval mode, on its device, first.
+    batchnorm, residual, start, weights). The model is traced here (torch.fx; the plan is cached
+    per model, layers and options, and rebuilt when a module is replaced); an op without an LRP
+    rule between the logits and a requested layer fails here, naming it. No hooks are added, so
+    the model is left untouched. Put the model in eval mode, on its device, first.
     """
 
     def __init__(self, model: nn.Module, layers: list[str] | str,
@@ -85,7 +87,7 @@ class RelevanceCAM:
         self.model = model
         self.layers = check_layer_names(layers)
         self.config = preset_config(preset, **options)
-        self.graph = RelevanceGraph(model, self.layers, self.config)
+        self.graph = relevance_graph(model, self.layers, self.config)
 
     def __enter__(self) -> "RelevanceCAM":
         return self

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ import torchvision
 from torch import Tensor, fx, nn
 
 from wsss.cam.lrp.composites import LayerInfo, LRPConfig
+from wsss.cam.lrp import ops
 from wsss.cam.lrp.ops import (BATCHNORMS, CONVS, NodeContext, OpRule, Part, Shape, Step,
                               UnsupportedOp, module_rule, node_rule)
 from wsss.cam.lrp.rules import compute_dtype
@@ -67,14 +69,26 @@ class _PathTracer(fx.Tracer):
 
 @dataclass
 class TracedModel:
-    """A model's traced graph with its module outputs by path."""
+    """A model's traced graph with its module outputs by path.
 
-    model: nn.Module
+    The root module is held weakly (`model`), so a cache of plans does not keep it alive;
+    `modules` holds every submodule by path, the root under "".
+    """
+
+    root: weakref.ref
+    root_type: type
     graph: fx.Graph
     modules: dict[str, nn.Module]
     module_outputs: dict[str, list[fx.Node | None]]
     placeholder: fx.Node
     logits: fx.Node
+
+    @property
+    def model(self) -> nn.Module:
+        model = self.root()
+        if model is None:
+            raise RuntimeError("the traced model no longer exists")
+        return model
 
     def owner(self, node: fx.Node) -> tuple[str, type]:
         """(module path, module type) of the innermost module the node was made in."""
@@ -82,7 +96,7 @@ class TracedModel:
             return node.target, type(self.modules[node.target])
         stack = node.meta.get("nn_module_stack") or {}
         if not stack:
-            return "", type(self.model)
+            return "", self.root_type
         key, (_, kind) = list(stack.items())[-1]
         return re.sub(r"@\d+$", "", key), kind
 
@@ -90,7 +104,7 @@ class TracedModel:
         """The node whose value is the output of module `layer` ("input": the image)."""
         if layer == INPUT_LAYER and layer not in self.modules:
             return self.placeholder
-        if layer not in self.modules:
+        if layer == "" or layer not in self.modules:
             sample = [n for n in self.modules if n][:12]
             raise ValueError(f"model has no module named {layer!r}; names look like {sample} "
                              f"(or {INPUT_LAYER!r} for the image)")
@@ -127,7 +141,8 @@ def trace(model: nn.Module) -> TracedModel:
     if not isinstance(logits, fx.Node):
         raise ValueError("RelevanceCAM needs a model that returns one logits tensor, got "
                          f"{type(logits).__name__}")
-    return TracedModel(model, graph, dict(model.named_modules()), tracer.module_outputs,
+    modules = {name: m for name, m in model.named_modules() if name}
+    return TracedModel(weakref.ref(model), type(model), graph, modules, tracer.module_outputs,
                        placeholders[0], logits)
 
 
@@ -442,3 +457,22 @@ def head_after(traced: TracedModel, layer: str) -> tuple[fx.Node, list[fx.Node]]
             raise ValueError(f"the head after {layer!r} also reads {outside} (computed before it), "
                              "so the logits are not a function of that layer alone")
     return start, head
+
+
+# Plans by model, then by (layers, composite, rule registry version). A plan reads weights at
+# every call, so it stays valid while the model trains; it is rebuilt when a module is added,
+# removed or replaced, or when an op rule is registered. Plans hold the model's submodules but
+# not the model itself, so an entry goes away with its model.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
+
+
+def relevance_graph(model: nn.Module, layers: list[str], config: LRPConfig) -> RelevanceGraph:
+    """The model's RelevanceGraph for these layers and composite, built once and reused."""
+    structure = tuple((name, id(m)) for name, m in model.named_modules())
+    entry = _PLANS.get(model)
+    if entry is None or entry[0] != structure:
+        entry = _PLANS[model] = (structure, {})
+    key = (tuple(layers), config, ops.registry_version())
+    if key not in entry[1]:
+        entry[1][key] = RelevanceGraph(model, layers, config)
+    return entry[1][key]

@@ -133,6 +133,11 @@ class OpRule:
 _MODULE_RULES: dict[type, OpRule] = {}
 _FUNCTION_RULES: dict[Any, OpRule] = {}
 _METHOD_RULES: dict[str, OpRule] = {}
+_VERSION = [0]  # bumped by every (un)registration, so cached relevance plans are rebuilt
+
+
+def registry_version() -> int:
+    return _VERSION[0]
 
 
 def _registry(target: Any) -> dict:
@@ -160,6 +165,7 @@ def register_rule(target: Any, rule: Any) -> None:
     - an `OpRule` (advanced: builds the node's `Step` itself).
     """
     registry = _registry(target)
+    _VERSION[0] += 1
     if isinstance(rule, OpRule):
         registry[target] = rule
     elif rule == "identity":
@@ -175,6 +181,7 @@ def register_rule(target: Any, rule: Any) -> None:
 
 def unregister_rule(target: Any) -> None:
     """Remove the rule registered for `target` (built-in or not)."""
+    _VERSION[0] += 1
     _registry(target).pop(target, None)
 
 
