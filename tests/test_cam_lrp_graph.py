@@ -285,3 +285,32 @@ def test_sign_aware_pooling_closed_form():
     # image 0: mean -0.25 < 0 -> shares of -3 and -1; image 1: mean -0.25 < 0 -> -1, -2, -2
     torch.testing.assert_close(r[0], torch.tensor([[0.0, 0.75], [0.0, 0.25]]))
     torch.testing.assert_close(r[1], torch.tensor([[0.2, 0.4], [0.0, 0.4]]))
+
+
+def test_functional_conv_and_linear_equal_their_modules():
+    """F.conv2d / F.linear with a module's own weights (as timm's StdConv / Linear do) get the
+    same rules as nn.Conv2d / nn.Linear, composite and gamma included."""
+    torch.manual_seed(0)
+    modules = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(),
+                            nn.Conv2d(6, 8, 3, padding=2, dilation=2, groups=2), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, C)).eval()
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = modules[0], modules[2], modules[6]
+            self.r1 = nn.ReLU()
+
+        def forward(self, x):
+            x = self.r1(F.conv2d(x, self.c1.weight, self.c1.bias, 2, 1))
+            x = F.relu(F.conv2d(x, self.c2.weight, self.c2.bias, 1, 2, 2, 2))
+            return F.linear(F.adaptive_avg_pool2d(x, 1).flatten(1), self.fc.weight, self.fc.bias)
+
+    x = torch.randn(2, 3, 16, 16)
+    options = dict(conv=Rule("gamma", gamma=0.5, bias=1.0), linear=Rule("epsilon", bias=1.0))
+    with RelevanceCAM(modules, ["input", "1"], preset="lrp", **options) as cam:
+        want = cam.relevance(x, T)
+    with RelevanceCAM(Functional(), ["input", "r1"], preset="lrp", **options) as cam:
+        got = cam.relevance(x, T)
+    torch.testing.assert_close(got["input"][1], want["input"][1])
+    torch.testing.assert_close(got["r1"][1], want["1"][1])

@@ -32,8 +32,8 @@ from torch import Tensor, fx, nn
 
 from wsss.cam.lrp.composites import LayerInfo, LRPConfig
 from wsss.cam.lrp import ops
-from wsss.cam.lrp.ops import (BATCHNORMS, CONVS, NodeContext, OpRule, Part, Shape, Step,
-                              UnsupportedOp, module_rule, node_rule)
+from wsss.cam.lrp.ops import (BATCHNORMS, CONVS, FUNCTIONAL_LAYERS, NodeContext, OpRule, Part,
+                              Shape, Step, UnsupportedOp, module_rule, node_rule)
 from wsss.cam.lrp.rules import compute_dtype
 
 INPUT_LAYER = "input"
@@ -253,19 +253,23 @@ class RelevanceGraph:
         return folds
 
     def _linear_layers(self, nodes: list[fx.Node]) -> dict[fx.Node, LayerInfo]:
-        """Conv / Linear nodes with their position and whether they read the image."""
-        modules = self.traced.modules
-        linear = [n for n in nodes if n.op == "call_module"
-                  and isinstance(modules[n.target], CONVS + (nn.Linear,))]
+        """Conv / Linear nodes (modules, or F.linear / F.conv*d inside a module) with their
+        position and whether they read the image."""
+        t = self.traced
+        linear = [n for n in nodes if (n.op == "call_module" and isinstance(
+            t.modules[n.target], CONVS + (nn.Linear,))) or (
+            n.op == "call_function" and n.target in FUNCTIONAL_LAYERS)]
         reads_image: dict[fx.Node, bool] = {}
         for n in nodes:
             reads_image[n] = n.op == "placeholder" or (
                 n not in linear and any(reads_image[i] for i in n.all_input_nodes))
         infos = {}
         for i, n in enumerate(linear):
-            module = modules[n.target]
-            infos[n] = LayerInfo(n.target, module, "conv" if isinstance(module, CONVS) else "linear",
-                                 any(reads_image[a] for a in n.all_input_nodes),
+            path, _ = t.owner(n)
+            module = t.modules[path] if path in t.modules else t.model
+            is_conv = isinstance(module, CONVS) or n.target in FUNCTIONAL_LAYERS[1:]
+            infos[n] = LayerInfo(path, module, "conv" if is_conv else "linear",
+                                 any(reads_image[a] for a in n.all_input_nodes if self._derived[a]),
                                  i / max(1, len(linear)))
         return infos
 
@@ -358,13 +362,18 @@ class RelevanceGraph:
     # ---------------------------------------------------------------------------- the sweep
 
     def sweep(self, start: Tensor, values: list[Any]) -> dict[str, Tensor]:
-        """Relevance (B*K, ...) at every requested layer, from `start` (B*K, C) at the logits."""
+        """Relevance (B*K, ...) at every requested layer, from `start` (B*K, C) at the logits.
+
+        `values` (from `forward`) is consumed: it is emptied, and each recorded value is
+        released after the last step that reads it, so memory shrinks as the sweep goes down.
+        """
         index = {key: i for i, key in enumerate(self.read_keys)}
         wanted: dict[fx.Node, list[str]] = {}
         for layer, node in self.captures.items():  # two names can share a node (a 1-block stage)
             wanted.setdefault(node, []).append(layer)
         captured: dict[fx.Node, Any] = {}
         store = dict(enumerate(values))
+        values.clear()
         relevance: dict[fx.Node, Any] = {self.traced.logits: start}
         dtype = compute_dtype(start)
         for node in self.order:

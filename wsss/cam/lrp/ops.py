@@ -7,8 +7,9 @@ node's target: a module type (call_module), a function (call_function) or a meth
 (call_method). `register_rule` adds or replaces one.
 
 Built-in rules (relevance R is (B*K, ...), recorded values (B, ...)):
-- Conv1d/2d/3d, Linear: the LRP rule the composite picks for that layer (rules.py), with a
-  following BatchNorm folded in when batchnorm="fold";
+- Conv1d/2d/3d, Linear (also F.linear / F.conv*d with constant weights): the LRP rule the
+  composite picks for that layer (rules.py), with a following BatchNorm folded in when
+  batchnorm="fold" (modules only);
 - BatchNorm, LayerNorm, GroupNorm: identity (BN: the reference's treatment, or folded into the
   conv before it; LN/GN: the identity-on-normalisation rule of CP-LRP / AttnLRP, which holds
   the statistics constant and ignores the affine shift);
@@ -388,6 +389,54 @@ def plan_linear(ctx: NodeContext) -> Step:
         return [propagate(rule, linear_map(weight, bias), x, r, y)]
 
     return Step((x_node,), reads, backward)
+
+
+def _ntuple(value: Any, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+class _ConvParams:
+    """A functional conv's arguments, shaped like the nn.ConvNd attributes conv_map reads."""
+
+    def __init__(self, n: int, weight_shape: Sequence[int], stride: Any, padding: Any,
+                 dilation: Any, groups: int):
+        self.kernel_size = tuple(weight_shape[2:])
+        self.stride, self.dilation = _ntuple(stride, n), _ntuple(dilation, n)
+        self.padding = padding if isinstance(padding, str) else _ntuple(padding, n)
+        self.groups = groups
+
+
+def plan_functional_layer(ctx: NodeContext) -> Step:
+    """F.linear / F.conv1d-3d called with constant weights (e.g. timm's Linear, StdConv2d): the
+    composite's rule, with the weight and bias recorded in the forward."""
+    conv_dims = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}.get(ctx.node.target)
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    args = ctx.bind(names, bias=None, stride=1, padding=0, dilation=1, groups=1)
+    x_node, weight, bias = ctx.signal(args["input"]), args["weight"], args["bias"]
+    if ctx.is_signal(weight) or ctx.is_signal(bias):
+        raise UnsupportedOp("its weight depends on the image")
+    rule = ctx.layer_rule
+    reads = [x_node, weight] + ([bias] if isinstance(bias, fx.Node) else [])
+    if rule.kind == "gamma":
+        reads.append(ctx.node)
+
+    def backward(r: Tensor, values: list[Any]) -> list[Tensor]:
+        x, w = as_compute(values[0], r.dtype), values[1].detach().to(r.dtype)
+        b = values[2].detach().to(r.dtype) if isinstance(bias, fx.Node) else bias
+        y = as_compute(values[-1], r.dtype) if rule.kind == "gamma" else None
+        if conv_dims is None:
+            return [propagate(rule, linear_map(w, b), x, r, y)]
+        params = _ConvParams(conv_dims, w.shape, args["stride"], args["padding"],
+                             args["dilation"], args["groups"])
+        return [propagate(rule, conv_map(params, x.shape, w, b), x, r, y)]
+
+    if conv_dims is not None:  # fails early on uneven 'same' padding
+        _conv_padding(_ConvParams(conv_dims, (0, 0) + (3,) * conv_dims, args["stride"],
+                                  args["padding"], args["dilation"], args["groups"]))
+    return Step((x_node,), tuple(reads), backward)
+
+
+FUNCTIONAL_LAYERS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,6 +822,7 @@ def _register_builtins() -> None:
     linear, elementwise = "linear", "elementwise"
     add(CONVS, plan_conv, linear)
     add([nn.Linear], plan_linear, linear)
+    add(FUNCTIONAL_LAYERS, plan_functional_layer, linear)
     add(BATCHNORMS + IDENTITIES, plan_pass, linear)
     add(NORMS, plan_pass, "other")
     add(ACTIVATIONS, plan_pass, elementwise)
