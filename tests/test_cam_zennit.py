@@ -68,7 +68,7 @@ MODELS = {
     "resnet50": (lambda: resnet("resnet50"), ResNetCanonizer, ["layer2", "layer3", "layer4"]),
     "vgg16_bn": (vgg16_bn, VGGCanonizer, ["features.23", "features.33", "features.43"]),
 }
-X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+X = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 T = torch.tensor([2, 5])
 
 
@@ -139,8 +139,8 @@ def test_epsilon_gamma_box_matches_zennit(name):
     sign-aware γ = 0.25 on every other conv, ε on the linear layers, biases counted once."""
     build, canonizer, layers = MODELS[name]
     model = build()
-    low = torch.tensor(LOW, dtype=torch.float64).view(1, 3, 1, 1).expand(2, 3, 64, 64)
-    high = torch.tensor(HIGH, dtype=torch.float64).view(1, 3, 1, 1).expand(2, 3, 64, 64)
+    low = torch.tensor(LOW, dtype=torch.float64).view(1, 3, 1, 1).expand(2, 3, 48, 48)
+    high = torch.tensor(HIGH, dtype=torch.float64).view(1, 3, 1, 1).expand(2, 3, 48, 48)
     composite = EpsilonGammaBox(low=low, high=high, epsilon=1e-6, gamma=0.25, stabilizer=TINY,
                                 canonizers=[canonizer()])
     want = zennit_relevance(model, composite, layers)
