@@ -7,7 +7,7 @@ Prints a markdown table.
 
     python scripts/benchmark_cam.py                          # CPU, ResNet-50, all rows
     python scripts/benchmark_cam.py --model densenet121      # any torchvision classifier
-    python scripts/benchmark_cam.py --threads 1 --clock process   # CPU seconds: steady on a busy machine
+    python scripts/benchmark_cam.py --threads 1 --clock process --interleave   # a busy machine
     python scripts/benchmark_cam.py --device cuda            # GPU (peak = torch.cuda.max_memory_allocated)
 """
 
@@ -37,8 +37,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_row(row: str, args: argparse.Namespace) -> dict:
-    """Time one row (warm-up, then the median of repeats) in this process."""
+def _setup(args: argparse.Namespace):
+    """The model, a batch and targets for 1 and 3 classes per image."""
     import torch
     import torchvision
 
@@ -46,55 +46,89 @@ def measure_row(row: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, weights=None, num_classes=20)
     model = model.to(args.device).eval()
-    layers = args.layers.split(",")
     images = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     targets1 = torch.randint(0, 20, (args.batch,), device=args.device)
     targets3 = torch.randint(0, 20, (args.batch, 3), device=args.device)
+    return model, images, targets1, targets3
 
+
+def make_step(row: str, args: argparse.Namespace, model, images, targets1, targets3):
+    """The callable one row times, or a string saying why the row is skipped."""
+    layers = args.layers.split(",")
     if row == "fwd_bwd":
         def step():
             model.zero_grad(set_to_none=True)
             model(images).sum().backward()
-    elif row.startswith("relevance"):
+        return step
+    if row.startswith("relevance"):
         from wsss.cam import RelevanceCAM
         cam = RelevanceCAM(model, layers, preset=args.preset)
         targets = targets1 if row == "relevance_k1" else targets3
-        step = lambda: cam(images, targets)  # noqa: E731
-    elif row == "gradcam":
+        return lambda: cam(images, targets)
+    if row == "gradcam":
         from wsss.cam import GradCAM
         cam = GradCAM(model, layers)
-        step = lambda: cam(images, targets1)  # noqa: E731
-    elif row == "pytorch_grad_cam":
+        return lambda: cam(images, targets1)
+    if row == "pytorch_grad_cam":
         try:
             from pytorch_grad_cam import GradCAM as ExternalGradCAM
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
         except ImportError:
-            return {"row": row, "skipped": "grad-cam not installed (pip install grad-cam)"}
+            return "grad-cam not installed (pip install grad-cam)"
         cam = ExternalGradCAM(model=model, target_layers=[model.get_submodule(n) for n in layers])
         targets = [ClassifierOutputTarget(int(t)) for t in targets1]
-        step = lambda: cam(input_tensor=images, targets=targets)  # noqa: E731
-    else:
-        raise ValueError(row)
+        return lambda: cam(input_tensor=images, targets=targets)
+    raise ValueError(row)
 
+
+def _timed(step, args: argparse.Namespace) -> float:
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    start = clock()
+    step()
+    _sync(args.device)
+    return clock() - start
+
+
+def measure_row(row: str, args: argparse.Namespace) -> dict:
+    """Time one row (warm-up, then the median of repeats) in this process, with its peak memory."""
+    import torch
+
+    step = make_step(row, args, *_setup(args))
+    if isinstance(step, str):
+        return {"row": row, "skipped": step}
     setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
     _sync(args.device)
-    clock = time.process_time if args.clock == "process" else time.perf_counter
-    times = []
-    for _ in range(args.repeats):
-        start = clock()
-        step()
-        _sync(args.device)
-        times.append(clock() - start)
+    times = [_timed(step, args) for _ in range(args.repeats)]
     result = {"row": row, "median_s": statistics.median(times), "times": times,
               "setup_rss_mb": setup_rss,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if args.device == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return result
+
+
+def measure_interleaved(rows: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """All rows in one process, timed in rounds (row 1, row 2, ..., row 1, ...), so a machine
+    whose load changes over time slows every row alike. No memory figures."""
+    setup = _setup(args)
+    steps = {row: make_step(row, args, *setup) for row in rows}
+    results = {row: {"row": row, "skipped": step} for row, step in steps.items() if isinstance(step, str)}
+    steps = {row: step for row, step in steps.items() if not isinstance(step, str)}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {row: [] for row in steps}
+    for _ in range(args.repeats):
+        for row, step in steps.items():
+            times[row].append(_timed(step, args))
+    for row, t in times.items():
+        results[row] = {"row": row, "median_s": statistics.median(t), "times": t}
+        print(f"{row}: {results[row]}", file=sys.stderr)
+    return {row: results[row] for row in rows}
 
 
 def main() -> None:
@@ -112,6 +146,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--interleave", action="store_true",
+                        help="time all rows in one process, in rounds (fairer on a machine whose "
+                             "load changes; no memory column)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args()
     if args.layers is None:
@@ -123,9 +160,12 @@ def main() -> None:
         return
 
     results = {}
-    for row in args.rows.split(","):
+    if args.interleave:
+        results = measure_interleaved(args.rows.split(","), args)
+    for row in [] if args.interleave else args.rows.split(","):
         cmd = [sys.executable, __file__, "--row", row] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("row", "rows") and v is not None]
+            f"--{k}={v}" for k, v in vars(args).items()
+            if k not in ("row", "rows", "interleave") and v is not None]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[row] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{row}: {results[row]}", file=sys.stderr)
@@ -134,7 +174,7 @@ def main() -> None:
     mem_col = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB (above setup)"
     print(f"\n{args.model}, layers {args.layers}, batch {args.batch}, {args.size} px, {args.device}, "
           f"{args.threads} threads, {args.clock} clock, preset={args.preset}, "
-          f"median of {args.repeats}\n")
+          f"median of {args.repeats}{', interleaved' if args.interleave else ''}\n")
     print(f"| row | median s | × fwd+bwd | {mem_col} |")
     print("|---|---|---|---|")
     for row, res in results.items():
@@ -142,7 +182,9 @@ def main() -> None:
             print(f"| {ROWS[row]} | skipped: {res['skipped']} | | |")
             continue
         ratio = f"{res['median_s'] / unit:.2f}" if unit else "-"
-        if args.device == "cuda":
+        if args.interleave:
+            mem = "-"
+        elif args.device == "cuda":
             mem = f"{res['peak_cuda_mb']:.0f}"
         else:
             mem = f"{res['peak_rss_mb']:.0f} ({res['peak_rss_mb'] - res['setup_rss_mb']:.0f})"
