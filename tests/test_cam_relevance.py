@@ -455,3 +455,19 @@ def test_float64_model():
 def test_duplicate_layer_names_are_rejected():
     with pytest.raises(ValueError, match="'layer4' is listed twice"):
         RelevanceCAM(resnet("resnet18"), ["layer4", "layer3", "layer4"])
+
+
+def test_layer_rules_reach_the_graph():
+    """A per-layer rule by type equals the same rule set for all convs; by name it changes only
+    the layers it names."""
+    model = negative_bn_scales(resnet("resnet18"))
+    x, t = images(1, 64), torch.tensor([5])
+    gamma = Rule("gamma", gamma=0.25)
+
+    def run(**options):
+        with RelevanceCAM(model, ["layer2"], preset="lrp", **options) as cam:
+            return cam(x, t)["layer2"]
+
+    torch.testing.assert_close(run(layer_rules={"Conv2d": gamma}), run(conv=gamma))
+    by_name = run(layer_rules={"layer3.*": gamma})
+    assert not torch.allclose(by_name, run()) and not torch.allclose(by_name, run(conv=gamma))

@@ -188,3 +188,30 @@ def test_sglrp_start_vector_is_the_softmax_gradient():
         logits = LOGITS[b].clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(torch.softmax(logits, 0)[t], logits)
         torch.testing.assert_close(got[b, k], grad)
+
+
+# ---- composites ---------------------------------------------------------------------------------
+
+
+def test_composite_rule_order_name_then_input_then_lower_then_kind():
+    from torch import nn
+
+    from wsss.cam import LRPConfig
+    from wsss.cam.lrp import LayerInfo
+
+    config = LRPConfig(conv=Rule("zplus"), linear=Rule("epsilon"), input=Rule("zb"),
+                       lower=Rule("gamma"), lower_depth=0.5,
+                       layer_rules={"layer4.*": Rule("flat"), "Linear": Rule("alphabeta", alpha=2.0, beta=1.0)})
+    conv, linear = nn.Conv2d(1, 1, 1), nn.Linear(1, 1)
+
+    def kind(path, module, is_input=False, depth=0.9):
+        return config.rule_for(LayerInfo(path, module, "conv" if module is conv else "linear",
+                                          is_input, depth)).kind
+
+    assert kind("layer4.0.conv1", conv, is_input=True) == "flat"  # a name pattern wins
+    assert kind("fc", linear) == "alphabeta"  # a type name
+    assert kind("conv1", conv, is_input=True, depth=0.0) == "zb"
+    assert kind("layer1.0.conv1", conv, depth=0.1) == "gamma"
+    assert kind("layer3.0.conv1", conv, depth=0.7) == "zplus"
+    assert LRPConfig(linear=Rule("epsilon")).rule_for(
+        LayerInfo("head", linear, "linear", False, 0.9)).kind == "epsilon"
