@@ -31,7 +31,7 @@ Built-in rules (relevance R is (B*K, ...), recorded values (B, ...)):
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -90,7 +90,6 @@ class NodeContext:
     layer_rule: Rule | None = None  # the composite's rule for a conv / linear node
     fold: nn.Module | None = None  # BatchNorm to fold into this conv (batchnorm="fold")
     fold_node: fx.Node | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def args(self) -> tuple[Any, ...]:
@@ -194,7 +193,7 @@ def register_handler(module_type: type, handler: Any) -> None:
 
 
 def _forward_overridden(module_type: type, base: type) -> bool:
-    return getattr(module_type, "forward") is not getattr(base, "forward")
+    return module_type.forward is not base.forward
 
 
 def module_rule(module: nn.Module) -> OpRule | None:
