@@ -179,14 +179,12 @@ def _shape(value: Any) -> tuple[int, ...]:
 class RelevanceGraph:
     """The relevance plan of one model for a set of layers and a composite (see module doc)."""
 
-    def __init__(self, model: nn.Module, layers: list[str], config: LRPConfig,
-                 traced: TracedModel | None = None):
-        self.traced = t = traced or trace(model)
+    def __init__(self, model: nn.Module, layers: list[str], config: LRPConfig):
+        self.traced = t = trace(model)
         self.config = config
         self.layers = list(layers)
         self.captures = {layer: t.layer_node(layer) for layer in self.layers}
         nodes = list(t.graph.nodes)
-        self.position = {n: i for i, n in enumerate(nodes)}
         self._derived = self._depends_on_input(nodes)
         capture_set = set(self.captures.values())
         below: dict[fx.Node, bool] = {}
