@@ -208,9 +208,12 @@ def test_relevance_plan_is_cached_per_model_and_rebuilt_when_the_model_changes()
     with RelevanceCAM(model, ["layer4"]) as cam:
         torch.testing.assert_close(cam(X, T)["layer4"], RelevanceCAM(model, ["layer4"])(X, T)["layer4"])
     model.fc = nn.Linear(512, C)  # a replaced module: a new plan
-    assert RelevanceCAM(model, ["layer3", "layer4"]).graph is not first
+    second = RelevanceCAM(model, ["layer3", "layer4"]).graph
+    assert second is not first
+    model.double()  # new buffers (as .to(device) makes them): a new plan
+    assert RelevanceCAM(model, ["layer3", "layer4"]).graph is not second
     assert model in _PLANS
     alive = weakref.ref(model)
-    del model, first, cam
+    del model, first, second, cam
     gc.collect()
     assert alive() is None  # the cache does not keep a model alive

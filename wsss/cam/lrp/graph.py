@@ -468,14 +468,16 @@ def head_after(traced: TracedModel, layer: str) -> tuple[fx.Node, list[fx.Node]]
 
 # Plans by model, then by (layers, composite, rule registry version). A plan reads weights at
 # every call, so it stays valid while the model trains; it is rebuilt when a module is added,
-# removed or replaced, or when an op rule is registered. Plans hold the model's submodules but
-# not the model itself, so an entry goes away with its model.
+# removed or replaced, when a tensor is (as .to(device) replaces buffers, which the recording
+# graph may hold), or when an op rule is registered. Plans hold the model's submodules but not
+# the model itself, so an entry goes away with its model.
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
 
 
 def relevance_graph(model: nn.Module, layers: list[str], config: LRPConfig) -> RelevanceGraph:
     """The model's RelevanceGraph for these layers and composite, built once and reused."""
-    structure = tuple((name, id(m)) for name, m in model.named_modules())
+    structure = (tuple((name, id(m)) for name, m in model.named_modules()),
+                 tuple(id(t) for t in model.parameters()), tuple(id(t) for t in model.buffers()))
     entry = _PLANS.get(model)
     if entry is None or entry[0] != structure:
         entry = _PLANS[model] = (structure, {})
