@@ -1,10 +1,14 @@
 """Speed and peak memory of RelevanceCAM against one forward+backward and Grad-CAM.
 
-Case: ResNet-50 (weights=None), batch 8, 224 px, layers layer2/layer3/layer4. Each row runs in a
-fresh subprocess so its peak RSS (CPU) or peak CUDA memory is its own. Prints a markdown table.
+Case: a torchvision model (weights=None, 20 classes; default ResNet-50), batch 8, 224 px, three
+layers (default: the family's default CAM layers, wsss.models.backbones.default_cam_layers).
+Each row runs in a fresh subprocess so its peak RSS (CPU) or peak CUDA memory is its own.
+Prints a markdown table.
 
-    python scripts/benchmark_cam.py                 # CPU, all rows
-    python scripts/benchmark_cam.py --device cuda   # GPU (peak = torch.cuda.max_memory_allocated)
+    python scripts/benchmark_cam.py                          # CPU, ResNet-50, all rows
+    python scripts/benchmark_cam.py --model densenet121      # any torchvision classifier
+    python scripts/benchmark_cam.py --threads 1 --clock process --interleave   # a busy machine
+    python scripts/benchmark_cam.py --device cuda            # GPU (peak = torch.cuda.max_memory_allocated)
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ ROWS = {
     "gradcam": "4. wsss GradCAM 3 layers, K=1",
     "pytorch_grad_cam": "5. pytorch_grad_cam.GradCAM 3 layers, K=1",
 }
-LAYERS = ["layer2", "layer3", "layer4"]
 
 
 def _sync(device: str) -> None:
@@ -34,55 +37,72 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_row(row: str, args: argparse.Namespace) -> dict:
-    """Time one row (warm-up, then the median of repeats) in this process."""
+def _setup(args: argparse.Namespace):
+    """The model, a batch and targets for 1 and 3 classes per image."""
     import torch
     import torchvision
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None, num_classes=20).to(args.device).eval()
+    model = torchvision.models.get_model(args.model, weights=None, num_classes=20)
+    model = model.to(args.device).eval()
     images = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     targets1 = torch.randint(0, 20, (args.batch,), device=args.device)
     targets3 = torch.randint(0, 20, (args.batch, 3), device=args.device)
+    return model, images, targets1, targets3
 
+
+def make_step(row: str, args: argparse.Namespace, model, images, targets1, targets3):
+    """The callable one row times, or a string saying why the row is skipped."""
+    layers = args.layers.split(",")
     if row == "fwd_bwd":
         def step():
             model.zero_grad(set_to_none=True)
             model(images).sum().backward()
-    elif row.startswith("relevance"):
+        return step
+    if row.startswith("relevance"):
         from wsss.cam import RelevanceCAM
-        cam = RelevanceCAM(model, LAYERS, preset=args.preset)
+        cam = RelevanceCAM(model, layers, preset=args.preset)
         targets = targets1 if row == "relevance_k1" else targets3
-        step = lambda: cam(images, targets)  # noqa: E731
-    elif row == "gradcam":
+        return lambda: cam(images, targets)
+    if row == "gradcam":
         from wsss.cam import GradCAM
-        cam = GradCAM(model, LAYERS)
-        step = lambda: cam(images, targets1)  # noqa: E731
-    elif row == "pytorch_grad_cam":
+        cam = GradCAM(model, layers)
+        return lambda: cam(images, targets1)
+    if row == "pytorch_grad_cam":
         try:
             from pytorch_grad_cam import GradCAM as ExternalGradCAM
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
         except ImportError:
-            return {"row": row, "skipped": "grad-cam not installed (pip install grad-cam)"}
-        cam = ExternalGradCAM(model=model, target_layers=[getattr(model, n) for n in LAYERS])
+            return "grad-cam not installed (pip install grad-cam)"
+        cam = ExternalGradCAM(model=model, target_layers=[model.get_submodule(n) for n in layers])
         targets = [ClassifierOutputTarget(int(t)) for t in targets1]
-        step = lambda: cam(input_tensor=images, targets=targets)  # noqa: E731
-    else:
-        raise ValueError(row)
+        return lambda: cam(input_tensor=images, targets=targets)
+    raise ValueError(row)
 
+
+def _timed(step, args: argparse.Namespace) -> float:
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    start = clock()
+    step()
+    _sync(args.device)
+    return clock() - start
+
+
+def measure_row(row: str, args: argparse.Namespace) -> dict:
+    """Time one row (warm-up, then the median of repeats) in this process, with its peak memory."""
+    import torch
+
+    step = make_step(row, args, *_setup(args))
+    if isinstance(step, str):
+        return {"row": row, "skipped": step}
     setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
     _sync(args.device)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        _sync(args.device)
-        times.append(time.perf_counter() - start)
+    times = [_timed(step, args) for _ in range(args.repeats)]
     result = {"row": row, "median_s": statistics.median(times), "times": times,
               "setup_rss_mb": setup_rss,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -91,9 +111,34 @@ def measure_row(row: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def measure_interleaved(rows: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """All rows in one process, timed in rounds (row 1, row 2, ..., row 1, ...), so a machine
+    whose load changes over time slows every row alike. No memory figures."""
+    setup = _setup(args)
+    steps = {row: make_step(row, args, *setup) for row in rows}
+    results = {row: {"row": row, "skipped": step} for row, step in steps.items() if isinstance(step, str)}
+    steps = {row: step for row, step in steps.items() if not isinstance(step, str)}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {row: [] for row in steps}
+    for _ in range(args.repeats):
+        for row, step in steps.items():
+            times[row].append(_timed(step, args))
+    for row, t in times.items():
+        results[row] = {"row": row, "median_s": statistics.median(t), "times": t}
+        print(f"{row}: {results[row]}", file=sys.stderr)
+    return {row: results[row] for row in rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="resnet50", help="torchvision classification model name")
+    parser.add_argument("--layers", help="comma-separated layers (default: the family's default)")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="wall time, or this process's CPU time (steady when other work shares "
+                             "the CPU; with --threads 1 it is the single-core time)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -101,25 +146,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--interleave", action="store_true",
+                        help="time all rows in one process, in rounds (fairer on a machine whose "
+                             "load changes; no memory column)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args()
+    if args.layers is None:
+        from wsss.models.backbones import default_cam_layers
+        args.layers = ",".join(default_cam_layers(args.model))
 
     if args.row:
         print(json.dumps(measure_row(args.row, args)))
         return
 
     results = {}
-    for row in args.rows.split(","):
+    if args.interleave:
+        results = measure_interleaved(args.rows.split(","), args)
+    for row in [] if args.interleave else args.rows.split(","):
         cmd = [sys.executable, __file__, "--row", row] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("row", "rows") and v is not None]
+            f"--{k}={v}" for k, v in vars(args).items()
+            if k not in ("row", "rows", "interleave") and v is not None]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[row] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{row}: {results[row]}", file=sys.stderr)
 
     unit = results["fwd_bwd"]["median_s"] if "fwd_bwd" in results else None
     mem_col = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB (above setup)"
-    print(f"\nResNet-50, batch {args.batch}, {args.size} px, {args.device}, "
-          f"{args.threads} threads, preset={args.preset}, median of {args.repeats}\n")
+    print(f"\n{args.model}, layers {args.layers}, batch {args.batch}, {args.size} px, {args.device}, "
+          f"{args.threads} threads, {args.clock} clock, preset={args.preset}, "
+          f"median of {args.repeats}{', interleaved' if args.interleave else ''}\n")
     print(f"| row | median s | × fwd+bwd | {mem_col} |")
     print("|---|---|---|---|")
     for row, res in results.items():
@@ -127,14 +182,16 @@ def main() -> None:
             print(f"| {ROWS[row]} | skipped: {res['skipped']} | | |")
             continue
         ratio = f"{res['median_s'] / unit:.2f}" if unit else "-"
-        if args.device == "cuda":
+        if args.interleave:
+            mem = "-"
+        elif args.device == "cuda":
             mem = f"{res['peak_cuda_mb']:.0f}"
         else:
             mem = f"{res['peak_rss_mb']:.0f} ({res['peak_rss_mb'] - res['setup_rss_mb']:.0f})"
         print(f"| {ROWS[row]} | {res['median_s']:.3f} | {ratio} | {mem} |")
     if unit and "relevance_k1" in results and "relevance_k3" in results:
         k1, k3 = results["relevance_k1"]["median_s"], results["relevance_k3"]["median_s"]
-        print(f"\nrow2/row1 = {k1 / unit:.2f} (target <= 1.5); "
+        print(f"\nrow2/row1 = {k1 / unit:.2f} (target <= 1.5 on ResNet-50, <= 2 on any CNN); "
               f"(row3-row2)/row1 = {(k3 - k1) / unit:.2f} (target <= 0.7)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -99,3 +100,80 @@ def test_liftcam_vgg_head_completeness():
     with torch.no_grad():
         delta = (head(a) - head(torch.zeros_like(a))).gather(1, t[:, None])[:, 0]
     torch.testing.assert_close(phi.sum((1, 2, 3, 4)), delta, rtol=1e-4, atol=1e-5)
+
+
+# ---- defects (issue 13) --------------------------------------------------------------------------
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=C).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def last_block_bn2(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
+    """Textbook activation and gradient at layer4.1.bn2, whose output the block then adds its
+    shortcut to in place (out += identity)."""
+    with torch.no_grad():
+        h = model.layer4[0](model.layer3(model.layer2(model.layer1(
+            model.maxpool(model.relu(model.bn1(model.conv1(x))))))))
+    block = model.layer4[1]
+    with torch.no_grad():
+        a = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h)))))
+    a = a.clone().requires_grad_(True)
+    logits = model.fc(torch.flatten(model.avgpool(torch.relu(a + h)), 1))
+    (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
+    return a.detach(), g
+
+
+def test_gradcam_and_cam_at_a_module_whose_output_is_changed_in_place():
+    model = resnet18()
+    x, t = torch.randn(2, 3, 64, 64), torch.tensor([1, 4])
+    a, g = last_block_bn2(model, x, t)
+    with GradCAM(model, ["layer4.1.bn2", "layer4.1"]) as cam:
+        maps = cam(x, t)
+    torch.testing.assert_close(maps["layer4.1.bn2"][:, 0], (g.mean((2, 3))[..., None, None] * a).sum(1),
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(maps["layer4.1.bn2"], maps["layer4.1"])
+    with CAM(model, ["layer4.1.bn2"]) as cam:
+        torch.testing.assert_close(cam(x, t)["layer4.1.bn2"][:, 0],
+                                   torch.einsum("bc,bchw->bhw", model.fc.weight[t], a))
+    with torch.no_grad():  # the model's own output is unchanged by the hooks
+        before = model(x)
+    with GradCAM(model, ["layer4.1.bn2"]) as cam:
+        cam(x, t)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_gradcam_under_inference_mode_with_targets_made_there():
+    model = small_net()
+    with GradCAM(model, ["5"]) as cam:
+        expected = cam(X, T)
+        with torch.inference_mode():
+            targets = torch.tensor([0, 3, 5])
+            images = X.clone()
+            got = cam(images, targets)
+    torch.testing.assert_close(got["5"], expected["5"])
+
+
+def test_baselines_on_a_float64_model():
+    model = resnet18()
+    x, t = torch.randn(2, 3, 64, 64), torch.tensor([[1, 2], [4, 0]])
+    single = {name: cls(model, ["layer4"])(x, t)["layer4"]
+              for name, cls in [("gradcam", GradCAM), ("cam", CAM), ("liftcam", LiftCAM)]}
+    model.double()
+    for name, cls in [("gradcam", GradCAM), ("cam", CAM), ("liftcam", LiftCAM)]:
+        double = cls(model, ["layer4"])(x.double(), t)["layer4"]
+        assert double.dtype == torch.float64, name
+        torch.testing.assert_close(double.float(), single[name], rtol=1e-4, atol=1e-5)
+
+
+def test_duplicate_layer_names_are_rejected():
+    with pytest.raises(ValueError, match="'5' is listed twice"):
+        GradCAM(small_net(), ["5", "2", "5"])

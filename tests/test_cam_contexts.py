@@ -7,8 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from wsss.cam import GradCAM, LiftCAM, RelevanceCAM, build_cam, register_handler
-from wsss.cam.lrp import _HANDLERS
+from wsss.cam import GradCAM, LiftCAM, RelevanceCAM, build_cam, register_handler, unregister_rule
 
 C = 20
 
@@ -68,24 +67,25 @@ def test_hooks_removed_and_model_unchanged_even_after_error(method):
 
 
 def test_unsupported_module_error_names_path_and_type():
-    class Swish(nn.Module):
+    class Softsign(nn.Module):  # divides by a signal: no LRP rule for that
         def forward(self, x):
-            return x * torch.sigmoid(x)
+            return x / (1 + x.abs())
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), Swish(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), Softsign(), nn.Conv2d(8, 8, 3), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
-    with pytest.raises(NotImplementedError, match=r"'1' of type .*Swish.*register_handler"):
+    with pytest.raises(NotImplementedError, match=r"'1' of type .*Softsign.*register_handler"):
         RelevanceCAM(net, ["0"])
     RelevanceCAM(net, ["2"])  # above the unsupported module: fine
     try:
-        register_handler(Swish, "identity")
+        register_handler(Softsign, "identity")
         with RelevanceCAM(net, ["0"]) as cam:
             assert cam(torch.randn(1, 3, 16, 16), torch.tensor([1]))["0"].shape == (1, 1, 14, 14)
     finally:
-        _HANDLERS.pop(Swish)
+        unregister_rule(Softsign)
 
 
-def test_custom_forward_wrapper_is_rejected():
+def test_custom_forward_wrapper_is_traced_through():
+    """A module with its own forward around a torchvision model (the graph engine traces it)."""
     class Wrapper(nn.Module):
         def __init__(self):
             super().__init__()
@@ -94,8 +94,13 @@ def test_custom_forward_wrapper_is_rejected():
         def forward(self, x):
             return self.net(x)
 
-    with pytest.raises(NotImplementedError, match=r"'' of type .*Wrapper"):
-        RelevanceCAM(Wrapper(), ["net.layer4"])
+    wrapper = Wrapper()
+    with RelevanceCAM(wrapper, ["net.layer3", "net.layer4"]) as cam:
+        wrapped = cam(X, T)
+    with RelevanceCAM(wrapper.net, ["layer3", "layer4"]) as cam:
+        plain = cam(X, T)
+    for layer in ["layer3", "layer4"]:
+        torch.testing.assert_close(wrapped["net." + layer], plain[layer], rtol=0, atol=0)
 
 
 def test_unknown_layer_name():
@@ -186,3 +191,29 @@ def test_build_cam_rejects_unknown():
         build_cam("scorecam", small_resnet(), ["layer4"])
     assert isinstance(build_cam("gradcam", small_resnet(), "layer4"), GradCAM)
     assert isinstance(build_cam("liftcam", small_resnet(), "layer4"), LiftCAM)
+
+
+def test_relevance_plan_is_cached_per_model_and_rebuilt_when_the_model_changes():
+    import gc
+    import weakref
+
+    from wsss.cam.lrp.graph import _PLANS
+
+    model = small_resnet()
+    first = RelevanceCAM(model, ["layer3", "layer4"]).graph
+    assert RelevanceCAM(model, ["layer3", "layer4"]).graph is first
+    assert RelevanceCAM(model, ["layer3", "layer4"], preset="reference").graph is not first
+    with torch.no_grad():  # new weights: the same plan, which reads them at every call
+        model.fc.weight.mul_(2.0)
+    with RelevanceCAM(model, ["layer4"]) as cam:
+        torch.testing.assert_close(cam(X, T)["layer4"], RelevanceCAM(model, ["layer4"])(X, T)["layer4"])
+    model.fc = nn.Linear(512, C)  # a replaced module: a new plan
+    second = RelevanceCAM(model, ["layer3", "layer4"]).graph
+    assert second is not first
+    model.double()  # new buffers (as .to(device) makes them): a new plan
+    assert RelevanceCAM(model, ["layer3", "layer4"]).graph is not second
+    assert model in _PLANS
+    alive = weakref.ref(model)
+    del model, first, second, cam
+    gc.collect()
+    assert alive() is None  # the cache does not keep a model alive

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from wsss.cam import (NORMALIZATIONS, aggregate_scales, centred_normalize, fuse_layers, normalize_maps,
-                      relu_max_normalize, upsample)
+from wsss.cam import (NORMALIZATIONS, aggregate_scales, centred_normalize, fuse_layers,
+                      minmax_normalize, normalize_maps, relu_max_normalize, upsample)
 from wsss.config import MAP_NORMALIZATIONS
 from wsss.metrics import average_drop_increase, class_scores, insertion_deletion_auc
 
@@ -17,6 +17,16 @@ def test_relu_max_normalize():
     out = relu_max_normalize(m)
     torch.testing.assert_close(out[0, 0], torch.tensor([[0.0, 0.25], [1.0, 0.0]]))
     assert (out[1] == 0).all()
+
+
+def test_minmax_normalize():
+    """(M - min) / (max - min) per map, negative evidence kept at the low end (no ReLU); a flat
+    map gives zeros, not NaN."""
+    m = torch.tensor([[[[-2.0, 1.0], [4.0, 0.0]], [[3.0, 3.0], [3.0, 3.0]]]])
+    out = minmax_normalize(m)
+    torch.testing.assert_close(out[0, 0], torch.tensor([[0.0, 0.5], [1.0, 2.0 / 6.0]]))
+    assert torch.equal(out[0, 1], torch.zeros(2, 2))
+    assert torch.equal(normalize_maps(m, "minmax"), out)
 
 
 def test_centred_normalize_removes_a_positive_floor():

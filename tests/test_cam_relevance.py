@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from wsss.cam import RelevanceCAM, list_presets, preset_config
+from wsss.cam import RelevanceCAM, Rule, list_presets, preset_config
 
 C = 20
 
@@ -217,12 +219,12 @@ def test_class_batching_equals_separate_calls():
     x = images(2, 64)
     targets = torch.tensor([[1, 5, 9], [0, 2, 19]])
     layers = ["layer2", "layer4"]
+    # clrp_absent ("stable") contrasts against the classes absent from `present`
+    present = torch.zeros(2, C, dtype=torch.bool).scatter_(1, targets, True)
     for preset in ["reference", "default", "stable", "sglrp"]:
         with RelevanceCAM(model, layers, preset=preset) as cam:
-            together = cam(x, targets)
+            together = cam(x, targets, present=present)
             for k in range(3):
-                # clrp_absent uses the image's target set as its present classes: pass it along
-                present = torch.zeros(2, C, dtype=torch.bool).scatter_(1, targets, True)
                 alone = cam(x, targets[:, k], present=present)
                 for layer in layers:
                     torch.testing.assert_close(together[layer][:, k], alone[layer][:, 0],
@@ -353,3 +355,119 @@ def test_clrp_absent_uses_present_set():
         reference = cam(x, torch.tensor([2]))["layer4"]
     torch.testing.assert_close(fallback, reference)  # single present class: same as clrp
     assert not torch.allclose(with_present, reference)
+
+
+# ---- engine defects (issue 13) ------------------------------------------------------------------
+
+
+def negative_bn_scales(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Flip the sign of a third of the BN scales, so conv outputs of both signs carry relevance."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.mul_(torch.where(torch.rand(m.num_features, generator=g) < 1 / 3, -1.0, 1.0))
+    return model
+
+
+def test_gamma_rule_is_sign_aware_and_conserves_with_negative_bn_scales():
+    """The γ rule must favour the output's own sign; favouring W⁺ everywhere gave denominators
+    near zero for negative outputs (relevance of 1e7, totals far from 1)."""
+    model = negative_bn_scales(resnet("resnet18"))
+    layers = ["layer1", "layer2", "layer3"]
+    with RelevanceCAM(model, layers, preset="lrp", conv=Rule("gamma", gamma=0.25)) as cam:
+        out = cam.relevance(images(2, 64), torch.tensor([3, 8]))
+    for layer in layers:
+        r = out[layer][1]
+        torch.testing.assert_close(r.sum((2, 3, 4)), torch.ones(2, 1), rtol=1e-4, atol=0)
+        assert r.abs().max() < 1.0, float(r.abs().max())
+
+
+def folded_copy(model: nn.Module) -> nn.Module:
+    """The model with every BatchNorm folded by hand into the conv before it (BN -> Identity)."""
+    model = copy.deepcopy(model)
+    for block in [model] + [b for layer in ["layer1", "layer2", "layer3", "layer4"]
+                            for b in getattr(model, layer)]:
+        pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+        if block.__dict__.get("_modules", {}).get("downsample") is not None:
+            pairs.append(("downsample.0", "downsample.1"))
+        for conv_name, bn_name in pairs:
+            if not hasattr(block, conv_name.split(".")[0]):
+                continue
+            conv, bn = block.get_submodule(conv_name), block.get_submodule(bn_name)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                               conv.padding, conv.dilation, conv.groups, bias=True)
+            with torch.no_grad():
+                folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+                folded.bias.copy_(bn.bias - bn.running_mean * scale)
+            parent, _, name = conv_name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, name, folded)
+            parent, _, name = bn_name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, name, nn.Identity())
+    return model.eval()
+
+
+def test_batchnorm_fold_equals_folding_by_hand():
+    """batchnorm="fold" where it matters (negative BN scales, the bias counted): the maps equal
+    those of the same network with BN folded into its convs by hand, and differ from identity."""
+    model = negative_bn_scales(resnet("resnet18"))
+    folded = folded_copy(model)
+    x, t = images(2, 64), torch.tensor([[1, 6], [2, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    layers = ["layer2", "layer4"]
+    options = dict(conv=Rule("zplus", bias=1.0))
+    with RelevanceCAM(model, layers, preset="lrp", batchnorm="fold", **options) as cam:
+        got = cam(x, t)
+    with RelevanceCAM(folded, layers, preset="lrp", **options) as cam:
+        want = cam(x, t)
+    with RelevanceCAM(model, layers, preset="lrp", batchnorm="identity", **options) as cam:
+        unfolded = cam(x, t)
+    for layer in layers:
+        assert_maps_close(got[layer], want[layer], rtol=1e-4)
+    # below layer4 the sweep crosses convs, where folding the BN changes the rule's result
+    assert (unfolded["layer2"] - want["layer2"]).abs().max() > 0.05 * want["layer2"].abs().max()
+
+
+def test_clrp_absent_map_does_not_depend_on_the_other_requested_classes():
+    model = resnet("resnet18")
+    x = images(2, 64)
+    with RelevanceCAM(model, ["layer3"], preset="stable") as cam:
+        both = cam(x, torch.tensor([[2, 5], [7, 1]]))["layer3"]
+        alone = cam(x, torch.tensor([2, 7]))["layer3"]
+    torch.testing.assert_close(both[:, 0], alone[:, 0], rtol=1e-5, atol=1e-8)
+
+
+def test_float64_model():
+    model = resnet("resnet18")
+    x, t = images(2, 64), torch.tensor([[3, 4], [0, 8]])
+    with RelevanceCAM(model, ["layer2", "layer4"], preset="reference") as cam:
+        single = cam(x, t)
+    model.double()
+    with RelevanceCAM(model, ["layer2", "layer4"], preset="reference") as cam:
+        double = cam(x.double(), t)
+    for layer in single:
+        assert double[layer].dtype == torch.float64
+        assert_maps_close(single[layer].double(), double[layer], rtol=1e-4)
+
+
+def test_duplicate_layer_names_are_rejected():
+    with pytest.raises(ValueError, match="'layer4' is listed twice"):
+        RelevanceCAM(resnet("resnet18"), ["layer4", "layer3", "layer4"])
+
+
+def test_layer_rules_reach_the_graph():
+    """A per-layer rule by type equals the same rule set for all convs; by name it changes only
+    the layers it names."""
+    model = negative_bn_scales(resnet("resnet18"))
+    x, t = images(1, 64), torch.tensor([5])
+    gamma = Rule("gamma", gamma=0.25)
+
+    def run(**options):
+        with RelevanceCAM(model, ["layer2"], preset="lrp", **options) as cam:
+            return cam(x, t)["layer2"]
+
+    torch.testing.assert_close(run(layer_rules={"Conv2d": gamma}), run(conv=gamma))
+    by_name = run(layer_rules={"layer3.*": gamma})
+    assert not torch.allclose(by_name, run()) and not torch.allclose(by_name, run(conv=gamma))

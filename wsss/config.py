@@ -33,7 +33,6 @@ def _opt(default: Any, help: str = "") -> Any:
     return field(default=default, metadata={"help": help})
 
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "vgg16_bn")
 CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam")
 MAP_NORMALIZATIONS = ("centred", "relu_max", "minmax")  # wsss.cam.NORMALIZATIONS
 
@@ -73,9 +72,11 @@ class DataConfig:
 
 @dataclass
 class ClassifierConfig:
-    backbone: str = _choice("resnet18", *BACKBONES, help="torchvision backbone")
+    backbone: str = _opt("resnet18", "any torchvision classification model name "
+                                     "(torchvision.models.list_models(module=torchvision.models))")
     pretrained: bool = _opt(False, "ImageNet weights from torchvision (needs network or TORCH_HOME cache)")
-    output_stride: int = _choice(32, 16, 32, help="ResNets: 16 dilates layer4 for finer maps")
+    output_stride: int = _choice(32, 16, 32, help="16 dilates the last stage for finer maps (ResNet, "
+                                                  "EfficientNet, MobileNet, MNASNet, RegNet, ShuffleNet)")
     max_epochs: int = _opt(12, "training epochs")
     lr: float = _opt(0.01, "head learning rate (SGD)")
     backbone_lr_mult: float = _opt(0.1, "backbone learning rate = lr * this")
@@ -89,7 +90,8 @@ class ClassifierConfig:
 class CamConfig:
     method: str = _choice("relevance", *CAM_METHODS, help="attribution method")
     preset: str = _opt("default", "RelevanceCAM preset (see wsss.cam presets)")
-    layers: list[str] = _opt(["layer2", "layer3", "layer4"], "layers to capture, as in model.named_modules()")
+    layers: Optional[list[str]] = _opt(None, "layers to capture, as in model.named_modules(); None = the "
+                                             "backbone family's default (wsss.models.backbones)")
     layer_weights: Optional[list[float]] = _opt(None, "fusion weights per layer; None = equal")
     scales: list[float] = _opt([1.0], "input scales to aggregate")
     flip: bool = _opt(False, "also aggregate horizontally flipped inputs")
@@ -326,8 +328,30 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
         built[name] = _build_group(hints[name], values, name)
     cfg = Config(**built)
+    _check_backbone(cfg)
     _check_cross_field(cfg)
     return cfg
+
+
+def _check_backbone(cfg: Config) -> None:
+    """The backbone exists in torchvision, allows the output stride, and has the CAM layers
+    (filled in with the family's default when unset)."""
+    from wsss.models import backbones  # torchvision is only imported once a config is checked
+
+    name = cfg.classifier.backbone
+    try:
+        backbones.check_backbone(name)
+    except ValueError as exc:
+        raise ConfigError(f"classifier.backbone: {exc}") from None
+    if cfg.classifier.output_stride == 16 and not backbones.supports_output_stride_16(name):
+        raise ConfigError(f"classifier.output_stride: 16 is not available for {name} (its last "
+                          "downsampling is a pooling or an even-kernel conv); use 32")
+    try:
+        if cfg.cam.layers is None:
+            cfg.cam.layers = list(backbones.default_cam_layers(name))
+        backbones.check_cam_layers(name, cfg.cam.layers)
+    except ValueError as exc:
+        raise ConfigError(f"cam.layers: {exc}") from None
 
 
 def _check_cross_field(cfg: Config) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 from torch import nn
 
 from wsss.cam.baselines import CAM, METHODS, GradCAM, GradCAMPlusPlus, LiftCAM
-from wsss.cam.lrp import LRPConfig, Rule, register_handler
+from wsss.cam.lrp import (INPUT_LAYER, LRPConfig, Rule, box_rule, register_handler, register_rule,
+                          unregister_rule)
 from wsss.cam.postprocess import (NORMALIZATIONS, aggregate_scales, centred_normalize,
                                   fuse_layers, minmax_normalize, normalize_maps,
                                   relu_max_normalize, upsample)
@@ -35,8 +36,9 @@ def build_cam(method: str, model: nn.Module, layers: list[str] | str, **options:
 
 
 __all__ = [
-    "CAM", "CAM_METHODS", "DEFAULT_PRESET", "GradCAM", "GradCAMPlusPlus", "LRPConfig", "LiftCAM",
-    "NORMALIZATIONS", "PRESETS", "RelevanceCAM", "Rule", "aggregate_scales", "build_cam",
-    "centred_normalize", "fuse_layers", "list_presets", "minmax_normalize", "normalize_maps",
-    "preset_config", "register_handler", "relu_max_normalize", "start_relevance", "upsample",
+    "CAM", "CAM_METHODS", "DEFAULT_PRESET", "GradCAM", "GradCAMPlusPlus", "INPUT_LAYER",
+    "LRPConfig", "LiftCAM", "NORMALIZATIONS", "PRESETS", "RelevanceCAM", "Rule", "aggregate_scales",
+    "box_rule", "build_cam", "centred_normalize", "fuse_layers", "list_presets",
+    "minmax_normalize", "normalize_maps", "preset_config", "register_handler", "register_rule",
+    "relu_max_normalize", "start_relevance", "unregister_rule", "upsample",
 ]

@@ -1,7 +1,9 @@
 """Relevance-CAM: multi-layer, multi-class maps from one forward pass and one relevance sweep.
 
 map_k = Σ_c α_kc A_c with α_kc = Σ_ij R_kc(i,j), where A is the activation at a layer's output
-and R_k the LRP relevance of target class k at that same tensor (ALGORITHMS.md §1).
+and R_k the LRP relevance of target class k at that same tensor (ALGORITHMS.md §1). The layer
+name "input" gives the pixel-level LRP heatmap Σ_c R_kc(i,j) instead (relevance at the image;
+the input layers use the composite's `input` rule, z^B by default: see `box_rule`).
 """
 
 from __future__ import annotations
@@ -11,43 +13,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wsss.cam.lrp import LRPConfig, Rule, Sweep, as_float, build_tree, run
+from wsss.cam.lrp import INPUT_LAYER
+from wsss.cam.lrp.graph import relevance_graph
+from wsss.cam.lrp.composites import DEFAULT_PRESET, PRESETS, list_presets, preset_config
+from wsss.cam.lrp.rules import as_compute, compute_dtype
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The official Relevance-CAM code, exactly (ALGORITHMS.md §1.2-1.3).
-    "reference": dict(conv=Rule("zplus", bias=2.0), linear=Rule("zplus", bias=0.0),
-                      batchnorm="identity", residual="signed", start="clrp", weights="sum"),
-    # Plain LRP-z⁺: one-hot start, conservative everywhere on bias-free nets.
-    "lrp": dict(conv=Rule("zplus", bias=0.0), linear=Rule("zplus", bias=0.0),
-                batchnorm="identity", residual="signed", start="lrp", weights="sum"),
-    # Stable variants: BN folded into the conv, residual split by positive parts, contrast only
-    # against absent classes, bias ignored (conservative).
-    "stable": dict(conv=Rule("zplus", bias=0.0), linear=Rule("zplus", bias=0.0),
-                   batchnorm="fold", residual="positive", start="clrp_absent", weights="sum"),
-    "stable_gamma": dict(conv=Rule("gamma", gamma=0.25, bias=0.0), linear=Rule("zplus", bias=0.0),
-                         batchnorm="fold", residual="positive", start="clrp_absent",
-                         weights="sum"),
-    "sglrp": dict(conv=Rule("zplus", bias=0.0), linear=Rule("zplus", bias=0.0),
-                  batchnorm="fold", residual="positive", start="sglrp", weights="sum"),
-}
-# The project's default, chosen by measurement (docs/benchmarks_cam.md): the reference rules with
-# the residual split by positive parts (same seed IoU as "reference" on the synthetic toy, and no
-# negative or amplified relevance). Swap it here once the trained-classifier comparison is in.
-PRESETS["default"] = dict(PRESETS["reference"], residual="positive")
-
-DEFAULT_PRESET = "default"
+__all__ = ["DEFAULT_PRESET", "PRESETS", "RelevanceCAM", "check_layer_names", "list_presets",
+           "preset_config", "start_relevance"]
 
 
-def list_presets() -> dict[str, LRPConfig]:
-    """All named presets with their full options."""
-    return {name: LRPConfig(**options) for name, options in PRESETS.items()}
-
-
-def preset_config(preset: str = DEFAULT_PRESET, **options: Any) -> LRPConfig:
-    """The LRPConfig of a named preset, with keyword options overriding its fields."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown Relevance-CAM preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return LRPConfig(**PRESETS[preset]).updated(**options)
+def check_layer_names(layers: list[str] | str) -> list[str]:
+    """The requested layers as a list: at least one, none twice."""
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not layers:
+        raise ValueError("at least one layer is needed")
+    seen = set()
+    for layer in layers:
+        if layer in seen:
+            raise ValueError(f"layer {layer!r} is listed twice in {layers}")
+        seen.add(layer)
+    return layers
 
 
 def start_relevance(logits: Tensor, targets: Tensor, start: str,
@@ -56,71 +41,53 @@ def start_relevance(logits: Tensor, targets: Tensor, start: str,
 
     - lrp: one-hot e_t;
     - clrp: R_t = 1, R_j = -1/C for j != t (the official code's CLRP);
-    - clrp_absent: as clrp but only absent classes are contrasted (-1/C each), so another class
-      present in the same image is not erased. `present` is a (B, C) multi-hot mask; without it
-      the image's own target classes are taken as its present set;
+    - clrp_absent: as clrp but only classes absent from the image are contrasted (-1/C each),
+      so another class present in the same image is not erased. `present` is a (B, C)
+      multi-hot mask; without it no class is known to be present besides the target, and the
+      start vector is clrp's. (It never depends on which other classes are requested.)
     - sglrp: the gradient of softmax p_t: R_t = p_t(1 - p_t), R_j = -p_t p_j.
+    The vector is float32, or float64 for float64 logits.
     """
     b, c = logits.shape
-    one_hot = torch.zeros(b, targets.shape[1], c, device=logits.device, dtype=torch.float32)
+    dtype = compute_dtype(logits)
+    one_hot = torch.zeros(b, targets.shape[1], c, device=logits.device, dtype=dtype)
     one_hot.scatter_(2, targets.unsqueeze(2), 1.0)
     if start == "lrp":
         return one_hot
-    if start == "clrp":
+    if start == "clrp" or (start == "clrp_absent" and present is None):
         return one_hot - (1.0 - one_hot) / c
     if start == "clrp_absent":
-        if present is None:
-            present = torch.zeros(b, c, device=logits.device, dtype=torch.bool)
-            present.scatter_(1, targets, True)
         absent = ~present.to(device=logits.device, dtype=torch.bool)
-        return one_hot - (1.0 - one_hot) * absent.unsqueeze(1).float() / c
+        return one_hot - (1.0 - one_hot) * absent.unsqueeze(1).to(dtype) / c
     if start == "sglrp":
-        p = torch.softmax(as_float(logits), dim=1).unsqueeze(1)  # (B, 1, C)
+        p = torch.softmax(as_compute(logits, dtype), dim=1).unsqueeze(1)  # (B, 1, C)
         p_t = (p * one_hot).sum(2, keepdim=True)
         return p_t * (one_hot - p)
     raise ValueError(f"unknown start vector {start!r}")
 
 
 class RelevanceCAM:
-    """Relevance-CAM for torchvision-style CNNs.
+    """Relevance-CAM for any traceable CNN (torchvision, timm, plain nn.Sequential, ...).
 
     with RelevanceCAM(model, layers=["layer2", "layer3", "layer4"], preset="reference") as cam:
         maps = cam(images, targets)          # {layer: (B, K, h, w)} raw maps
 
     targets: (B,) or (B, K) class indices. All layers and classes come from one forward pass
-    and one relevance sweep from the logits down to the lowest requested layer. Keyword options
-    override the preset (see `LRPConfig`: conv, linear, batchnorm, residual, start, weights).
-    Hooks only exist during a call, so the model is left untouched. Put the model in eval mode.
+    and one relevance sweep from the logits down to the lowest requested layer. Layers are
+    module paths as in model.named_modules(), or "input" for the pixel-level heatmap. Keyword
+    options override the preset (see `LRPConfig`: conv, linear, input, lower, layer_rules,
+    batchnorm, residual, start, weights). The model is traced here (torch.fx; the plan is cached
+    per model, layers and options, and rebuilt when a module is replaced); an op without an LRP
+    rule between the logits and a requested layer fails here, naming it. No hooks are added, so
+    the model is left untouched. Put the model in eval mode, on its device, first.
     """
 
     def __init__(self, model: nn.Module, layers: list[str] | str,
                  preset: str = DEFAULT_PRESET, **options: Any):
         self.model = model
-        self.layers = [layers] if isinstance(layers, str) else list(layers)
-        if not self.layers:
-            raise ValueError("RelevanceCAM needs at least one layer")
+        self.layers = check_layer_names(layers)
         self.config = preset_config(preset, **options)
-        self.tree = build_tree(model)
-        self._check_layers()
-
-    def _check_layers(self) -> None:
-        names = dict(self.model.named_modules())
-        for layer in self.layers:
-            if layer not in names:
-                sample = [n for n in names if n][:12]
-                raise ValueError(f"model has no module named {layer!r}; names look like {sample}")
-        plan = self._planned = self._plan()
-        missing = [layer for layer in self.layers if layer not in plan.captured_nodes]
-        if missing:
-            raise ValueError(f"cannot capture relevance at {missing}: the module is not on the "
-                             "model's main path or is called several times in its forward "
-                             "(e.g. a shared ReLU); request its parent or a neighbouring module")
-
-    def _plan(self) -> Sweep:
-        sweep = Sweep(self.config, self.layers)
-        sweep.plan_only = True
-        run(self.tree, None, sweep)
-        return sweep
+        self.graph = relevance_graph(model, self.layers, self.config)
 
     def __enter__(self) -> "RelevanceCAM":
         return self
@@ -139,62 +106,46 @@ class RelevanceCAM:
         """
         activations, relevance, batch = self._run(images, targets, present)
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-            return {layer: self._map(activations.pop(layer), relevance.pop(layer), batch)
+            return {layer: self._map(layer, activations[layer], relevance.pop(layer), batch)
                     for layer in self.layers}
 
     def relevance(self, images: Tensor, targets: Tensor, present: Tensor | None = None
                   ) -> dict[str, tuple[Tensor, Tensor]]:
         """{layer: (activation (B, C, h, w), relevance (B, K, C, h, w))}, for checks and analysis."""
         activations, relevance, batch = self._run(images, targets, present)
-        return {layer: (activations[layer], relevance[layer].view(batch, -1, *relevance[layer].shape[1:]))
+        return {layer: (activations[layer],
+                        relevance[layer].view(batch, -1, *relevance[layer].shape[1:]))
                 for layer in self.layers}
 
     def _run(self, images: Tensor, targets: Tensor, present: Tensor | None
              ) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
-        """One forward pass with recording hooks, then one relevance sweep."""
+        """One recording forward pass, then one relevance sweep."""
         single = targets.dim() == 1
         targets = (targets.unsqueeze(1) if single else targets).to(images.device, torch.long)
         if targets.dim() != 2 or targets.shape[0] != images.shape[0]:
             raise ValueError(f"targets must be (B,) or (B, K) with B={images.shape[0]}, "
                              f"got {tuple(targets.shape)}")
-        plan = self._planned
-        sweep = Sweep(self.config, self.layers)
-        handles = []
-        try:
-            for node in plan.visited:
-                handles += node.attach(sweep)
-            for layer, node in plan.captured_nodes.items():
-                handles.append(node.module.register_forward_hook(self._capture_hook(sweep, layer)))
-            with torch.no_grad():
-                logits = self.model(images)
-        finally:
-            for handle in handles:
-                handle.remove()
+        logits, values = self.graph.forward(images)
         if logits.dim() != 2:
             raise ValueError(f"model must return (B, C) logits, got shape {tuple(logits.shape)}")
         if int(targets.max()) >= logits.shape[1] or int(targets.min()) < 0:
             raise ValueError(f"targets must lie in [0, {logits.shape[1]})")
+        activations = {layer: self.graph.activation(values, layer) for layer in self.layers}
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             b, k = targets.shape
             r = start_relevance(logits, targets, self.config.start, present)
-            run(self.tree, r.reshape(b * k, -1), sweep)
-        sweep.saved.clear()
-        return sweep.activations, sweep.relevance, b
+            relevance = self.graph.sweep(r.reshape(b * k, -1), values)
+        return activations, relevance, b
 
-    @staticmethod
-    def _capture_hook(sweep: Sweep, layer: str):
-        def capture(module: nn.Module, args: Any, output: Tensor) -> None:
-            sweep.activations[layer] = output.detach().clone()
-
-        return capture
-
-    def _map(self, activation: Tensor, relevance: Tensor, batch: int) -> Tensor:
-        a = as_float(activation)
-        if a.dim() != 4:
-            raise ValueError(f"Relevance-CAM needs (B, C, h, w) activations, got {tuple(a.shape)}")
+    def _map(self, layer: str, activation: Tensor, relevance: Tensor, batch: int) -> Tensor:
+        a = as_compute(activation, relevance.dtype)
         r = relevance.view(batch, -1, *a.shape[1:])
+        if layer == INPUT_LAYER and layer not in self.graph.traced.modules:
+            return r.sum(2)  # the pixel-level heatmap: relevance summed over input channels
+        if a.dim() != 4:
+            raise ValueError(f"Relevance-CAM needs (B, C, h, w) activations at {layer!r}, "
+                             f"got {tuple(a.shape)}")
         alpha = r.sum((-2, -1))
         if self.config.weights == "mean":
             alpha = alpha / (a.shape[-2] * a.shape[-1])
         return torch.einsum("bkc,bchw->bkhw", alpha, a)
-

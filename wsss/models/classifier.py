@@ -1,7 +1,8 @@
 """ClassifierModule: the multi-label image classifier whose attributions become pseudo-masks.
 
-The network keeps torchvision's own module structure (``model.layer4``, ``model.fc``, ...), so
-``wsss.cam.RelevanceCAM`` can walk it and layer names match ``named_modules()``.
+The network is any torchvision classification model (``wsss.models.backbones``) and keeps its
+own module structure (``model.layer4``, ``model.features.denseblock3``, ...), so layer names for
+``wsss.cam.RelevanceCAM`` match ``named_modules()``.
 """
 
 from __future__ import annotations
@@ -10,85 +11,11 @@ import math
 from typing import Any, Callable, Optional
 
 import lightning as L
-import torch
-import torchvision
 from torch import Tensor, nn
 
 from wsss.metrics import MultiLabelScores
+from wsss.models.backbones import build_backbone, head_of
 from wsss.models.common import check_finite_loss, optimizer_with_schedule
-
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-
-
-def _weights_enum(backbone: str):
-    return torchvision.models.get_model_weights(backbone).DEFAULT
-
-
-def build_backbone(backbone: str, num_classes: int, pretrained: bool = False, output_stride: int = 32,
-                   in_channels: int = 3) -> nn.Module:
-    """A torchvision classifier with a GAP + linear head over ``num_classes`` foreground classes.
-
-    ResNets at output stride 16 dilate layer4 (``replace_stride_with_dilation=[F, F, T]``), the
-    usual WSSS backbone. VGG16-BN gets global average pooling and one linear layer instead of its
-    7x7 pooling and MLP. One input channel replaces the first conv (pretrained weights summed).
-    """
-    weights = _weights_enum(backbone) if pretrained else None
-    kwargs: dict[str, Any] = {}
-    basic_block = backbone in ("resnet18", "resnet34")
-    if backbone in RESNETS and output_stride == 16 and not basic_block:
-        kwargs["replace_stride_with_dilation"] = [False, False, True]
-    try:
-        model = torchvision.models.get_model(backbone, weights=weights, **kwargs)
-    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
-        if not pretrained:
-            raise
-        raise RuntimeError(
-            f"could not load ImageNet weights for {backbone} ({exc}). torchvision looks for them in "
-            f"{torch.hub.get_dir()}/checkpoints (set TORCH_HOME to move it) and downloads them when "
-            f"online. Copy the file there, or run without: classifier.pretrained=false") from exc
-    if basic_block and output_stride == 16:
-        _dilate_basic_layer4(model)
-    if backbone in RESNETS:
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-        first = "conv1"
-    elif backbone == "vgg16_bn":
-        model.avgpool = nn.AdaptiveAvgPool2d(1)
-        model.classifier = nn.Linear(512, num_classes)
-        first = "features.0"
-    else:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {RESNETS + ('vgg16_bn',)}")
-    if in_channels != 3:
-        _set_input_channels(model, first, in_channels)
-    return model
-
-
-def _dilate_basic_layer4(model: nn.Module) -> None:
-    """Output stride 16 for BasicBlock ResNets, as torchvision does it for Bottleneck ones
-    (which it refuses for BasicBlock): layer4 keeps stride 1 and its later blocks dilate by 2."""
-    first, *rest = model.layer4
-    first.conv1.stride = (1, 1)
-    if first.downsample is not None:
-        first.downsample[0].stride = (1, 1)
-    for block in rest:
-        for conv in (block.conv1, block.conv2):
-            conv.dilation, conv.padding = (2, 2), (2, 2)
-
-
-def _set_input_channels(model: nn.Module, path: str, in_channels: int) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    old: nn.Conv2d = getattr(parent, name)
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                    old.dilation, old.groups, old.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(old.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
-        if old.bias is not None:
-            new.bias.copy_(old.bias)
-    setattr(parent, name, new)
-
-
-def head_of(model: nn.Module) -> nn.Module:
-    return model.fc if hasattr(model, "fc") else model.classifier
 
 
 def lr_lambda(schedule: str, total_steps: int | Callable[[], int]):
