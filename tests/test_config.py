@@ -64,3 +64,30 @@ def test_every_key_is_documented():
     for key in ("run.name", "data.train_split", "cam.method", "pseudo.calibration", "logger.wandb_mode",
                 "trainer.devices", "segmenter.arch"):
         assert key in text
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("segmenter.encoder=resnet1O1", "segmenter.encoder.*did you mean resnet101"),
+    ("cam.preset=refrence", "cam.preset.*did you mean reference"),
+    ("trainer.strategy=dpp", "trainer.strategy.*did you mean ddp"),
+    ("cam.layers=[layer9]", "cam.layers.*layer9"),
+    ("classifier.backbone=vgg16_bn", "classifier.output_stride.*use 32"),
+    ("pseudo.grid=[5.0]", "pseudo.grid.*\\(0, 1\\)"),
+    ("cam.batch_size=0", "cam.batch_size: must be at least 1"),
+    ("trainer.devices=-3", "trainer.devices"),
+    ("pseudo.refine=affinty", "pseudo.refine.*did you mean affinity"),
+    ("cam.normalise=centred", "unknown key cam.normalise \\(did you mean normalize\\?\\)"),
+    ("pseudo.crf=true", "pseudo.refine=crf"),
+])
+def test_values_that_fail_late_are_refused_up_front(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("configs/default.yaml", [override])
+
+
+def test_a_bad_value_stops_the_command_before_any_work(tmp_path, capsys):
+    from wsss.cli import main
+
+    assert main(["run", "configs/default.yaml", f"run.dir={tmp_path}", "segmenter.encoder=resnet1O1"]) == 1
+    err = capsys.readouterr().err
+    assert "did you mean resnet101" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # not even the run folder or its config.yaml

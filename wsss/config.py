@@ -330,6 +330,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = Config(**built)
     _check_backbone(cfg)
     _check_cross_field(cfg)
+    _check_libraries(cfg)
     return cfg
 
 
@@ -354,6 +355,30 @@ def _check_backbone(cfg: Config) -> None:
         raise ConfigError(f"cam.layers: {exc}") from None
 
 
+def _check_libraries(cfg: Config) -> None:
+    """Values that only a library can check, before any work: the smp encoder and
+    architecture, the Relevance-CAM preset, the Lightning strategy."""
+    import segmentation_models_pytorch as smp
+
+    encoders = smp.encoders.get_encoder_names()
+    if cfg.segmenter.encoder not in encoders:
+        raise ConfigError(f"segmenter.encoder: {cfg.segmenter.encoder!r} is not an smp encoder"
+                          f"{closest(cfg.segmenter.encoder, encoders)}; e.g. resnet18, resnet50, resnet101, "
+                          f"efficientnet-b0, mit_b0 (segmentation_models_pytorch lists {len(encoders)})")
+    if cfg.cam.method == "relevance":
+        from wsss.cam import PRESETS
+
+        if cfg.cam.preset not in PRESETS:
+            raise ConfigError(f"cam.preset: {cfg.cam.preset!r} is not a Relevance-CAM preset"
+                              f"{closest(cfg.cam.preset, PRESETS)}; choose one of: {', '.join(sorted(PRESETS))}")
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategies = sorted({"auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", *StrategyRegistry.available_strategies()})
+    if cfg.trainer.strategy not in strategies:
+        raise ConfigError(f"trainer.strategy: {cfg.trainer.strategy!r} is not a Lightning strategy"
+                          f"{closest(cfg.trainer.strategy, strategies)}; e.g. auto, ddp, ddp_spawn, fsdp")
+
+
 def _check_cross_field(cfg: Config) -> None:
     if cfg.data.name in ("voc", "folder") and not cfg.data.root:
         raise ConfigError(f"data.root: required for data.name={cfg.data.name}; pass data.root=/path")
@@ -370,6 +395,20 @@ def _check_cross_field(cfg: Config) -> None:
     for key in ("batch_size", "crop_size", "num_train", "num_val", "image_size"):
         if getattr(cfg.data, key) < 1:
             raise ConfigError(f"data.{key}: must be at least 1, got {getattr(cfg.data, key)}")
+    positive = [("cam", "batch_size"), ("pseudo", "calibration_images"), ("pseudo", "par_iterations"),
+                ("classifier", "max_epochs"), ("segmenter", "max_epochs"), ("affinity", "max_epochs"),
+                ("affinity", "radius"), ("affinity", "stride"), ("affinity", "steps")]
+    for group, key in positive:
+        if getattr(getattr(cfg, group), key) < 1:
+            raise ConfigError(f"{group}.{key}: must be at least 1, got {getattr(getattr(cfg, group), key)}")
+    grid = cfg.pseudo.grid
+    if not grid or any(not 0.0 < t < 1.0 for t in grid):
+        raise ConfigError(f"pseudo.grid: needs thresholds in (0, 1) (the maps are normalised to a maximum of "
+                          f"1), got {grid}")
+    for key in ("lr", "weight_decay"):
+        for group in ("classifier", "segmenter", "affinity"):
+            if hasattr(getattr(cfg, group), key) and getattr(getattr(cfg, group), key) < 0:
+                raise ConfigError(f"{group}.{key}: must be >= 0, got {getattr(getattr(cfg, group), key)}")
     if (cfg.pseudo.refine == "crf" or cfg.segmenter.eval_crf) and importlib.util.find_spec("pydensecrf") is None:
         key = "pseudo.refine=crf" if cfg.pseudo.refine == "crf" else "segmenter.eval_crf=true"
         raise ConfigError(f"{key} needs the dense CRF extra: pip install -e '.[crf]' (pydensecrf2); or "
