@@ -110,6 +110,24 @@ def test_masks_of_only_0_and_255_warn_naming_the_file_and_the_fix(tmp_path, caps
     assert "warning: 2 mask(s) hold only the values 0 and 255" in capsys.readouterr().out
 
 
+def test_a_run_warns_once_per_data_set_about_0_255_masks(tmp_path):
+    import warnings
+
+    from wsss.data.imageio import MaskConventionWarning
+
+    binary_folder(tmp_path, BINARY_ROWS)
+    data = FolderDataset(tmp_path, "train", mask_dir="masks", channels=1)
+    with pytest.warns(MaskConventionWarning, match="data.mask_values") as caught:
+        for i in range(4):
+            data.load_raw(i)
+    assert len(caught) == 1 and str(tmp_path / "masks" / "p1.png") in str(caught[0].message)
+    mapped = FolderDataset(tmp_path, "train", mask_dir="masks", channels=1, mask_values={0: 0, 255: 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MaskConventionWarning)
+        mapped.load_raw(0)
+        check_source(FolderDataset(tmp_path, "train", mask_dir="masks", channels=1))  # reports, no warning
+
+
 def test_mask_values_map_file_values_to_classes(tmp_path, capsys):
     root = tmp_path / "kvasir"
     masks = binary_folder(root, BINARY_ROWS)

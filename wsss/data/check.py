@@ -17,6 +17,7 @@ data set stored 0/255 whose foreground would be dropped; the fix is ``data.mask_
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wsss.data.base import RawSample, SegmentationSource
-from wsss.data.imageio import DataError
+from wsss.data.imageio import DataError, MaskConventionWarning, binary_255_message, holds_only_0_and_255
 
 
 @dataclass
@@ -58,7 +59,9 @@ def check_source(source: SegmentationSource, max_listed: int = 20) -> DataCheckR
     for index in tqdm(range(len(source)), desc=f"checking {split}".strip(), unit="img", leave=False,
                       disable=None):
         try:
-            raw = source.load(index)
+            with warnings.catch_warnings():  # the report counts such masks itself
+                warnings.simplefilter("ignore", MaskConventionWarning)
+                raw = source.load(index)
         except DataError as exc:
             _add(report, str(exc), max_listed)
             continue
@@ -71,7 +74,7 @@ def check_source(source: SegmentationSource, max_listed: int = 20) -> DataCheckR
                 report.negatives += 1
             elif labelled:
                 _add(report, _no_labels(source, index, raw), max_listed)
-        if binary_255 is not None and raw.mask is not None and _only_0_and_255(raw.mask):
+        if binary_255 is not None and raw.mask is not None and holds_only_0_and_255(raw.mask):
             binary_255.append(index)
     if heights:
         report.min_hw = (min(heights), min(widths))
@@ -81,15 +84,11 @@ def check_source(source: SegmentationSource, max_listed: int = 20) -> DataCheckR
     return report
 
 
-def _only_0_and_255(mask: np.ndarray) -> bool:
-    return set(np.unique(mask).tolist()) == {0, 255}
-
-
 def _binary_255_warning(source: SegmentationSource, indices: list[int]) -> str:
     path = source.mask_path(indices[0]) if hasattr(source, "mask_path") else source.ids[indices[0]]
-    return (f"{len(indices)} mask(s) hold only the values 0 and 255, e.g. {path}; 255 means ignore, so "
-            f"their foreground is dropped from training and scoring. If 255 marks a finding, map it: "
-            f"data.mask_values='{{0: 0, 255: 1}}' (255 -> class 1, {source.all_class_names[1]})")
+    return binary_255_message(f"{len(indices)} mask(s) hold only the values 0 and 255, e.g. {path}",
+                              source.class_names[0])
+
 
 
 def _no_labels(source: SegmentationSource, index: int, raw: RawSample) -> str:

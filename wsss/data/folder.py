@@ -27,13 +27,15 @@ import csv
 import difflib
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from wsss.data.base import RawSample, SegmentationSource
-from wsss.data.imageio import DataError, check_mask, map_mask_values, read_image_file, read_mask
+from wsss.data.imageio import (DataError, MaskConventionWarning, binary_255_message, check_mask, holds_only_0_and_255,
+                               map_mask_values, read_image_file, read_mask)
 from wsss.io import read_json, write_json_atomic
 
 STATS_IMAGES = 200
@@ -153,6 +155,7 @@ class FolderDataset(SegmentationSource):
         self.mask_values = dict(mask_values) if mask_values is not None else None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._reference_depth: Optional[tuple[int, Path]] = None  # (bits, file) every image must match
+        self._warned_binary_255 = False  # a run warns once per data set about 0/255 masks (data-check counts them)
 
         index = {name: i for i, name in enumerate(self.class_names)}
         self.image_names: list[str] = []
@@ -257,6 +260,10 @@ class FolderDataset(SegmentationSource):
             mask = read_mask(path)
             if self.mask_values is not None:
                 mask = map_mask_values(mask, self.mask_values, path)
+            elif not self._warned_binary_255 and holds_only_0_and_255(mask):
+                self._warned_binary_255 = True
+                warnings.warn(binary_255_message(f"mask {path} holds only the values 0 and 255",
+                                                 self.class_names[0]), MaskConventionWarning, stacklevel=2)
             check_mask(mask, self.num_classes, path, image.shape[:2])
         return RawSample(self._ids[index], image, self.label_rows[index].copy(), mask)
 

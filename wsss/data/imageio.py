@@ -22,6 +22,10 @@ class DataError(ValueError):
     """Bad input data. The message names the file and says what is wrong."""
 
 
+class MaskConventionWarning(UserWarning):
+    """Masks that look stored under another convention than the configured one (0/255 masks)."""
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as float32 HxWxC (C = 1 or 3) in raw units, loss-free for 16-bit."""
     return read_image_file(path)[0]
@@ -139,3 +143,15 @@ def map_mask_values(mask: np.ndarray, mapping: dict[int, int], path: str | Path)
         raise DataError(f"{path}: mask holds value(s) {unknown} that data.mask_values {mapping} does not "
                         f"map; add them (to a class, or to 255 = ignore)")
     return mapped.astype(np.uint8)
+
+
+def holds_only_0_and_255(mask: np.ndarray) -> bool:
+    """True for a mask of exactly the values 0 and 255: under the default convention (255 = ignore)
+    most likely a binary data set whose foreground was stored as 255 (needs data.mask_values)."""
+    return set(np.unique(mask).tolist()) == {0, 255}
+
+
+def binary_255_message(what: str, first_class: str) -> str:
+    """The warning for masks of only 0 and 255 (data-check; once per data set in a run)."""
+    return (f"{what}; 255 means ignore, so their foreground is dropped from training and scoring. If 255 "
+            f"marks a finding, map it: data.mask_values='{{0: 0, 255: 1}}' (255 -> class 1, {first_class})")
