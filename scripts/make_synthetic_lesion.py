@@ -114,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created)")
     parser.add_argument("--format", choices=sorted(WRITERS), default="png16", help="image file format")
-    parser.add_argument("--num-train", type=int, default=200)
+    parser.add_argument("--num-train", type=int, default=300)
     parser.add_argument("--num-val", type=int, default=60)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--size-jitter", type=float, default=0.0, help="each side drawn in size*(1 ± this)")

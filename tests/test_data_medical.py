@@ -483,3 +483,15 @@ def test_export_with_0_255_masks_needs_mask_values(tmp_path):
         assert np.array_equal(mapped.load_raw(i).labels, builtin.load_raw(i).labels)  # the CSV agrees
     report = check_source(mapped)
     assert report.warnings == [] and report.negatives == check_source(builtin).negatives > 0
+
+
+@pytest.mark.parametrize("config", ["configs/medical.yaml", "configs/medical_demo.yaml"])
+def test_medical_configs_are_cpu_safe(config):
+    """No mixed precision or 8 workers by default (they failed or warned on a CPU-only machine)."""
+    cfg = load_config(config, [] if "demo" in config else ["data.root=/data/set"])
+    assert cfg.trainer.precision == "32-true" and cfg.data.num_workers <= 2 and cfg.data.channels == 1
+    assert cfg.data.image_size is not None
+    if "demo" in config:  # the script's 0/255 masks, mapped
+        assert cfg.data.mask_values == {0: 0, 255: 1} and cfg.data.mask_dir == "masks"
+    else:  # without a data set
+        assert load_config(config, ["data.name=synthetic_lesion"]).data.root is None
