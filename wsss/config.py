@@ -61,7 +61,7 @@ class DataConfig:
     num_workers: int = _opt(2, "DataLoader worker processes")
     image_size: Optional[int] = _opt(None, "folder: long side the images are resized to for training and CAMs "
                                            "(outputs are written at each image's original size; null = keep "
-                                           "the original size); synthetic sources: image side (null = 128)")
+                                           "the original size); synthetic sources: image side (null = 128); voc: unused")
     # image folder + CSV (medical)
     image_dir: str = _opt("images", "folder: image directory, relative to data.root")
     mask_dir: Optional[str] = _opt(None, "folder: optional mask directory (PNG named by image stem)")

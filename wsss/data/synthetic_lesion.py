@@ -38,8 +38,8 @@ def _tissue(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     side = max(height, width)
     image = np.full((height, width), rng.uniform(16000, 30000), np.float32)
-    image += rng.uniform(2500, 5000) * _smooth_field(rng, height, width, 4)  # shading
-    image += rng.uniform(800, 1800) * _smooth_field(rng, height, width, int(rng.integers(10, 18)))  # mottling
+    image += rng.uniform(1200, 2500) * _smooth_field(rng, height, width, 4)  # shading
+    image += rng.uniform(600, 1400) * _smooth_field(rng, height, width, int(rng.integers(10, 18)))  # mottling
     for _ in range(int(rng.integers(2, 4))):  # fibrous gratings, each fading in and out
         angle, period = rng.uniform(0, np.pi), side * rng.uniform(0.03, 0.08)
         wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period + rng.uniform(0, 6.3))
@@ -98,7 +98,7 @@ def render_lesion_sample(seed: int, split: str, index: int, height: int, width: 
     if 1 in present:
         for _ in range(1 if rng.random() < 0.7 else 2):
             shape = _lesion_shape(rng, yy, xx, side)
-            contrast = rng.uniform(1800, 6000) * (1.0 if rng.random() < 0.8 else -1.0)
+            contrast = rng.uniform(2500, 7000) * (1.0 if rng.random() < 0.8 else -1.0)
             edge = cv2.GaussianBlur(shape.astype(np.float32), (0, 0), rng.uniform(0.8, 2.0))
             inner = 1.0 + 0.15 * _smooth_field(rng, height, width, int(rng.integers(12, 24)))
             image += contrast * edge * inner
