@@ -90,13 +90,9 @@ def _binary_255_warning(source: SegmentationSource, indices: list[int]) -> str:
                               source.class_names[0])
 
 
-
 def _no_labels(source: SegmentationSource, index: int, raw: RawSample) -> str:
-    csv_path = getattr(source, "csv_path", None)
-    if csv_path is not None:
-        line = source.csv_lines[index] if hasattr(source, "csv_lines") else "?"
-        return (f"{csv_path}, row {line}: image {raw.id} has no labels (empty labels cell); "
-                f"each image needs at least one class")
+    """The problem for an image without labels where labels come from masks (CSV sources allow
+    negatives: an empty labels cell is never a problem)."""
     if raw.mask is not None:
         where = source.mask_override / f"{raw.id}.png" if source.mask_override is not None else None
         if where is None and hasattr(source, "mask_path"):
