@@ -114,17 +114,18 @@ def test_format_report_shows_counts_sizes_and_problems(voc_root, damaged):
     assert all(str(path) in text for path in bad.values())
 
 
-def test_folder_source_reports_missing_images_and_rows_without_labels(tmp_path):
+def test_folder_source_reports_missing_images_and_counts_negatives(tmp_path):
     (tmp_path / "images").mkdir()
     for name in ("a.png", "b.png"):
         Image.fromarray(np.full((20, 30), 1000, np.uint16)).save(tmp_path / "images" / name)
     (tmp_path / "train.csv").write_text("image,labels\na.png,nodule\nb.png,\ngone.png,nodule\n")
     report = check_source(FolderDataset(tmp_path, "train", channels=1, mean=[0.0], std=[1.0]))
-    assert report.total_problems == 2 and report.num_images == 3 and report.per_class == {"nodule": 1}
-    text = "\n".join(report.problems)
-    assert f"{tmp_path / 'train.csv'}, row 3: image b has no labels" in text
-    assert f"{tmp_path / 'images' / 'gone.png'}: image file is missing" in text
+    # b.png has an empty labels cell: a negative image, counted, not a problem
+    assert report.total_problems == 1 and report.num_images == 3 and report.per_class == {"nodule": 1}
+    assert report.negatives == 1
+    assert report.problems == [f"{tmp_path / 'images' / 'gone.png'}: image file is missing"]
     assert report.min_hw == report.max_hw == (20, 30)
+    assert "negatives (no finding): 1" in format_report(report, "train")
 
 
 def test_synthetic_source_is_clean():

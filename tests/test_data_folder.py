@@ -1,5 +1,7 @@
 """Image folder + CSV source: lossless 16-bit grayscale, per-data-set statistics in raw units
-(cached), class names from the CSV, optional masks, and errors that name the CSV row or file."""
+(cached outside the data folder), class names from the CSVs, optional masks, and errors that name
+the CSV row or file. The medical conventions (negatives, mask values, bit depths, DICOM, resize,
+read-only folders) are in test_data_medical.py."""
 
 import json
 
@@ -74,33 +76,49 @@ def test_stats_are_per_channel_in_raw_units_and_normalise_16bit(tmp_path):
     assert rgb_mean == pytest.approx(mean * 3) and rgb_std == pytest.approx(std * 3)
 
 
-def test_stats_are_cached_and_the_cache_follows_the_images(tmp_path, monkeypatch):
-    make_folder(tmp_path, ROWS)
-    first = FolderDataset(tmp_path, "train", channels=1).stats
-    cache = tmp_path / ".wsss_stats_train.json"
+def test_stats_are_cached_outside_the_data_folder_and_follow_the_images(tmp_path, monkeypatch):
+    root, cache_dir = tmp_path / "data", tmp_path / "cache"
+    make_folder(root, ROWS)
+    before = sorted(p.name for p in root.iterdir())
+    data = FolderDataset(root, "train", channels=1, cache_dir=cache_dir)
+    first = data.stats
+    cache = data.stats_cache_path()
+    assert cache.parent == cache_dir / "stats" and cache.name.endswith("_train.json")
     saved = json.loads(cache.read_text())
     assert saved["mean"] == first[0] and saved["std"] == first[1]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [cache.name]  # no temp files left
+    assert sorted(p.name for p in root.iterdir()) == before  # nothing written into the data folder
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temp files left
 
     # a second data set over the same images reads the cache instead of the images
     def no_reading(path):
         raise AssertionError(f"read {path}")
     with monkeypatch.context() as patch:
-        patch.setattr(folder_module, "read_image", no_reading)
-        assert FolderDataset(tmp_path, "train", channels=1).stats == first
+        patch.setattr(folder_module, "read_image_file", no_reading)
+        assert FolderDataset(root, "train", channels=1, cache_dir=cache_dir).stats == first
 
     # replacing an image (other size) makes the cache stale
-    Image.fromarray(np.full((30, 41), 7, np.uint16)).save(tmp_path / "images" / "a.png")
-    assert FolderDataset(tmp_path, "train", channels=1).stats != first
-    # another channel count is not served from the one-channel cache
-    assert len(FolderDataset(tmp_path, "train", channels=3).stats[0]) == 3
+    Image.fromarray(np.full((30, 41), 7, np.uint16)).save(root / "images" / "a.png")
+    assert FolderDataset(root, "train", channels=1, cache_dir=cache_dir).stats != first
+    # another channel count or intensity handling is not served from the one-channel cache
+    assert len(FolderDataset(root, "train", channels=3, cache_dir=cache_dir).stats[0]) == 3
+    scaled = FolderDataset(root, "train", channels=1, cache_dir=cache_dir, intensity="minmax").stats
+    assert 0.0 < scaled[0][0] < 1.0
 
 
-def test_stats_without_a_writable_root_are_computed_but_not_cached(tmp_path, monkeypatch):
-    make_folder(tmp_path, ROWS)
-    monkeypatch.setattr(folder_module.os, "access", lambda path, mode: False)
-    mean, _ = FolderDataset(tmp_path, "train", channels=1).stats
-    assert mean[0] > 255 and not (tmp_path / ".wsss_stats_train.json").exists()
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("WSSS_CACHE_DIR", str(tmp_path / "w"))
+    assert folder_module.default_cache_dir() == tmp_path / "w"
+    monkeypatch.delenv("WSSS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert folder_module.default_cache_dir() == tmp_path / "x" / "wsss"
+
+
+def test_stats_without_a_writable_cache_are_computed_but_not_cached(tmp_path):
+    make_folder(tmp_path / "data", ROWS)
+    (tmp_path / "blocker").write_text("a file where the cache folder would go")
+    data = FolderDataset(tmp_path / "data", "train", channels=1, cache_dir=tmp_path / "blocker" / "cache")
+    mean, _ = data.stats
+    assert mean[0] > 255 and not data.stats_cache_path().exists()
 
 
 def test_stats_use_at_most_200_evenly_spaced_images(tmp_path):
@@ -117,7 +135,7 @@ def test_config_stats_override_the_computed_ones(tmp_path):
     data = FolderDataset(tmp_path, "train", channels=1, mean=[100.0], std=[2.0])
     raw = data.load_raw(0).image[:, :, 0]
     assert torch.allclose(data[0]["image"][0], torch.from_numpy((raw - 100.0) / 2.0))
-    assert not (tmp_path / ".wsss_stats_train.json").exists()
+    assert not data.stats_cache_path().exists()  # given statistics: nothing computed, nothing cached
     with pytest.raises(DataError, match="one per channel"):
         FolderDataset(tmp_path, "train", channels=3, mean=[1.0], std=[1.0]).stats
 
@@ -131,12 +149,18 @@ def test_labels_and_class_names_come_from_the_csv(tmp_path):
     assert data.has_masks is False and "mask" not in data[0]
 
 
-def test_val_shares_the_class_order_of_train(tmp_path):
+def test_class_names_are_the_sorted_union_of_every_split(tmp_path):
     make_folder(tmp_path, ROWS)
-    make_folder(tmp_path, [("v1.png", "nodule"), ("v2.png", "nodule")], split="val", seed=1)
+    make_folder(tmp_path, [("v1.png", "nodule"), ("v2.png", "mass")], split="val", seed=1)
+    expected = ["effusion", "mass", "nodule"]  # 'mass' appears only in val.csv
+    for split in ("train", "val"):
+        assert FolderDataset(tmp_path, split, channels=1).class_names == expected
     val = FolderDataset(tmp_path, "val", channels=1)
-    assert val.class_names == ["effusion", "nodule"]
-    assert val[0]["labels"].tolist() == [0.0, 1.0]
+    assert val[0]["labels"].tolist() == [0.0, 0.0, 1.0] and val[1]["labels"].tolist() == [0.0, 1.0, 0.0]
+    # only the named splits count: a CSV of another split does not add its labels
+    make_folder(tmp_path, [("o.png", "other")], split="holdout", seed=2)
+    assert FolderDataset(tmp_path, "train", class_splits=["train", "val"]).class_names == expected
+    assert "other" in FolderDataset(tmp_path, "train", class_splits=["train", "holdout"]).class_names
 
 
 def test_class_names_argument_sets_the_order(tmp_path):
@@ -154,6 +178,7 @@ def test_unknown_label_names_the_csv_row_and_label(tmp_path):
         FolderDataset(tmp_path, "train", class_names=["nodule"])
     text = str(err.value)
     assert str(tmp_path / "train.csv") in text and "row 3" in text and "'nodlue'" in text and "b.png" in text
+    assert "did you mean 'nodule'" in text
 
 
 def test_duplicate_ids_are_an_error(tmp_path):

@@ -35,6 +35,8 @@ def _opt(default: Any, help: str = "") -> Any:
 
 CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam")
 MAP_NORMALIZATIONS = ("centred", "relu_max", "minmax")  # wsss.cam.NORMALIZATIONS
+INTENSITY_MODES = ("dataset", "minmax", "window")  # wsss.data.intensity
+SYNTHETIC_IMAGE_SIZE = 128  # data.image_size of the synthetic sources when unset
 
 
 @dataclass
@@ -49,7 +51,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _choice("synthetic", "voc", "folder", "synthetic", help="data source")
+    name: str = _choice("synthetic", "voc", "folder", "synthetic", "synthetic_lesion", help="data source")
     root: Optional[str] = _opt(None, "voc: the VOC2012 folder; folder: the folder holding the CSVs")
     train_split: str = _opt("train", "split name (voc: ImageSets/Segmentation/<split>.txt; folder: <split>.csv)")
     val_split: str = _opt("val", "split used for validation and seg_miou")
@@ -57,17 +59,35 @@ class DataConfig:
     crop_size: int = _opt(128, "training crop side in pixels")
     batch_size: int = _opt(16, "training batch size")
     num_workers: int = _opt(2, "DataLoader worker processes")
+    image_size: Optional[int] = _opt(None, "folder: long side the images are resized to for training and CAMs "
+                                           "(outputs are written at each image's original size; null = keep "
+                                           "the original size); synthetic sources: image side (null = 128); voc: unused")
     # image folder + CSV (medical)
     image_dir: str = _opt("images", "folder: image directory, relative to data.root")
     mask_dir: Optional[str] = _opt(None, "folder: optional mask directory (PNG named by image stem)")
-    class_names: Optional[list[str]] = _opt(None, "foreground class names; folder: default sorted from the CSV")
+    mask_values: Optional[dict[int, int]] = _opt(None, "folder: mask file value -> class index, e.g. {0: 0, 255: 1} "
+                                                       "for 0/255 lesion masks; values left out are an error; "
+                                                       "null = identity (the value is the class, 255 = ignore)")
+    class_names: Optional[list[str]] = _opt(None, "foreground class names; folder: default the union of the labels "
+                                                  "in the train, val and test CSVs, sorted")
     channels: int = _choice(3, 1, 3, help="grayscale images: 1 = one-channel model, 3 = repeat to RGB")
-    mean: Optional[list[float]] = _opt(None, "per-channel mean in raw pixel units; None = data set default / computed")
-    std: Optional[list[float]] = _opt(None, "per-channel std in raw pixel units; None = data set default / computed")
+    intensity: str = _choice("dataset", *INTENSITY_MODES,
+                             help="dataset: raw units, normalised by the data set's mean/std; minmax: each image "
+                                  "scaled to 0..1 by its own min and max (allows mixed bit depths); window: "
+                                  "data.window [low, high] clipped and scaled to 0..1 (CT)")
+    window: Optional[list[float]] = _opt(None, "intensity=window: [low, high] in raw units (DICOM: after rescale, "
+                                               "e.g. Hounsfield units [-160, 240])")
+    mean: Optional[list[float]] = _opt(None, "per-channel mean after data.intensity (raw units for dataset); "
+                                             "None = data set default / computed")
+    std: Optional[list[float]] = _opt(None, "per-channel std after data.intensity; None = data set default / computed")
+    cache_dir: Optional[str] = _opt(None, "folder: where computed statistics are cached; null = $WSSS_CACHE_DIR, "
+                                          "else $XDG_CACHE_HOME/wsss, else ~/.cache/wsss; never the data folder")
     # built-in synthetic data
-    num_train: int = _opt(400, "synthetic: images in the train split")
-    num_val: int = _opt(100, "synthetic: images in the val split")
-    image_size: int = _opt(128, "synthetic: image side in pixels")
+    num_train: int = _opt(400, "synthetic sources: images in the train split")
+    num_val: int = _opt(100, "synthetic sources: images in the val split")
+    negative_fraction: float = _opt(0.3, "synthetic_lesion: share of images without any finding")
+    findings: int = _choice(1, 1, 2, help="synthetic_lesion: 1 = lesion; 2 = lesion and calcification "
+                                          "(multi-finding)")
 
 
 @dataclass
@@ -225,6 +245,9 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        return f"mapping of {_describe(key_tp)} to {_describe(value_tp)}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -238,6 +261,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as exc:
                 errors.append(exc)
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        if value is not None and len(options) == 1 and typing.get_origin(options[0]) is dict:
+            raise errors[typing.get_args(tp).index(options[0])]  # Optional[mapping]: its own, precise message
         raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
@@ -250,6 +276,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        return _coerce_mapping(value, tp, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -285,6 +313,24 @@ def closest(value: Any, choices: Any) -> str:
 
 
 RENAMED = {"pseudo.crf": "pseudo.crf was replaced by pseudo.refine=crf (or par / affinity / none)"}
+
+
+def _coerce_mapping(value: Any, tp: Any, key: str) -> dict[Any, Any]:
+    """A mapping with typed keys and values; integer keys may also be written as quoted digits."""
+    key_tp, value_tp = typing.get_args(tp)
+    example = " such as {0: 0, 255: 1} (a space after each colon)" if key_tp is int else ""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a {_describe(tp)}{example}, got {value!r}")
+    result = {}
+    for raw_key, item in value.items():
+        if key_tp is int and isinstance(raw_key, str) and raw_key.strip().lstrip("-").isdigit():
+            raw_key = int(raw_key)
+        try:
+            coerced_key = _coerce(raw_key, key_tp, f"{key} key {raw_key!r}")
+            result[coerced_key] = _coerce(item, value_tp, f"{key}[{raw_key!r}]")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; {key} is a {_describe(tp)}{example}") from exc
+    return result
 
 
 def _build_group(cls: type, values: dict[str, Any], group: str) -> Any:
@@ -393,7 +439,7 @@ def _check_cross_field(cfg: Config) -> None:
         if not 0.0 <= getattr(cfg.pseudo, key) <= 1.0:
             raise ConfigError(f"pseudo.{key}: must lie in [0, 1], got {getattr(cfg.pseudo, key)}")
     for key in ("batch_size", "crop_size", "num_train", "num_val", "image_size"):
-        if getattr(cfg.data, key) < 1:
+        if getattr(cfg.data, key) is not None and getattr(cfg.data, key) < 1:
             raise ConfigError(f"data.{key}: must be at least 1, got {getattr(cfg.data, key)}")
     positive = [("cam", "batch_size"), ("pseudo", "calibration_images"), ("pseudo", "par_iterations"),
                 ("classifier", "max_epochs"), ("segmenter", "max_epochs"), ("affinity", "max_epochs"),
@@ -413,6 +459,7 @@ def _check_cross_field(cfg: Config) -> None:
         key = "pseudo.refine=crf" if cfg.pseudo.refine == "crf" else "segmenter.eval_crf=true"
         raise ConfigError(f"{key} needs the dense CRF extra: pip install -e '.[crf]' (pydensecrf2); or "
                           f"pseudo.refine=par, which needs nothing")
+    _check_data(cfg.data)
     t = cfg.trainer
     devices = t.devices
     if isinstance(devices, list):
@@ -429,6 +476,33 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError(f"trainer.gradient_clip_val: must be > 0 (or null), got {t.gradient_clip_val}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
+
+
+def _check_data(data: DataConfig) -> None:
+    """The data keys that only make sense together."""
+    if data.root and data.name in ("synthetic", "synthetic_lesion"):
+        raise ConfigError(f"data.root: data.name={data.name} generates its images and would ignore "
+                          f"data.root={data.root!r}; set data.name=folder to read that folder")
+    if data.intensity != "dataset" and data.name in ("voc", "synthetic"):
+        raise ConfigError(f"data.intensity: data.name={data.name} holds 8-bit RGB images normalised by fixed "
+                          f"statistics; {data.intensity} is for folder and synthetic_lesion data")
+    if data.intensity == "window":
+        if data.window is None or len(data.window) != 2 or not data.window[0] < data.window[1]:
+            raise ConfigError(f"data.window: data.intensity=window needs data.window=[low, high] with "
+                              f"low < high, got {data.window}")
+    elif data.window is not None:
+        raise ConfigError(f"data.window: only used with data.intensity=window (now {data.intensity}); "
+                          f"set data.intensity=window or remove data.window")
+    if data.mask_values is not None:
+        if not data.mask_values:
+            raise ConfigError("data.mask_values: empty mapping; list every value the mask files hold, "
+                              "e.g. {0: 0, 255: 1}, or leave it null for identity")
+        bad = {k: v for k, v in data.mask_values.items() if not (0 <= k <= 255 and 0 <= v <= 255)}
+        if bad:
+            raise ConfigError(f"data.mask_values: file values and classes lie in 0..255 (255 = ignore), "
+                              f"got {bad}")
+    if not 0.0 <= data.negative_fraction < 1.0:
+        raise ConfigError(f"data.negative_fraction: must lie in [0, 1), got {data.negative_fraction}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,10 +1,12 @@
 """The shared data-set contract: each source loads raw samples; this base class applies the
-albumentations pipeline (image and mask together, masks padded with 255), normalises per data
-set and returns tensors.
+intensity handling (``data.intensity``), the channel count, the working size (``data.image_size``
+as the long side, image and mask together), then the albumentations pipeline (masks padded with
+255), normalises per data set and returns tensors.
 
 A sample is a dict with ``image`` (float C,H,W, normalised), ``labels`` (multi-hot float over
-the foreground classes), ``mask`` (long H,W, 255 = ignore; only where ground truth exists) and
-``id`` (str).
+the foreground classes; all zero for a negative image), ``mask`` (long H,W, 255 = ignore; only
+where ground truth exists), ``id`` (str) and ``orig_size`` (long tensor (H, W) of the image file,
+before resizing: outputs are written back at this size, ``wsss.data.resize.restore_size``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 from torch.utils.data import Dataset
 
 from wsss.data.imageio import DataError, check_mask, read_mask
+from wsss.data.intensity import check_intensity, scale_intensity
 from wsss.data.masks import voc_palette
+from wsss.data.transforms import resize_transform
 
 
 @dataclass
@@ -27,6 +31,7 @@ class RawSample:
     image: np.ndarray  # float32 HxWxC, raw units
     labels: np.ndarray  # float32 multi-hot over the foreground classes
     mask: Optional[np.ndarray]  # uint8 HxW or None
+    orig_size: Optional[tuple[int, int]] = None  # (H, W) of the image file; set by SegmentationSource.load
 
 
 def labels_from_mask(mask: np.ndarray, num_foreground: int) -> np.ndarray:
@@ -39,16 +44,24 @@ def labels_from_mask(mask: np.ndarray, num_foreground: int) -> np.ndarray:
 
 
 class SegmentationSource(Dataset):
-    """Base class of the three data sources. Subclasses implement ``ids`` and ``load_raw``."""
+    """Base class of the data sources. Subclasses implement ``ids``, ``load_raw`` and ``default_stats``."""
 
     class_names: list[str]  # foreground classes; index 0 of masks is background
     has_masks: bool = True
+    allows_negatives: bool = False  # True where an image without labels is a valid negative (CSV labels)
+    mask_values: Optional[dict[int, int]] = None  # file value -> class of the source's own masks; None = identity
 
     def __init__(self, transform: Optional[Callable[..., dict[str, Any]]] = None,
                  mean: Optional[list[float]] = None, std: Optional[list[float]] = None,
-                 channels: int = 3) -> None:
+                 channels: int = 3, intensity: str = "dataset", window: Optional[list[float]] = None,
+                 long_side: Optional[int] = None) -> None:
         self.transform = transform
         self.channels = channels
+        self.intensity = intensity
+        self.window = window
+        check_intensity(intensity, window)
+        self.long_side = long_side
+        self._resize = resize_transform(long_side) if long_side else None
         self._mean = mean
         self._std = std
         self.mask_override: Optional[Path] = None
@@ -97,14 +110,53 @@ class SegmentationSource(Dataset):
         return len(self.ids)
 
     def load(self, index: int) -> RawSample:
+        """The sample as the model sees it before augmentation: intensity handled, channels set,
+        resized to the working size (masks, the source's own or the override, by nearest)."""
         sample = self.load_raw(index)
-        sample.image = self._to_channels(sample.image, sample.id)
+        sample.orig_size = (int(sample.image.shape[0]), int(sample.image.shape[1]))
+        sample.image = self.prepare_image(sample.image, sample.id)
         if self.mask_override is not None:
             path = self.mask_override / f"{sample.id}.png"
             mask = read_mask(path)
-            check_mask(mask, self.num_classes, path, sample.image.shape[:2])
+            check_mask(mask, self.num_classes, path, sample.orig_size)
             sample.mask = mask
+        sample.image, sample.mask = self.resize(sample.image, sample.mask)
         return sample
+
+    def prepare_image(self, image: np.ndarray, sample_id: str) -> np.ndarray:
+        """Raw units -> ``data.intensity`` units, with the model's channel count."""
+        return self._to_channels(scale_intensity(image, self.intensity, self.window), sample_id)
+
+    def resize(self, image: np.ndarray, mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """To the working size: long side = ``long_side`` (area / linear for images, nearest for masks)."""
+        if self._resize is None:
+            return image, mask
+        if mask is None:
+            return self._resize(image=image)["image"], None
+        out = self._resize(image=image, mask=mask)
+        return out["image"], out["mask"]
+
+    def raw_image(self, index: int) -> np.ndarray:
+        """The image of ``load_raw`` alone; sources that can skip reading the mask override this."""
+        return self.load_raw(index).image
+
+    def working_image(self, index: int) -> np.ndarray:
+        """The image of ``load`` without its mask (statistics)."""
+        return self.resize(self.prepare_image(self.raw_image(index), self.ids[index]))[0]
+
+    def compute_stats(self, indices: list[int]) -> tuple[list[float], list[float]]:
+        """Per-channel mean/std of the working images ``indices`` (std floored at 1e-6)."""
+        total = np.zeros(self.channels)
+        squares = np.zeros(self.channels)
+        pixels = 0
+        for index in indices:
+            image = self.working_image(index).astype(np.float64)
+            total += image.sum(axis=(0, 1))
+            squares += (image ** 2).sum(axis=(0, 1))
+            pixels += image.shape[0] * image.shape[1]
+        mean = total / pixels
+        std = np.sqrt(np.maximum(squares / pixels - mean ** 2, 0.0))
+        return [float(v) for v in mean], [float(max(v, 1e-6)) for v in std]
 
     def _to_channels(self, image: np.ndarray, sample_id: str) -> np.ndarray:
         if image.shape[2] == self.channels:
@@ -141,6 +193,7 @@ class SegmentationSource(Dataset):
             "image": self.normalise(image),
             "labels": torch.from_numpy(sample.labels),
             "id": sample.id,
+            "orig_size": torch.tensor(sample.orig_size, dtype=torch.long),
         }
         if mask is not None:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()

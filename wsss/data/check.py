@@ -6,12 +6,18 @@ run names every bad file. Problems:
 
 - an image or mask that is missing, unreadable or truncated;
 - a mask whose size differs from its image's;
-- a mask value outside the class range other than 255 (void);
-- an image with no labels, where the split is labelled (masks, or a CSV of labels).
+- a mask value outside the class range other than 255 (void), or one ``data.mask_values`` leaves out;
+- an image of another bit depth than the rest (unless ``data.intensity=minmax``);
+- an image with no labels, where labels come from masks (a CSV row with an empty labels cell is a
+  negative image instead: counted, not a problem).
+
+Warnings do not fail the check: masks that hold only 0 and 255 while 255 means ignore (a binary
+data set stored 0/255 whose foreground would be dropped; the fix is ``data.mask_values``).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wsss.data.base import RawSample, SegmentationSource
-from wsss.data.imageio import DataError
+from wsss.data.imageio import DataError, MaskConventionWarning, binary_255_message, holds_only_0_and_255
 
 
 @dataclass
@@ -31,6 +37,8 @@ class DataCheckReport:
     problems: list[str] = field(default_factory=list)  # the first max_listed, each naming its file
     total_problems: int = 0
     has_masks: bool = False
+    negatives: int = 0  # images without any finding (CSV rows with an empty labels cell)
+    warnings: list[str] = field(default_factory=list)  # do not fail the check
 
     @property
     def ok(self) -> bool:
@@ -44,32 +52,47 @@ def check_source(source: SegmentationSource, max_listed: int = 20) -> DataCheckR
     labelled = bool(getattr(source, "has_labels", source.has_masks))
     heights: list[int] = []
     widths: list[int] = []
+    # masks read as class indices where 255 = ignore: ones holding only 0 and 255 are suspect
+    identity = source.mask_values is None and source.mask_override is None
+    binary_255: Optional[list[int]] = [] if identity and source.has_masks else None
     split = getattr(source, "split", "")
     for index in tqdm(range(len(source)), desc=f"checking {split}".strip(), unit="img", leave=False,
                       disable=None):
         try:
-            raw = source.load(index)
+            with warnings.catch_warnings():  # the report counts such masks itself
+                warnings.simplefilter("ignore", MaskConventionWarning)
+                raw = source.load(index)
         except DataError as exc:
             _add(report, str(exc), max_listed)
             continue
-        heights.append(int(raw.image.shape[0]))
-        widths.append(int(raw.image.shape[1]))
+        heights.append(raw.orig_size[0])  # the files' sizes, before data.image_size resizing
+        widths.append(raw.orig_size[1])
         for c in np.flatnonzero(raw.labels):
             report.per_class[source.class_names[c]] += 1
-        if labelled and not np.any(raw.labels):
-            _add(report, _no_labels(source, index, raw), max_listed)
+        if not np.any(raw.labels):
+            if source.allows_negatives:
+                report.negatives += 1
+            elif labelled:
+                _add(report, _no_labels(source, index, raw), max_listed)
+        if binary_255 is not None and raw.mask is not None and holds_only_0_and_255(raw.mask):
+            binary_255.append(index)
     if heights:
         report.min_hw = (min(heights), min(widths))
         report.max_hw = (max(heights), max(widths))
+    if binary_255:
+        report.warnings.append(_binary_255_warning(source, binary_255))
     return report
 
 
+def _binary_255_warning(source: SegmentationSource, indices: list[int]) -> str:
+    path = source.mask_path(indices[0]) if hasattr(source, "mask_path") else source.ids[indices[0]]
+    return binary_255_message(f"{len(indices)} mask(s) hold only the values 0 and 255, e.g. {path}",
+                              source.class_names[0])
+
+
 def _no_labels(source: SegmentationSource, index: int, raw: RawSample) -> str:
-    csv_path = getattr(source, "csv_path", None)
-    if csv_path is not None:
-        line = source.csv_lines[index] if hasattr(source, "csv_lines") else "?"
-        return (f"{csv_path}, row {line}: image {raw.id} has no labels (empty labels cell); "
-                f"each image needs at least one class")
+    """The problem for an image without labels where labels come from masks (CSV sources allow
+    negatives: an empty labels cell is never a problem)."""
     if raw.mask is not None:
         where = source.mask_override / f"{raw.id}.png" if source.mask_override is not None else None
         if where is None and hasattr(source, "mask_path"):
@@ -91,6 +114,9 @@ def format_report(report: DataCheckReport, split_name: str) -> str:
         lines.append(f"  image size: {report.min_hw[1]}x{report.min_hw[0]} to "
                      f"{report.max_hw[1]}x{report.max_hw[0]} (WxH)")
     lines.append("  images per class: " + ", ".join(f"{name} {count}" for name, count in report.per_class.items()))
+    if report.negatives:
+        lines.append(f"  negatives (no finding): {report.negatives}")
+    lines += [f"  warning: {warning}" for warning in report.warnings]
     if report.total_problems:
         lines.append(f"  {report.total_problems} problem(s):")
         lines += [f"    {problem}" for problem in report.problems]

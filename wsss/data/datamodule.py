@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
-from wsss.config import Config
+from wsss.config import SYNTHETIC_IMAGE_SIZE, Config
 from wsss.data.base import SegmentationSource
 from wsss.data.samplers import GlobalBatchSampler, ShardSampler
 from wsss.data.transforms import eval_transform, train_transform
@@ -24,20 +24,30 @@ def build_source(cfg: Config, split: str, transform: Optional[Callable[..., dict
     mean = mean if mean is not None else data.mean
     std = std if std is not None else data.std
     common = dict(transform=transform, mean=mean, std=std, channels=data.channels)
+    medical = dict(intensity=data.intensity, window=data.window)  # sources in 16-bit / modality units
+    sizes = {"train": data.num_train, "val": data.num_val}
+    side = data.image_size or SYNTHETIC_IMAGE_SIZE
     if data.name == "synthetic":
         from wsss.data.synthetic import SyntheticSegmentation
 
-        sizes = {"train": data.num_train, "val": data.num_val}
         return SyntheticSegmentation(split, num_images=sizes.get(split, data.num_val),
-                                     image_size=data.image_size, seed=cfg.run.seed, **common)
+                                     image_size=side, seed=cfg.run.seed, **common)
+    if data.name == "synthetic_lesion":
+        from wsss.data.synthetic_lesion import SyntheticLesion
+
+        return SyntheticLesion(split, num_images=sizes.get(split, data.num_val), image_size=side,
+                               seed=cfg.run.seed, negative_fraction=data.negative_fraction,
+                               findings=data.findings, **common, **medical)
     if data.name == "voc":
         from wsss.data.voc import VOCSegmentation
 
         return VOCSegmentation(data.root, split, **common)
     from wsss.data.folder import FolderDataset
 
+    splits = [data.train_split, data.val_split] + ([data.test_split] if data.test_split else [])
     return FolderDataset(data.root, split, image_dir=data.image_dir, mask_dir=data.mask_dir,
-                         class_names=data.class_names, **common)
+                         class_names=data.class_names, class_splits=splits, mask_values=data.mask_values,
+                         cache_dir=data.cache_dir, long_side=data.image_size, **common, **medical)
 
 
 def train_stats(cfg: Config) -> tuple[list[float], list[float]]:
@@ -47,7 +57,8 @@ def train_stats(cfg: Config) -> tuple[list[float], list[float]]:
 
 def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples of different sizes: images padded with 0 (the mean after normalising),
-    masks with 255 (ignore). ``size`` keeps each original (H, W) so outputs can be cropped back."""
+    masks with 255 (ignore). ``size`` keeps each item's (H, W) so outputs can be cropped back;
+    ``orig_size`` each image file's (H, W) before ``data.image_size`` resizing."""
     height = max(item["image"].shape[1] for item in items)
     width = max(item["image"].shape[2] for item in items)
     batch: dict[str, Any] = {
@@ -58,6 +69,8 @@ def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "id": [item["id"] for item in items],
         "size": torch.tensor([tuple(item["image"].shape[1:]) for item in items]),
     }
+    if all("orig_size" in item for item in items):  # (B, 2): each image file's (H, W), for restore_size
+        batch["orig_size"] = torch.stack([item["orig_size"] for item in items])
     if all("mask" in item for item in items):
         batch["mask"] = torch.stack([F.pad(item["mask"], (0, width - item["mask"].shape[1],
                                                           0, height - item["mask"].shape[0]), value=255)

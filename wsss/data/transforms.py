@@ -1,5 +1,6 @@
-"""albumentations 2.x pipelines for each stage. Image and mask move together; masks are padded
-with 255 (ignore) and images with the data-set mean, so padding normalises to zero.
+"""albumentations 2.x pipelines for each stage, and the working-size resize of folder data.
+Image and mask move together; masks are padded with 255 (ignore) and images with the data-set
+mean, so padding normalises to zero.
 
 albumentations keeps its own random state, untouched by global seeds: the training pipeline is
 seeded from ``run.seed`` here, and reseeded for every item by the data set from the seed its
@@ -32,4 +33,14 @@ def eval_transform(crop_size: int, fill: tuple[float, ...]) -> A.Compose:
         A.LongestMaxSize(max_size=crop_size),
         A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT,
                       fill=fill, fill_mask=255),
+    ])
+
+
+def resize_transform(long_side: int) -> A.Compose:
+    """The working size of folder data (``data.image_size``): the long side becomes ``long_side``
+    (up or down), the aspect ratio is kept. Images shrink by area averaging and grow bilinearly;
+    masks take the nearest label (pixel-centre aligned, as ``wsss.data.resize.restore_size``)."""
+    return A.Compose([
+        A.LongestMaxSize(max_size=long_side, interpolation=cv2.INTER_LINEAR, area_for_downscale="image",
+                         mask_interpolation=cv2.INTER_NEAREST_EXACT),
     ])
