@@ -11,11 +11,13 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from wsss.data.masks import write_label_png
+from wsss.data.resize import restore_size
 
 
 class SegmentationWriter(BasePredictionWriter):
     """``predict_step`` returns ``{"pred": (B,H,W)}``; each prediction is cropped to its image's
-    size and written to ``out_dir/<id>.png``; other keys named in ``extra`` go to their own
+    size, brought back to the size of its file (``batch["orig_size"]``) and written to
+    ``out_dir/<id>.png``; other keys named in ``extra`` go to their own
     folders (e.g. ``{"pred_crf": out_dir_crf}``)."""
 
     def __init__(self, out_dir: Path, extra: Optional[dict[str, Path]] = None) -> None:
@@ -28,7 +30,9 @@ class SegmentationWriter(BasePredictionWriter):
                            dataloader_idx: int = 0) -> None:
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i])
+            original = batch["orig_size"][i] if "orig_size" in batch else (h, w)
             for key, folder in self.folders.items():
                 if key in prediction:
-                    write_label_png(folder / f"{sample_id}.png", prediction[key][i, :h, :w].to(torch.uint8).cpu().numpy())
+                    label_map = restore_size(prediction[key][i, :h, :w].to(torch.uint8).cpu(), original)
+                    write_label_png(folder / f"{sample_id}.png", label_map.numpy())
             self.written += 1

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from wsss.cam import aggregate_scales, build_cam, fuse_layers
 from wsss.data.masks import write_label_png
+from wsss.data.resize import restore_size
 from wsss.io import atomic_path, write_json_atomic
 from wsss.pseudo.labels import scores_to_labels
 from wsss.pseudo.refine import (check_refine_method, distribution_labels, ignore_uncertain, pixel_mask, refine_scores,
@@ -156,7 +157,8 @@ class PseudoMaskModule(L.LightningModule):
 
 class PseudoMaskWriter(BasePredictionWriter):
     """Writes ``<out>/<id>.png`` (pseudo-mask), ``<out>/seeds/<id>.png`` and optionally
-    ``<out>/maps/<id>.npz`` (fused float16 maps + class indices), each atomically. Each DDP
+    ``<out>/maps/<id>.npz`` (fused float16 maps + class indices), each atomically and at the size
+    of the image file (``batch["orig_size"]``: data.image_size may have resized it). Each DDP
     process writes its own share and, when predict ends, how many it wrote
     (``<out>/.ranks/rank_<r>.json``). The samples named in ``panel_ids`` are saved for the panel
     grid as ``<out>/.panels/<id>.pt`` by whichever process meets them, and kept: files, so the
@@ -174,23 +176,28 @@ class PseudoMaskWriter(BasePredictionWriter):
                            dataloader_idx: int = 0) -> None:
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i])
-            write_label_png(self.out_dir / SEED_DIR / f"{sample_id}.png",
-                            prediction["seeds"][i, :h, :w].cpu().numpy())
+            original = batch["orig_size"][i] if "orig_size" in batch else (h, w)
+
+            def file_size(values: Tensor) -> np.ndarray:
+                """Cropped to the image, at the size of its file (data.image_size resizes)."""
+                return restore_size(values[..., :h, :w].cpu(), original).numpy()
+
+            write_label_png(self.out_dir / SEED_DIR / f"{sample_id}.png", file_size(prediction["seeds"][i]))
             if "calibrated" in prediction:
                 write_label_png(self.out_dir / CALIBRATED_DIR / f"{sample_id}.png",
-                                prediction["calibrated"][i, :h, :w].cpu().numpy())
+                                file_size(prediction["calibrated"][i]))
             if self.save_maps:
                 keep = prediction["valid"][i].cpu()
                 with atomic_path(self.out_dir / MAP_DIR / f"{sample_id}.npz") as tmp:
                     with open(tmp, "wb") as handle:
                         np.savez_compressed(
-                            handle, maps=prediction["fused"][i, keep, :h, :w].half().cpu().numpy(),
+                            handle, maps=file_size(prediction["fused"][i, keep].float()).astype(np.float16),
                             classes=(prediction["targets"][i, keep] + 1).cpu().numpy())
             if sample_id in self.panel_ids:
                 with atomic_path(self.out_dir / PANEL_DIR / f"{sample_id}.pt") as tmp:
                     torch.save(self._panel_item(batch, prediction, i, h, w, pl_module.mean, pl_module.std), tmp)
             # the pseudo-mask goes last: its presence marks the image as done
-            write_label_png(self.out_dir / f"{sample_id}.png", prediction["pseudo"][i, :h, :w].cpu().numpy())
+            write_label_png(self.out_dir / f"{sample_id}.png", file_size(prediction["pseudo"][i]))
             self.written += 1
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:

@@ -25,6 +25,7 @@ from torch.utils.data import Subset
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule, build_source, make_loader
 from wsss.data.imageio import DataError, read_mask
+from wsss.data.resize import restore_size
 from wsss.stages.base import (StageError, barrier, echo, fit_stage, is_global_zero, log_checkpoint, make_trainer,
                               read_stage, run_stage, stage_dir)
 from wsss.stages.classifier import load_classifier
@@ -101,8 +102,8 @@ class AffinityRefiner(L.LightningModule):
         preds = torch.zeros((len(batch["id"]), *canvas), dtype=torch.uint8, device=self.device)
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i])
-            saved = np.load(self.maps_dir / f"{sample_id}.npz")
-            maps = torch.from_numpy(saved["maps"].astype(np.float32))[None].to(self.device)
+            saved = np.load(self.maps_dir / f"{sample_id}.npz")  # at the file's size: back to the image's
+            maps = restore_size(torch.from_numpy(saved["maps"].astype(np.float32)), (h, w))[None].to(self.device)
             classes = torch.from_numpy(saved["classes"].astype(np.int64))[None].to(self.device)
             valid = torch.ones_like(classes, dtype=torch.bool)
             per_slot = torch.tensor([[self.thresholds[int(c)] for c in classes[0]]], device=self.device)

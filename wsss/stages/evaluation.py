@@ -22,7 +22,8 @@ def _predict_split(cfg: Config, module, split: str, out_dir: Path, logger: Any =
 
     mean, std = module.hparams.mean, module.hparams.std
     dataset = build_source(cfg, split, mean=mean, std=std)
-    batch = cfg.data.batch_size if cfg.data.name == "synthetic" else 1  # full size, no padding
+    # sources of one image size batch; others go one image at a time (full size, no padding)
+    batch = cfg.data.batch_size if cfg.data.name in ("synthetic", "synthetic_lesion") else 1
     crf_dir = out_dir.with_name(f"{out_dir.name}_crf")
     writer = SegmentationWriter(out_dir, {"pred_crf": crf_dir} if module.eval_crf else None)
     trainer = make_trainer(cfg, 1, logger, callbacks=[writer], limit_predict_batches=None)
