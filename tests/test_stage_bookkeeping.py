@@ -32,7 +32,9 @@ def test_each_hash_holds_only_what_its_stage_reads(tmp_path):
     assert changed("segmenter.eval_scales=[0.75, 1.0]") == {"evaluation"}
     assert changed("cam.batch_size=2", "data.num_workers=1", "pseudo.num_panels=1") == set()
     assert changed("trainer.devices=2", "trainer.strategy=ddp") == set()  # global batch: same result
-    assert changed("pseudo.ignore_band=0.1") == {"pseudo_masks", "segmenter", "evaluation"}
+    assert changed("pseudo.ignore_band=0.1") == {"pseudo_masks", "affinity", "segmenter", "evaluation"}
+    assert changed("affinity.steps=32") == {"affinity"}  # pseudo.refine=none: the segmenter ignores it
+    assert changed("pseudo.refine=affinity", "affinity.steps=32") >= {"affinity", "segmenter", "evaluation"}
     assert changed("segmenter.lr=0.1") == {"segmenter", "evaluation"}
     assert changed("classifier.lr=0.1") == set(base)
     assert changed("trainer.gradient_clip_val=1.0") == set(base)
@@ -87,3 +89,45 @@ def test_worker_errors_come_back_as_their_own_message():
                         "wsss.data.imageio.DataError: /data/img_7.png: truncated image; re-export it")
     assert original_message(wrapped) == "/data/img_7.png: truncated image; re-export it"
     assert original_message(DataError("plain message")) == "plain message"
+
+
+def _damaged_voc(voc_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "VOC2012"
+    shutil.copytree(voc_root, root)
+    images = sorted((root / "JPEGImages").glob("*.jpg"))
+    data = images[0].read_bytes()
+    images[0].write_bytes(data[: len(data) // 2])  # cut short
+    from PIL import Image
+
+    from wsss.data.voc import VOCSegmentation
+
+    mask = VOCSegmentation(root, "train_aug").mask_path(1)
+    Image.open(mask).resize((40, 30)).save(mask)  # the wrong size
+    return root, images[0], mask
+
+
+def test_bad_files_stop_the_run_before_any_work(voc_root, tmp_path, capsys):
+    root, cut, small = _damaged_voc(voc_root, tmp_path)
+    run_dir = tmp_path / "runs"
+    code = main(["run", "configs/voc.yaml", f"data.root={root}", "data.train_split=train_aug", f"run.dir={run_dir}",
+                 "classifier.pretrained=false", "segmenter.pretrained=false", "logger.kind=none",
+                 "trainer.accelerator=cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert str(cut) in err and "cut short" in err
+    assert str(small) in err and "(30, 40)" in err
+    assert not run_dir.exists()  # stopped before the first stage made anything
+
+
+def test_preflight_passes_a_good_split_quickly(voc_root):
+    import time
+
+    from wsss.data.preflight import check_files
+    from wsss.data.voc import VOCSegmentation
+
+    source = VOCSegmentation(voc_root, "train_aug")
+    started = time.perf_counter()
+    assert check_files(source, "train_aug") == []
+    assert time.perf_counter() - started < 5.0

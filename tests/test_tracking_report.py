@@ -140,7 +140,9 @@ def test_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
     extra.clear()
     stages.train_classifier(cfg)
     folders = sorted((tmp_path / "default" / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2
+    # one folder per attempt, named by start time and run id (two attempts within one second
+    # share a folder); every attempt is the same wandb run
+    assert 1 <= len(folders) <= 2
     ids = {read_run(folder)["run"]["id"] for folder in folders}
     assert ids == {json.loads((tmp_path / "default" / "tracking.json").read_text())["runs"]["classifier"]}
 

@@ -63,6 +63,7 @@ def _stage(name: str) -> Callable[[Config], int]:
         key = {"train-classifier": "classifier", "make-pseudo-masks": "pseudo_masks", "train-affinity": "affinity",
                "train-segmenter": "segmenter", "evaluate": "evaluation"}[name]
         stages.check_stage_folders(cfg, [key])
+        stages.preflight_data(cfg, [key])
         stages.save_config(cfg)
         result = pipeline.STAGE_FUNCTIONS[key](cfg)
         if result.get("skipped"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from wsss.config import Config
-from wsss.stages.base import check_stage_folders, is_global_zero
+from wsss.stages.base import check_stage_folders, is_global_zero, preflight_data
 from wsss.stages import (evaluate, make_pseudo_masks, save_config, train_affinity, train_classifier,
                          train_segmenter, write_report)
 
@@ -21,6 +21,7 @@ def run_all(cfg: Config, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """All stages in order, skipping finished ones, then report.json / report.md. A stage folder
     made with another config stops the run before any work (and before config.yaml changes)."""
     check_stage_folders(cfg, list(STAGE_FUNCTIONS))
+    preflight_data(cfg, list(STAGE_FUNCTIONS))
     save_config(cfg)
     for function in STAGE_FUNCTIONS.values():
         function(cfg)  # each stage prints its own start and end lines

@@ -10,7 +10,8 @@
 plus ``base`` (stage folders, hashes, resume, the Trainer factory) and ``report``.
 """
 
-from wsss.stages.base import STAGES, StageError, check_stage_folders, read_stage, save_config, stage_dir
+from wsss.stages.base import (STAGES, StageError, check_stage_folders, preflight_data, read_stage, save_config,
+                              stage_dir)
 from wsss.stages.affinity import train_affinity
 from wsss.stages.classifier import load_classifier, train_classifier
 from wsss.stages.evaluation import evaluate
@@ -18,6 +19,6 @@ from wsss.stages.pseudo_masks import make_pseudo_masks
 from wsss.stages.report import build_report, write_report
 from wsss.stages.segmenter import load_segmenter, train_segmenter
 
-__all__ = ["STAGES", "StageError", "build_report", "check_stage_folders", "evaluate", "load_classifier", "load_segmenter",
+__all__ = ["STAGES", "StageError", "build_report", "check_stage_folders", "preflight_data", "evaluate", "load_classifier", "load_segmenter",
            "make_pseudo_masks", "read_stage", "save_config", "stage_dir", "train_affinity", "train_classifier",
            "train_segmenter", "write_report"]

@@ -141,6 +141,29 @@ def check_stage_folders(cfg: Config, stages: Sequence[str]) -> None:
             raise StageError(problem)
 
 
+SPLITS_READ = {"classifier": ("train", "val"), "pseudo_masks": ("train",), "affinity": ("train",),
+               "segmenter": ("train", "val"), "evaluation": ("val", "test")}
+
+
+def preflight_data(cfg: Config, stages: Sequence[str]) -> None:
+    """Every file the unfinished ``stages`` will read exists, opens and fits its mask, checked
+    from the headers before any work (``wsss.data.preflight``); global rank zero only."""
+    from wsss.data.datamodule import build_source
+    from wsss.data.preflight import preflight
+
+    if not is_global_zero():
+        return
+    names = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
+    splits: dict[str, None] = {}
+    for stage in stages:
+        record = read_stage(cfg, stage)
+        if record is not None and record.get("status") == "done" and not cfg.run.overwrite:
+            continue
+        splits.update({names[role]: None for role in SPLITS_READ.get(stage, ()) if names[role]})
+    if splits:
+        preflight({split: build_source(cfg, split) for split in splits})
+
+
 def begin_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
     """Return the finished record to skip, or prepare the folder and return None to run.
 
