@@ -1,9 +1,17 @@
-"""Speed and peak memory of RelevanceCAM against one forward+backward and Grad-CAM.
+"""Speed and peak memory of RelevanceCAM and Grad-CAM against two units of cost.
+
+Units (both timed here, both in the table):
+- ``cam_unit``: forward + backward to the input of the lowest captured layer, input gradients
+  only (no weight gradients, nothing below that layer): what any gradient CAM must pay;
+- ``train_step``: a full training forward + backward (weight gradients everywhere), labelled as such.
 
 Case: a torchvision model (weights=None, 20 classes; default ResNet-50), batch 8, 224 px, three
 layers (default: the family's default CAM layers, wsss.models.backbones.default_cam_layers).
 Each row runs in a fresh subprocess so its peak RSS (CPU) or peak CUDA memory is its own.
-Prints a markdown table.
+Prints a markdown table; ``--sweep`` prints the ratios over batch 1 / 8 and 64 / 224 / 448 px.
+
+pytorch-grad-cam is not a row: it back-propagates into every parameter, copies to numpy and
+resizes every map, so a time against raw maps says nothing like for like (docs/benchmarks.md §1).
 
     python scripts/benchmark_cam.py                          # CPU, ResNet-50, all rows
     python scripts/benchmark_cam.py --model densenet121      # any torchvision classifier
@@ -23,12 +31,13 @@ import sys
 import time
 
 ROWS = {
-    "fwd_bwd": "1. forward + backward (unit)",
-    "relevance_k1": "2. RelevanceCAM 3 layers, K=1",
-    "relevance_k3": "3. RelevanceCAM 3 layers, K=3",
-    "gradcam": "4. wsss GradCAM 3 layers, K=1",
-    "pytorch_grad_cam": "5. pytorch_grad_cam.GradCAM 3 layers, K=1",
+    "cam_unit": "1. forward + backward to the lowest captured layer, input gradients only (CAM unit)",
+    "train_step": "2. full training forward + backward, weight gradients (training step)",
+    "relevance_k1": "3. RelevanceCAM 3 layers, K=1",
+    "relevance_k3": "4. RelevanceCAM 3 layers, K=3",
+    "gradcam": "5. wsss GradCAM 3 layers, K=1",
 }
+SWEEP = [(1, 64), (1, 224), (1, 448), (8, 64), (8, 224), (8, 448)]
 
 
 def _sync(device: str) -> None:
@@ -55,11 +64,13 @@ def _setup(args: argparse.Namespace):
 def make_step(row: str, args: argparse.Namespace, model, images, targets1, targets3):
     """The callable one row times, or a string saying why the row is skipped."""
     layers = args.layers.split(",")
-    if row == "fwd_bwd":
+    if row == "train_step":
         def step():
             model.zero_grad(set_to_none=True)
             model(images).sum().backward()
         return step
+    if row == "cam_unit":
+        return _cam_unit(model, images, layers)
     if row.startswith("relevance"):
         from wsss.cam import RelevanceCAM
         cam = RelevanceCAM(model, layers, preset=args.preset)
@@ -69,16 +80,34 @@ def make_step(row: str, args: argparse.Namespace, model, images, targets1, targe
         from wsss.cam import GradCAM
         cam = GradCAM(model, layers)
         return lambda: cam(images, targets1)
-    if row == "pytorch_grad_cam":
-        try:
-            from pytorch_grad_cam import GradCAM as ExternalGradCAM
-            from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-        except ImportError:
-            return "grad-cam not installed (pip install grad-cam)"
-        cam = ExternalGradCAM(model=model, target_layers=[model.get_submodule(n) for n in layers])
-        targets = [ClassifierOutputTarget(int(t)) for t in targets1]
-        return lambda: cam(input_tensor=images, targets=targets)
     raise ValueError(row)
+
+
+def _cam_unit(model, images, layers: list[str]):
+    """Forward, then the gradient of the logits' sum with respect to the input of the first
+    captured layer the forward reaches; parameters need no gradient, nothing below is touched."""
+    import torch
+
+    order = [name for name, _ in model.named_modules() if name in layers]
+    lowest = model.get_submodule(order[0])
+    held: dict[str, torch.Tensor] = {}
+
+    def grad_from_here(module, args):
+        held["x"] = args[0].detach().requires_grad_(True)
+        return (held["x"], *args[1:])
+
+    def step():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        handle = lowest.register_forward_pre_hook(grad_from_here)
+        try:
+            logits = model(images)  # below the lowest layer nothing needs a graph
+            torch.autograd.grad(logits.sum(), held["x"])
+        finally:
+            handle.remove()
+            for p in model.parameters():
+                p.requires_grad_(True)
+    return step
 
 
 def _timed(step, args: argparse.Namespace) -> float:
@@ -149,6 +178,7 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="time all rows in one process, in rounds (fairer on a machine whose "
                              "load changes; no memory column)")
+    parser.add_argument("--sweep", action="store_true", help="ratios over batch 1 / 8 and 64 / 224 / 448 px")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args()
     if args.layers is None:
@@ -159,40 +189,61 @@ def main() -> None:
         print(json.dumps(measure_row(args.row, args)))
         return
 
-    results = {}
-    if args.interleave:
-        results = measure_interleaved(args.rows.split(","), args)
-    for row in [] if args.interleave else args.rows.split(","):
-        cmd = [sys.executable, __file__, "--row", row] + [
-            f"--{k}={v}" for k, v in vars(args).items()
-            if k not in ("row", "rows", "interleave") and v is not None]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[row] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{row}: {results[row]}", file=sys.stderr)
-
-    unit = results["fwd_bwd"]["median_s"] if "fwd_bwd" in results else None
+    if args.sweep:
+        sweep(args)
+        return
+    results = run_rows(args.rows.split(","), args)
+    cam_unit = results.get("cam_unit", {}).get("median_s")
+    train = results.get("train_step", {}).get("median_s")
     mem_col = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB (above setup)"
     print(f"\n{args.model}, layers {args.layers}, batch {args.batch}, {args.size} px, {args.device}, "
           f"{args.threads} threads, {args.clock} clock, preset={args.preset}, "
           f"median of {args.repeats}{', interleaved' if args.interleave else ''}\n")
-    print(f"| row | median s | × fwd+bwd | {mem_col} |")
-    print("|---|---|---|---|")
+    print(f"| row | median s | × CAM unit (row 1) | × training step (row 2) | {mem_col} |")
+    print("|---|---|---|---|---|")
     for row, res in results.items():
         if "skipped" in res:
-            print(f"| {ROWS[row]} | skipped: {res['skipped']} | | |")
+            print(f"| {ROWS[row]} | skipped: {res['skipped']} | | | |")
             continue
-        ratio = f"{res['median_s'] / unit:.2f}" if unit else "-"
+        ratios = [f"{res['median_s'] / unit:.2f}" if unit else "-" for unit in (cam_unit, train)]
         if args.interleave:
             mem = "-"
         elif args.device == "cuda":
             mem = f"{res['peak_cuda_mb']:.0f}"
         else:
             mem = f"{res['peak_rss_mb']:.0f} ({res['peak_rss_mb'] - res['setup_rss_mb']:.0f})"
-        print(f"| {ROWS[row]} | {res['median_s']:.3f} | {ratio} | {mem} |")
-    if unit and "relevance_k1" in results and "relevance_k3" in results:
-        k1, k3 = results["relevance_k1"]["median_s"], results["relevance_k3"]["median_s"]
-        print(f"\nrow2/row1 = {k1 / unit:.2f} (target <= 1.5 on ResNet-50, <= 2 on any CNN); "
-              f"(row3-row2)/row1 = {(k3 - k1) / unit:.2f} (target <= 0.7)")
+        print(f"| {ROWS[row]} | {res['median_s']:.3f} | {ratios[0]} | {ratios[1]} | {mem} |")
+
+
+def run_rows(rows: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Each row in its own subprocess (its own peak memory), or all interleaved in this one."""
+    if args.interleave:
+        return measure_interleaved(rows, args)
+    results = {}
+    for row in rows:
+        cmd = [sys.executable, __file__, "--row", row] + [
+            f"--{k}={v}" for k, v in vars(args).items()
+            if k not in ("row", "rows", "interleave", "sweep") and v is not None and v is not False]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[row] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{row}: {results[row]}", file=sys.stderr)
+    return results
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """The ratios at batch 1 / 8 and 64 / 224 / 448 px: how the cost depends on the size."""
+    print(f"\n{args.model}, layers {args.layers}, {args.device}, {args.threads} threads, {args.clock} clock, "
+          f"median of {args.repeats}, interleaved\n")
+    print("| batch | px | CAM unit s | training step s | RelevanceCAM K=1 × CAM unit | K=3 × CAM unit | "
+          "per extra class × CAM unit | Grad-CAM × CAM unit | RelevanceCAM K=1 × training step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch, size in SWEEP:
+        args.batch, args.size, args.interleave = batch, size, True
+        r = {row: res["median_s"] for row, res in measure_interleaved(list(ROWS), args).items()}
+        unit = r["cam_unit"]
+        print(f"| {batch} | {size} | {unit:.3f} | {r['train_step']:.3f} | {r['relevance_k1'] / unit:.2f} | "
+              f"{r['relevance_k3'] / unit:.2f} | {(r['relevance_k3'] - r['relevance_k1']) / 2 / unit:.2f} | "
+              f"{r['gradcam'] / unit:.2f} | {r['relevance_k1'] / r['train_step']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
