@@ -8,7 +8,7 @@ Rows:
    ResNet-50, in float32 and under bf16 autocast (max |difference| over max |map|, and the
    correlation).
 2. RelevanceCAM / forward+backward: 3 layers, ResNet-50, batch 8 at 224 px, K = 1 and K = 3
-   (the DESIGN.md speed target; the unit is one full training forward + backward).
+   (the docs/DESIGN.md speed target; the unit is one full training forward + backward).
 3. The pseudo stage's maps: images per second on ResNet-50 at 448 px, 4 scales + flip, 2 classes
    per image, fused over 3 layers (``PseudoMaskModule.fused_maps``), and peak GPU memory.
 4. With two GPUs: `wsss make-pseudo-masks` on a tiny synthetic run under ``trainer.strategy=ddp``

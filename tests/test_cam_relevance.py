@@ -154,7 +154,7 @@ def test_positive_split_matches_slow_reference():
 
 
 def test_closed_form_at_last_layer():
-    """ALGORITHMS.md §1.5: layer4 map = Σ_k ρ_k A_k with the CLRP ρ."""
+    """docs/ALGORITHMS.md §1.5: layer4 map = Σ_k ρ_k A_k with the CLRP ρ."""
     model = resnet("resnet18")
     x = images(2, 64)
     t = torch.tensor([0, 7])

@@ -126,7 +126,7 @@ class PseudoConfig:
     calibration: str = _choice("libra", "libra", "fixed", help="threshold calibration")
     threshold: float = _opt(0.25, "fixed foreground threshold on the normalised fused maps (also the seed threshold)")
     objective: str = _choice("delete", "increase", "keep_delete", "area", "delete",
-                             help="libra calibration objective: increase, keep_delete, area (ALGORITHMS.md "
+                             help="libra calibration objective: increase, keep_delete, area (docs/ALGORITHMS.md "
                                   "§3.5) or delete (smallest region whose removal drops the confidence to "
                                   "pseudo.delta of it; measured best, docs/benchmarks.md §4)")
     rho: float = _opt(0.9, "area objective: keep this fraction of the confidence")

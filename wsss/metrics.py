@@ -4,7 +4,7 @@ faithfulness: Average Drop / Increase and insertion / deletion AUC (batched, any
 
 Conventions shared by the faithfulness functions:
 - images are raw (B, C, H, W) tensors in [0, 1]; `normalize` (e.g. mean/std) is applied after
-  masking, so removed pixels are black, as in the Relevance-CAM protocol (ALGORITHMS.md §2);
+  masking, so removed pixels are black, as in the Relevance-CAM protocol (docs/ALGORITHMS.md §2);
 - maps are (B, K, h, w) saliency maps for targets (B, K) (or (B, h, w) with targets (B,));
   they are resized to the image size bilinearly and min-max normalised per map;
 - activation is "softmax" (single-label, as the papers) or "sigmoid" (multi-label classifiers).
@@ -200,7 +200,7 @@ def average_drop_increase(model: nn.Module, images: Tensor, maps: Tensor, target
 
     protocol="gradcampp" (Chattopadhay et al.): the image times the whole soft map;
       drop = 100·mean(max(0, y - o) / y), increase = 100·mean(o > y), over all N (image, class).
-    protocol="relevancecam" (the official snippet, ALGORITHMS.md §2): the soft map restricted to
+    protocol="relevancecam" (the official snippet, docs/ALGORITHMS.md §2): the soft map restricted to
       its top 50% (M > 50th percentile, strict); drop divides by the number of pairs whose
       confidence dropped (0 if none); increase = 100·(1 - mean(y - o > 0)), ties count as increase.
     """

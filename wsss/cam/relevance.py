@@ -1,7 +1,7 @@
 """Relevance-CAM: multi-layer, multi-class maps from one forward pass and one relevance sweep.
 
 map_k = Σ_c α_kc A_c with α_kc = Σ_ij R_kc(i,j), where A is the activation at a layer's output
-and R_k the LRP relevance of target class k at that same tensor (ALGORITHMS.md §1). The layer
+and R_k the LRP relevance of target class k at that same tensor (docs/ALGORITHMS.md §1). The layer
 name "input" gives the pixel-level LRP heatmap Σ_c R_kc(i,j) instead (relevance at the image;
 the input layers use the composite's `input` rule, z^B by default: see `box_rule`).
 """

@@ -1,4 +1,4 @@
-"""Foreground thresholds without pixel labels, in the style of Libra-CAM (ALGORITHMS.md §3.5).
+"""Foreground thresholds without pixel labels, in the style of Libra-CAM (docs/ALGORITHMS.md §3.5).
 
 For each image and present class, the classifier is queried on the image masked by the
 thresholded map (the kept region, K = 1[map >= t]) and by its complement (the deleted region),

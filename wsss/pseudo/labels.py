@@ -1,6 +1,6 @@
 """From fused class maps to label maps.
 
-The rule (ALGORITHMS.md §3.5, step 6): every present class competes through its margin over its
+The rule (docs/ALGORITHMS.md §3.5, step 6): every present class competes through its margin over its
 own background threshold; the best positive margin wins, otherwise the pixel is background.
 Pixels whose best margin lies close to zero are marked 255 (ignored by the segmenter's loss).
 Refinement of the scores before labelling (PAR, random walk, dense CRF) is in ``refine.py``.

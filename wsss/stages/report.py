@@ -1,4 +1,4 @@
-"""report.json (the DESIGN.md contract, keys only ever added) and report.md, built from the
+"""report.json (the docs/DESIGN.md contract, keys only ever added) and report.md, built from the
 stages' records; the report also goes to its own wandb run in the run's group, with the report
 numbers in its summary and the files as an artifact."""
 
@@ -33,7 +33,7 @@ def _reference(cfg: Config) -> Optional[dict[str, Any]]:
 
 
 def build_report(cfg: Config) -> dict[str, Any]:
-    """report.json: the headline numbers of every finished stage (DESIGN.md contract)."""
+    """report.json: the headline numbers of every finished stage (docs/DESIGN.md contract)."""
     from wsss.tracking import run_paths
 
     records = {stage: read_stage(cfg, stage) or {} for stage in STAGES}
