@@ -50,7 +50,7 @@ CLASS_TEXTURE = {"boat": "planks", "bottle": "stripes", "chair": "zigzag", "dini
 CLASS_HUE = {"boat": 0.15, "bottle": 0.3, "chair": 0.0, "diningtable": 0.08, "pottedplant": 0.4, "tvmonitor": 0.8}
 HUE_SPREAD = 0.04
 CLASSES = list(CLASS_TEXTURE)
-OBJECT_RADIUS = (0.14, 0.26)  # fractions of the image side
+OBJECT_RADIUS = (0.2, 0.34)  # fractions of the image side
 OBJECT_PERIOD = (0.04, 0.07)
 CLUTTER_RADIUS = (0.02, 0.05)
 CLUTTER_PERIOD = (0.015, 0.03)
@@ -82,15 +82,15 @@ def _bottle(dy, dx, r):
 
 
 def _chair(dy, dx, r):
-    seat = _box(dy, dx, -0.06 * r, 0.1 * r, -0.45 * r, 0.45 * r)
-    back = _box(dy, dx, -r, -0.06 * r, -0.45 * r, -0.3 * r)
-    legs = _box(dy, dx, 0.1 * r, r, -0.45 * r, -0.34 * r) | _box(dy, dx, 0.1 * r, r, 0.34 * r, 0.45 * r)
+    seat = _box(dy, dx, -0.1 * r, 0.12 * r, -0.5 * r, 0.5 * r)
+    back = _box(dy, dx, -r, -0.1 * r, -0.5 * r, -0.28 * r)
+    legs = _box(dy, dx, 0.12 * r, r, -0.5 * r, -0.38 * r) | _box(dy, dx, 0.12 * r, r, 0.38 * r, 0.5 * r)
     return seat | back | legs
 
 
 def _table(dy, dx, r):
-    top = _box(dy, dx, -0.4 * r, -0.25 * r, -r, r)
-    legs = _box(dy, dx, -0.25 * r, 0.5 * r, -0.9 * r, -0.81 * r) | _box(dy, dx, -0.25 * r, 0.5 * r, 0.81 * r, 0.9 * r)
+    top = _box(dy, dx, -0.45 * r, -0.2 * r, -r, r)
+    legs = _box(dy, dx, -0.2 * r, 0.55 * r, -0.9 * r, -0.78 * r) | _box(dy, dx, -0.2 * r, 0.55 * r, 0.78 * r, 0.9 * r)
     return top | legs
 
 
@@ -100,7 +100,7 @@ def _plant(dy, dx, r):
     for tip in ((-0.7 * r, -0.5 * r), (-r, 0.0), (-0.6 * r, 0.55 * r)):
         region = region | _stick(dy, dx, (0.35 * r, 0.0), tip, 0.06 * r)
         leaf_y, leaf_x = tip
-        region = region | ((dy - leaf_y) ** 2 / (0.12 * r) ** 2 + (dx - leaf_x) ** 2 / (0.2 * r) ** 2 <= 1)
+        region = region | ((dy - leaf_y) ** 2 / (0.16 * r) ** 2 + (dx - leaf_x) ** 2 / (0.26 * r) ** 2 <= 1)
     return region
 
 
