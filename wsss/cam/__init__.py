@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from wsss.cam.baselines import CAM, METHODS, GradCAM, GradCAMPlusPlus, LiftCAM
+from wsss.cam.libra import LibraCAM, LibrarySettings, ReferenceLibrary, build_library, library_for
 from wsss.cam.lrp import LRPConfig, Rule, register_handler
 from wsss.cam.postprocess import (NORMALIZATIONS, aggregate_scales, centred_normalize,
                                   fuse_layers, minmax_normalize, normalize_maps,
@@ -19,14 +20,20 @@ from wsss.cam.postprocess import (NORMALIZATIONS, aggregate_scales, centred_norm
 from wsss.cam.relevance import (DEFAULT_PRESET, PRESETS, RelevanceCAM, list_presets,
                                 preset_config, start_relevance)
 
-CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam")
+CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam", "libra")
 
 
 def build_cam(method: str, model: nn.Module, layers: list[str] | str, **options: Any):
     """A CAM object by name: "relevance" (options: preset=..., and LRPConfig fields),
+    "libra" (options: library=ReferenceLibrary (required), activation=, chunk=, calibrate=),
     "gradcam", "gradcampp", "liftcam" or "cam" (no options)."""
     if method == "relevance":
         return RelevanceCAM(model, layers, **options)
+    if method == "libra":
+        if "library" not in options:
+            raise TypeError("CAM method 'libra' needs library=ReferenceLibrary "
+                            "(wsss.cam.build_library / library_for)")
+        return LibraCAM(model, layers, **options)
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {CAM_METHODS}")
     if options:
@@ -35,8 +42,9 @@ def build_cam(method: str, model: nn.Module, layers: list[str] | str, **options:
 
 
 __all__ = [
-    "CAM", "CAM_METHODS", "DEFAULT_PRESET", "GradCAM", "GradCAMPlusPlus", "LRPConfig", "LiftCAM",
-    "NORMALIZATIONS", "PRESETS", "RelevanceCAM", "Rule", "aggregate_scales", "build_cam",
+    "CAM", "CAM_METHODS", "DEFAULT_PRESET", "GradCAM", "GradCAMPlusPlus", "LRPConfig", "LibraCAM",
+    "LibrarySettings", "LiftCAM", "NORMALIZATIONS", "PRESETS", "ReferenceLibrary", "RelevanceCAM",
+    "Rule", "aggregate_scales", "build_cam", "build_library", "library_for",
     "centred_normalize", "fuse_layers", "list_presets", "minmax_normalize", "normalize_maps",
     "preset_config", "register_handler", "relu_max_normalize", "start_relevance", "upsample",
 ]
