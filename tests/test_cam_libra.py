@@ -275,3 +275,16 @@ def test_errors_name_the_problem():
 
 def test_minmax_of_a_constant_map_is_zero():
     assert float(_minmax(torch.full((1, 1, 3, 3), 2.0)).abs().max()) == 0.0
+
+
+def test_cost_is_one_forward_plus_r_masked_copies_per_present_slot():
+    from wsss.metrics import ForwardCounter
+
+    model = small_net()
+    library = random_library(model, r=6, counts=[6, 6, 4, 6, 6])
+    present = torch.zeros(2, C, dtype=torch.bool)
+    present[0, [0, 2]] = True
+    present[1, 2] = True
+    with ForwardCounter(model) as counter, LibraCAM(model, "5", library=library, chunk=4) as cam:
+        cam(X, torch.tensor([[0, 2], [2, 0]]), present=present)  # slot (1, 1) is padding
+    assert counter.images == 2 + 6 + 4 + 4

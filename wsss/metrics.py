@@ -249,3 +249,27 @@ def libra_metrics(model: nn.Module, images: Tensor, maps: Tensor, targets: Tenso
                   steps: int = 10) -> dict[str, float]:
     """The five Libra-CAM metrics (``libra_scores`` averaged): auc↑, api↑, apd↓, ir↑, dr↓."""
     return libra_summary(libra_scores(model, images, maps, targets, normalize, activation, steps))
+
+
+class ForwardCounter:
+    """Counts the images that go through a model's forward passes while active (the batch sizes
+    seen by its first Conv2d, or by the model itself if it has none): the "forwards per image"
+    cost of an attribution method. Backward passes and LRP sweeps are not counted."""
+
+    def __init__(self, model: nn.Module) -> None:
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        self.module = convs[0] if convs else model
+        self.images = 0
+        self._handle = None
+
+    def __enter__(self) -> "ForwardCounter":
+        self._handle = self.module.register_forward_pre_hook(self._count)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        self.images += int(args[0].shape[0])

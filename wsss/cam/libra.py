@@ -48,7 +48,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +158,7 @@ class ReferenceLibrary:
         """(C,) the number of references found per class (<= R)."""
         return torch.isfinite(self.scores).sum(1)
 
-    def to(self, device: torch.device | str) -> "ReferenceLibrary":
+    def to(self, device: torch.device | str) -> ReferenceLibrary:
         return ReferenceLibrary(self.settings_obj, {k: v.to(device) for k, v in self.activations.items()},
                                 self.scores.to(device), self.indices.to(device), self.classifier_hash)
 
@@ -168,7 +169,7 @@ class ReferenceLibrary:
                 "activations": {k: v.cpu() for k, v in self.activations.items()}}
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any], device: torch.device | str = "cpu") -> "ReferenceLibrary":
+    def from_state_dict(cls, state: Mapping[str, Any], device: torch.device | str = "cpu") -> ReferenceLibrary:
         settings = dict(state["settings"])
         settings["layers"] = tuple(settings["layers"])
         return cls(LibrarySettings(**settings), {k: v.to(device) for k, v in state["activations"].items()},
