@@ -9,7 +9,8 @@ Grad-CAM++ definitions and with the Relevance-CAM protocol (top 50% soft mask), 
 deletion AUC (sigmoid scores, 16 steps), and the mIoU of the maps thresholded at the best single
 threshold (the synthetic set has ground truth), on the images whose every slot is a present class.
 A second table has Libra-CAM's five metrics (wsss.metrics.libra_scores: AUC over 10 soft
-percentile cuts, API, APD, IR, DR; sigmoid scores) over every present (image, class) pair; a third
+percentile cuts, API, APD, IR, DR; sigmoid scores; Libra's masking: the normalised tensor times
+the map, so removed pixels take the mean colour) over every present (image, class) pair; a third
 the cost of each method: images through the classifier per image (masked copies included,
 backward passes and LRP sweeps not) and seconds per image, all its layers at once. Libra-CAM's
 reference library is built first from the training split (its time is printed once).
@@ -105,7 +106,8 @@ def main() -> None:
             for raw, maps, targets, valid, masks in parts:
                 for tau, meter in meters.items():
                     meter.update(scores_to_labels(maps, targets + 1, valid, tau).long(), masks)
-                terms = libra_scores(model, raw, maps, targets, normalize, "sigmoid")
+                # Libra's own masking: the normalised tensor times the map (removed pixels: mean colour)
+                terms = libra_scores(model, normalize(raw), maps, targets, None, "sigmoid")
                 for term, values in terms.items():
                     libra_terms.setdefault(term, []).append(values[valid])
                 sel = valid.all(1)  # faithfulness on images whose slots are all real
