@@ -121,6 +121,7 @@ class ReferenceLibrary:
     activations: {layer: (C, R, ch, h, w)}; scores: (C, R) each reference's score for its class,
     +inf on empty slots; indices: (C, R) the reference's position in the batches it was built from
     (-1 on empty slots); classifier_hash: whatever the caller identifies the classifier by.
+    ``spec`` is the LibrarySettings, ``settings`` its dict (what ``state_dict()`` stores).
     """
 
     def __init__(self, settings: LibrarySettings, activations: Mapping[str, Tensor], scores: Tensor,
@@ -135,7 +136,7 @@ class ReferenceLibrary:
                                  f"do not match scores {shape} as (C, R, ch, h, w)")
         if tuple(indices.shape) != shape:
             raise ValueError(f"library indices {tuple(indices.shape)} do not match scores {shape}")
-        self.settings_obj = settings
+        self.spec = settings
         self.activations = {layer: activations[layer] for layer in settings.layers}
         self.scores = scores
         self.indices = indices
@@ -143,11 +144,11 @@ class ReferenceLibrary:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return self.settings_obj.as_dict()
+        return self.spec.as_dict()
 
     @property
     def layers(self) -> tuple[str, ...]:
-        return self.settings_obj.layers
+        return self.spec.layers
 
     @property
     def num_classes(self) -> int:
@@ -159,7 +160,7 @@ class ReferenceLibrary:
         return torch.isfinite(self.scores).sum(1)
 
     def to(self, device: torch.device | str) -> ReferenceLibrary:
-        return ReferenceLibrary(self.settings_obj, {k: v.to(device) for k, v in self.activations.items()},
+        return ReferenceLibrary(self.spec, {k: v.to(device) for k, v in self.activations.items()},
                                 self.scores.to(device), self.indices.to(device), self.classifier_hash)
 
     def state_dict(self) -> dict[str, Any]:
@@ -493,7 +494,7 @@ class LibraCAM(_LayerCAM):
                 grads.append(torch.autograd.grad(score, tensors, retain_graph=j < k - 1))
         base = _probabilities(logits.detach(), self.activation).gather(1, targets)
         counts = self.library.counts.to(targets.device)
-        r = self.library.settings_obj.references
+        r = self.library.spec.references
         ref_valid = (torch.arange(r, device=targets.device) < counts[targets][..., None]) & valid[..., None]
         empty = valid & (counts[targets] == 0)
         if bool(empty.any()):
