@@ -288,3 +288,14 @@ def test_cost_is_one_forward_plus_r_masked_copies_per_present_slot():
     with ForwardCounter(model) as counter, LibraCAM(model, "5", library=library, chunk=4) as cam:
         cam(X, torch.tensor([[0, 2], [2, 0]]), present=present)  # slot (1, 1) is padding
     assert counter.images == 2 + 6 + 4 + 4
+
+
+def test_same_maps_under_inference_mode():
+    """The pseudo stage may call it under a caller's inference_mode or no_grad."""
+    model = small_net()
+    with LibraCAM(model, "5", library=random_library(model), calibrate=True) as cam:
+        plain = cam(X, torch.tensor([1, 2]))["5"]
+        with torch.inference_mode():
+            inside = cam(X, torch.tensor([1, 2]))["5"]
+    assert plain.shape == (2, 1, 16, 16)  # calibrated maps come at the input size
+    assert torch.equal(plain, inside)

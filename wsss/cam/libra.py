@@ -484,13 +484,15 @@ class LibraCAM(_LayerCAM):
             raise ValueError(f"targets must be class indices below {self.library.num_classes} "
                              "(the library's classes)")
         with torch.inference_mode(False), torch.enable_grad():
+            # clones: tensors made under a caller's inference_mode cannot enter autograd
             x = images.detach().clone().requires_grad_(True)
+            index = targets.clone()
             logits, acts = self._forward(x, keep_graph=True)
             tensors = [acts[layer] for layer in self.layers]
             k = targets.shape[1]
             grads = []
             for j in range(k):
-                score = logits.gather(1, targets[:, j:j + 1]).sum()  # the target's own logit
+                score = logits.gather(1, index[:, j:j + 1]).sum()  # the target's own logit
                 grads.append(torch.autograd.grad(score, tensors, retain_graph=j < k - 1))
         base = _probabilities(logits.detach(), self.activation).gather(1, targets)
         counts = self.library.counts.to(targets.device)
