@@ -4,16 +4,18 @@
         [--methods "Libra-CAM" "Grad-CAM" ...] [--references 30] [--bound 0.1]
 
 Uses the run's trained classifier (train one first: `wsss train-classifier configs/default.yaml`).
-Per method and layer (layer2, layer3, layer4, fused): Average Drop / Increase with the
-Grad-CAM++ definitions and with the Relevance-CAM protocol (top 50% soft mask), insertion and
-deletion AUC (sigmoid scores, 16 steps), and the mIoU of the maps thresholded at the best single
-threshold (the synthetic set has ground truth), on the images whose every slot is a present class.
-A second table has Libra-CAM's five metrics (wsss.metrics.libra_scores: AUC over 10 soft
-percentile cuts, API, APD, IR, DR; sigmoid scores; Libra's masking: the normalised tensor times
-the map, so removed pixels take the mean colour) over every present (image, class) pair; a third
-the cost of each method: images through the classifier per image (masked copies included,
-backward passes and LRP sweeps not) and seconds per image, all its layers at once. Libra-CAM's
-reference library is built first from the training split (its time is printed once).
+Per method and layer (layer2, layer3, layer4, fused), a first table: Average Drop / Increase with
+the Grad-CAM++ definitions and with the Relevance-CAM protocol (top 50% soft mask), insertion and
+deletion AUC (sigmoid scores, 16 steps), on the images whose every slot is a present class; and
+the mIoU of the maps thresholded at the best single threshold (the synthetic set has ground
+truth), on all images. A second table: Libra-CAM's five metrics (wsss.metrics.libra_scores: AUC
+over 10 soft percentile cuts, API, APD, IR, DR; sigmoid scores; Libra's masking, the normalised
+tensor times the map, so removed pixels take the mean colour) over every present (image, class)
+pair that the classifier predicts (sigmoid >= 0.5: the paper explains the predicted class, and
+for a barely recognised class the relative API / APD terms explode). A third: the cost of each
+method, images through the classifier per image (masked copies included, backward passes and LRP
+sweeps not) and seconds per image, all its layers at once. Libra-CAM's reference library is built
+first from the training split (its time is printed once).
 """
 
 from __future__ import annotations
@@ -108,8 +110,9 @@ def main() -> None:
                     meter.update(scores_to_labels(maps, targets + 1, valid, tau).long(), masks)
                 # Libra's own masking: the normalised tensor times the map (removed pixels: mean colour)
                 terms = libra_scores(model, normalize(raw), maps, targets, None, "sigmoid")
+                predicted = valid & (terms["score"] >= 0.5)  # as the paper's target: a predicted class
                 for term, values in terms.items():
-                    libra_terms.setdefault(term, []).append(values[valid])
+                    libra_terms.setdefault(term, []).append(values[predicted])
                 sel = valid.all(1)  # faithfulness on images whose slots are all real
                 if not sel.any():
                     continue

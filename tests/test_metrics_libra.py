@@ -40,6 +40,8 @@ def test_five_metrics_by_hand():
     assert got["auc"] == pytest.approx(sum(a / 3 for a in aucs) / 3, rel=1e-5)
     per_pair = libra_scores(model, images, maps, targets, activation="sigmoid", steps=3)
     torch.testing.assert_close(per_pair["auc"][0], torch.tensor([a / 3 for a in aucs]))
+    torch.testing.assert_close(per_pair["score"][0], torch.tensor(y))
+    torch.testing.assert_close(per_pair["masked"][0], torch.tensor(o))
     # selecting the tied pair alone
     only_tie = libra_summary(per_pair, torch.tensor([[False, False, True]]))
     assert only_tie == {"auc": pytest.approx(aucs[2] / 3), "api": 0.0, "apd": 0.0, "ir": 0.0, "dr": 0.0}

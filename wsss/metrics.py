@@ -209,7 +209,9 @@ def libra_scores(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
     - ``drop``: max(0, y − o) / y, the relative confidence loss (APD is its mean; 100·APD is
       Grad-CAM++'s Average Drop);
     - ``increased``: 1[o > y] (IR is its mean; 100·IR is Grad-CAM++'s Average Increase);
-    - ``dropped``: 1[o < y] (DR is its mean). Ties count in neither, so IR + DR <= 1.
+    - ``dropped``: 1[o < y] (DR is its mean). Ties count in neither, so IR + DR <= 1;
+    - ``score`` y and ``masked`` o themselves (e.g. to keep the pairs the classifier predicts:
+      the relative terms explode for a tiny y).
     Masking follows this module's convention: `images` are multiplied, then `normalize`d.
     """
     if steps < 1:
@@ -228,7 +230,7 @@ def libra_scores(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
     o = curve[..., -1]
     ratio = (o - y) / y.clamp(min=1e-12)
     return {"auc": auc, "increase": ratio.clamp(min=0), "drop": (-ratio).clamp(min=0),
-            "increased": (o > y).float(), "dropped": (o < y).float()}
+            "increased": (o > y).float(), "dropped": (o < y).float(), "score": y, "masked": o}
 
 
 LIBRA_METRICS = {"auc": "auc", "api": "increase", "apd": "drop", "ir": "increased", "dr": "dropped"}
