@@ -214,6 +214,11 @@ def test_library_holds_the_lowest_scored_absent_images_below_the_bound():
              for i in range(0, 40, 8)]
     again = build_library(model, dicts, settings)
     assert torch.equal(again.indices, library.indices)
+    # equal scores: the images seen first are kept, whatever the batch boundaries
+    same = images[:1].expand(7, -1, -1, -1)
+    tied = build_library(model, [(same[i:i + 3], torch.zeros(len(same[i:i + 3]), 3)) for i in range(0, 7, 3)],
+                         LibrarySettings(("features",), references=4, bound=1.0))
+    assert tied.indices.tolist() == [[0, 1, 2, 3]] * 3
 
 
 def test_library_reused_only_for_the_same_classifier_and_settings():

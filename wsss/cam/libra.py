@@ -222,7 +222,10 @@ def _size_groups(images: Tensor, sizes: Tensor | None) -> list[tuple[Tensor, Ten
 
 
 class _LibraryBuilder:
-    """Keeps, per class, the R lowest-scoring candidates seen so far (stable: earlier wins ties)."""
+    """Keeps, per class, the R lowest-scoring candidates seen so far; on ties the one seen first.
+
+    Slots are filled in place (no copy of the whole store per batch, so memory stays at the store
+    plus one batch); ``finish`` orders each class's references by (score, position)."""
 
     def __init__(self, settings: LibrarySettings, device: torch.device) -> None:
         self.settings = settings
@@ -251,26 +254,38 @@ class _LibraryBuilder:
         if not bool(candidate.any()):
             return
         new = torch.where(candidate, scores, torch.full_like(scores, float("inf"))).T  # (C, n)
-        merged = torch.cat([self.scores, new], 1)
-        order = torch.sort(merged, dim=1, stable=True).indices[:, :r]  # (C, r)
-        self.scores = merged.gather(1, order)
-        self.indices = torch.cat([self.indices, positions.to(self.device).expand(c, n)], 1).gather(1, order)
-        # a pool of every kept and new activation; class k's slot j takes pool row pick[k, j]
-        rows = torch.arange(c, device=self.device)[:, None] * r
-        pick = torch.where(order < r, rows + order, c * r + order - r)
-        for layer, a in acts.items():
-            stored = self.activations[layer]
-            a = a.to(self.dtype)
-            if a.shape[-2:] != stored.shape[-2:]:
-                a = F.interpolate(a.float(), size=stored.shape[-2:], mode="bilinear",
-                                  align_corners=False).to(self.dtype)
-            pool = torch.cat([stored.flatten(0, 1), a], 0)
-            self.activations[layer] = pool[pick.flatten()].view_as(stored)
+        # stored entries come first, so a stable sort keeps them over equal new ones
+        kept = torch.sort(torch.cat([self.scores, new], 1), dim=1, stable=True).indices[:, :r]
+        incoming = kept >= r
+        acts = {layer: self._resized(layer, a) for layer, a in acts.items()}
+        for cls in incoming.any(1).nonzero().flatten().tolist():
+            rows = kept[cls][incoming[cls]] - r  # batch rows entering the store
+            stays = torch.zeros(r, dtype=torch.bool, device=self.device)
+            stays[kept[cls][~incoming[cls]]] = True
+            free = (~stays).nonzero().flatten()[: len(rows)]  # slots they take
+            self.scores[cls, free] = new[cls, rows]
+            self.indices[cls, free] = positions.to(self.device)[rows]
+            for layer, a in acts.items():
+                self.activations[layer][cls, free] = a[rows.to(a.device)].to(self.device)
+
+    def _resized(self, layer: str, a: Tensor) -> Tensor:
+        size = self.activations[layer].shape[-2:]
+        if a.shape[-2:] != size:
+            a = F.interpolate(a.float(), size=size, mode="bilinear", align_corners=False)
+        return a.to(self.dtype)
 
     def finish(self, classifier_hash: str | None) -> ReferenceLibrary:
         if self.scores is None:
             raise ValueError("the reference library got no images")
-        return ReferenceLibrary(self.settings, self.activations, self.scores, self.indices, classifier_hash)
+        # by score, then by position (empty slots, +inf and -1, go last)
+        by_position = torch.sort(torch.where(self.indices < 0, self.seen, self.indices), dim=1, stable=True).indices
+        scores = self.scores.gather(1, by_position)
+        order = by_position.gather(1, torch.sort(scores, dim=1, stable=True).indices)
+        acts = {}
+        for layer, a in self.activations.items():
+            acts[layer] = a[torch.arange(a.shape[0], device=a.device)[:, None], order]
+        return ReferenceLibrary(self.settings, acts, self.scores.gather(1, order), self.indices.gather(1, order),
+                                classifier_hash)
 
 
 @torch.no_grad()
@@ -284,12 +299,12 @@ def build_library(model: nn.Module, batches: Iterable[Any], settings: LibrarySet
     random augmentation for a reproducible library."""
     from tqdm.auto import tqdm
 
+    if model.training:
+        raise ValueError("build_library: put the model in eval mode first (model.eval())")
     device = _device_of(model)
     builder = _LibraryBuilder(settings, device)
     hooks = _LayerCAM(model, list(settings.layers))
     iterator = tqdm(batches, desc="Libra reference library", leave=False, disable=not progress)
-    if model.training:
-        raise ValueError("build_library: put the model in eval mode first (model.eval())")
     for batch in iterator:
         images, labels, sizes = _unpack(batch)
         for index, group in _size_groups(images.to(device), sizes):
