@@ -9,6 +9,13 @@ threshold (pseudo.threshold), mIoU with per-class thresholds calibrated by each 
 training images (no pixel labels; one set of masked queries feeds all objectives), and the oracle:
 the best single fixed threshold found with the ground truth (for reference only). Labels come from
 wsss.pseudo.labels.scores_to_labels with no ignore band, so the columns compare thresholds only.
+Libra-CAM (cam.method=libra) uses a reference library built first from the whole training split
+(--references per class, scores below --bound). For every group that computes three layers, the
+"libra-filter" view fuses them with Libra's reference filter instead of the mean (ALGORITHMS §3.5
+item 7): keep the layers whose map, multiplied into the image, raises the class's sigmoid score
+(official keep rule), then average. Cost columns: images through the classifier per image (masked
+copies included, backward passes and LRP sweeps not; the "libra-filter" view adds 3 per present
+class) and map images per second.
 speed: runs the real make-pseudo-masks stage (fixed threshold, so calibration is not timed) into
 a scratch run directory and prints a table row: images/s of the predict loop, the stage's seconds
 (predict + scoring), and the peak RSS of the main process and of the largest data-loader worker,
@@ -30,27 +37,31 @@ import torch
 from torch.utils.data import Subset
 
 from wsss import stages
-from wsss.io import read_json, write_json_atomic
-from wsss.stages import base as stage_base, pseudo_masks as pseudo_stage
+from wsss.cam import LibrarySettings, build_library, relu_max_normalize
+from wsss.cam.libra import filter_and_average
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
-from wsss.metrics import SegmentationScores
+from wsss.io import read_json, write_json_atomic
+from wsss.metrics import ForwardCounter, SegmentationScores
+from wsss.stages import base as stage_base, pseudo_masks as pseudo_stage
 from wsss.pseudo.calibrate import ThresholdCalibrator, masked_confidences
 from wsss.pseudo.labels import scores_to_labels
 
-GROUPS = [  # (name, method, preset, normalisation, layers reported alone)
-    ("Relevance-CAM default", "relevance", "default", "centred", ["layer2", "layer3", "layer4"]),
-    ("Relevance-CAM reference", "relevance", "reference", "centred", ["layer2", "layer3", "layer4"]),
-    ("Relevance-CAM default", "relevance", "default", "relu_max", ["layer4"]),
-    ("Relevance-CAM reference", "relevance", "reference", "minmax", ["layer4"]),
-    ("Grad-CAM", "gradcam", None, "centred", ["layer2", "layer3", "layer4"]),
-    ("Grad-CAM", "gradcam", None, "relu_max", ["layer4"]),
-    ("Grad-CAM++", "gradcampp", None, "centred", ["layer4"]),
-    ("Grad-CAM++", "gradcampp", None, "relu_max", ["layer4"]),
-    ("LIFT-CAM", "liftcam", None, "centred", ["layer4"]),
-    ("LIFT-CAM", "liftcam", None, "relu_max", ["layer4"]),
-]
 ALL_LAYERS = ["layer2", "layer3", "layer4"]
+GROUPS = [  # (name, method, preset, normalisation, layers reported alone, layers computed)
+    ("Relevance-CAM default", "relevance", "default", "centred", ALL_LAYERS, ALL_LAYERS),
+    ("Relevance-CAM reference", "relevance", "reference", "centred", ALL_LAYERS, ALL_LAYERS),
+    ("Relevance-CAM default", "relevance", "default", "relu_max", ["layer4"], ALL_LAYERS),
+    ("Relevance-CAM reference", "relevance", "reference", "minmax", ["layer4"], ALL_LAYERS),
+    ("Grad-CAM", "gradcam", None, "centred", ALL_LAYERS, ALL_LAYERS),
+    ("Grad-CAM", "gradcam", None, "relu_max", ["layer4"], ALL_LAYERS),
+    ("Grad-CAM++", "gradcampp", None, "centred", ["layer4"], ALL_LAYERS),
+    ("Grad-CAM++", "gradcampp", None, "relu_max", ["layer4"], ALL_LAYERS),
+    ("LIFT-CAM", "liftcam", None, "centred", ["layer4"], ["layer4"]),
+    ("LIFT-CAM", "liftcam", None, "relu_max", ["layer4"], ["layer4"]),
+    ("Libra-CAM", "libra", None, "centred", ALL_LAYERS, ALL_LAYERS),
+    ("Libra-CAM", "libra", None, "minmax", ["layer4"], ["layer4"]),
+]
 ORACLE_GRID = [round(0.05 * i, 2) for i in range(1, 20)]
 OBJECTIVES = ("increase", "keep_delete", "area", "delete")
 
@@ -63,15 +74,34 @@ def miou(batches, thresholds_of, num_classes) -> float:
     return meter.compute()["miou"]
 
 
-def collect(module, dataset, cfg) -> tuple[list, float]:
-    """Per batch: ({'layer2': ..., 'fused': ...} maps, targets, valid, masks, images), and seconds."""
+def collect(module, dataset, cfg) -> tuple[list, float, float]:
+    """Per batch: ({'layer2': ..., 'fused': ...} maps, targets, valid, masks, images), seconds and
+    images through the classifier per image."""
     started = time.perf_counter()
     out = []
-    for batch in make_loader(dataset, cfg, cfg.cam.batch_size, shuffle=False):
-        maps = module.fused_maps(batch["image"], batch["labels"], batch["size"])
-        views = {**maps["layers"], "fused": maps["fused"]}
-        out.append((views, maps["targets"], maps["valid"], batch["mask"], batch["image"]))
-    return out, time.perf_counter() - started
+    with ForwardCounter(module.model) as counter:
+        for batch in make_loader(dataset, cfg, cfg.cam.batch_size, shuffle=False):
+            maps = module.fused_maps(batch["image"], batch["labels"], batch["size"])
+            views = {**maps["layers"], "fused": maps["fused"]}
+            out.append((views, maps["targets"], maps["valid"], batch["mask"], batch["image"]))
+    return out, time.perf_counter() - started, counter.images / len(dataset)
+
+
+@torch.no_grad()
+def add_filtered_view(model, collected: list, layers: list[str]) -> list[float]:
+    """Adds the "libra-filter" view (layers kept by Libra's filter, averaged) to every batch;
+    returns the fraction of present (image, class) pairs that kept each layer."""
+    kept = torch.zeros(len(layers))
+    pairs = 0
+    for views, targets, valid, _, images in collected:
+        candidates = torch.stack([views[layer] for layer in layers], 2)  # (B, K, L, H, W)
+        base = model(images).float().sigmoid().gather(1, targets)
+        slots = valid[..., None].expand(-1, -1, len(layers))
+        mean, keep, _ = filter_and_average(model, images, candidates, targets, base, slots, "sigmoid")
+        views["libra-filter"] = relu_max_normalize(mean) * valid[:, :, None, None]
+        kept += keep[valid].float().sum(0)
+        pairs += int(valid.sum())
+    return (kept / max(pairs, 1)).tolist()
 
 
 def quality(args) -> None:
@@ -86,19 +116,34 @@ def quality(args) -> None:
                                              len(dataset))))
     num_fg = len(classifier.hparams.class_names)
     p = cfg.pseudo
+    groups = [g for g in GROUPS if args.groups is None or f"{g[0]} [{g[3]}]" in args.groups]
+    library = None
+    if any(group[1] == "libra" for group in groups):
+        started = time.perf_counter()
+        library = build_library(classifier.export().eval(), make_loader(dataset, cfg, cfg.cam.batch_size, shuffle=False),
+                                LibrarySettings(tuple(ALL_LAYERS), args.references, args.bound), progress=True)
+        print(f"Libra-CAM library: {len(dataset)} training images, {time.perf_counter() - started:.1f} s, "
+              f"references per class {library.counts.tolist()}", file=sys.stderr, flush=True)
     print(f"classifier {classifier.hparams.backbone}; {n_eval} images scored, {len(calibration)} other "
           f"training images for calibration; grid {p.grid}; area rho {p.rho}; min_confidence "
           f"{args.min_confidence}; delete delta {p.delta}", file=sys.stderr)
     rows = []
-    for name, method, preset, normalize, alone in GROUPS:
-        layers = ["layer4"] if method == "liftcam" else ALL_LAYERS
+    for name, method, preset, normalize, alone, layers in groups:
         run_cfg = dataclasses.replace(cfg, cam=dataclasses.replace(
             cfg.cam, method=method, layers=layers, preset=preset or cfg.cam.preset, layer_weights=None,
             normalize=normalize))
         module = pseudo_stage.pseudo_module(run_cfg, classifier)
-        scored, seconds = collect(module, evaluation, run_cfg)
-        queried, _ = collect(module, calibration, run_cfg)
+        if method == "libra":
+            module.options = {"library": library}
+        scored, seconds, forwards = collect(module, evaluation, run_cfg)
+        queried, _, _ = collect(module, calibration, run_cfg)
         views = alone + (["fused"] if len(layers) > 1 else [])
+        if layers == ALL_LAYERS and normalize == "centred":
+            kept = add_filtered_view(module.model, scored, layers)
+            add_filtered_view(module.model, queried, layers)
+            print(f"{name} [{normalize}] libra-filter keeps {dict(zip(layers, kept))} of present pairs",
+                  file=sys.stderr, flush=True)
+            views.append("libra-filter")
         for view in views:
             batches = [(v[view], t, ok, m) for v, t, ok, m, _ in scored]
             fixed = miou(batches, lambda t: p.threshold, num_fg + 1)
@@ -114,18 +159,18 @@ def quality(args) -> None:
             calibrated = {o: miou(batches, lambda t, pc=c.compute(): pc[t], num_fg + 1)
                           for o, c in calibrators.items()}
             label = f"{name}, {view}"
-            rows.append((label, normalize, fixed, calibrated, oracle, n_eval / seconds))
+            rows.append((label, normalize, fixed, calibrated, oracle, n_eval / seconds, forwards))
             print(f"{label} [{normalize}]: seed {fixed:.3f} calibrated {calibrated} oracle {oracle}",
                   file=sys.stderr, flush=True)
     header = " | ".join(f"calibrated {o}" for o in OBJECTIVES)
     print(f"| method, layer | normalisation | seed mIoU (τ={p.threshold}) | {header} | oracle mIoU (τ) | "
-          f"area − oracle | delete − oracle | maps img/s |")
-    print("|---|---|---|" + "---|" * len(OBJECTIVES) + "---|---|---|---|")
-    for label, normalize, fixed, calibrated, (best, tau), speed in rows:
+          f"area − oracle | delete − oracle | maps img/s | forwards per image |")
+    print("|---|---|---|" + "---|" * len(OBJECTIVES) + "---|---|---|---|---|")
+    for label, normalize, fixed, calibrated, (best, tau), speed, forwards in rows:
         cells = " | ".join(f"{100 * calibrated[o]:.1f}" for o in OBJECTIVES)
         print(f"| {label} | {normalize} | {100 * fixed:.1f} | {cells} | {100 * best:.1f} ({tau}) | "
               f"{100 * (calibrated['area'] - best):+.1f} | {100 * (calibrated['delete'] - best):+.1f} | "
-              f"{speed:.1f} |")
+              f"{speed:.1f} | {forwards:.1f} |")
 
 
 def speed(args) -> None:
@@ -161,6 +206,10 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/wsss_bench")
     parser.add_argument("--calibration-images", type=int, default=64)
     parser.add_argument("--min-confidence", type=float, default=0.5)
+    parser.add_argument("--references", type=int, default=30, help="Libra-CAM: references per class")
+    parser.add_argument("--bound", type=float, default=0.1, help="Libra-CAM: reference score bound")
+    parser.add_argument("--groups", nargs="*", default=None,
+                        help="quality: only the groups whose 'name [normalisation]' is listed")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="speed: config overrides, e.g. trainer.accelerator=gpu data.image_size=448")
     args = parser.parse_args()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from wsss.cli import main
 from wsss.config import ConfigError, load_config
-from wsss.data.check import check_source, format_report
+from wsss.data.check import check_source
 from wsss.data.datamodule import build_source, pad_collate
 from wsss.data.folder import FolderDataset
 from wsss.data.imageio import DataError, read_image_file

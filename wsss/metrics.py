@@ -277,3 +277,95 @@ def insertion_deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targe
         curve.append(scores.view(b, k))
     curve = torch.stack(curve, -1)
     return (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) / steps
+
+
+# --------------------------------------------------------------------------------------------
+# Libra-CAM's five metrics: AUC, API, APD, IR, DR
+# --------------------------------------------------------------------------------------------
+# Libra-CAM (IJCAI'22) reports AUC↑, API↑, APD↓, IR↑, DR↓ but released no evaluation code
+# (ALGORITHMS.md §2). The definitions below are ours, chosen to be consistent with Libra's own
+# masking (the soft map multiplied into the image, percentile cuts) and with its reported figures:
+# IR + DR = 1 minus the fraction of ties, which is why the README's rows give 0.997, 0.996, 0.999
+# and, for a saturated VOC VGG-16, 0.819. docs/benchmarks.md ("Libra-CAM") gives the reasoning.
+
+
+def libra_scores(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
+                 normalize: Normalize = None, activation: str = "softmax",
+                 steps: int = 10) -> dict[str, Tensor]:
+    """Per (image, class) terms of the five Libra-CAM metrics, each (B, K) float.
+
+    With y = s_t(x) and o = s_t(x ⊙ M) (the whole soft map M, min–max normalised, as in the
+    Grad-CAM++ "explanation map" and Libra's calibration):
+    - ``auc``: area under s_t(x ⊙ M·1[top f of M]) for the kept fraction f = 0, 1/steps, …, 1
+      (trapezoid rule): Libra's percentile cut (lowest pixels zeroed, the rest soft) swept over
+      the whole range; higher when the map's top pixels alone carry the class. The f = 1 end is o.
+    - ``increase``: max(0, o − y) / y, the relative confidence gain (API is its mean);
+    - ``drop``: max(0, y − o) / y, the relative confidence loss (APD is its mean; 100·APD is
+      Grad-CAM++'s Average Drop);
+    - ``increased``: 1[o > y] (IR is its mean; 100·IR is Grad-CAM++'s Average Increase);
+    - ``dropped``: 1[o < y] (DR is its mean). Ties count in neither, so IR + DR <= 1;
+    - ``score`` y and ``masked`` o themselves (e.g. to keep the pairs the classifier predicts:
+      the relative terms explode for a tiny y).
+    Masking follows this module's convention: `images` are multiplied, then `normalize`d.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    maps, targets = _prepare(images, maps, targets)
+    b, k = targets.shape
+    h, w = images.shape[-2:]
+    y = class_scores(model, images, targets, normalize, activation)
+    order = maps.flatten(-2).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(h * w, device=order.device)
+                                            .expand_as(order)).view(b, k, h, w)
+    curve = torch.stack([
+        _masked_scores(model, images, maps * (rank < round(i * h * w / steps)), targets, normalize, activation)
+        for i in range(steps + 1)], -1)  # (B, K, steps + 1)
+    auc = (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) / steps
+    o = curve[..., -1]
+    ratio = (o - y) / y.clamp(min=1e-12)
+    return {"auc": auc, "increase": ratio.clamp(min=0), "drop": (-ratio).clamp(min=0),
+            "increased": (o > y).float(), "dropped": (o < y).float(), "score": y, "masked": o}
+
+
+LIBRA_METRICS = {"auc": "auc", "api": "increase", "apd": "drop", "ir": "increased", "dr": "dropped"}
+
+
+def libra_summary(scores: dict[str, Tensor], select: Tensor | None = None) -> dict[str, float]:
+    """AUC, API, APD, IR, DR: means of ``libra_scores`` terms over all (image, class) pairs, or the
+    pairs where `select` (B, K) is true. Concatenate the terms of several batches first."""
+    out = {}
+    for name, term in LIBRA_METRICS.items():
+        values = scores[term] if select is None else scores[term][select.to(scores[term].device)]
+        out[name] = float(values.float().mean()) if values.numel() else float("nan")
+    return out
+
+
+def libra_metrics(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
+                  normalize: Normalize = None, activation: str = "softmax",
+                  steps: int = 10) -> dict[str, float]:
+    """The five Libra-CAM metrics (``libra_scores`` averaged): auc↑, api↑, apd↓, ir↑, dr↓."""
+    return libra_summary(libra_scores(model, images, maps, targets, normalize, activation, steps))
+
+
+class ForwardCounter:
+    """Counts the images that go through a model's forward passes while active (the batch sizes
+    seen by its first Conv2d, or by the model itself if it has none): the "forwards per image"
+    cost of an attribution method. Backward passes and LRP sweeps are not counted."""
+
+    def __init__(self, model: nn.Module) -> None:
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        self.module = convs[0] if convs else model
+        self.images = 0
+        self._handle = None
+
+    def __enter__(self) -> "ForwardCounter":
+        self._handle = self.module.register_forward_pre_hook(self._count)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        self.images += int(args[0].shape[0])

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from wsss.cam.baselines import CAM, METHODS, GradCAM, GradCAMPlusPlus, LiftCAM
+from wsss.cam.libra import LibraCAM, LibrarySettings, ReferenceLibrary, build_library, library_for
 from wsss.cam.lrp import (INPUT_LAYER, LRPConfig, Rule, box_rule, register_handler, register_rule,
                           unregister_rule)
 from wsss.cam.postprocess import (NORMALIZATIONS, aggregate_scales, centred_normalize,
@@ -20,14 +21,20 @@ from wsss.cam.postprocess import (NORMALIZATIONS, aggregate_scales, centred_norm
 from wsss.cam.relevance import (DEFAULT_PRESET, PRESETS, RelevanceCAM, list_presets,
                                 preset_config, start_relevance)
 
-CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam")
+CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam", "libra")
 
 
 def build_cam(method: str, model: nn.Module, layers: list[str] | str, **options: Any):
     """A CAM object by name: "relevance" (options: preset=..., and LRPConfig fields),
+    "libra" (options: library=ReferenceLibrary (required), activation=, chunk=, calibrate=),
     "gradcam", "gradcampp", "liftcam" or "cam" (no options)."""
     if method == "relevance":
         return RelevanceCAM(model, layers, **options)
+    if method == "libra":
+        if "library" not in options:
+            raise TypeError("CAM method 'libra' needs library=ReferenceLibrary "
+                            "(wsss.cam.build_library / library_for)")
+        return LibraCAM(model, layers, **options)
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {CAM_METHODS}")
     if options:
@@ -37,8 +44,9 @@ def build_cam(method: str, model: nn.Module, layers: list[str] | str, **options:
 
 __all__ = [
     "CAM", "CAM_METHODS", "DEFAULT_PRESET", "GradCAM", "GradCAMPlusPlus", "INPUT_LAYER",
-    "LRPConfig", "LiftCAM", "NORMALIZATIONS", "PRESETS", "RelevanceCAM", "Rule", "aggregate_scales",
-    "box_rule", "build_cam", "centred_normalize", "fuse_layers", "list_presets",
+    "LRPConfig", "LibraCAM", "LibrarySettings", "LiftCAM", "NORMALIZATIONS", "PRESETS",
+    "ReferenceLibrary", "RelevanceCAM", "Rule", "aggregate_scales", "box_rule", "build_cam",
+    "build_library", "centred_normalize", "fuse_layers", "library_for", "list_presets",
     "minmax_normalize", "normalize_maps", "preset_config", "register_handler", "register_rule",
     "relu_max_normalize", "start_relevance", "unregister_rule", "upsample",
 ]
