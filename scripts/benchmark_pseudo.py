@@ -132,9 +132,7 @@ def quality(args) -> None:
         run_cfg = dataclasses.replace(cfg, cam=dataclasses.replace(
             cfg.cam, method=method, layers=layers, preset=preset or cfg.cam.preset, layer_weights=None,
             normalize=normalize))
-        module = pseudo_stage.pseudo_module(run_cfg, classifier)
-        if method == "libra":
-            module.options = {"library": library}
+        module = pseudo_stage.pseudo_module(run_cfg, classifier, library=library if method == "libra" else None)
         scored, seconds, forwards = collect(module, evaluation, run_cfg)
         queried, _, _ = collect(module, calibration, run_cfg)
         views = alone + (["fused"] if len(layers) > 1 else [])

@@ -19,6 +19,9 @@ from wsss.data.imageio import read_mask
 from wsss.io import read_json
 from wsss.models.pseudo_labeler import SEED_DIR, present_targets
 from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
+from wsss.stages import pseudo_masks as pseudo_stage
+from wsss.stages.base import StageError
+from wsss.stages.classifier import classifier_fingerprint
 from wsss.stages.pseudo_masks import pseudo_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +57,7 @@ def batch_of(cfg, classifier, count=4):
 def expected_fused(model, images, labels, method, layers, options, normalize, scales, flip, weights):
     """The fused maps computed by hand from the public CAM functions."""
     targets, valid = present_targets(labels)
-    extra = {"present": labels > 0.5} if method == "relevance" else {}
+    extra = {"present": labels > 0.5} if method in ("relevance", "libra") else {}
     with build_cam(method, model, layers, **options) as cam:
         maps = aggregate_scales(cam, images, scales, flip, targets=targets, normalize=normalize, **extra)
     return fuse_layers(maps, images.shape[-2:], weights) * valid[:, :, None, None]
@@ -324,3 +327,61 @@ def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_pat
     assert again["refined_written_now"] == 1
     segmenter = stages.train_segmenter(cfg)
     assert segmenter["masks"] == str(directory / "masks")
+
+
+LIBRA = ["cam.method=libra", "cam.libra_references=3", "cam.libra_bound=1.0", "pseudo.calibration=fixed"]
+
+
+def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(trained, tmp_path, monkeypatch):
+    """cam.method=libra: the stage stores a library built from the training split with the
+    cam.libra_* settings and the classifier's fingerprint; the written masks come from maps made
+    with it; a second call reuses it; a changed classifier or setting rebuilds it."""
+    from wsss.cam import LibrarySettings, ReferenceLibrary, build_library
+    from wsss.cam import libra as libra_module
+
+    reuse_classifier(trained, tmp_path)
+    cfg = config(tmp_path, *LIBRA)
+    record = stages.make_pseudo_masks(cfg)
+    out = tmp_path / "default" / "pseudo_masks"
+    path = out / pseudo_stage.LIBRARY_FILE
+    state = torch.load(path, weights_only=True)
+    classifier = stages.load_classifier(cfg)
+    assert state["classifier_hash"] == classifier_fingerprint(classifier)
+    assert state["settings"]["references"] == 3 and state["settings"]["bound"] == 1.0
+    assert list(state["settings"]["layers"]) == list(cfg.cam.layers)
+    dataset = build_source(cfg, "train", mean=classifier.hparams.mean, std=classifier.hparams.std)
+    by_hand = build_library(classifier.export().eval(), make_loader(dataset, cfg, 4),
+                            LibrarySettings(tuple(cfg.cam.layers), references=3, bound=1.0))
+    stored = ReferenceLibrary.from_state_dict(state)
+    for layer in cfg.cam.layers:
+        assert torch.allclose(stored.activations[layer], by_hand.activations[layer])
+    assert record["count"] == len(dataset)
+
+    batch = batch_of(cfg, classifier)
+    fused = pseudo_module(cfg, classifier, library=stored).fused_maps(batch["image"], batch["labels"])["fused"]
+    expected = expected_fused(classifier.export(), batch["image"], batch["labels"], "libra", cfg.cam.layers,
+                              {"library": by_hand}, "centred", [1.0], False, None)
+    assert torch.allclose(fused, expected, atol=1e-5)
+    relevance = pseudo_module(config(tmp_path), classifier).fused_maps(batch["image"], batch["labels"])["fused"]
+    assert not torch.allclose(fused, relevance, atol=1e-3)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the library was rebuilt although settings and classifier match")
+
+    monkeypatch.setattr(libra_module, "build_library", no_build)
+    pseudo_stage.reference_library(cfg, classifier, out)  # reused
+    monkeypatch.undo()
+    state["classifier_hash"] = "another-classifier"
+    torch.save(state, path)
+    pseudo_stage.reference_library(cfg, classifier, out)
+    assert torch.load(path, weights_only=True)["classifier_hash"] == classifier_fingerprint(classifier)
+    pseudo_stage.reference_library(config(tmp_path, *LIBRA, "cam.libra_references=2"), classifier, out)
+    assert torch.load(path, weights_only=True)["scores"].shape[1] == 2
+
+
+def test_libra_without_references_names_the_classes_and_the_key(trained, tmp_path):
+    reuse_classifier(trained, tmp_path)
+    cfg = config(tmp_path, *LIBRA, "cam.libra_bound=1e-9")
+    classifier = stages.load_classifier(cfg)
+    with pytest.raises(StageError, match=r"cam.libra_bound=1e-09 for \['disc'"):
+        pseudo_stage.reference_library(cfg, classifier, tmp_path)

@@ -33,7 +33,7 @@ def _opt(default: Any, help: str = "") -> Any:
     return field(default=default, metadata={"help": help})
 
 
-CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam")
+CAM_METHODS = ("relevance", "gradcam", "gradcampp", "liftcam", "cam", "libra")
 MAP_NORMALIZATIONS = ("centred", "relu_max", "minmax")  # wsss.cam.NORMALIZATIONS
 INTENSITY_MODES = ("dataset", "minmax", "window")  # wsss.data.intensity
 SYNTHETIC_IMAGE_SIZE = 128  # data.image_size of the synthetic sources when unset
@@ -119,6 +119,9 @@ class CamConfig:
                              help="per-map normalisation before fusion: centred (minus the spatial mean, "
                                   "then ReLU/max; measured best, docs/benchmarks.md), relu_max, minmax")
     batch_size: int = _opt(8, "images per predict batch")
+    libra_references: int = _opt(30, "libra: reference activations per class, from training images labelled "
+                                     "without the class and scored below cam.libra_bound for it")
+    libra_bound: float = _opt(0.1, "libra: a reference image's sigmoid score for the class must be below this")
 
 
 @dataclass
@@ -441,7 +444,9 @@ def _check_cross_field(cfg: Config) -> None:
     for key in ("batch_size", "crop_size", "num_train", "num_val", "image_size"):
         if getattr(cfg.data, key) is not None and getattr(cfg.data, key) < 1:
             raise ConfigError(f"data.{key}: must be at least 1, got {getattr(cfg.data, key)}")
-    positive = [("cam", "batch_size"), ("pseudo", "calibration_images"), ("pseudo", "par_iterations"),
+    if not 0.0 < cfg.cam.libra_bound <= 1.0:
+        raise ConfigError(f"cam.libra_bound: must lie in (0, 1], got {cfg.cam.libra_bound}")
+    positive = [("cam", "batch_size"), ("cam", "libra_references"), ("pseudo", "calibration_images"), ("pseudo", "par_iterations"),
                 ("classifier", "max_epochs"), ("segmenter", "max_epochs"), ("affinity", "max_epochs"),
                 ("affinity", "radius"), ("affinity", "stride"), ("affinity", "steps")]
     for group, key in positive:

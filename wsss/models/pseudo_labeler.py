@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 
-from wsss.cam import aggregate_scales, build_cam, fuse_layers
+from wsss.cam import ReferenceLibrary, aggregate_scales, build_cam, fuse_layers
 from wsss.data.masks import write_label_png
 from wsss.data.resize import restore_size
 from wsss.io import atomic_path, write_json_atomic
@@ -52,12 +52,17 @@ class PseudoMaskModule(L.LightningModule):
                  scales: Sequence[float] = (1.0,), flip: bool = False, normalize: str = "centred",
                  thresholds: Optional[Tensor] = None, seed_threshold: float = 0.25,
                  ignore_band: float = 0.0, refine: str = "none", refine_options: Optional[dict[str, Any]] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 library: Optional[ReferenceLibrary] = None) -> None:
         super().__init__()
         self.model = model.eval()
         self.method = method
         self.layers = list(layers)
-        self.options = {"preset": preset} if method == "relevance" else {}
+        self.options: dict[str, Any] = {"preset": preset} if method == "relevance" else {}
+        if method == "libra":
+            if library is None:
+                raise ValueError("method='libra' needs library= (a ReferenceLibrary built from the training split)")
+            self.options["library"] = library
         self.layer_weights = list(layer_weights) if layer_weights is not None else None
         self.scales = list(scales)
         self.flip = flip
@@ -71,6 +76,10 @@ class PseudoMaskModule(L.LightningModule):
         self.refine = check_refine_method(refine)
         self.refine_options = dict(refine_options or {})
         self.mean, self.std = mean, std
+
+    def on_predict_start(self) -> None:
+        if "library" in self.options:  # Libra's references beside the model, not copied per batch
+            self.options["library"] = self.options["library"].to(self.device)
 
     @staticmethod
     def _num_outputs(model: nn.Module) -> int:
@@ -108,7 +117,7 @@ class PseudoMaskModule(L.LightningModule):
 
     def _layer_maps(self, images: Tensor, targets: Tensor, present: Tensor) -> dict[str, Tensor]:
         """Normalised per-layer maps at the images' size, aggregated over scales and flips."""
-        kwargs = {"present": present} if self.method == "relevance" else {}
+        kwargs = {"present": present} if self.method in ("relevance", "libra") else {}
         with build_cam(self.method, self.model, self.layers, **self.options) as cam:
             return aggregate_scales(cam, images, self.scales, self.flip, targets=targets,
                                     normalize=self.normalize, **kwargs)

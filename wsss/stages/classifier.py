@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule
@@ -46,3 +47,16 @@ def load_classifier(cfg: Config):
     from wsss.models.classifier import ClassifierModule
 
     return load_trained(cfg, "classifier", ClassifierModule, "train-classifier")
+
+
+def classifier_fingerprint(classifier) -> str:
+    """sha256 of the trained network's weights: what artefacts computed from the classifier
+    (the Libra-CAM reference library) are tied to, so a retrained classifier rebuilds them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(classifier.export().state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+

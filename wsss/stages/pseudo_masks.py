@@ -35,6 +35,7 @@ from wsss.stages.classifier import load_classifier
 from wsss.stages.scoring import score_mask_dir
 
 CALIBRATION_DIR = ".calibration"
+LIBRARY_FILE = "libra_library.pt"
 
 
 def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
@@ -44,8 +45,9 @@ def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
                      recorder=lambda logger, record: record_pseudo_stage(cfg, logger, record))
 
 
-def pseudo_module_options(cfg: Config, classifier) -> dict[str, Any]:
-    """The PseudoMaskModule keywords the config and the classifier define (thresholds aside)."""
+def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, Any]:
+    """The PseudoMaskModule keywords the config and the classifier define (thresholds aside);
+    ``library``: the Libra-CAM reference library (``reference_library``) when cam.method=libra."""
     from wsss.models.pseudo_labeler import IMAGE_REFINEMENTS
 
     c, p = cfg.cam, cfg.pseudo
@@ -54,7 +56,7 @@ def pseudo_module_options(cfg: Config, classifier) -> dict[str, Any]:
     return dict(method=c.method, layers=c.layers, preset=c.preset, layer_weights=c.layer_weights,
                 scales=c.scales, flip=c.flip, normalize=c.normalize, seed_threshold=p.threshold,
                 ignore_band=p.ignore_band, refine=refine, refine_options=options,
-                mean=classifier.hparams.mean, std=classifier.hparams.std)
+                mean=classifier.hparams.mean, std=classifier.hparams.std, library=library)
 
 
 def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
@@ -67,11 +69,54 @@ def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
     return {"seed": out_dir / SEED_DIR, "pseudo": out_dir}
 
 
-def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = None):
+def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = None, library=None):
     """The pseudo-mask LightningModule around the trained classifier's network."""
     from wsss.models.pseudo_labeler import PseudoMaskModule
 
-    return PseudoMaskModule(classifier.export(), thresholds=thresholds, **pseudo_module_options(cfg, classifier))
+    return PseudoMaskModule(classifier.export(), thresholds=thresholds,
+                            **pseudo_module_options(cfg, classifier, library))
+
+
+def library_settings(cfg: Config):
+    """The Libra-CAM library settings the config defines (cam.layers, cam.libra_*)."""
+    from wsss.cam import LibrarySettings
+
+    return LibrarySettings(layers=tuple(cfg.cam.layers), references=cfg.cam.libra_references,
+                           bound=cfg.cam.libra_bound)
+
+
+def reference_library(cfg: Config, classifier, out_dir: Path):
+    """cam.method=libra: the reference library, built once per classifier from the training split
+    (no augmentation, on the stage's device, with a progress bar) by global rank zero and stored
+    as ``libra_library.pt`` with its settings and the classifier's fingerprint; reused while both
+    match (a resumed stage), rebuilt when either changes. None for the other methods."""
+    from wsss.cam import ReferenceLibrary, library_for
+    from wsss.io import atomic_path
+    from wsss.stages.base import stage_device
+    from wsss.stages.classifier import classifier_fingerprint
+
+    if cfg.cam.method != "libra":
+        return None
+    path = out_dir / LIBRARY_FILE
+    if is_global_zero():
+        import copy
+
+        stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        model = copy.deepcopy(classifier.export()).eval().to(stage_device(cfg))
+        dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std)
+        library, built = library_for(model, lambda: make_loader(dataset, cfg, cfg.cam.batch_size),
+                                     library_settings(cfg), classifier_fingerprint(classifier), stored,
+                                     progress=True)
+        if built:
+            with atomic_path(path) as tmp:
+                torch.save(library.to("cpu").state_dict(), tmp)
+        empty = [name for name, count in zip(classifier.hparams.class_names, library.counts.tolist()) if count == 0]
+        if empty:
+            raise StageError(f"cam.method=libra: no training image scored below cam.libra_bound="
+                             f"{cfg.cam.libra_bound} for {empty}, so these classes have no references; "
+                             "raise cam.libra_bound or train the classifier longer")
+    barrier()
+    return ReferenceLibrary.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def calibration_subset(cfg: Config, dataset) -> Subset:
@@ -101,7 +146,7 @@ def thresholds_from_confidences(cfg: Config, names: list[str], confidences: dict
             "low_confidence_pairs": calibrator.skipped}
 
 
-def calibrate_thresholds(cfg: Config, classifier, out_dir: Path) -> dict[str, Any]:
+def calibrate_thresholds(cfg: Config, classifier, out_dir: Path, library=None) -> dict[str, Any]:
     """thresholds.json: reused when an earlier attempt wrote it, otherwise calibrated (or fixed)."""
     from wsss.models.calibration import CalibrationModule, ConfidenceCollector, merge_confidences
 
@@ -121,7 +166,7 @@ def calibrate_thresholds(cfg: Config, classifier, out_dir: Path) -> dict[str, An
     subset = calibration_subset(cfg, dataset)
     shards = out_dir / CALIBRATION_DIR
     module = CalibrationModule(classifier.export(), grid=p.grid, min_confidence=p.min_confidence,
-                               **pseudo_module_options(cfg, classifier))
+                               **pseudo_module_options(cfg, classifier, library))
     trainer = make_trainer(cfg, 1, False, [ConfidenceCollector(shards)], inference_mode=False)
     trainer.predict(module, dataloaders=make_loader(subset, cfg, cfg.cam.batch_size), return_predictions=False)
     barrier()
@@ -160,10 +205,11 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False
     """Calibrate, predict (resuming past finished images), then score, panel and manifest."""
     from wsss.models.pseudo_labeler import PANEL_DIR, RANK_DIR, PseudoMaskWriter
 
-    thresholds = calibrate_thresholds(cfg, classifier, out_dir)
+    library = reference_library(cfg, classifier, out_dir)
+    thresholds = calibrate_thresholds(cfg, classifier, out_dir, library)
     names = list(classifier.hparams.class_names)
     per_class = torch.tensor([thresholds["per_class"][n] for n in names])
-    module = pseudo_module(cfg, classifier, per_class)
+    module = pseudo_module(cfg, classifier, per_class, library)
 
     dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std)
     steps = mask_steps(cfg, out_dir)
