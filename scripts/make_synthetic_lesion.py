@@ -32,7 +32,7 @@ try:
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from wsss.data.masks import write_label_png
-from wsss.data.synthetic import _split_code
+from wsss.data.synthetic import split_code
 from wsss.data.synthetic_lesion import LESION_CLASSES, render_lesion_sample
 from wsss.io import atomic_path, write_text_atomic
 
@@ -83,7 +83,7 @@ WRITERS = {"png16": write_png16, "tiff": write_tiff, "dcm": write_dicom}
 def image_shape(seed: int, split: str, index: int, size: int, jitter: float) -> tuple[int, int]:
     if jitter <= 0:
         return size, size
-    rng = np.random.default_rng([seed, _split_code(split), index, 104729])
+    rng = np.random.default_rng([seed, split_code(split), index, 104729])
     low, high = max(8, round(size * (1 - jitter))), round(size * (1 + jitter))
     return int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1))
 

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from wsss.data.base import RawSample, SegmentationSource, labels_from_mask
-from wsss.data.synthetic import _split_code
+from wsss.data.synthetic import split_code
 
 LESION_CLASSES = ["lesion", "calcification"]
 MAX_VALUE = 65535
@@ -86,7 +86,7 @@ def render_lesion_sample(seed: int, split: str, index: int, height: int, width: 
     """One image (float32 HxWx1 holding integers 0..65535) and its mask (uint8 class indices)."""
     if findings not in (1, 2):
         raise ValueError(f"findings must be 1 or 2, got {findings}")
-    rng = np.random.default_rng([seed, _split_code(split), index, 7919])
+    rng = np.random.default_rng([seed, split_code(split), index, 7919])
     side = max(height, width)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     image = _tissue(rng, height, width)
