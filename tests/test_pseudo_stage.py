@@ -21,7 +21,7 @@ TINY = [
     "data.num_train=12", "data.num_val=4", "data.image_size=64", "data.crop_size=64",
     "data.batch_size=4", "data.num_workers=0", "classifier.max_epochs=1", "classifier.output_stride=16",
     "cam.batch_size=4", "cam.flip=false", "pseudo.calibration_images=4", "pseudo.grid=[0.1, 0.3, 0.5]",
-    "pseudo.num_panels=2", "logger.kind=none", "trainer.accelerator=cpu", "trainer.devices=1",
+    "pseudo.num_panels=2", "pseudo.refine=none", "logger.kind=none", "trainer.accelerator=cpu", "trainer.devices=1",
 ]
 
 

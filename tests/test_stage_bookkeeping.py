@@ -12,7 +12,7 @@ from wsss.data.imageio import DataError
 from wsss.stages.base import begin_stage, stage_hashes
 
 TINY = ["data.num_train=8", "data.num_val=4", "data.image_size=48", "data.crop_size=48", "data.batch_size=4",
-        "data.num_workers=0", "classifier.max_epochs=1", "logger.kind=none", "trainer.accelerator=cpu",
+        "data.num_workers=0", "classifier.max_epochs=1", "logger.kind=none", "pseudo.refine=none", "trainer.accelerator=cpu",
         "trainer.devices=1"]
 
 

@@ -30,7 +30,7 @@ TINY = [
     "data.batch_size=4", "data.num_workers=0", "classifier.max_epochs=1", "classifier.output_stride=16",
     "segmenter.max_epochs=1", "segmenter.arch=FPN",
     "cam.batch_size=4", "cam.flip=false", "pseudo.calibration_images=8", "pseudo.num_panels=0",
-    "logger.kind=none", "trainer.accelerator=cpu", "trainer.devices=1",
+    "logger.kind=none", "trainer.accelerator=cpu", "trainer.devices=1", "pseudo.refine=none",
 ]
 
 
