@@ -13,6 +13,7 @@ With any other ``pseudo.refine`` the stage has nothing to do and leaves no folde
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,10 @@ def _run(cfg: Config, logger: Any) -> dict[str, Any]:
                             freeze_backbone=a.freeze_backbone, lr=a.lr, backbone_lr_mult=a.backbone_lr_mult,
                             beta=a.beta, steps=a.steps)
     # validated on nothing: the val split's masks are ground truth, which the stage must not see
-    results = fit_stage(cfg, "affinity", module, datamodule, a.max_epochs, logger, limit_val_batches=0)
+    with warnings.catch_warnings():
+        # the backbone's BatchNorm stays in eval mode by design (the classifier's statistics)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        results = fit_stage(cfg, "affinity", module, datamodule, a.max_epochs, logger, limit_val_batches=0)
     trained = AffinityModule.load_from_checkpoint(stage_dir(cfg, "affinity") / "last.ckpt",
                                                   backbone=classifier.export(), map_location="cpu")
     results.update(_propagate(cfg, classifier, trained, record["thresholds"], logger))
