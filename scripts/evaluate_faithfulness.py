@@ -6,7 +6,7 @@
 Uses the run's trained classifier (train one first: `wsss train-classifier configs/default.yaml`).
 Per method and layer (layer2, layer3, layer4, fused), a first table: Average Drop / Increase with
 the Grad-CAM++ definitions and with the Relevance-CAM protocol (top 50% soft mask), insertion and
-deletion AUC (sigmoid scores, 16 steps), on the images whose every slot is a present class; and
+deletion AUC (sigmoid scores, 16 steps), over every present (image, class) pair; and
 the mIoU of the maps thresholded at the best single threshold (the synthetic set has ground
 truth), on all images. A second table: Libra-CAM's five metrics (wsss.metrics.libra_scores: AUC
 over 10 soft percentile cuts, API, APD, IR, DR; sigmoid scores; Libra's masking, the normalised
@@ -113,10 +113,12 @@ def main() -> None:
                 predicted = valid & (terms["score"] >= 0.5)  # as the paper's target: a predicted class
                 for term, values in terms.items():
                     libra_terms.setdefault(term, []).append(values[predicted])
-                sel = valid.all(1)  # faithfulness on images whose slots are all real
-                if not sel.any():
+                # every present (image, class) pair, each scored as a one-target image (padding
+                # slots of images with fewer classes than the batch's maximum are left out)
+                bi, ki = valid.nonzero(as_tuple=True)
+                if not len(bi):
                     continue
-                r, m, t = raw[sel], maps[sel], targets[sel]
+                r, m, t = raw[bi], maps[bi, ki][:, None], targets[bi, ki][:, None]
                 g = average_drop_increase(model, r, m, t, normalize, "sigmoid", "gradcampp")
                 p = average_drop_increase(model, r, m, t, normalize, "sigmoid", "relevancecam")
                 d = insertion_deletion_auc(model, r, m, t, normalize, "sigmoid", mode="deletion")
