@@ -14,7 +14,7 @@ from typing import Callable, Optional
 from wsss.config import Config, ConfigError, describe_keys, load_config
 
 COMMANDS: dict[str, str] = {
-    "run": "all stages (train-classifier -> make-pseudo-masks -> train-segmenter -> evaluate), resumable",
+    "run": "all stages (train-classifier -> make-pseudo-masks [-> train-affinity] -> train-segmenter -> evaluate), resumable",
     "train-classifier": "train the multi-label classifier on image-level labels",
     "make-pseudo-masks": "write Relevance-CAM pseudo-masks for the training split",
     "train-affinity": "with pseudo.refine=affinity: learn inter-pixel affinities, write random-walk refined masks",
