@@ -98,6 +98,7 @@ def reference_library(cfg: Config, classifier, out_dir: Path):
     if cfg.cam.method != "libra":
         return None
     path = out_dir / LIBRARY_FILE
+    library = None
     if is_global_zero():
         import copy
 
@@ -107,16 +108,19 @@ def reference_library(cfg: Config, classifier, out_dir: Path):
         library, built = library_for(model, lambda: make_loader(dataset, cfg, cfg.cam.batch_size),
                                      library_settings(cfg), classifier_fingerprint(classifier), stored,
                                      progress=True)
+        library = library.to("cpu")
         if built:
             with atomic_path(path) as tmp:
-                torch.save(library.to("cpu").state_dict(), tmp)
-        empty = [name for name, count in zip(classifier.hparams.class_names, library.counts.tolist()) if count == 0]
-        if empty:
-            raise StageError(f"cam.method=libra: no training image scored below cam.libra_bound="
-                             f"{cfg.cam.libra_bound} for {empty}, so these classes have no references; "
-                             "raise cam.libra_bound or train the classifier longer")
-    barrier()
-    return ReferenceLibrary.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                torch.save(library.state_dict(), tmp)
+    barrier()  # every process checks the same library, so none is left waiting when it is unusable
+    if library is None:
+        library = ReferenceLibrary.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    empty = [name for name, count in zip(classifier.hparams.class_names, library.counts.tolist()) if count == 0]
+    if empty:
+        raise StageError(f"cam.method=libra: no training image scored below cam.libra_bound="
+                         f"{cfg.cam.libra_bound} for {empty}, so these classes have no references; "
+                         "raise cam.libra_bound or train the classifier longer")
+    return library
 
 
 def calibration_subset(cfg: Config, dataset) -> Subset:
