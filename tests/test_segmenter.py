@@ -176,6 +176,40 @@ def test_poly_schedule_per_optimizer_step():
     assert group["lr"] == pytest.approx(0.01 * (1 - 5 / 10) ** 0.9)
 
 
+def test_ce_dice_loss_is_cross_entropy_plus_soft_dice_over_valid_pixels():
+    """Closed form: CE over pixels not 255, plus the mean over classes of 1 - 2|P.Y| / (|P| + |Y|)
+    on valid pixels, a class absent from the valid pixels adding 0."""
+    from wsss.models.segmenter import SegmenterLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6)
+    mask = torch.randint(0, 3, (2, 5, 6))  # class 3 absent
+    mask[0, :2] = 255
+    valid = mask != 255
+    probs = logits.softmax(1).permute(1, 0, 2, 3)[:, valid]  # C x valid pixels
+    target = torch.nn.functional.one_hot(mask[valid], 4).T.float()
+    dice = 2 * (probs * target).sum(1) / (probs.sum(1) + target.sum(1))
+    expected_dice = ((1 - dice) * (target.sum(1) > 0)).mean()
+    expected_ce = -logits.log_softmax(1).permute(1, 0, 2, 3)[:, valid].gather(0, mask[valid][None]).mean()
+    assert SegmenterLoss("ce")(logits, mask) == pytest.approx(float(expected_ce), abs=1e-6)
+    assert SegmenterLoss("ce_dice")(logits, mask) == pytest.approx(float(expected_ce + expected_dice), abs=1e-5)
+    with pytest.raises(ValueError, match="ce_dice"):
+        SegmenterLoss("focal")
+
+
+def test_adamw_with_a_constant_schedule():
+    module = SegmenterModule(NUM_CLASSES, arch="Unet", lr=0.002, optimizer="adamw", schedule="constant",
+                             weight_decay=0.01)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.01
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002)
+
+
 def test_missing_pretrained_weights_explain_the_way_out(monkeypatch):
     import segmentation_models_pytorch as smp
 

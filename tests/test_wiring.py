@@ -173,6 +173,28 @@ def test_evaluation_uses_the_configured_test_time_augmentation(trained, tmp_path
     assert changed
 
 
+def test_segmenter_recipe_keys_reach_the_trained_segmenter(tmp_path):
+    """segmenter.optimizer / schedule / loss / lr / momentum / weight_decay: the stage's checkpoint
+    holds the optimizer they name (AdamW moments, the constant learning rate) and the loss."""
+    cfg = config(tmp_path, "segmenter.masks=ground_truth", "segmenter.optimizer=adamw", "segmenter.lr=0.002",
+                 "segmenter.schedule=constant", "segmenter.loss=ce_dice", "segmenter.weight_decay=0.03")
+    stages.train_segmenter(cfg)
+    checkpoint = torch.load(tmp_path / "default" / "segmenter" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = checkpoint["optimizer_states"][0]
+    assert "exp_avg_sq" in next(iter(state["state"].values()))  # AdamW, not SGD
+    assert (state["param_groups"][0]["lr"], state["param_groups"][0]["weight_decay"]) == (0.002, 0.03)
+    assert stages.load_segmenter(cfg).loss_fn.dice is not None
+
+    sgd = config(tmp_path / "sgd", "segmenter.masks=ground_truth", "segmenter.optimizer=sgd", "segmenter.momentum=0.7",
+                 "segmenter.lr=0.02", "segmenter.schedule=poly", "segmenter.loss=ce")
+    stages.train_segmenter(sgd)
+    checkpoint = torch.load(tmp_path / "sgd" / "default" / "segmenter" / "last.ckpt", map_location="cpu",
+                            weights_only=False)
+    group = checkpoint["optimizer_states"][0]["param_groups"][0]
+    assert group["momentum"] == 0.7 and group["lr"] < 0.02  # poly: decayed by the end of the fit
+    assert stages.load_segmenter(sgd).loss_fn.dice is None
+
+
 @pytest.mark.slow
 def test_segmenter_trains_on_a_mask_directory_and_standalone_evaluate_runs(trained, tmp_path):
     """segmenter.masks=DIR: a directory of palette PNGs (here: the ground truth, written out)."""

@@ -179,7 +179,12 @@ class SegmenterConfig:
     pretrained: bool = _opt(False, "ImageNet encoder weights (needs network)")
     max_epochs: int = _opt(12, "training epochs")
     lr: float = _opt(0.01, "SGD learning rate")
-    weight_decay: float = _opt(1e-4, "SGD weight decay")
+    weight_decay: float = _opt(1e-4, "weight decay")
+    momentum: float = _opt(0.9, "SGD momentum")
+    optimizer: str = _choice("sgd", "sgd", "adamw", help="sgd (with momentum) or adamw (faster from scratch)")
+    schedule: str = _choice("poly", "poly", "cosine", "constant", help="learning-rate schedule")
+    loss: str = _choice("ce", "ce", "ce_dice", help="ce: cross-entropy; ce_dice: cross-entropy + multiclass "
+                                                    "soft Dice (small classes learn sooner); 255 ignored by both")
     masks: str = _opt("pseudo", "training masks: pseudo | ground_truth | a directory of palette PNGs")
     eval_scales: list[float] = _opt([1.0], "evaluation scales (multi-scale inference)")
     eval_flip: bool = _opt(False, "evaluation with horizontal flip")

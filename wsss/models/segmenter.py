@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss.metrics import IGNORE_INDEX, SegmentationScores
-from wsss.models.classifier import lr_lambda, planned_steps
-from wsss.models.common import check_finite_loss
+from wsss.models.common import check_finite_loss, optimizer_with_schedule
 
 STRIDE = 32  # smp encoders downsample by 32: inputs are padded to a multiple of it
 
@@ -35,18 +34,37 @@ def build_network(arch: str, encoder: str, num_classes: int, in_channels: int = 
                            f"segmenter.pretrained=false") from exc
 
 
+class SegmenterLoss(nn.Module):
+    """Cross-entropy, plus (``ce_dice``) smp's multiclass soft Dice; pixels labelled 255 count in
+    neither. Dice weighs every class present in the batch equally, whatever its pixel share,
+    so thin and small classes are learnt in the first epochs rather than after the large ones."""
+
+    def __init__(self, kind: str = "ce") -> None:
+        super().__init__()
+        if kind not in ("ce", "ce_dice"):
+            raise ValueError(f"segmenter loss {kind!r}: expected ce or ce_dice")
+        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self.dice = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX) if kind == "ce_dice" else None
+
+    def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
+        loss = self.cross_entropy(logits, mask)
+        return loss if self.dice is None else loss + self.dice(logits, mask)
+
+
 class SegmenterModule(L.LightningModule):
-    """smp network + CE(ignore 255) + poly schedule; validation mIoU and per-class IoU."""
+    """smp network + CE (or CE + Dice), 255 ignored, SGD or AdamW with a per-step schedule;
+    validation mIoU and per-class IoU."""
 
     def __init__(self, num_classes: int, arch: str = "DeepLabV3Plus", encoder: str = "resnet18",
                  pretrained: bool = False, in_channels: int = 3, lr: float = 0.01, weight_decay: float = 1e-4,
-                 momentum: float = 0.9, eval_scales: Sequence[float] = (1.0,), eval_flip: bool = False,
+                 momentum: float = 0.9, optimizer: str = "sgd", schedule: str = "poly", loss: str = "ce",
+                 eval_scales: Sequence[float] = (1.0,), eval_flip: bool = False,
                  class_names: Optional[list[str]] = None, mean: Optional[list[float]] = None,
                  std: Optional[list[float]] = None, num_panels: int = 4) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = build_network(arch, encoder, num_classes, in_channels, pretrained)
-        self.loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self.loss_fn = SegmenterLoss(loss)
         self.val_scores = SegmentationScores(num_classes)
         self._panels: list[tuple[Tensor, Tensor, Tensor]] = []
 
@@ -145,7 +163,4 @@ class SegmenterModule(L.LightningModule):
         return out
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("poly", planned_steps(self)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_schedule(self, [{"params": list(self.parameters()), "lr": self.hparams.lr}])
