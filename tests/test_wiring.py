@@ -150,7 +150,8 @@ def test_evaluation_uses_the_configured_test_time_augmentation(trained, tmp_path
     from wsss.stages.evaluation import evaluate
 
     reuse_classifier(trained, tmp_path)
-    trained_enough = ["segmenter.masks=ground_truth", "segmenter.max_epochs=10", "segmenter.lr=0.1"]
+    trained_enough = ["segmenter.masks=ground_truth", "segmenter.max_epochs=10", "segmenter.optimizer=sgd",
+                      "segmenter.lr=0.1"]
     cfg = config(tmp_path, *trained_enough)
     stages.train_segmenter(cfg)
     evaluate(cfg)
