@@ -178,7 +178,7 @@ class SegmenterConfig:
     encoder: str = _opt("resnet18", "smp encoder name")
     pretrained: bool = _opt(False, "ImageNet encoder weights (needs network)")
     max_epochs: int = _opt(12, "training epochs")
-    lr: float = _opt(0.01, "SGD learning rate")
+    lr: float = _opt(0.01, "learning rate (of segmenter.optimizer)")
     weight_decay: float = _opt(1e-4, "weight decay")
     momentum: float = _opt(0.9, "SGD momentum")
     optimizer: str = _choice("sgd", "sgd", "adamw", help="sgd (with momentum) or adamw (faster from scratch)")

@@ -81,7 +81,8 @@ def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
     module = SegmenterModule(
         num_classes=datamodule.num_foreground + 1, arch=s.arch, encoder=s.encoder,
         pretrained=s.pretrained, in_channels=cfg.data.channels, lr=s.lr, weight_decay=s.weight_decay,
-        momentum=s.momentum, optimizer=s.optimizer, schedule=s.schedule, loss=s.loss, eval_scales=s.eval_scales, eval_flip=s.eval_flip,
+        momentum=s.momentum, optimizer=s.optimizer, schedule=s.schedule, loss=s.loss,
+        eval_scales=s.eval_scales, eval_flip=s.eval_flip,
         class_names=datamodule.train_set.all_class_names, mean=datamodule.mean, std=datamodule.std,
         num_panels=cfg.logger.num_panels)
     results = fit_stage(cfg, "segmenter", module, datamodule, s.max_epochs, logger)
