@@ -4,8 +4,8 @@
 
 Every mask, seed, prediction and saved map (``*.png``, ``*.npz``) must be byte-identical, and
 ``report.json`` and each ``stage.json`` must be equal once the keys that measure the machine
-rather than the method are dropped: wall-clock seconds, images per second, and paths that name
-the run directory. Exits 1 and lists every difference otherwise.
+rather than the method are dropped (wall-clock seconds, images per second) and the run
+directory's own path is written the same way in both. Exits 1 and lists every difference otherwise.
 """
 
 from __future__ import annotations
@@ -24,12 +24,15 @@ COMPARED_SUFFIXES = (".png", ".npz")
 SKIPPED_PARTS = {"wandb", "logs", ".calibration"}  # tracker files and scratch space hold ids and times
 
 
-def without_volatile(value: Any) -> Any:
-    """The JSON value with every volatile key removed, at any depth."""
+def without_volatile(value: Any, root: Path) -> Any:
+    """The JSON value with every volatile key removed, at any depth, and the run directory's
+    own path written as ``<run>`` (a run records where its masks lie)."""
     if isinstance(value, dict):
-        return {k: without_volatile(v) for k, v in value.items() if k not in VOLATILE_KEYS}
+        return {k: without_volatile(v, root) for k, v in value.items() if k not in VOLATILE_KEYS}
     if isinstance(value, list):
-        return [without_volatile(v) for v in value]
+        return [without_volatile(v, root) for v in value]
+    if isinstance(value, str):
+        return value.replace(str(root.resolve()), "<run>").replace(str(root), "<run>")
     return value
 
 
@@ -56,8 +59,8 @@ def differences(before: Path, after: Path) -> list[str]:
     problems += [f"only in {after}: {name}" for name in sorted(set(right) - set(left))]
     for name in sorted(set(left) & set(right)):
         if name.endswith(".json"):
-            a = without_volatile(json.loads(left[name].read_text()))
-            b = without_volatile(json.loads(right[name].read_text()))
+            a = without_volatile(json.loads(left[name].read_text()), before)
+            b = without_volatile(json.loads(right[name].read_text()), after)
             if a != b:
                 keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if isinstance(a, dict) else []
                 problems.append(f"{name}: differs in {keys or 'content'}")
