@@ -42,7 +42,7 @@ def read_image_file(path: str | Path) -> tuple[np.ndarray, int]:
     else:
         try:
             if path.suffix.lower() in (".tif", ".tiff"):
-                import tifffile
+                import tifffile  # heavy, and only TIFF data sets need it
 
                 array = np.asarray(tifffile.imread(path))
                 bits = 8 * array.dtype.itemsize
@@ -74,7 +74,7 @@ def read_dicom(path: Path) -> tuple[np.ndarray, int]:
     """One DICOM image as float32 in modality units (rescale slope and intercept applied), and its
     bits allocated. Compressed pixel data needs a decoder plugin for pydicom; without one the
     error names the file, its transfer syntax and what to install."""
-    try:
+    try:  # heavy (about a second), and only DICOM data sets need it
         import pydicom
         from pydicom.errors import InvalidDicomError
         from pydicom.pixels import apply_modality_lut
