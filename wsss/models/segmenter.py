@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsss import tracking
 from wsss.label_maps import IGNORE_INDEX
 from wsss.metrics import SegmentationScores
 from wsss.models.common import check_finite_loss, optimizer_with_schedule
 from wsss.pseudo.pixels import pixel_mask
 from wsss.pseudo.refine import refine_scores
-from wsss.tracking import log_mask_overlays
 from wsss.viz import denormalise
 
 STRIDE = 32  # smp encoders downsample by 32: inputs are padded to a multiple of it
@@ -148,7 +148,7 @@ class SegmenterModule(L.LightningModule):
         items = [{"image": denormalise(img, self.hparams.mean, self.hparams.std), "caption": f"val image {i}",
                   "masks": {"prediction": pred.numpy(), "ground_truth": gt.numpy()}}
                  for i, (img, pred, gt) in enumerate(self._panels)]
-        log_mask_overlays(self.logger, "val/overlays", items, names, step=self.global_step)
+        tracking.log_mask_overlays(self.logger, "val/overlays", items, names, step=self.global_step)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """``pred``: the argmax of the (multi-scale, flip) probabilities; with ``eval_crf`` set
