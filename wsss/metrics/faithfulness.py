@@ -109,6 +109,21 @@ def _baseline(images: Tensor, baseline: str | Tensor) -> Tensor:
     raise ValueError(f"baseline must be 'zero', 'blur', 'mean' or a tensor, got {baseline!r}")
 
 
+def _salience_rank(maps: Tensor) -> Tensor:
+    """(B, K, H, W) rank of each pixel in its map, 0 for the most salient; ties keep pixel order."""
+    h, w = maps.shape[-2:]
+    order = maps.flatten(-2).argsort(dim=-1, descending=True, stable=True)  # (B, K, HW)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(h * w, device=order.device)
+                                            .expand_as(order))
+    return rank.view(maps.shape)
+
+
+def _trapezoid_area(curve: Tensor) -> Tensor:
+    """Area under (..., steps + 1) scores at equally spaced fractions of [0, 1] (trapezoid rule)."""
+    steps = curve.shape[-1] - 1
+    return (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) / steps
+
+
 def insertion_deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
                            normalize: Normalize = None, activation: str = "softmax",
                            steps: int = 16, mode: str = "deletion",
@@ -127,10 +142,7 @@ def insertion_deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targe
     h, w = images.shape[-2:]
     base = _baseline(images, baseline if baseline is not None else
                      ("zero" if mode == "deletion" else "blur"))
-    order = maps.flatten(-2).argsort(dim=-1, descending=True, stable=True)  # (B, K, HW)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(h * w, device=order.device)
-                                            .expand_as(order))
-    rank = rank.view(b, k, h, w)
+    rank = _salience_rank(maps)
     curve = []
     for i in range(steps + 1):
         revealed = (rank < round(i * h * w / steps)).float()  # the top pixels, (B, K, H, W)
@@ -139,9 +151,7 @@ def insertion_deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targe
                  + base.unsqueeze(1) * (1.0 - keep.unsqueeze(2))).flatten(0, 1)
         scores = class_scores(model, mixed, targets.reshape(-1, 1), normalize, activation)
         curve.append(scores.view(b, k))
-    curve = torch.stack(curve, -1)
-    return (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) / steps
-
+    return _trapezoid_area(torch.stack(curve, -1))
 
 
 # Libra-CAM's five metrics: AUC, API, APD, IR, DR
@@ -174,17 +184,14 @@ def libra_scores(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     maps, targets = _prepare(images, maps, targets)
-    b, k = targets.shape
     h, w = images.shape[-2:]
     y = class_scores(model, images, targets, normalize, activation)
-    order = maps.flatten(-2).argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(h * w, device=order.device)
-                                            .expand_as(order)).view(b, k, h, w)
+    rank = _salience_rank(maps)
     curve = torch.stack([
         _masked_scores(model, images, maps * (rank < round(i * h * w / steps)), targets, normalize,
                        activation)
         for i in range(steps + 1)], -1)  # (B, K, steps + 1)
-    auc = (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) / steps
+    auc = _trapezoid_area(curve)
     o = curve[..., -1]
     ratio = (o - y) / y.clamp(min=1e-12)
     return {"auc": auc, "increase": ratio.clamp(min=0), "drop": (-ratio).clamp(min=0),
@@ -192,7 +199,6 @@ def libra_scores(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
 
 
 LIBRA_METRICS = {"auc": "auc", "api": "increase", "apd": "drop", "ir": "increased", "dr": "dropped"}
-
 
 
 def libra_summary(scores: dict[str, Tensor], select: Tensor | None = None) -> dict[str, float]:
