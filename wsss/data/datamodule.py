@@ -20,6 +20,7 @@ from wsss.data.synthetic import SyntheticSegmentation
 from wsss.data.synthetic_lesion import SyntheticLesion
 from wsss.data.transforms import eval_transform, train_transform
 from wsss.data.voc import VOCSegmentation
+from wsss.label_maps import IGNORE_INDEX
 
 
 def build_source(cfg: Config, split: str, transform: Optional[Callable[..., dict[str, Any]]] = None,
@@ -70,7 +71,8 @@ def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         batch["orig_size"] = torch.stack([item["orig_size"] for item in items])
     if all("mask" in item for item in items):
         batch["mask"] = torch.stack([F.pad(item["mask"], (0, width - item["mask"].shape[1],
-                                                          0, height - item["mask"].shape[0]), value=255)
+                                                          0, height - item["mask"].shape[0]),
+                                           value=IGNORE_INDEX)
                                      for item in items])
     return batch
 
