@@ -183,7 +183,7 @@ def test_insertion_deletion_auc_closed_form():
 def test_insertion_from_the_blurred_baseline_by_hand():
     """insertion's default baseline is the blurred image: a uniform image blurs to itself, so
     the curve is flat at the image's score; a half-bright image starts from its blur."""
-    from wsss.metrics import _blur
+    from wsss.metrics.faithfulness import _blur
 
     model = MeanBrightness()
     t = torch.tensor([0])

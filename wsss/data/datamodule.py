@@ -9,12 +9,18 @@ from typing import Any, Callable, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Sampler
 
 from wsss.config import SYNTHETIC_IMAGE_SIZE, Config
 from wsss.data.base import SegmentationSource
+from wsss.data.folder import FolderDataset
 from wsss.data.samplers import GlobalBatchSampler, ShardSampler
+from wsss.data.synthetic import SyntheticSegmentation
+from wsss.data.synthetic_lesion import SyntheticLesion
 from wsss.data.transforms import eval_transform, train_transform
+from wsss.data.voc import VOCSegmentation
+from wsss.label_maps import IGNORE_INDEX
 
 
 def build_source(cfg: Config, split: str, transform: Optional[Callable[..., dict[str, Any]]] = None,
@@ -28,22 +34,14 @@ def build_source(cfg: Config, split: str, transform: Optional[Callable[..., dict
     sizes = {"train": data.num_train, "val": data.num_val}
     side = data.image_size or SYNTHETIC_IMAGE_SIZE
     if data.name == "synthetic":
-        from wsss.data.synthetic import SyntheticSegmentation
-
         return SyntheticSegmentation(split, num_images=sizes.get(split, data.num_val),
                                      image_size=side, seed=cfg.run.seed, **common)
     if data.name == "synthetic_lesion":
-        from wsss.data.synthetic_lesion import SyntheticLesion
-
         return SyntheticLesion(split, num_images=sizes.get(split, data.num_val), image_size=side,
                                seed=cfg.run.seed, negative_fraction=data.negative_fraction,
                                findings=data.findings, **common, **medical)
     if data.name == "voc":
-        from wsss.data.voc import VOCSegmentation
-
         return VOCSegmentation(data.root, split, **common)
-    from wsss.data.folder import FolderDataset
-
     splits = [data.train_split, data.val_split] + ([data.test_split] if data.test_split else [])
     return FolderDataset(data.root, split, image_dir=data.image_dir, mask_dir=data.mask_dir,
                          class_names=data.class_names, class_splits=splits, mask_values=data.mask_values,
@@ -73,7 +71,8 @@ def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         batch["orig_size"] = torch.stack([item["orig_size"] for item in items])
     if all("mask" in item for item in items):
         batch["mask"] = torch.stack([F.pad(item["mask"], (0, width - item["mask"].shape[1],
-                                                          0, height - item["mask"].shape[0]), value=255)
+                                                          0, height - item["mask"].shape[0]),
+                                           value=IGNORE_INDEX)
                                      for item in items])
     return batch
 
@@ -88,8 +87,6 @@ def make_loader(dataset: SegmentationSource, cfg: Config, batch_size: int, shuff
     (training loaders, which the resume guarantee needs). Only for loaders made inside the
     process that uses them: a torch.Generator cannot be sent to a spawned process.
     """
-    from lightning.fabric.utilities.seed import pl_worker_init_function
-
     workers = cfg.data.num_workers
     generator = torch.Generator().manual_seed(cfg.run.seed) if own_generator else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from wsss.label_maps import IGNORE_INDEX
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 _PIL_BITS = {"1": 8, "L": 8, "P": 8, "LA": 8, "PA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8,
              "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
@@ -42,7 +44,7 @@ def read_image_file(path: str | Path) -> tuple[np.ndarray, int]:
     else:
         try:
             if path.suffix.lower() in (".tif", ".tiff"):
-                import tifffile
+                import tifffile  # heavy, and only TIFF data sets need it
 
                 array = np.asarray(tifffile.imread(path))
                 bits = 8 * array.dtype.itemsize
@@ -74,7 +76,7 @@ def read_dicom(path: Path) -> tuple[np.ndarray, int]:
     """One DICOM image as float32 in modality units (rescale slope and intercept applied), and its
     bits allocated. Compressed pixel data needs a decoder plugin for pydicom; without one the
     error names the file, its transfer syntax and what to install."""
-    try:
+    try:  # heavy (about a second), and only DICOM data sets need it
         import pydicom
         from pydicom.errors import InvalidDicomError
         from pydicom.pixels import apply_modality_lut
@@ -127,7 +129,7 @@ def check_mask(mask: np.ndarray, num_classes: int, path: str | Path, image_hw: t
         raise DataError(f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
                         f"{image_hw[1]}x{image_hw[0]}")
     values = np.unique(mask)
-    bad = values[(values >= num_classes) & (values != 255)]
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
     if bad.size:
         raise DataError(f"{path}: mask holds value(s) {bad.tolist()} outside 0..{num_classes - 1} (255 = ignore)")
 

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from wsss.io import atomic_path
+from wsss.label_maps import IGNORE_INDEX
 
 
 def voc_palette() -> list[int]:
@@ -22,7 +23,7 @@ def voc_palette() -> list[int]:
             b |= ((c >> 2) & 1) << (7 - bit)
             c >>= 3
         palette.extend((r, g, b))
-    palette[255 * 3: 256 * 3] = [224, 224, 192]
+    palette[IGNORE_INDEX * 3: IGNORE_INDEX * 3 + 3] = [224, 224, 192]
     return palette
 
 

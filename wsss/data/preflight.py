@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from wsss.data.imageio import DataError
@@ -21,18 +22,16 @@ def header_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file's header, without decoding the pixels."""
     suffix = path.suffix.lower()
     if suffix == ".dcm":
-        import pydicom
+        import pydicom  # heavy (about a second), and only DICOM data sets need it
 
         header = pydicom.dcmread(path, stop_before_pixels=True)
         return int(header.Rows), int(header.Columns)
     if suffix in (".tif", ".tiff"):
-        import tifffile
+        import tifffile  # heavy, and only TIFF data sets need it
 
         with tifffile.TiffFile(path) as tiff:
             shape = tiff.pages[0].shape
         return int(shape[0]), int(shape[1])
-    from PIL import Image
-
     with Image.open(path) as image:
         width, height = image.size
     return height, width

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from wsss.data.base import RawSample, SegmentationSource, labels_from_mask
+from wsss.label_maps import IGNORE_INDEX
 
 SYNTHETIC_CLASSES = ["disc", "square", "triangle", "boat"]
 CLASS_TEXTURE = {"disc": "rings", "square": "checks", "triangle": "stripes", "boat": "planks"}
@@ -195,7 +196,7 @@ def void_small_classes(mask: np.ndarray, classes: Sequence[int], min_pixels: int
     for cls in classes:
         visible = mask == cls
         if 0 < visible.sum() < min_pixels:
-            mask[visible] = 255
+            mask[visible] = IGNORE_INDEX
 
 
 def add_noise(rng: np.random.Generator, image: np.ndarray, sigma: float = 6.0) -> np.ndarray:

@@ -14,6 +14,8 @@ from typing import Optional
 import albumentations as A
 import cv2
 
+from wsss.label_maps import IGNORE_INDEX
+
 
 def train_transform(crop_size: int, fill: tuple[float, ...], scale_range: tuple[float, float] = (0.7, 1.3),
                     seed: Optional[int] = None) -> A.Compose:
@@ -21,7 +23,7 @@ def train_transform(crop_size: int, fill: tuple[float, ...], scale_range: tuple[
     return A.Compose([
         A.RandomScale(scale_limit=(scale_range[0] - 1.0, scale_range[1] - 1.0), p=1.0),
         A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT,
-                      fill=fill, fill_mask=255),
+                      fill=fill, fill_mask=IGNORE_INDEX),
         A.RandomCrop(height=crop_size, width=crop_size),
         A.HorizontalFlip(p=0.5),
     ], seed=seed)
@@ -32,7 +34,7 @@ def eval_transform(crop_size: int, fill: tuple[float, ...]) -> A.Compose:
     return A.Compose([
         A.LongestMaxSize(max_size=crop_size),
         A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT,
-                      fill=fill, fill_mask=255),
+                      fill=fill, fill_mask=IGNORE_INDEX),
     ])
 
 

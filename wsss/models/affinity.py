@@ -3,7 +3,7 @@
 The classifier's backbone gives features at several levels; a small head maps each to a common
 width, upsamples them to the feature grid (1/``stride`` of the image, ceil) and fuses them into a
 per-cell embedding e. The affinity of two cells within ``radius`` is ``exp(-mean |e_p - e_q|)``
-(``wsss.pseudo.refine.pairwise_affinity``). Training pairs come from the seed masks alone
+(``wsss.pseudo.affinity_pairs.pairwise_affinity``). Training pairs come from the seed masks alone
 (``affinity_labels``): same label -> 1, different -> 0, pairs touching the 255 band ignored; the
 loss balances background pairs, foreground pairs and negative pairs as AffinityNet does.
 ``predict_affinity`` gives what the random walk (``propagate``) needs.
@@ -21,12 +21,8 @@ from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from wsss.models.common import check_finite_loss, optimizer_with_schedule
-from wsss.pseudo.refine import (
-    Affinities,
-    affinity_labels,
-    pairwise_affinity,
-    random_walk_refine,
-)
+from wsss.pseudo.affinity_pairs import Affinities, affinity_labels, pairwise_affinity
+from wsss.pseudo.walk import random_walk_refine
 
 DEFAULT_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 EPS = 1e-5

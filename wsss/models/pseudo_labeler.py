@@ -22,9 +22,11 @@ from wsss.cam import ReferenceLibrary, aggregate_scales, build_cam, fuse_layers
 from wsss.data.masks import write_label_png
 from wsss.data.resize import restore_size
 from wsss.io import atomic_path, write_json_atomic
+from wsss.pseudo.distribution import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.pseudo.labels import scores_to_labels
-from wsss.pseudo.refine import (check_refine_method, distribution_labels, ignore_uncertain, pixel_mask, refine_scores,
-                                slot_distribution)
+from wsss.pseudo.pixels import pixel_mask
+from wsss.pseudo.refine import check_refine_method, refine_scores
+from wsss.viz import denormalise
 
 SEED_DIR = "seeds"
 CALIBRATED_DIR = "calibrated"  # the calibrated masks before in-image refinement (par / crf)
@@ -219,8 +221,6 @@ class PseudoMaskWriter(BasePredictionWriter):
                     mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> dict[str, Any]:
         """What the panel grid shows of one sample: the image (as displayed, uint8), every present
         class's map per layer and fused, the seed and pseudo-mask, and the ground truth if any."""
-        from wsss.viz import denormalise
-
         valid = prediction["valid"][i].cpu()
         return {
             "id": batch["id"][i],

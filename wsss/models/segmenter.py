@@ -14,8 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.metrics import IGNORE_INDEX, SegmentationScores
+from wsss import tracking
+from wsss.label_maps import IGNORE_INDEX
+from wsss.metrics import SegmentationScores
 from wsss.models.common import check_finite_loss, optimizer_with_schedule
+from wsss.pseudo.pixels import pixel_mask
+from wsss.pseudo.refine import refine_scores
+from wsss.viz import denormalise
 
 STRIDE = 32  # smp encoders downsample by 32: inputs are padded to a multiple of it
 
@@ -137,16 +142,13 @@ class SegmenterModule(L.LightningModule):
 
     def _log_panels(self) -> None:
         """The first validation images with prediction and ground truth as wandb mask overlays."""
-        from wsss.tracking import log_mask_overlays
-        from wsss.viz import denormalise
-
         if not self._panels or not self.trainer.is_global_zero:
             return
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
         items = [{"image": denormalise(img, self.hparams.mean, self.hparams.std), "caption": f"val image {i}",
                   "masks": {"prediction": pred.numpy(), "ground_truth": gt.numpy()}}
                  for i, (img, pred, gt) in enumerate(self._panels)]
-        log_mask_overlays(self.logger, "val/overlays", items, names, step=self.global_step)
+        tracking.log_mask_overlays(self.logger, "val/overlays", items, names, step=self.global_step)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """``pred``: the argmax of the (multi-scale, flip) probabilities; with ``eval_crf`` set
@@ -155,8 +157,6 @@ class SegmenterModule(L.LightningModule):
         probs = self.predict_probs(batch["image"])
         out = {"pred": probs.argmax(1)}
         if getattr(self, "eval_crf", False):
-            from wsss.pseudo.refine import pixel_mask, refine_scores
-
             inside = pixel_mask(batch.get("size"), *probs.shape[-2:], device=probs.device)
             out["pred_crf"] = refine_scores("crf", probs, batch["image"], valid=inside, mean=self.hparams.mean,
                                             std=self.hparams.std).argmax(1)

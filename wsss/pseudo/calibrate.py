@@ -1,4 +1,4 @@
-"""Foreground thresholds without pixel labels, in the style of Libra-CAM (docs/ALGORITHMS.md §3.5).
+"""Foreground thresholds without pixel labels, in the style of Libra-CAM.
 
 For each image and present class, the classifier is queried on the image masked by the
 thresholded map (the kept region, K = 1[map >= t]) and by its complement (the deleted region),
@@ -8,9 +8,9 @@ on the whole image (confidence >= ``min_confidence``) take part: for a class it 
 mask "keeps" its low confidence and the query says nothing. What a class with few or no pairs
 takes is ``fallback``: ``global``, the median over all classes, or ``shrink``, its own median pulled
 toward the fixed threshold by ``shrinkage`` pseudo-pairs (no pair: the fixed threshold itself),
-so calibration never does worse than the fixed threshold where it knows nothing. Masking multiplies the normalised
-image by the {0, 1} mask, so removed pixels take the data-set mean colour. The cut that was scored
-is the cut returned (Libra's code returns the next one).
+so calibration never does worse than the fixed threshold where it knows nothing. Masking multiplies
+the normalised image by the {0, 1} mask, so removed pixels take the data-set mean colour. The cut
+that was scored is the cut returned (Libra's code returns the next one).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 OBJECTIVES = ("increase", "keep_delete", "area", "delete")
+"""The ``pseudo.objective`` choices, in the order the config lists them (``choose_thresholds``)."""
 FALLBACKS = ("shrink", "global")
 
 

@@ -1,7 +1,7 @@
 """From fused class maps to label maps.
 
-The rule (docs/ALGORITHMS.md §3.5, step 6): every present class competes through its margin over its
-own background threshold; the best positive margin wins, otherwise the pixel is background.
+The rule: every present class competes through its margin over its own background threshold; the
+best positive margin wins, otherwise the pixel is background.
 Pixels whose best margin lies close to zero are marked 255 (ignored by the segmenter's loss).
 Refinement of the scores before labelling (PAR, random walk, dense CRF) is in ``refine.py``.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE = 255
+from wsss.label_maps import IGNORE_INDEX
 
 
-def _slot_thresholds(thresholds: Tensor | float, shape: torch.Size, device: torch.device) -> Tensor:
+def slot_thresholds(thresholds: Tensor | float, shape: torch.Size, device: torch.device) -> Tensor:
     """A scalar, a one-element tensor or a (B, K) tensor -> (B, K) float32 on ``device``."""
     t = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
     if t.numel() == 1:
@@ -52,14 +52,14 @@ def scores_to_labels(scores: Tensor, classes: Tensor, valid: Tensor, thresholds:
     if k == 0:
         return torch.zeros((b, h, w), dtype=torch.uint8, device=device)
     chosen = classes[valid]
-    if chosen.numel() and (int(chosen.min()) < 1 or int(chosen.max()) >= IGNORE):
-        raise ValueError(f"classes of valid slots must be mask values 1..{IGNORE - 1}, "
+    if chosen.numel() and (int(chosen.min()) < 1 or int(chosen.max()) >= IGNORE_INDEX):
+        raise ValueError(f"classes of valid slots must be mask values 1..{IGNORE_INDEX - 1}, "
                          f"got {sorted(set(chosen.tolist()))}")
-    margins = scores.float() - _slot_thresholds(thresholds, classes.shape, device)[:, :, None, None]
+    margins = scores.float() - slot_thresholds(thresholds, classes.shape, device)[:, :, None, None]
     margins = margins.masked_fill(~valid[:, :, None, None] | margins.isnan(), float("-inf"))
     best, slot = margins.max(dim=1)  # (B, H, W); ties go to the first slot
     labels = torch.gather(classes, 1, slot.flatten(1)).view_as(slot)
     labels = torch.where(best > 0, labels, torch.zeros_like(labels))
     if ignore_band > 0:
-        labels = labels.masked_fill(best.abs() < ignore_band, IGNORE)
+        labels = labels.masked_fill(best.abs() < ignore_band, IGNORE_INDEX)
     return labels.to(torch.uint8)

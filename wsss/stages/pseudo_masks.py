@@ -3,11 +3,12 @@
 1. Thresholds are calibrated Libra-style on training images, without pixel labels: the
    classifier is queried on masked copies through ``Trainer.predict`` (models/calibration), on
    the configured devices and sharded over processes; every process's answers are merged from
-   files and the thresholds chosen once.
+   files and the thresholds chosen once (``stages/calibration.py``).
 2. Relevance-CAM maps become label PNGs through ``Trainer.predict`` and a writer callback
    (models/pseudo_labeler), resuming past finished images; each image is written once.
 3. On global rank zero: seeds and pseudo-masks are scored from the written files wherever
-   ground truth exists, the panel grid is drawn and the manifest written.
+   ground truth exists, the panel grid (``wsss.viz.pseudo_panel_grid``) is drawn and the
+   manifest written.
 
 Every process meets the others at a barrier after each predict and before reading what rank
 zero wrote, so ``ddp`` (every process runs this code) and ``ddp_spawn`` (only the main one does)
@@ -16,7 +17,6 @@ both work.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -31,11 +31,11 @@ from wsss.data.imageio import DataError, read_mask
 from wsss.io import read_json, write_json_atomic
 from wsss.stages.base import (StageError, barrier, is_global_zero, make_trainer, run_stage, stage_dir,
                               stage_hashes)
+from wsss.stages.calibration import (LIBRARY_FILE, calibrate_thresholds, pseudo_module_options,
+                                     reference_library)
 from wsss.stages.classifier import load_classifier
 from wsss.stages.scoring import score_mask_dir
-
-CALIBRATION_DIR = ".calibration"
-LIBRARY_FILE = "libra_library.pt"
+from wsss.viz import pseudo_panel_grid, save_png
 
 
 def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
@@ -43,20 +43,6 @@ def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
     return run_stage(cfg, "pseudo_masks",
                      lambda logger: run_pseudo_stage(cfg, load_classifier(cfg), stage_dir(cfg, "pseudo_masks"), logger),
                      recorder=lambda logger, record: record_pseudo_stage(cfg, logger, record))
-
-
-def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, Any]:
-    """The PseudoMaskModule keywords the config and the classifier define (thresholds aside);
-    ``library``: the Libra-CAM reference library (``reference_library``) when cam.method=libra."""
-    from wsss.models.pseudo_labeler import IMAGE_REFINEMENTS
-
-    c, p = cfg.cam, cfg.pseudo
-    refine = p.refine if p.refine in IMAGE_REFINEMENTS else "none"  # the affinity walk is a stage of its own
-    options = {"iterations": p.par_iterations} if refine == "par" else {}
-    return dict(method=c.method, layers=c.layers, preset=c.preset, layer_weights=c.layer_weights,
-                scales=c.scales, flip=c.flip, normalize=c.normalize, seed_threshold=p.threshold,
-                ignore_band=p.ignore_band, refine=refine, refine_options=options,
-                mean=classifier.hparams.mean, std=classifier.hparams.std, library=library)
 
 
 def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
@@ -75,111 +61,6 @@ def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = 
 
     return PseudoMaskModule(classifier.export(), thresholds=thresholds,
                             **pseudo_module_options(cfg, classifier, library))
-
-
-def library_settings(cfg: Config):
-    """The Libra-CAM library settings the config defines (cam.layers, cam.libra_*)."""
-    from wsss.cam import LibrarySettings
-
-    return LibrarySettings(layers=tuple(cfg.cam.layers), references=cfg.cam.libra_references,
-                           bound=cfg.cam.libra_bound)
-
-
-def reference_library(cfg: Config, classifier, out_dir: Path):
-    """cam.method=libra: the reference library, built once per classifier from the training split
-    (no augmentation, on the stage's device, with a progress bar) by global rank zero and stored
-    as ``libra_library.pt`` with its settings and the classifier's fingerprint; reused while both
-    match (a resumed stage), rebuilt when either changes. None for the other methods."""
-    from wsss.cam import ReferenceLibrary, library_for
-    from wsss.io import atomic_path
-    from wsss.stages.base import stage_device
-    from wsss.stages.classifier import classifier_fingerprint
-
-    if cfg.cam.method != "libra":
-        return None
-    path = out_dir / LIBRARY_FILE
-    library = None
-    if is_global_zero():
-        import copy
-
-        stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-        model = copy.deepcopy(classifier.export()).eval().to(stage_device(cfg))
-        dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std)
-        library, built = library_for(model, lambda: make_loader(dataset, cfg, cfg.cam.batch_size),
-                                     library_settings(cfg), classifier_fingerprint(classifier), stored,
-                                     progress=True)
-        library = library.to("cpu")
-        if built:
-            with atomic_path(path) as tmp:
-                torch.save(library.state_dict(), tmp)
-    barrier()  # every process checks the same library, so none is left waiting when it is unusable
-    if library is None:
-        library = ReferenceLibrary.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    empty = [name for name, count in zip(classifier.hparams.class_names, library.counts.tolist()) if count == 0]
-    if empty:
-        raise StageError(f"cam.method=libra: no training image scored below cam.libra_bound="
-                         f"{cfg.cam.libra_bound} for {empty}, so these classes have no references; "
-                         "raise cam.libra_bound or train the classifier longer")
-    return library
-
-
-def calibration_subset(cfg: Config, dataset) -> Subset:
-    """The ``pseudo.calibration_images`` training images calibration looks at (seeded choice)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed))
-    return Subset(dataset, order[: min(cfg.pseudo.calibration_images, len(dataset))].tolist())
-
-
-def thresholds_from_confidences(cfg: Config, names: list[str], confidences: dict[str, torch.Tensor],
-                                images: int) -> dict[str, Any]:
-    """Per-class thresholds (thresholds.json) from every process's masked-query answers."""
-    from wsss.pseudo.calibrate import ThresholdCalibrator
-
-    p = cfg.pseudo
-    calibrator = ThresholdCalibrator(p.grid, p.objective, p.rho, len(names), p.threshold,
-                                     min_confidence=p.min_confidence, delta=p.delta, fallback=p.fallback,
-                                     shrinkage=p.shrinkage)
-    if confidences["base"].numel():
-        base = confidences["base"][:, None]  # one slot per row: (S, 1)
-        calibrator.update_from_confidences(confidences["keep"][:, None], confidences["delete"][:, None], base,
-                                           confidences["class_index"][:, None], torch.ones_like(base, dtype=torch.bool))
-    per_class = calibrator.compute()
-    return {"method": "libra", "objective": p.objective, "global": round(calibrator.global_threshold(), 4),
-            "per_class": {n: round(float(t), 4) for n, t in zip(names, per_class)},
-            "images": images, "pairs": dict(zip(names, calibrator.pairs_per_class())),
-            "sources": dict(zip(names, calibrator.sources())), "fallback": p.fallback,
-            "low_confidence_pairs": calibrator.skipped}
-
-
-def calibrate_thresholds(cfg: Config, classifier, out_dir: Path, library=None) -> dict[str, Any]:
-    """thresholds.json: reused when an earlier attempt wrote it, otherwise calibrated (or fixed)."""
-    from wsss.models.calibration import CalibrationModule, ConfidenceCollector, merge_confidences
-
-    path = out_dir / "thresholds.json"
-    if path.is_file():  # calibrated before an interruption: reuse, don't redo
-        return read_json(path)
-    names = list(classifier.hparams.class_names)
-    p = cfg.pseudo
-    if p.calibration == "fixed":
-        thresholds = {"method": "fixed", "objective": None, "global": p.threshold,
-                      "per_class": {n: p.threshold for n in names}, "images": 0}
-        if is_global_zero():
-            write_json_atomic(path, thresholds)
-        barrier()
-        return thresholds
-    dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std)
-    subset = calibration_subset(cfg, dataset)
-    shards = out_dir / CALIBRATION_DIR
-    module = CalibrationModule(classifier.export(), grid=p.grid, min_confidence=p.min_confidence,
-                               **pseudo_module_options(cfg, classifier, library))
-    trainer = make_trainer(cfg, 1, False, [ConfidenceCollector(shards)], inference_mode=False)
-    trainer.predict(module, dataloaders=make_loader(subset, cfg, cfg.cam.batch_size), return_predictions=False)
-    barrier()
-    if is_global_zero():
-        thresholds = thresholds_from_confidences(cfg, names, merge_confidences(shards), len(subset))
-        write_json_atomic(path, thresholds)
-        shutil.rmtree(shards)
-    barrier()
-    return read_json(path)
 
 
 def _done_ids(directories: list[Path], ids: list[str]) -> set[str]:
@@ -250,8 +131,6 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False
               if (out_dir / PANEL_DIR / f"{i}.pt").is_file()]
     results["panel_ids"] = [item["id"] for item in panels]
     if panels:
-        from wsss.viz import save_png
-
         grid = pseudo_panel_grid(panels, cfg.cam.layers, ["background", *names])
         save_png(out_dir / "panels.png", grid)
     write_json_atomic(out_dir / "manifest.json", {"config_hash": stage_hashes(cfg)["pseudo_masks"],
@@ -339,32 +218,3 @@ def _collect_rank_counts(directory: Path) -> dict[str, int]:
     return counts
 
 
-def pseudo_panel_grid(panels: list[dict[str, Any]], layers: list[str], class_names: list[str]) -> np.ndarray:
-    """One row per (sample, present class): the image, that class's map at each layer and fused
-    (the class named in each heatmap), then, on the sample's first row, the seeds, the calibrated
-    and (after refinement) the refined masks over the image at 50 %, the final mask and the
-    ground truth; a colour legend with the class names below. ``class_names`` includes
-    background."""
-    from wsss.data.masks import colorize, voc_palette
-    from wsss.viz import annotate, blank_like, color_legend, heatmap, mask_overlay, overlay, panel_grid, stack_rows
-
-    refined = any(item.get("calibrated") is not None for item in panels)
-    rows = []
-    for item in panels:
-        image = item["display"]
-        truth = colorize(item["mask"].numpy()) if item["mask"] is not None else annotate(blank_like(image), "none")
-        steps = [item["seeds"]] + ([item["calibrated"]] if refined else []) + [item["pseudo"]]
-        masks = [mask_overlay(image, step.numpy()) for step in steps] + [colorize(item["pseudo"].numpy()), truth]
-        classes = item["classes"]
-        for k, label in enumerate(classes or [None]):
-            name = class_names[label] if label is not None else "no class"
-            maps = [item["layers"][n][k] for n in layers] + [item["fused"][k]] if label is not None else []
-            heat = [annotate(overlay(image, heatmap(m.numpy())), name) for m in maps] or \
-                [annotate(blank_like(image), name)] * (len(layers) + 1)
-            first = annotate(image, str(item["id"])) if k == 0 else blank_like(image)
-            rows.append([first, *heat, *(masks if k == 0 else [blank_like(image)] * len(masks))])
-    steps = ["seeds", "calibrated", "refined"] if refined else ["seeds", "pseudo"]
-    grid = panel_grid(rows, ["image", *layers, "fused", *steps, "final mask", "ground truth"])
-    palette = np.asarray(voc_palette(), np.uint8).reshape(256, 3)
-    legend = color_legend([*class_names, "ignore"], palette[[*range(len(class_names)), 255]], grid.shape[1])
-    return stack_rows(grid, legend)

@@ -1,64 +1,22 @@
-"""Pictures people would rather look at than read: de-normalised inputs, heatmaps, overlays and
-panel grids, saved atomically as PNG and logged to wandb."""
+"""Panel grids: tiles in rows under column titles, text on tiles, a colour legend, and the
+pseudo-mask stage's grid (maps per layer, seeds, masks, ground truth), saved atomically as PNG."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
+from wsss.data.masks import colorize, voc_palette
 from wsss.io import atomic_path
+from wsss.label_maps import IGNORE_INDEX
+from wsss.viz.overlays import heatmap, mask_overlay, overlay
 
 
-def denormalise(image: torch.Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> np.ndarray:
-    """(C, H, W) normalised tensor -> HxWx3 uint8 for display.
-
-    One channel is repeated to three (more than three: the first three are shown). Raw values
-    outside 0..255 (16-bit data, or an image that could not be de-normalised because mean/std
-    are None) are stretched to 0..255 by the image's own min and max.
-    """
-    if image.dim() != 3:
-        raise ValueError(f"denormalise expects one (C, H, W) image, got shape {tuple(image.shape)}")
-    array = image.detach().float().cpu().numpy().transpose(1, 2, 0)
-    if mean is not None and std is not None:
-        array = array * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    if array.shape[2] < 3:
-        array = np.repeat(array[:, :, :1], 3, axis=2)
-    array = array[:, :, :3]
-    if array.size and (array.max() > 255.5 or array.min() < -0.5):  # tolerate rounding
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / max(high - low, 1e-6) * 255.0
-    return np.clip(array, 0, 255).astype(np.uint8)
-
-
-def heatmap(values: np.ndarray) -> np.ndarray:
-    """HxW map in [0, 1] -> HxWx3 uint8 through the 'jet' colour map."""
-    from matplotlib import colormaps
-
-    rgba = colormaps["jet"](np.clip(np.asarray(values, np.float32), 0.0, 1.0))
-    return (rgba[..., :3] * 255).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, layer: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend an RGB layer over an RGB image (both HxWx3 uint8)."""
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * layer.astype(np.float32)
-    return blended.astype(np.uint8)
-
-
-def mask_overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Label colours (VOC palette) blended over the image at ``alpha`` where the label is not
-    background (0); background pixels show the plain image."""
-    from wsss.data.masks import colorize
-
-    label_map = np.asarray(label_map)
-    blended = overlay(image, colorize(label_map), alpha)
-    return np.where((label_map != 0)[..., None], blended, image)
-
-
-def panel_grid(rows: list[list[np.ndarray]], column_titles: Optional[list[str]] = None, gap: int = 2) -> np.ndarray:
+def panel_grid(rows: list[list[np.ndarray]], column_titles: Optional[list[str]] = None,
+               gap: int = 2) -> np.ndarray:
     """Tile rows of HxWx3 uint8 images (resized to the first tile) with optional column titles."""
     tile_h, tile_w = rows[0][0].shape[:2]
     columns = max(len(r) for r in rows)
@@ -135,3 +93,34 @@ def save_png(path: str | Path, array: np.ndarray) -> None:
     """Write an RGB uint8 array as PNG, atomically."""
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+def pseudo_panel_grid(panels: list[dict[str, Any]], layers: list[str], class_names: list[str]) -> np.ndarray:
+    """One row per (sample, present class): the image, that class's map at each layer and fused
+    (the class named in each heatmap), then, on the sample's first row, the seeds, the calibrated
+    and (after refinement) the refined masks over the image at 50 %, the final mask and the
+    ground truth; a colour legend with the class names below. ``class_names`` includes
+    background."""
+    refined = any(item.get("calibrated") is not None for item in panels)
+    rows = []
+    for item in panels:
+        image = item["display"]
+        truth = (colorize(item["mask"].numpy()) if item["mask"] is not None
+                 else annotate(blank_like(image), "none"))
+        steps = [item["seeds"]] + ([item["calibrated"]] if refined else []) + [item["pseudo"]]
+        masks = [mask_overlay(image, step.numpy()) for step in steps]
+        masks += [colorize(item["pseudo"].numpy()), truth]
+        classes = item["classes"]
+        for k, label in enumerate(classes or [None]):
+            name = class_names[label] if label is not None else "no class"
+            maps = [item["layers"][n][k] for n in layers] + [item["fused"][k]] if label is not None else []
+            heat = [annotate(overlay(image, heatmap(m.numpy())), name) for m in maps] or \
+                [annotate(blank_like(image), name)] * (len(layers) + 1)
+            first = annotate(image, str(item["id"])) if k == 0 else blank_like(image)
+            rows.append([first, *heat, *(masks if k == 0 else [blank_like(image)] * len(masks))])
+    steps = ["seeds", "calibrated", "refined"] if refined else ["seeds", "pseudo"]
+    grid = panel_grid(rows, ["image", *layers, "fused", *steps, "final mask", "ground truth"])
+    palette = np.asarray(voc_palette(), np.uint8).reshape(256, 3)
+    colours = palette[[*range(len(class_names)), IGNORE_INDEX]]
+    legend = color_legend([*class_names, "ignore"], colours, grid.shape[1])
+    return stack_rows(grid, legend)

@@ -1,0 +1,141 @@
+"""The pseudo-mask stage's calibration: per-class thresholds chosen Libra-style on training images,
+without pixel labels, and (cam.method=libra) the reference library the maps are made with.
+
+The classifier is queried on masked copies through ``Trainer.predict`` (models/calibration), on
+the configured devices and sharded over processes; every process's answers are merged from files
+and the thresholds chosen once, by global rank zero. Calibration scores the maps the stage writes,
+so both build their module from the same options (``pseudo_module_options``).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import Subset
+
+from wsss.cam import LibrarySettings, ReferenceLibrary, library_for
+from wsss.config import Config
+from wsss.data.datamodule import build_source, make_loader
+from wsss.io import atomic_path, read_json, write_json_atomic
+from wsss.models.calibration import CalibrationModule, ConfidenceCollector, merge_confidences
+from wsss.models.pseudo_labeler import IMAGE_REFINEMENTS
+from wsss.pseudo.calibrate import ThresholdCalibrator
+from wsss.stages.base import StageError, barrier, is_global_zero, make_trainer, stage_device
+from wsss.stages.classifier import classifier_fingerprint
+
+CALIBRATION_DIR = ".calibration"
+LIBRARY_FILE = "libra_library.pt"
+
+
+def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, Any]:
+    """The PseudoMaskModule keywords the config and the classifier define (thresholds aside);
+    ``library``: the Libra-CAM reference library (``reference_library``) when cam.method=libra."""
+    c, p = cfg.cam, cfg.pseudo
+    refine = p.refine if p.refine in IMAGE_REFINEMENTS else "none"  # the affinity walk is a stage of its own
+    options = {"iterations": p.par_iterations} if refine == "par" else {}
+    return dict(method=c.method, layers=c.layers, preset=c.preset, layer_weights=c.layer_weights,
+                scales=c.scales, flip=c.flip, normalize=c.normalize, seed_threshold=p.threshold,
+                ignore_band=p.ignore_band, refine=refine, refine_options=options,
+                mean=classifier.hparams.mean, std=classifier.hparams.std, library=library)
+
+
+def library_settings(cfg: Config) -> LibrarySettings:
+    """The Libra-CAM library settings the config defines (cam.layers, cam.libra_*)."""
+    return LibrarySettings(layers=tuple(cfg.cam.layers), references=cfg.cam.libra_references,
+                           bound=cfg.cam.libra_bound)
+
+
+def reference_library(cfg: Config, classifier, out_dir: Path) -> Optional[ReferenceLibrary]:
+    """cam.method=libra: the reference library, built once per classifier from the training split
+    (no augmentation, on the stage's device, with a progress bar) by global rank zero and stored
+    as ``libra_library.pt`` with its settings and the classifier's fingerprint; reused while both
+    match (a resumed stage), rebuilt when either changes. None for the other methods."""
+    if cfg.cam.method != "libra":
+        return None
+    path = out_dir / LIBRARY_FILE
+    library = None
+    if is_global_zero():
+        stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        model = copy.deepcopy(classifier.export()).eval().to(stage_device(cfg))
+        dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean,
+                               std=classifier.hparams.std)
+        library, built = library_for(model, lambda: make_loader(dataset, cfg, cfg.cam.batch_size),
+                                     library_settings(cfg), classifier_fingerprint(classifier), stored,
+                                     progress=True)
+        library = library.to("cpu")
+        if built:
+            with atomic_path(path) as tmp:
+                torch.save(library.state_dict(), tmp)
+    barrier()  # every process checks the same library, so none is left waiting when it is unusable
+    if library is None:
+        library = ReferenceLibrary.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    empty = [name for name, count in zip(classifier.hparams.class_names, library.counts.tolist())
+             if count == 0]
+    if empty:
+        raise StageError(f"cam.method=libra: no training image scored below cam.libra_bound="
+                         f"{cfg.cam.libra_bound} for {empty}, so these classes have no references; "
+                         "raise cam.libra_bound or train the classifier longer")
+    return library
+
+
+def calibration_subset(cfg: Config, dataset) -> Subset:
+    """The ``pseudo.calibration_images`` training images calibration looks at (seeded choice)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed))
+    return Subset(dataset, order[: min(cfg.pseudo.calibration_images, len(dataset))].tolist())
+
+
+def thresholds_from_confidences(cfg: Config, names: list[str], confidences: dict[str, torch.Tensor],
+                                images: int) -> dict[str, Any]:
+    """Per-class thresholds (thresholds.json) from every process's masked-query answers."""
+    p = cfg.pseudo
+    calibrator = ThresholdCalibrator(p.grid, p.objective, p.rho, len(names), p.threshold,
+                                     min_confidence=p.min_confidence, delta=p.delta, fallback=p.fallback,
+                                     shrinkage=p.shrinkage)
+    if confidences["base"].numel():
+        base = confidences["base"][:, None]  # one slot per row: (S, 1)
+        calibrator.update_from_confidences(confidences["keep"][:, None], confidences["delete"][:, None],
+                                           base, confidences["class_index"][:, None],
+                                           torch.ones_like(base, dtype=torch.bool))
+    per_class = calibrator.compute()
+    return {"method": "libra", "objective": p.objective, "global": round(calibrator.global_threshold(), 4),
+            "per_class": {n: round(float(t), 4) for n, t in zip(names, per_class)},
+            "images": images, "pairs": dict(zip(names, calibrator.pairs_per_class())),
+            "sources": dict(zip(names, calibrator.sources())), "fallback": p.fallback,
+            "low_confidence_pairs": calibrator.skipped}
+
+
+def calibrate_thresholds(cfg: Config, classifier, out_dir: Path,
+                         library: Optional[ReferenceLibrary] = None) -> dict[str, Any]:
+    """thresholds.json: reused when an earlier attempt wrote it, otherwise calibrated (or fixed)."""
+    path = out_dir / "thresholds.json"
+    if path.is_file():  # calibrated before an interruption: reuse, don't redo
+        return read_json(path)
+    names = list(classifier.hparams.class_names)
+    p = cfg.pseudo
+    if p.calibration == "fixed":
+        thresholds = {"method": "fixed", "objective": None, "global": p.threshold,
+                      "per_class": {n: p.threshold for n in names}, "images": 0}
+        if is_global_zero():
+            write_json_atomic(path, thresholds)
+        barrier()
+        return thresholds
+    dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean,
+                           std=classifier.hparams.std)
+    subset = calibration_subset(cfg, dataset)
+    shards = out_dir / CALIBRATION_DIR
+    module = CalibrationModule(classifier.export(), grid=p.grid, min_confidence=p.min_confidence,
+                               **pseudo_module_options(cfg, classifier, library))
+    trainer = make_trainer(cfg, 1, False, [ConfidenceCollector(shards)], inference_mode=False)
+    trainer.predict(module, dataloaders=make_loader(subset, cfg, cfg.cam.batch_size),
+                    return_predictions=False)
+    barrier()
+    if is_global_zero():
+        thresholds = thresholds_from_confidences(cfg, names, merge_confidences(shards), len(subset))
+        write_json_atomic(path, thresholds)
+        shutil.rmtree(shards)
+    barrier()
+    return read_json(path)
