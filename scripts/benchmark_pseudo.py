@@ -39,6 +39,7 @@ from torch.utils.data import Subset
 from wsss import stages
 from wsss.cam import LibrarySettings, build_library, relu_max_normalize
 from wsss.cam.libra import filter_and_average
+from wsss.cam.methods import method_title
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.io import read_json, write_json_atomic
@@ -49,18 +50,18 @@ from wsss.pseudo.labels import scores_to_labels
 
 ALL_LAYERS = ["layer2", "layer3", "layer4"]
 GROUPS = [  # (name, method, preset, normalisation, layers reported alone, layers computed)
-    ("Relevance-CAM default", "relevance", "default", "centred", ALL_LAYERS, ALL_LAYERS),
-    ("Relevance-CAM reference", "relevance", "reference", "centred", ALL_LAYERS, ALL_LAYERS),
-    ("Relevance-CAM default", "relevance", "default", "relu_max", ["layer4"], ALL_LAYERS),
-    ("Relevance-CAM reference", "relevance", "reference", "minmax", ["layer4"], ALL_LAYERS),
-    ("Grad-CAM", "gradcam", None, "centred", ALL_LAYERS, ALL_LAYERS),
-    ("Grad-CAM", "gradcam", None, "relu_max", ["layer4"], ALL_LAYERS),
-    ("Grad-CAM++", "gradcampp", None, "centred", ["layer4"], ALL_LAYERS),
-    ("Grad-CAM++", "gradcampp", None, "relu_max", ["layer4"], ALL_LAYERS),
-    ("LIFT-CAM", "liftcam", None, "centred", ["layer4"], ["layer4"]),
-    ("LIFT-CAM", "liftcam", None, "relu_max", ["layer4"], ["layer4"]),
-    ("Libra-CAM", "libra", None, "centred", ALL_LAYERS, ALL_LAYERS),
-    ("Libra-CAM", "libra", None, "minmax", ["layer4"], ["layer4"]),
+    (method_title("relevance", "default"), "relevance", "default", "centred", ALL_LAYERS, ALL_LAYERS),
+    (method_title("relevance", "reference"), "relevance", "reference", "centred", ALL_LAYERS, ALL_LAYERS),
+    (method_title("relevance", "default"), "relevance", "default", "relu_max", ["layer4"], ALL_LAYERS),
+    (method_title("relevance", "reference"), "relevance", "reference", "minmax", ["layer4"], ALL_LAYERS),
+    (method_title("gradcam"), "gradcam", None, "centred", ALL_LAYERS, ALL_LAYERS),
+    (method_title("gradcam"), "gradcam", None, "relu_max", ["layer4"], ALL_LAYERS),
+    (method_title("gradcampp"), "gradcampp", None, "centred", ["layer4"], ALL_LAYERS),
+    (method_title("gradcampp"), "gradcampp", None, "relu_max", ["layer4"], ALL_LAYERS),
+    (method_title("liftcam"), "liftcam", None, "centred", ["layer4"], ["layer4"]),
+    (method_title("liftcam"), "liftcam", None, "relu_max", ["layer4"], ["layer4"]),
+    (method_title("libra"), "libra", None, "centred", ALL_LAYERS, ALL_LAYERS),
+    (method_title("libra"), "libra", None, "minmax", ["layer4"], ["layer4"]),
 ]
 ORACLE_GRID = [round(0.05 * i, 2) for i in range(1, 20)]
 OBJECTIVES = ("increase", "keep_delete", "area", "delete")

@@ -31,6 +31,7 @@ from torch.utils.data import Subset
 
 from wsss import stages
 from wsss.cam import LibrarySettings, aggregate_scales, build_cam, build_library, fuse_layers
+from wsss.cam.methods import method_title
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.metrics import (ForwardCounter, SegmentationScores, average_drop_increase,
@@ -39,14 +40,14 @@ from wsss.models.pseudo_labeler import present_targets
 from wsss.pseudo.labels import scores_to_labels
 
 LAYERS = ["layer2", "layer3", "layer4"]
-METHODS = [  # (name, method, options, layers); LIFT-CAM: last layer only (ALGORITHMS §4)
-    ("Relevance-CAM reference", "relevance", {"preset": "reference"}, LAYERS),
-    ("Relevance-CAM default", "relevance", {"preset": "default"}, LAYERS),
-    ("Relevance-CAM stable", "relevance", {"preset": "stable"}, LAYERS),
-    ("Grad-CAM", "gradcam", {}, LAYERS), ("Grad-CAM++", "gradcampp", {}, LAYERS),
-    ("LIFT-CAM", "liftcam", {}, ["layer4"]),
-    ("Libra-CAM", "libra", {}, LAYERS),
-    ("Libra-CAM calibrated", "libra", {"calibrate": True}, ["layer4"]),
+METHODS = [  # (name, method, options, layers); LIFT-CAM: last layer only, where it is exact
+    (method_title("relevance", "reference"), "relevance", {"preset": "reference"}, LAYERS),
+    (method_title("relevance", "default"), "relevance", {"preset": "default"}, LAYERS),
+    (method_title("relevance", "stable"), "relevance", {"preset": "stable"}, LAYERS),
+    (method_title("gradcam"), "gradcam", {}, LAYERS), (method_title("gradcampp"), "gradcampp", {}, LAYERS),
+    (method_title("liftcam"), "liftcam", {}, ["layer4"]),
+    (method_title("libra"), "libra", {}, LAYERS),
+    (method_title("libra", "calibrated"), "libra", {"calibrate": True}, ["layer4"]),
 ]
 GRID = [round(0.05 * i, 2) for i in range(1, 20)]
 

@@ -90,7 +90,7 @@ def test_liftcam_vgg_head_completeness():
     cam = LiftCAM(model, [layer])
     with torch.no_grad():
         a = model.features[:20](x)
-        _, acts = cam._forward(x, keep_graph=False)
+        _, acts = cam.record(x, keep_graph=False)
     with torch.enable_grad():
         phi = cam._contributions(cam.heads[layer], acts[layer].float(), t[:, None])
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.cam import build_cam
-from wsss.cam.libra import (LibraCAM, LibrarySettings, ReferenceLibrary, _minmax, build_library,
+from wsss.cam import build_cam, minmax_normalize
+from wsss.cam.libra import (LibraCAM, LibrarySettings, ReferenceLibrary, build_library,
                             calibrate_percentile, keep_references, library_for, model_fingerprint)
 
 C = 5
@@ -279,7 +279,7 @@ def test_errors_name_the_problem():
 
 
 def test_minmax_of_a_constant_map_is_zero():
-    assert float(_minmax(torch.full((1, 1, 3, 3), 2.0)).abs().max()) == 0.0
+    assert float(minmax_normalize(torch.full((1, 1, 3, 3), 2.0)).abs().max()) == 0.0
 
 
 def test_cost_is_one_forward_plus_r_masked_copies_per_present_slot():

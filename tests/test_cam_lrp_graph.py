@@ -198,7 +198,7 @@ def test_liftcam_head_through_functions_densenet_completeness():
     t = torch.tensor([[1], [3]])
     cam = LiftCAM(model, ["features.norm5"])
     with torch.no_grad():
-        _, acts = cam._forward(X, keep_graph=False)
+        _, acts = cam.record(X, keep_graph=False)
     a = acts["features.norm5"]
     with torch.enable_grad():
         phi = cam._contributions(cam.heads["features.norm5"], a, t)

@@ -360,7 +360,7 @@ def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(trained
     cam.libra_* settings and the classifier's fingerprint; the written masks come from maps made
     with it; a second call reuses it; a changed classifier or setting rebuilds it."""
     from wsss.cam import LibrarySettings, ReferenceLibrary, build_library
-    from wsss.cam import libra as libra_module
+    from wsss.cam.libra import library as libra_module  # where library_for finds build_library
 
     reuse_classifier(trained, tmp_path)
     cfg = config(tmp_path, *LIBRA)

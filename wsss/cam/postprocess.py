@@ -6,9 +6,9 @@ Normalisation modes (``NORMALIZATIONS``), each giving maps in [0, 1] with a maxi
 - ``minmax``: (M - min) / (max - min), as the official Relevance-CAM figures do;
 - ``centred``: subtract each map's spatial mean, then ReLU and max. For a CAM-style map
   Σ_c α_c A_c this is Σ_c α_c (A_c - mean A_c): evidence relative to the image's own average
-  activation (a self-reference, like Libra-CAM's reference subtraction, docs/ALGORITHMS.md §3.1). It
+  activation (a self-reference, like Libra-CAM's reference subtraction). It
   removes the positive floor that LRP-z⁺ weights put on channels active everywhere; measured in
-  docs/benchmarks.md §4, it is the pipeline's default.
+  docs/benchmarks.md, it is the pipeline's default.
 """
 
 from __future__ import annotations

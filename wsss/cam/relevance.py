@@ -1,9 +1,9 @@
 """Relevance-CAM: multi-layer, multi-class maps from one forward pass and one relevance sweep.
 
 map_k = Σ_c α_kc A_c with α_kc = Σ_ij R_kc(i,j), where A is the activation at a layer's output
-and R_k the LRP relevance of target class k at that same tensor (docs/ALGORITHMS.md §1). The layer
-name "input" gives the pixel-level LRP heatmap Σ_c R_kc(i,j) instead (relevance at the image;
-the input layers use the composite's `input` rule, z^B by default: see `box_rule`).
+and R_k the LRP relevance of target class k at that same tensor (derived in docs/ALGORITHMS.md).
+The layer name "input" gives the pixel-level LRP heatmap Σ_c R_kc(i,j) instead (relevance at the
+image; the input layers use the composite's `input` rule, z^B by default: see `box_rule`).
 """
 
 from __future__ import annotations
@@ -13,26 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wsss.cam.lrp import INPUT_LAYER
-from wsss.cam.lrp.graph import relevance_graph
+from wsss.cam.core import LayerCAM, check_layer_names, targets_2d
 from wsss.cam.lrp.composites import DEFAULT_PRESET, PRESETS, list_presets, preset_config
+from wsss.cam.lrp.graph import relevance_graph
 from wsss.cam.lrp.rules import as_compute, compute_dtype
+from wsss.cam.lrp.tracing import INPUT_LAYER
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "RelevanceCAM", "check_layer_names", "list_presets",
            "preset_config", "start_relevance"]
-
-
-def check_layer_names(layers: list[str] | str) -> list[str]:
-    """The requested layers as a list: at least one, none twice."""
-    layers = [layers] if isinstance(layers, str) else list(layers)
-    if not layers:
-        raise ValueError("at least one layer is needed")
-    seen = set()
-    for layer in layers:
-        if layer in seen:
-            raise ValueError(f"layer {layer!r} is listed twice in {layers}")
-        seen.add(layer)
-    return layers
 
 
 def start_relevance(logits: Tensor, targets: Tensor, start: str,
@@ -66,7 +54,7 @@ def start_relevance(logits: Tensor, targets: Tensor, start: str,
     raise ValueError(f"unknown start vector {start!r}")
 
 
-class RelevanceCAM:
+class RelevanceCAM(LayerCAM):
     """Relevance-CAM for any traceable CNN (torchvision, timm, plain nn.Sequential, ...).
 
     with RelevanceCAM(model, layers=["layer2", "layer3", "layer4"], preset="reference") as cam:
@@ -84,19 +72,9 @@ class RelevanceCAM:
 
     def __init__(self, model: nn.Module, layers: list[str] | str,
                  preset: str = DEFAULT_PRESET, **options: Any):
-        self.model = model
-        self.layers = check_layer_names(layers)
+        super().__init__(model, layers)
         self.config = preset_config(preset, **options)
         self.graph = relevance_graph(model, self.layers, self.config)
-
-    def __enter__(self) -> "RelevanceCAM":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Nothing is kept between calls; present for symmetry with the baselines."""
 
     def __call__(self, images: Tensor, targets: Tensor, present: Tensor | None = None
                  ) -> dict[str, Tensor]:
@@ -120,11 +98,7 @@ class RelevanceCAM:
     def _run(self, images: Tensor, targets: Tensor, present: Tensor | None
              ) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
         """One recording forward pass, then one relevance sweep."""
-        single = targets.dim() == 1
-        targets = (targets.unsqueeze(1) if single else targets).to(images.device, torch.long)
-        if targets.dim() != 2 or targets.shape[0] != images.shape[0]:
-            raise ValueError(f"targets must be (B,) or (B, K) with B={images.shape[0]}, "
-                             f"got {tuple(targets.shape)}")
+        targets = targets_2d(targets, images)
         logits, values = self.graph.forward(images)
         if logits.dim() != 2:
             raise ValueError(f"model must return (B, C) logits, got shape {tuple(logits.shape)}")

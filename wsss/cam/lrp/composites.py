@@ -10,7 +10,7 @@ A composite picks a rule for every Conv / Linear layer on the relevance path, in
 It also says how BatchNorm (identity or folded into the conv before it), residual additions
 (signed / positive / abs split), the start vector and the channel weights are handled.
 
-Presets are composites (docs/ALGORITHMS.md §1 for "reference"):
+Presets are composites (docs/ALGORITHMS.md derives "reference"):
 - reference: the official Relevance-CAM rules exactly;
 - default: reference with the residual split by positive parts (the project's default);
 - lrp: plain LRP-z⁺, one-hot start, conservative on bias-free nets;
@@ -117,7 +117,7 @@ def box_rule(mean: Sequence[float], std: Sequence[float],
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The official Relevance-CAM code, exactly (docs/ALGORITHMS.md §1.2-1.3).
+    # The official Relevance-CAM code, exactly: its start vector, z+ everywhere, BN as identity.
     "reference": dict(conv=Rule("zplus", bias=2.0), linear=Rule("zplus", bias=0.0),
                       batchnorm="identity", residual="signed", start="clrp", weights="sum"),
     # Plain LRP-z⁺: one-hot start, conservative everywhere on bias-free nets.
@@ -138,7 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                               batchnorm="fold", residual="positive", start="clrp_absent",
                               weights="sum"),
 }
-# The project's default, chosen by measurement (docs/benchmarks.md §1): the reference rules with
+# The project's default, chosen by measurement (docs/benchmarks.md): the reference rules with
 # the residual split by positive parts (same seed IoU as "reference" on the synthetic toy, and no
 # negative or amplified relevance).
 PRESETS["default"] = dict(PRESETS["reference"], residual="positive")

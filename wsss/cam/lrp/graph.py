@@ -1,11 +1,4 @@
-"""The model as a traced graph (torch.fx), and relevance flowing back through its nodes.
-
-`trace(model)` traces the forward like torchvision's feature extraction does: modules that
-have an op rule (Conv2d, BatchNorm2d, ReLU, ...) and other torch.nn built-ins stay single
-nodes, everything else (ResNet blocks, DenseNet layers, squeeze-excitation, ...) is traced
-through into the functions it calls. Layers are named by module path as in
-`model.named_modules()`; a module's output is the value its forward returned. The special
-name "input" is the image itself.
+"""The relevance plan of a traced model (tracing.py), and relevance flowing back through it.
 
 `RelevanceGraph` is built once per (model, layers, composite):
 - it walks the graph backwards from the logits, asking each node's op rule (ops.py) for its
@@ -20,130 +13,24 @@ name "input" is the image itself.
 
 from __future__ import annotations
 
-import math
-import re
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torchvision
 from torch import Tensor, fx, nn
 
+from wsss.cam.lrp.canonize import CONVS, BatchNormFold, batchnorm_folds
 from wsss.cam.lrp.composites import LayerInfo, LRPConfig
-from wsss.cam.lrp import ops
-from wsss.cam.lrp.ops import (BATCHNORMS, CONVS, FUNCTIONAL_LAYERS, NodeContext, OpRule, Part,
-                              Shape, Step, UnsupportedOp, module_rule, node_rule)
+from wsss.cam.lrp.ops import (FUNCTIONAL_LAYERS, NodeContext, OpRule, Part, Shape, Step, UnsupportedOp,
+                              node_rule, registry_version)
 from wsss.cam.lrp.rules import compute_dtype
+from wsss.cam.lrp.tracing import INPUT_LAYER, TracedModel, evaluate_node, head_after, mutated_argument, trace
 
-INPUT_LAYER = "input"
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+__all__ = ["INPUT_LAYER", "RelevanceGraph", "TracedModel", "evaluate_node", "head_after", "relevance_graph",
+           "trace"]
 _MULTI_OUTPUT = {torch.chunk, torch.split, "chunk", "split"}
 _SHAPE_ONLY = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "expand_as",
                "contiguous", torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze}
-
-
-class _PathTracer(fx.Tracer):
-    """fx tracer that keeps rule-carrying modules as leaves and records each module's output."""
-
-    def __init__(self) -> None:
-        super().__init__(autowrap_modules=(math, torchvision.ops))
-        self.module_outputs: dict[str, list[Any]] = {}
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_rule(m) is not None:
-            return True
-        if isinstance(m, _CONTAINERS):
-            return False
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
-                    ) -> Any:
-        out = super().call_module(m, forward, args, kwargs)
-        path = self.path_of_module(m)
-        self.module_outputs.setdefault(path, []).append(
-            out.node if isinstance(out, fx.Proxy) else None)
-        return out
-
-
-@dataclass
-class TracedModel:
-    """A model's traced graph with its module outputs by path.
-
-    The root module is held weakly (`model`), so a cache of plans does not keep it alive;
-    `modules` holds every submodule by path, the root under "".
-    """
-
-    root: weakref.ref
-    root_type: type
-    graph: fx.Graph
-    modules: dict[str, nn.Module]
-    module_outputs: dict[str, list[fx.Node | None]]
-    placeholder: fx.Node
-    logits: fx.Node
-
-    @property
-    def model(self) -> nn.Module:
-        model = self.root()
-        if model is None:
-            raise RuntimeError("the traced model no longer exists")
-        return model
-
-    def owner(self, node: fx.Node) -> tuple[str, type]:
-        """(module path, module type) of the innermost module the node was made in."""
-        if node.op == "call_module":
-            return node.target, type(self.modules[node.target])
-        stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
-            return "", self.root_type
-        key, (_, kind) = list(stack.items())[-1]
-        return re.sub(r"@\d+$", "", key), kind
-
-    def layer_node(self, layer: str) -> fx.Node:
-        """The node whose value is the output of module `layer` ("input": the image)."""
-        if layer == INPUT_LAYER and layer not in self.modules:
-            return self.placeholder
-        if layer == "" or layer not in self.modules:
-            sample = [n for n in self.modules if n][:12]
-            raise ValueError(f"model has no module named {layer!r}; names look like {sample} "
-                             f"(or {INPUT_LAYER!r} for the image)")
-        outputs = self.module_outputs.get(layer, [])
-        if len(outputs) != 1 or outputs[0] is None:
-            why = ("never called in the forward" if not outputs else
-                   "called several times in the forward (e.g. a shared ReLU)" if len(outputs) > 1
-                   else "its output is not a single tensor")
-            raise ValueError(f"cannot capture relevance at {layer!r}: the module is {why}; "
-                             "request its parent or a neighbouring module")
-        return outputs[0]
-
-
-def trace(model: nn.Module) -> TracedModel:
-    """Trace the model's forward in eval mode (see the module docstring)."""
-    modes = {m: m.training for m in model.modules()}
-    tracer = _PathTracer()
-    try:
-        model.eval()
-        graph = tracer.trace(model)
-    except Exception as exc:
-        raise RuntimeError(
-            f"RelevanceCAM could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
-            f"{exc}). The forward must not branch on tensor values; a module that does can be made "
-            "a single node with wsss.cam.register_rule(ModuleType, rule).") from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise ValueError(f"RelevanceCAM needs a model with one input, got {len(placeholders)}")
-    output = next(n for n in graph.nodes if n.op == "output")
-    logits = output.args[0]
-    if not isinstance(logits, fx.Node):
-        raise ValueError("RelevanceCAM needs a model that returns one logits tensor, got "
-                         f"{type(logits).__name__}")
-    modules = {name: m for name, m in model.named_modules() if name}
-    return TracedModel(weakref.ref(model), type(model), graph, modules, tracer.module_outputs,
-                       placeholders[0], logits)
 
 
 def _target_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -154,21 +41,6 @@ def _target_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return f"Tensor.{node.target}"
     target = node.target
     return f"{getattr(target, '__module__', None) or ''}.{getattr(target, '__name__', target)}"
-
-
-def _mutated(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """The argument an in-place op overwrites, if any."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return None
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if node.op == "call_module":
-        inplace = bool(getattr(modules[node.target], "inplace", False))
-    else:
-        inplace = bool(node.kwargs.get("inplace", False)) or (
-            name.endswith("_") and not name.endswith("__")) or (
-            node.op == "call_function" and name.startswith("i") and name[1:] in (
-                "add", "sub", "mul", "truediv"))
-    return node.args[0] if inplace else None
 
 
 def _shape(value: Any) -> tuple[int, ...]:
@@ -190,7 +62,9 @@ class RelevanceGraph:
         below: dict[fx.Node, bool] = {}
         for n in nodes:
             below[n] = any(i in capture_set or below[i] for i in n.all_input_nodes)
-        self._folds = self._batchnorm_folds(nodes) if config.batchnorm == "fold" else {}
+        # the canonizer pass: which BatchNorm is folded into which conv, decided once
+        self._folds: dict[fx.Node, BatchNormFold] = (
+            batchnorm_folds(nodes, t.modules) if config.batchnorm == "fold" else {})
         self._layer_infos = self._linear_layers(nodes)
 
         self.steps: dict[fx.Node, Step] = {}
@@ -237,19 +111,6 @@ class RelevanceGraph:
         return isinstance(value, fx.Node) and value.op in ("call_function", "call_method") and \
             value.target in _MULTI_OUTPUT
 
-    def _batchnorm_folds(self, nodes: list[fx.Node]) -> dict[fx.Node, tuple[nn.Module, fx.Node]]:
-        """conv -> (BatchNorm, its node) for every conv whose only user is a BatchNorm."""
-        folds = {}
-        modules = self.traced.modules
-        for n in nodes:
-            if n.op != "call_module" or not isinstance(modules[n.target], CONVS):
-                continue
-            users = list(n.users)
-            if len(users) == 1 and users[0].op == "call_module" and \
-                    isinstance(modules[users[0].target], BATCHNORMS) and users[0].args[0] is n:
-                folds[n] = (modules[users[0].target], users[0])
-        return folds
-
     def _linear_layers(self, nodes: list[fx.Node]) -> dict[fx.Node, LayerInfo]:
         """Conv / Linear nodes (modules, or F.linear / F.conv*d inside a module) with their
         position and whether they read the image."""
@@ -278,11 +139,10 @@ class RelevanceGraph:
             raise self._unsupported(node, None)
         path, _ = t.owner(node)
         info = self._layer_infos.get(node)
-        fold = self._folds.get(node)
         ctx = NodeContext(node, t.modules.get(node.target) if node.op == "call_module" else None,
                           path, self.config, self.is_signal, self.is_gate, self.is_multi_output,
                           layer_rule=self.config.rule_for(info) if info is not None else None,
-                          fold=fold[0] if fold else None, fold_node=fold[1] if fold else None)
+                          fold=self._folds.get(node))
         try:
             return rule.plan(ctx)
         except UnsupportedOp as exc:
@@ -323,7 +183,7 @@ class RelevanceGraph:
         modules = self.traced.modules
         first_mutation: dict[fx.Node, fx.Node] = {}
         for n in nodes:
-            target = _mutated(n, modules)
+            target = mutated_argument(n, modules)
             if target is not None and target not in first_mutation:
                 first_mutation[target] = n
         graph = fx.Graph()
@@ -412,60 +272,6 @@ def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, out: Any) -> None:
         relevance[node] = out
 
 
-def evaluate_node(node: fx.Node, env: dict[fx.Node, Any], traced: TracedModel) -> Any:
-    """Run one graph node on the values in `env` (as fx's Interpreter does). An in-place op
-    gets a copy of the value it would overwrite, so `env` is never changed."""
-    mutated = _mutated(node, traced.modules)
-    if mutated is not None:
-        env = {**env, mutated: env[mutated].clone()}
-    args = fx.node.map_arg(node.args, lambda n: env[n])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-    if node.op == "call_module":
-        return traced.modules[node.target](*args, **kwargs)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        self_value, *rest = args
-        return getattr(self_value, node.target)(*rest, **kwargs)
-    if node.op == "get_attr":
-        value: Any = traced.model
-        for name in node.target.split("."):
-            value = getattr(value, name)
-        return value
-    raise ValueError(f"cannot evaluate graph node {node.name!r} ({node.op})")
-
-
-def head_after(traced: TracedModel, layer: str) -> tuple[fx.Node, list[fx.Node]]:
-    """The layer's node and the nodes that compute the logits from it (the head y = F(A)), in
-    graph order. Every head node reads only head values, the layer's value or constants."""
-    start = traced.layer_node(layer)
-    nodes = list(traced.graph.nodes)
-    downstream = {start}
-    head = []
-    for n in nodes[nodes.index(start) + 1:]:
-        if any(i in downstream for i in n.all_input_nodes):
-            downstream.add(n)
-            head.append(n)
-    needed = {traced.logits}
-    for n in reversed(head):
-        if n in needed:
-            needed.update(n.all_input_nodes)
-    head = [n for n in head if n in needed]
-    if traced.logits not in head:
-        raise ValueError(f"the logits do not depend on {layer!r}")
-    derived: dict[fx.Node, bool] = {}
-    for n in nodes:
-        derived[n] = n.op == "placeholder" or (
-            n.op != "get_attr" and any(derived[i] for i in n.all_input_nodes))
-    inside = set(head) | {start}
-    for n in head:
-        outside = [i.name for i in n.all_input_nodes if i not in inside and derived[i]]
-        if outside:
-            raise ValueError(f"the head after {layer!r} also reads {outside} (computed before it), "
-                             "so the logits are not a function of that layer alone")
-    return start, head
-
-
 # Plans by model, then by (layers, composite, rule registry version). A plan reads weights at
 # every call, so it stays valid while the model trains; it is rebuilt when a module is added,
 # removed or replaced, when a tensor is (as .to(device) replaces buffers, which the recording
@@ -481,7 +287,7 @@ def relevance_graph(model: nn.Module, layers: list[str], config: LRPConfig) -> R
     entry = _PLANS.get(model)
     if entry is None or entry[0] != structure:
         entry = _PLANS[model] = (structure, {})
-    key = (tuple(layers), config, ops.registry_version())
+    key = (tuple(layers), config, registry_version())
     if key not in entry[1]:
         entry[1][key] = RelevanceGraph(model, layers, config)
     return entry[1][key]

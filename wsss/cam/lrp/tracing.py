@@ -1,0 +1,197 @@
+"""The model as a traced graph (torch.fx), and running its nodes one by one.
+
+`trace(model)` traces the forward like torchvision's feature extraction does: modules that
+have an op rule (Conv2d, BatchNorm2d, ReLU, ...) and other torch.nn built-ins stay single
+nodes, everything else (ResNet blocks, DenseNet layers, squeeze-excitation, ...) is traced
+through into the functions it calls. Layers are named by module path as in
+`model.named_modules()`; a module's output is the value its forward returned. The special
+name "input" is the image itself.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torchvision
+from torch import fx, nn
+
+from wsss.cam.lrp.ops import module_rule
+
+INPUT_LAYER = "input"
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+class PathTracer(fx.Tracer):
+    """fx tracer that keeps rule-carrying modules as leaves and records each module's output."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_modules=(math, torchvision.ops))
+        self.module_outputs: dict[str, list[Any]] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_rule(m) is not None:
+            return True
+        if isinstance(m, _CONTAINERS):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
+                    ) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        path = self.path_of_module(m)
+        self.module_outputs.setdefault(path, []).append(
+            out.node if isinstance(out, fx.Proxy) else None)
+        return out
+
+
+@dataclass
+class TracedModel:
+    """A model's traced graph with its module outputs by path.
+
+    The root module is held weakly (`model`), so a cache of plans does not keep it alive;
+    `modules` holds every submodule by path, the root under "".
+    """
+
+    root: weakref.ref
+    root_type: type
+    graph: fx.Graph
+    modules: dict[str, nn.Module]
+    module_outputs: dict[str, list[fx.Node | None]]
+    placeholder: fx.Node
+    logits: fx.Node
+
+    @property
+    def model(self) -> nn.Module:
+        model = self.root()
+        if model is None:
+            raise RuntimeError("the traced model no longer exists")
+        return model
+
+    def owner(self, node: fx.Node) -> tuple[str, type]:
+        """(module path, module type) of the innermost module the node was made in."""
+        if node.op == "call_module":
+            return node.target, type(self.modules[node.target])
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return "", self.root_type
+        key, (_, kind) = list(stack.items())[-1]
+        return re.sub(r"@\d+$", "", key), kind
+
+    def layer_node(self, layer: str) -> fx.Node:
+        """The node whose value is the output of module `layer` ("input": the image)."""
+        if layer == INPUT_LAYER and layer not in self.modules:
+            return self.placeholder
+        if layer == "" or layer not in self.modules:
+            sample = [n for n in self.modules if n][:12]
+            raise ValueError(f"model has no module named {layer!r}; names look like {sample} "
+                             f"(or {INPUT_LAYER!r} for the image)")
+        outputs = self.module_outputs.get(layer, [])
+        if len(outputs) != 1 or outputs[0] is None:
+            why = ("never called in the forward" if not outputs else
+                   "called several times in the forward (e.g. a shared ReLU)" if len(outputs) > 1
+                   else "its output is not a single tensor")
+            raise ValueError(f"cannot capture relevance at {layer!r}: the module is {why}; "
+                             "request its parent or a neighbouring module")
+        return outputs[0]
+
+
+def trace(model: nn.Module) -> TracedModel:
+    """Trace the model's forward in eval mode (see the module docstring)."""
+    modes = {m: m.training for m in model.modules()}
+    tracer = PathTracer()
+    try:
+        model.eval()
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise RuntimeError(
+            f"RelevanceCAM could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
+            f"{exc}). The forward must not branch on tensor values; a module that does can be made "
+            "a single node with wsss.cam.register_rule(ModuleType, rule).") from exc
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(f"RelevanceCAM needs a model with one input, got {len(placeholders)}")
+    output = next(n for n in graph.nodes if n.op == "output")
+    logits = output.args[0]
+    if not isinstance(logits, fx.Node):
+        raise ValueError("RelevanceCAM needs a model that returns one logits tensor, got "
+                         f"{type(logits).__name__}")
+    modules = {name: m for name, m in model.named_modules() if name}
+    return TracedModel(weakref.ref(model), type(model), graph, modules, tracer.module_outputs,
+                       placeholders[0], logits)
+
+
+def mutated_argument(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The argument an in-place op overwrites, if any."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.op == "call_module":
+        inplace = bool(getattr(modules[node.target], "inplace", False))
+    else:
+        inplace = bool(node.kwargs.get("inplace", False)) or (
+            name.endswith("_") and not name.endswith("__")) or (
+            node.op == "call_function" and name.startswith("i") and name[1:] in (
+                "add", "sub", "mul", "truediv"))
+    return node.args[0] if inplace else None
+
+
+def evaluate_node(node: fx.Node, env: dict[fx.Node, Any], traced: TracedModel) -> Any:
+    """Run one graph node on the values in `env` (as fx's Interpreter does). An in-place op
+    gets a copy of the value it would overwrite, so `env` is never changed."""
+    mutated = mutated_argument(node, traced.modules)
+    if mutated is not None:
+        env = {**env, mutated: env[mutated].clone()}
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "call_module":
+        return traced.modules[node.target](*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        self_value, *rest = args
+        return getattr(self_value, node.target)(*rest, **kwargs)
+    if node.op == "get_attr":
+        value: Any = traced.model
+        for name in node.target.split("."):
+            value = getattr(value, name)
+        return value
+    raise ValueError(f"cannot evaluate graph node {node.name!r} ({node.op})")
+
+
+def head_after(traced: TracedModel, layer: str) -> tuple[fx.Node, list[fx.Node]]:
+    """The layer's node and the nodes that compute the logits from it (the head y = F(A)), in
+    graph order. Every head node reads only head values, the layer's value or constants."""
+    start = traced.layer_node(layer)
+    nodes = list(traced.graph.nodes)
+    downstream = {start}
+    head = []
+    for n in nodes[nodes.index(start) + 1:]:
+        if any(i in downstream for i in n.all_input_nodes):
+            downstream.add(n)
+            head.append(n)
+    needed = {traced.logits}
+    for n in reversed(head):
+        if n in needed:
+            needed.update(n.all_input_nodes)
+    head = [n for n in head if n in needed]
+    if traced.logits not in head:
+        raise ValueError(f"the logits do not depend on {layer!r}")
+    derived: dict[fx.Node, bool] = {}
+    for n in nodes:
+        derived[n] = n.op == "placeholder" or (
+            n.op != "get_attr" and any(derived[i] for i in n.all_input_nodes))
+    inside = set(head) | {start}
+    for n in head:
+        outside = [i.name for i in n.all_input_nodes if i not in inside and derived[i]]
+        if outside:
+            raise ValueError(f"the head after {layer!r} also reads {outside} (computed before it), "
+                             "so the logits are not a function of that layer alone")
+    return start, head
