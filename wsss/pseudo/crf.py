@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from wsss.pseudo.pixels import as_pixel_mask, check_scores
-from wsss.viz import denormalise
+from wsss.images import denormalise
 
 CRF_MISSING = "dense CRF needs the optional extra: pip install -e '.[crf]' (pydensecrf2)"
 

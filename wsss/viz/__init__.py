@@ -2,7 +2,8 @@
 (``overlays.py``), panel grids saved as PNG (``panels.py``). Every name is importable from
 ``wsss.viz``."""
 
-from wsss.viz.overlays import denormalise, heatmap, mask_overlay, overlay
+from wsss.images import denormalise
+from wsss.viz.overlays import heatmap, mask_overlay, overlay
 from wsss.viz.panels import (annotate, blank_like, color_legend, panel_grid, pseudo_panel_grid, save_png,
                              stack_rows)
 
