@@ -4,7 +4,7 @@ their stages from the registry."""
 import pytest
 
 from wsss.config import load_config
-from wsss.stages.base import stage_hashes
+from wsss.stages.records import stage_hashes
 
 # stage.json `config_hash` values of runs made before the registry existed: a change here would make
 # every existing run directory refuse its own config

@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from wsss.config import Config
+from wsss.distributed import is_global_zero
 from wsss.io import read_json, write_json_atomic
+
+# ``wandb`` itself is imported inside the functions that need it: it is heavy (seconds) and only
+# used with logger.kind=wandb
 
 TRACKING_FILE = "tracking.json"
 
@@ -36,8 +41,6 @@ def _identity(cfg: Config) -> dict[str, Any]:
 
 
 def _save_identity(cfg: Config, identity: dict[str, Any]) -> None:
-    from wsss.stages.base import is_global_zero
-
     if is_global_zero():
         write_json_atomic(cfg.run_dir / TRACKING_FILE, identity)
 
@@ -81,8 +84,6 @@ def close_logger(logger: Union[Logger, bool]) -> None:
 
 def lr_monitor(logger: Union[Logger, bool]) -> list:
     """A learning-rate curve per optimizer group, where there is a logger to draw it."""
-    from lightning.pytorch.callbacks import LearningRateMonitor
-
     return [LearningRateMonitor(logging_interval="step")] if logger else []
 
 

@@ -90,7 +90,8 @@ def lr_lambda(schedule: str, total_steps: int | Callable[[], int]) -> Callable[[
     if schedule == "poly":
         return lambda step: 1.0 if step == 0 else max(0.0, 1.0 - step / total()) ** 0.9
     if schedule == "cosine":
-        return lambda step: 1.0 if step == 0 else 0.5 * (1.0 + math.cos(math.pi * min(step, total()) / total()))
+        return lambda step: 1.0 if step == 0 else (
+            0.5 * (1.0 + math.cos(math.pi * min(step, total()) / total())))
     return lambda step: 1.0
 
 

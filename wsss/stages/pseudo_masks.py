@@ -16,6 +16,7 @@ both work.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from pathlib import Path
@@ -23,16 +24,28 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Subset
 
+from wsss.cam import LibrarySettings, ReferenceLibrary, library_for
+from wsss.cam.libra import model_fingerprint
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import DataError, read_mask
-from wsss.io import read_json, write_json_atomic
-from wsss.stages.base import (StageError, barrier, is_global_zero, make_trainer, run_stage, stage_dir,
-                              stage_hashes)
+from wsss.data.masks import colorize, voc_palette
+from wsss.distributed import barrier, is_global_zero
+from wsss.io import atomic_path, read_json, write_json_atomic
+from wsss.models.calibration import CalibrationModule, ConfidenceCollector, merge_confidences
+from wsss.models.pseudo_labeler import (CALIBRATED_DIR, IMAGE_REFINEMENTS, PANEL_DIR, RANK_DIR, SEED_DIR,
+                                        PseudoMaskModule, PseudoMaskWriter)
+from wsss.pseudo.calibrate import ThresholdCalibrator
 from wsss.stages.classifier import load_classifier
+from wsss.stages.records import StageError, run_stage, stage_dir, stage_hashes
 from wsss.stages.scoring import score_mask_dir
+from wsss.stages.trainer import make_trainer, stage_device
+from wsss.tracking import log_artifact, log_images, log_mask_overlays, log_table
+from wsss.viz import (annotate, blank_like, color_legend, heatmap, mask_overlay, overlay, panel_grid, save_png,
+                      stack_rows)
 
 CALIBRATION_DIR = ".calibration"
 LIBRARY_FILE = "libra_library.pt"
@@ -48,8 +61,6 @@ def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
 def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, Any]:
     """The PseudoMaskModule keywords the config and the classifier define (thresholds aside);
     ``library``: the Libra-CAM reference library (``reference_library``) when cam.method=libra."""
-    from wsss.models.pseudo_labeler import IMAGE_REFINEMENTS
-
     c, p = cfg.cam, cfg.pseudo
     refine = p.refine if p.refine in IMAGE_REFINEMENTS else "none"  # the affinity walk is a stage of its own
     options = {"iterations": p.par_iterations} if refine == "par" else {}
@@ -62,8 +73,6 @@ def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, An
 def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
     """Where the pseudo-mask stage writes each scored step: seeds, calibrated masks ("pseudo")
     and, after in-image refinement, the refined masks the segmenter trains on."""
-    from wsss.models.pseudo_labeler import CALIBRATED_DIR, IMAGE_REFINEMENTS, SEED_DIR
-
     if cfg.pseudo.refine in IMAGE_REFINEMENTS:
         return {"seed": out_dir / SEED_DIR, "pseudo": out_dir / CALIBRATED_DIR, "refined": out_dir}
     return {"seed": out_dir / SEED_DIR, "pseudo": out_dir}
@@ -71,16 +80,12 @@ def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
 
 def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = None, library=None):
     """The pseudo-mask LightningModule around the trained classifier's network."""
-    from wsss.models.pseudo_labeler import PseudoMaskModule
-
     return PseudoMaskModule(classifier.export(), thresholds=thresholds,
                             **pseudo_module_options(cfg, classifier, library))
 
 
 def library_settings(cfg: Config):
     """The Libra-CAM library settings the config defines (cam.layers, cam.libra_*)."""
-    from wsss.cam import LibrarySettings
-
     return LibrarySettings(layers=tuple(cfg.cam.layers), references=cfg.cam.libra_references,
                            bound=cfg.cam.libra_bound)
 
@@ -90,23 +95,16 @@ def reference_library(cfg: Config, classifier, out_dir: Path):
     (no augmentation, on the stage's device, with a progress bar) by global rank zero and stored
     as ``libra_library.pt`` with its settings and the classifier's fingerprint; reused while both
     match (a resumed stage), rebuilt when either changes. None for the other methods."""
-    from wsss.cam import ReferenceLibrary, library_for
-    from wsss.io import atomic_path
-    from wsss.stages.base import stage_device
-    from wsss.stages.classifier import classifier_fingerprint
-
     if cfg.cam.method != "libra":
         return None
     path = out_dir / LIBRARY_FILE
     library = None
     if is_global_zero():
-        import copy
-
         stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
         model = copy.deepcopy(classifier.export()).eval().to(stage_device(cfg))
         dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std)
         library, built = library_for(model, lambda: make_loader(dataset, cfg, cfg.cam.batch_size),
-                                     library_settings(cfg), classifier_fingerprint(classifier), stored,
+                                     library_settings(cfg), model_fingerprint(classifier.export()), stored,
                                      progress=True)
         library = library.to("cpu")
         if built:
@@ -132,8 +130,6 @@ def calibration_subset(cfg: Config, dataset) -> Subset:
 def thresholds_from_confidences(cfg: Config, names: list[str], confidences: dict[str, torch.Tensor],
                                 images: int) -> dict[str, Any]:
     """Per-class thresholds (thresholds.json) from every process's masked-query answers."""
-    from wsss.pseudo.calibrate import ThresholdCalibrator
-
     p = cfg.pseudo
     calibrator = ThresholdCalibrator(p.grid, p.objective, p.rho, len(names), p.threshold,
                                      min_confidence=p.min_confidence, delta=p.delta, fallback=p.fallback,
@@ -152,8 +148,6 @@ def thresholds_from_confidences(cfg: Config, names: list[str], confidences: dict
 
 def calibrate_thresholds(cfg: Config, classifier, out_dir: Path, library=None) -> dict[str, Any]:
     """thresholds.json: reused when an earlier attempt wrote it, otherwise calibrated (or fixed)."""
-    from wsss.models.calibration import CalibrationModule, ConfidenceCollector, merge_confidences
-
     path = out_dir / "thresholds.json"
     if path.is_file():  # calibrated before an interruption: reuse, don't redo
         return read_json(path)
@@ -207,8 +201,6 @@ def panel_ids(ids: list[str], count: int) -> list[str]:
 
 def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False) -> dict[str, Any]:
     """Calibrate, predict (resuming past finished images), then score, panel and manifest."""
-    from wsss.models.pseudo_labeler import PANEL_DIR, RANK_DIR, PseudoMaskWriter
-
     library = reference_library(cfg, classifier, out_dir)
     thresholds = calibrate_thresholds(cfg, classifier, out_dir, library)
     names = list(classifier.hparams.class_names)
@@ -250,8 +242,6 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False
               if (out_dir / PANEL_DIR / f"{i}.pt").is_file()]
     results["panel_ids"] = [item["id"] for item in panels]
     if panels:
-        from wsss.viz import save_png
-
         grid = pseudo_panel_grid(panels, cfg.cam.layers, ["background", *names])
         save_png(out_dir / "panels.png", grid)
     write_json_atomic(out_dir / "manifest.json", {"config_hash": stage_hashes(cfg)["pseudo_masks"],
@@ -295,9 +285,6 @@ class _SubsetSource:
 def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> None:
     """Thresholds and per-class scores as tables, the panel samples as mask overlays, the panel
     grid, and the pseudo-mask set (with manifest and thresholds) as an artifact."""
-    from wsss.models.pseudo_labeler import PANEL_DIR
-    from wsss.tracking import log_artifact, log_images, log_mask_overlays, log_table
-
     out_dir = stage_dir(cfg, "pseudo_masks")
     names = record.get("class_names") or []
     thresholds = record.get("thresholds") or {}
@@ -320,8 +307,6 @@ def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> Non
         items.append({"image": item["display"], "caption": str(sample_id), "masks": masks})
     log_mask_overlays(logger, "pseudo/overlays", items, names)
     if (out_dir / "panels.png").is_file():
-        from PIL import Image
-
         log_images(logger, "pseudo/panels", [np.asarray(Image.open(out_dir / "panels.png"))])
     log_artifact(logger, f"{cfg.run.name}-pseudo-masks", "dataset",
                  files=[out_dir / "manifest.json", out_dir / "thresholds.json"], references=[out_dir],
@@ -345,9 +330,6 @@ def pseudo_panel_grid(panels: list[dict[str, Any]], layers: list[str], class_nam
     and (after refinement) the refined masks over the image at 50 %, the final mask and the
     ground truth; a colour legend with the class names below. ``class_names`` includes
     background."""
-    from wsss.data.masks import colorize, voc_palette
-    from wsss.viz import annotate, blank_like, color_legend, heatmap, mask_overlay, overlay, panel_grid, stack_rows
-
     refined = any(item.get("calibrated") is not None for item in panels)
     rows = []
     for item in panels:
