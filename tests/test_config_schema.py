@@ -6,10 +6,12 @@ import math
 import typing
 
 import pytest
+import torch
 
 from wsss.cam import CAM_METHODS, NORMALIZATIONS
-from wsss.config import Config, ConfigError, Range, load_config
+from wsss.config import SEGMENTER_ARCHITECTURES, Config, ConfigError, Range, load_config
 from wsss.config.schema import interval
+from wsss.models.segmenter import build_network
 from wsss.pseudo.calibrate import OBJECTIVES
 from wsss.pseudo.refine import REFINE_METHODS
 
@@ -59,8 +61,8 @@ def test_closed_bounds_are_admitted_and_open_ones_are_not():
     assert fraction.admits(0.0) and fraction.admits(0.99) and not fraction.admits(1.0)
     assert interval("(0, 1]").admits(1.0) and not interval("(0, 1]").admits(0.0)
     assert not Range(low=0, open_low=True, wording="").admits([])  # a list needs an item
-    at_bounds = ["pseudo.rho=0", "pseudo.delta=1", "cam.libra_bound=1", "data.num_workers=0", "classifier.lr=0",
-                 "data.negative_fraction=0", "affinity.steps=1"]
+    at_bounds = ["pseudo.rho=0", "pseudo.delta=1", "cam.libra_bound=1", "data.num_workers=0",
+                 "classifier.lr=0", "data.negative_fraction=0", "affinity.steps=1"]
     cfg = load_config("configs/default.yaml", at_bounds)
     assert cfg.pseudo.rho == 0.0 and cfg.cam.libra_bound == 1.0
 
@@ -74,3 +76,11 @@ def test_closed_choices_come_from_the_modules_that_define_them():
     for group in ("classifier", "segmenter"):  # the optimiser keys the training groups share
         assert choices[f"{group}.schedule"] == ("poly", "cosine", "constant")
         assert choices[f"{group}.optimizer"] == ("sgd", "adamw")
+
+
+@pytest.mark.parametrize("arch", SEGMENTER_ARCHITECTURES)
+def test_every_segmenter_architecture_choice_builds_with_the_default_encoder(arch):
+    """segmenter.arch offers what smp builds with its own encoders (segmenter.encoder), no more."""
+    net = build_network(arch, "resnet18", num_classes=3, in_channels=1).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 128, 128)).shape == (1, 3, 128, 128)  # PAN needs 128 px a side

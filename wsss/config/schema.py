@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import segmentation_models_pytorch as smp
 import yaml
 
 from wsss.cam import CAM_METHODS, NORMALIZATIONS
@@ -26,6 +27,10 @@ class ConfigError(ValueError):
 # the measured-best normalisation first, then the others in the order wsss.cam lists them
 MAP_NORMALIZATIONS = ("centred", *(name for name in NORMALIZATIONS if name != "centred"))
 SYNTHETIC_IMAGE_SIZE = 128  # data.image_size of the synthetic sources when unset
+# smp's architectures, in smp's order, less DPT: it takes timm ("tu-") encoders only, and
+# segmenter.encoder accepts smp's own
+SEGMENTER_ARCHITECTURES = tuple(model.__name__ for model in smp.MODEL_ARCHITECTURES_MAPPING.values()
+                                if model.__name__ != "DPT")
 
 
 @dataclass(frozen=True)
@@ -262,8 +267,7 @@ class AffinityConfig:
 
 @dataclass
 class SegmenterConfig:
-    arch: str = _choice("DeepLabV3Plus", "Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3",
-                        "DeepLabV3Plus", "Linknet", "MAnet", "PAN", help="smp architecture")
+    arch: str = _choice("DeepLabV3Plus", *SEGMENTER_ARCHITECTURES, help="smp architecture")
     encoder: str = _opt("resnet18", "smp encoder name")
     pretrained: bool = _opt(False, "ImageNet encoder weights (needs network)")
     max_epochs: int = _max_epochs(12)
