@@ -44,7 +44,7 @@ from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.io import read_json, write_json_atomic
 from wsss.metrics import ForwardCounter, SegmentationScores
-from wsss.stages import base as stage_base, pseudo_masks as pseudo_stage
+from wsss.stages import pseudo_masks as pseudo_stage, records as stage_records
 from wsss.pseudo.calibrate import ThresholdCalibrator, masked_confidences
 from wsss.pseudo.labels import scores_to_labels
 
@@ -185,7 +185,7 @@ def speed(args) -> None:
         "run.overwrite=false", *args.set])
     # the classifier was trained on the source run's data size; reuse its record as-is
     record = read_json(source / "classifier" / "stage.json")
-    record["config_hash"] = stage_base.stage_hashes(cfg)["classifier"]
+    record["config_hash"] = stage_records.stage_hashes(cfg)["classifier"]
     write_json_atomic(scratch / "classifier" / "stage.json", record)
     started = time.perf_counter()
     result = stages.make_pseudo_masks(cfg)

@@ -78,7 +78,7 @@ def test_backbone_learns_slower_than_head():
 def test_adamw_and_schedules_follow_their_closed_forms():
     import math
 
-    from wsss.models.classifier import lr_lambda
+    from wsss.models.common import lr_lambda
 
     module = ClassifierModule(num_classes=2, lr=0.1, backbone_lr_mult=0.5, optimizer="adamw", weight_decay=0.01)
     optimizer = module.configure_optimizers()["optimizer"]

@@ -15,7 +15,7 @@ import torch
 
 from wsss import stages
 from wsss.config import load_config
-from wsss.stages import base as stage_base
+from wsss.stages import trainer as stage_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,8 +108,8 @@ def _tiny(tmp_path, *extra):
 
 
 def _with_callbacks(monkeypatch, extra):
-    original = stage_base.make_trainer
-    monkeypatch.setattr(stage_base, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
+    original = stage_trainer.make_trainer
+    monkeypatch.setattr(stage_trainer, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
                         original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
 
 

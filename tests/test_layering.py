@@ -181,7 +181,11 @@ def test_imports_inside_functions_say_why():
         for target, node, top in imports_of(name):
             if top:
                 continue
-            around = " ".join(lines[max(0, node.lineno - 3): node.end_lineno]).lower()
+            # the import's own lines, the imports and `try:` grouped above it, and the line above those
+            start = node.lineno - 1
+            while start > 0 and lines[start - 1].strip().startswith(("import ", "from ", "try:", "#")):
+                start -= 1
+            around = " ".join(lines[max(0, start - 1): node.end_lineno]).lower()
             if "#" not in around or not any(reason in around for reason in REASONS):
                 unexplained.append(f"{name}:{node.lineno} imports {target} inside a function without saying why "
                                    f"(a comment with one of {REASONS})")

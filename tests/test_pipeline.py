@@ -8,7 +8,7 @@ import torch
 
 from wsss import stages
 from wsss.data.datamodule import build_source
-from wsss.stages import base as stage_base
+from wsss.stages import trainer as stage_trainer
 from wsss.cli import main
 from wsss.config import load_config
 from wsss.data.imageio import DataError
@@ -114,9 +114,9 @@ def test_classifier_resumes_from_last_checkpoint(tmp_path, monkeypatch):
         def on_train_epoch_start(self, trainer, module):
             self.started.append(trainer.current_epoch)
 
-    original = stage_base.make_trainer
+    original = stage_trainer.make_trainer
     extra = []
-    monkeypatch.setattr(stage_base, "make_trainer",
+    monkeypatch.setattr(stage_trainer, "make_trainer",
                         lambda cfg, epochs, logger=False, callbacks=None, **kw:
                         original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
     cfg = tiny(tmp_path, "data.num_train=8", "classifier.max_epochs=2")

@@ -9,7 +9,7 @@ from wsss import stages
 from wsss.cli import main, original_message
 from wsss.config import load_config
 from wsss.data.imageio import DataError
-from wsss.stages.base import begin_stage, stage_hashes
+from wsss.stages.records import begin_stage, stage_hashes
 
 TINY = ["data.num_train=8", "data.num_val=4", "data.image_size=48", "data.crop_size=48", "data.batch_size=4",
         "data.num_workers=0", "classifier.max_epochs=1", "logger.kind=none", "pseudo.refine=none", "trainer.accelerator=cpu",

@@ -15,7 +15,7 @@ from wandb_records import read_run, runs_by_job
 from wsss import stages
 from wsss.cli import main
 from wsss.config import load_config
-from wsss.stages import base as stage_base
+from wsss.stages import trainer as stage_trainer
 from wsss.stages.report import report_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +130,9 @@ def test_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
             if trainer.current_epoch == 1:
                 raise RuntimeError("killed")
 
-    original = stage_base.make_trainer
+    original = stage_trainer.make_trainer
     extra = [Kill()]
-    monkeypatch.setattr(stage_base, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
+    monkeypatch.setattr(stage_trainer, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
                         original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
     cfg = load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, "logger.kind=wandb"])
     with pytest.raises(RuntimeError, match="killed"):

@@ -13,6 +13,7 @@ import torch
 
 from wsss import stages
 from wsss.cam import aggregate_scales, build_cam, fuse_layers
+from wsss.cam.libra import model_fingerprint
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import read_mask
@@ -20,8 +21,7 @@ from wsss.io import read_json
 from wsss.models.pseudo_labeler import SEED_DIR, present_targets
 from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.stages import pseudo_masks as pseudo_stage
-from wsss.stages.base import StageError
-from wsss.stages.classifier import classifier_fingerprint
+from wsss.stages.records import StageError
 from wsss.stages.pseudo_masks import pseudo_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,7 +312,7 @@ def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_pat
     masks already written; the segmenter trains on the refined masks."""
     import lightning as L
 
-    from wsss.stages import base as stage_base
+    from wsss.stages import trainer as stage_trainer
 
     class KillInEpoch(L.Callback):
         def __init__(self):
@@ -324,8 +324,8 @@ def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_pat
 
     reuse_classifier(trained, tmp_path)
     kill = KillInEpoch()
-    original = stage_base.make_trainer
-    monkeypatch.setattr(stage_base, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
+    original = stage_trainer.make_trainer
+    monkeypatch.setattr(stage_trainer, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
                         original(cfg, epochs, logger, (callbacks or []) + [kill], **kw))
     cfg = config(tmp_path, "pseudo.refine=affinity", "affinity.max_epochs=2", "affinity.steps=4")
     stages.make_pseudo_masks(cfg)
@@ -369,7 +369,7 @@ def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(trained
     path = out / pseudo_stage.LIBRARY_FILE
     state = torch.load(path, weights_only=True)
     classifier = stages.load_classifier(cfg)
-    assert state["classifier_hash"] == classifier_fingerprint(classifier)
+    assert state["classifier_hash"] == model_fingerprint(classifier.export())
     assert state["settings"]["references"] == 3 and state["settings"]["bound"] == 1.0
     assert list(state["settings"]["layers"]) == list(cfg.cam.layers)
     dataset = build_source(cfg, "train", mean=classifier.hparams.mean, std=classifier.hparams.std)
@@ -397,7 +397,7 @@ def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(trained
     state["classifier_hash"] = "another-classifier"
     torch.save(state, path)
     pseudo_stage.reference_library(cfg, classifier, out)
-    assert torch.load(path, weights_only=True)["classifier_hash"] == classifier_fingerprint(classifier)
+    assert torch.load(path, weights_only=True)["classifier_hash"] == model_fingerprint(classifier.export())
     pseudo_stage.reference_library(config(tmp_path, *LIBRA, "cam.libra_references=2"), classifier, out)
     assert torch.load(path, weights_only=True)["scores"].shape[1] == 2
 

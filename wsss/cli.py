@@ -1,4 +1,5 @@
-"""The ``wsss`` command: one subcommand per stage, plus ``run``, ``data-check`` and ``show-config``.
+"""The ``wsss`` command: one subcommand per stage (``wsss.stages.registry``), plus ``run``,
+``data-check`` and ``show-config``.
 
 Every subcommand takes a YAML config and dotted ``group.key=value`` overrides. Bad keys or
 values and bad input data stop the command with a message and exit status 1 (no traceback).
@@ -7,30 +8,40 @@ values and bad input data stop the command with a message and exit status 1 (no 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from typing import Callable, Optional
+import warnings
+from typing import TYPE_CHECKING, Optional
 
-from wsss.config import Config, ConfigError, describe_keys, load_config
+from wsss.stages import registry
 
-COMMANDS: dict[str, str] = {
-    "run": "all stages (train-classifier -> make-pseudo-masks [-> train-affinity] -> train-segmenter -> evaluate), resumable",
-    "train-classifier": "train the multi-label classifier on image-level labels",
-    "make-pseudo-masks": "write Relevance-CAM pseudo-masks for the training split",
-    "train-affinity": "with pseudo.refine=affinity: learn inter-pixel affinities, write random-walk refined masks",
-    "train-segmenter": "train the segmentation network on the masks segmenter.masks names",
-    "evaluate": "segmenter mIoU on the val split; predictions as palette PNGs",
-    "data-check": "load every item of the configured splits and report counts and bad files",
-    "show-config": "print the resolved config (or every key with --keys)",
-}
+if TYPE_CHECKING:
+    from wsss.config import Config
+
+# The config, the data checks and the stages import torch, Lightning and smp (seconds). They are
+# imported inside the functions that run a command, after the arguments are parsed, so that
+# `wsss --help` answers at once: the parser needs only the registry.
+
+
+def commands() -> dict[str, str]:
+    """Every subcommand with its help, in the order `wsss --help` lists them."""
+    steps = ""
+    for stage in registry.REGISTRY:
+        step = f"-> {stage.command}" if steps else stage.command
+        steps += f" [{step}]" if stage.optional else f" {step}"
+    return {"run": f"all stages ({steps.strip()}), resumable",
+            **{stage.command: stage.help for stage in registry.REGISTRY},
+            "data-check": "load every item of the configured splits and report counts and bad files",
+            "show-config": "print the resolved config (or every key with --keys)"}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised semantic segmentation "
                                      "from image-level labels with multi-layer Relevance-CAM.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in commands().items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == "show-config":
             sub.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
             sub.add_argument("--keys", action="store_true", help="list every key, its type and choices")
@@ -41,10 +52,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_check(cfg: Config) -> int:
+    # lazy, like every heavy import here: `wsss --help` stays fast without torch
     from wsss.data.check import check_source, format_report
     from wsss.data.datamodule import build_source
 
-    splits = [cfg.data.train_split, cfg.data.val_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
+    d = cfg.data
+    splits = [d.train_split, d.val_split] + ([d.test_split] if d.test_split else [])
     failed = False
     for split in dict.fromkeys(splits):
         report = check_source(build_source(cfg, split))
@@ -53,32 +66,20 @@ def _data_check(cfg: Config) -> int:
     return 1 if failed else 0
 
 
-def _stage(name: str) -> Callable[[Config], int]:
-    def command(cfg: Config) -> int:
-        from wsss import pipeline, stages
+def _run_command(command: str, cfg: Config) -> int:
+    """``wsss run`` (every stage) or one stage's subcommand."""
+    from wsss import pipeline  # lazy: importing the stages takes seconds
 
-        if name == "run":
-            pipeline.run_all(cfg)
-            return 0
-        key = {"train-classifier": "classifier", "make-pseudo-masks": "pseudo_masks", "train-affinity": "affinity",
-               "train-segmenter": "segmenter", "evaluate": "evaluation"}[name]
-        stages.check_stage_folders(cfg, [key])
-        stages.preflight_data(cfg, [key])
-        stages.save_config(cfg)
-        result = pipeline.STAGE_FUNCTIONS[key](cfg)
-        if result.get("skipped"):
-            print(f"[wsss] {name}: run.overwrite=true redoes it; outputs in {stages.stage_dir(cfg, key)}")
-        stages.write_report(cfg)
-        return 0
-    return command
+    if command == "run":
+        pipeline.run_all(cfg)
+    else:
+        pipeline.run_one(cfg, {stage.command: stage for stage in registry.REGISTRY}[command])
+    return 0
 
 
 def _quiet_third_party() -> None:
     """Drop what Lightning and torch repeat on every stage and that says nothing about the run:
     Lightning's product tips and torch's ``_pytree`` deprecation notice (from Lightning)."""
-    import logging
-    import warnings
-
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "Tip:" not in record.getMessage())
@@ -124,9 +125,11 @@ def filesystem_message(exc: OSError, cfg: Optional[Config]) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
+    # lazy, after parsing: the config pulls in torch, smp and Lightning, which --help never needs
+    from wsss.config import ConfigError, describe_keys, load_config
     from wsss.data.imageio import DataError
     from wsss.models.common import NonFiniteLossError
-    from wsss.stages import StageError
+    from wsss.stages.records import StageError
 
     cfg: Optional[Config] = None
     try:
@@ -139,7 +142,7 @@ def _main(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "data-check":
             return _data_check(cfg)
-        return _stage(args.command)(cfg)
+        return _run_command(args.command, cfg)
     except (ConfigError, DataError, StageError, NonFiniteLossError) as exc:
         print(f"wsss {args.command}: error: {original_message(exc)}", file=sys.stderr)
         return 1

@@ -1,31 +1,47 @@
-"""Orchestration: every stage in order (train-classifier -> make-pseudo-masks ->
-train-affinity (when pseudo.refine=affinity) -> train-segmenter -> evaluate), each skipped when finished, then the report. The stages
-themselves live in ``wsss.stages``, one module each."""
+"""Orchestration: the stages ``wsss.stages.registry`` lists, in its order, each skipped when
+finished, then the report; or one stage alone. The stages themselves live in ``wsss.stages``,
+one module each."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from wsss.config import Config
-from wsss.stages.base import check_stage_folders, is_global_zero, preflight_data
-from wsss.stages import (evaluate, make_pseudo_masks, save_config, train_affinity, train_classifier,
-                         train_segmenter, write_report)
-
-STAGE_FUNCTIONS: dict[str, Callable[[Config], dict[str, Any]]] = {
-    "classifier": train_classifier, "pseudo_masks": make_pseudo_masks, "affinity": train_affinity,
-    "segmenter": train_segmenter, "evaluation": evaluate,
-}
+from wsss.distributed import is_global_zero
+from wsss.stages import registry
+from wsss.stages.records import check_stage_folders, preflight_data, save_config, stage_dir
+from wsss.stages.registry import Stage
+from wsss.stages.report import write_report
 
 
 def run_all(cfg: Config, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """All stages in order, skipping finished ones, then report.json / report.md. A stage folder
     made with another config stops the run before any work (and before config.yaml changes)."""
-    check_stage_folders(cfg, list(STAGE_FUNCTIONS))
-    preflight_data(cfg, list(STAGE_FUNCTIONS))
-    save_config(cfg)
-    for function in STAGE_FUNCTIONS.values():
-        function(cfg)  # each stage prints its own start and end lines
+    stages = registry.REGISTRY
+    _prepare(cfg, stages)
+    for stage in stages:
+        stage.run(cfg)  # each stage prints its own start and end lines
     report = write_report(cfg)
     if is_global_zero():  # the other DDP processes work in silence
         echo(f"[wsss] report: {cfg.run_dir / 'report.md'}")
     return report
+
+
+def run_one(cfg: Config, stage: Stage, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """One stage (skipped when finished, with a hint how to redo it), then the report of what
+    the run directory holds."""
+    _prepare(cfg, [stage])
+    result = stage.run(cfg)
+    if result.get("skipped"):
+        echo(f"[wsss] {stage.command}: run.overwrite=true redoes it; outputs in {stage_dir(cfg, stage.name)}")
+    write_report(cfg)
+    return result
+
+
+def _prepare(cfg: Config, stages: Sequence[Stage]) -> None:
+    """Before any work: refuse folders made with another config, check the data files the
+    unfinished stages read, and write the resolved config beside the outputs."""
+    names = [stage.name for stage in stages]
+    check_stage_folders(cfg, names)
+    preflight_data(cfg, names)
+    save_config(cfg)

@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from wsss.config import Config
+from wsss.distributed import is_global_zero
 from wsss.io import read_json, write_json_atomic
+
+# ``wandb`` itself is imported inside the functions that need it: it is heavy (seconds) and only
+# used with logger.kind=wandb
 
 TRACKING_FILE = "tracking.json"
 
@@ -36,8 +41,6 @@ def _identity(cfg: Config) -> dict[str, Any]:
 
 
 def _save_identity(cfg: Config, identity: dict[str, Any]) -> None:
-    from wsss.stages.base import is_global_zero
-
     if is_global_zero():
         write_json_atomic(cfg.run_dir / TRACKING_FILE, identity)
 
@@ -58,7 +61,7 @@ def make_logger(cfg: Config, stage: str) -> Union[Logger, bool]:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.logger.kind == "wandb":
-        import wandb
+        import wandb  # heavy, and only needed when logger.kind=wandb
 
         run_id = wandb_run_id(cfg, stage)
         # silent: the console keeps one line per stage; report.md lists the run folders to sync
@@ -81,8 +84,6 @@ def close_logger(logger: Union[Logger, bool]) -> None:
 
 def lr_monitor(logger: Union[Logger, bool]) -> list:
     """A learning-rate curve per optimizer group, where there is a logger to draw it."""
-    from lightning.pytorch.callbacks import LearningRateMonitor
-
     return [LearningRateMonitor(logging_interval="step")] if logger else []
 
 
@@ -111,7 +112,7 @@ def log_summary(logger: Union[Logger, bool], values: dict[str, Any]) -> None:
 def log_table(logger: Union[Logger, bool], key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A table (wandb only; its numbers also go through ``log_summary``)."""
     if isinstance(logger, WandbLogger) and rows:
-        import wandb
+        import wandb  # heavy, and only needed when logger.kind=wandb
 
         logger.experiment.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
@@ -133,7 +134,7 @@ def log_mask_overlays(logger: Union[Logger, bool], key: str, items: Sequence[dic
     """
     if not isinstance(logger, WandbLogger) or not items:
         return
-    import wandb
+    import wandb  # heavy, and only needed when logger.kind=wandb
 
     labels = {i: name for i, name in enumerate(class_names)}
     labels[255] = "ignore"
@@ -153,7 +154,7 @@ def log_artifact(logger: Union[Logger, bool], name: str, kind: str, files: Seque
     as ``file://`` references, so nothing big is duplicated on disk."""
     if not isinstance(logger, WandbLogger):
         return
-    import wandb
+    import wandb  # heavy, and only needed when logger.kind=wandb
 
     artifact = wandb.Artifact(name.replace("/", "-"), type=kind)
     for path in files:

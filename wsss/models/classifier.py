@@ -7,8 +7,7 @@ own module structure (``model.layer4``, ``model.features.denseblock3``, ...), so
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning as L
 from torch import Tensor, nn
@@ -16,33 +15,6 @@ from torch import Tensor, nn
 from wsss.metrics import MultiLabelScores
 from wsss.models.backbones import build_backbone, head_of
 from wsss.models.common import check_finite_loss, optimizer_with_schedule
-
-
-def lr_lambda(schedule: str, total_steps: int | Callable[[], int]):
-    """Multiplier of the base learning rate at each optimizer step.
-
-    ``total_steps`` may be a callable, resolved at the first step after step 0 (the multiplier
-    at step 0 is 1 whatever the total). Modules pass ``trainer.estimated_stepping_batches`` that
-    way: asking for it in ``configure_optimizers`` makes Lightning build the training iterator
-    before a resumed fit has restored its epoch, so a loader with workers would replay epoch 0.
-    """
-    resolved: list[int] = []
-
-    def total() -> int:
-        if not resolved:
-            resolved.append(max(1, int(total_steps() if callable(total_steps) else total_steps)))
-        return resolved[0]
-
-    if schedule == "poly":
-        return lambda step: 1.0 if step == 0 else max(0.0, 1.0 - step / total()) ** 0.9
-    if schedule == "cosine":
-        return lambda step: 1.0 if step == 0 else 0.5 * (1.0 + math.cos(math.pi * min(step, total()) / total()))
-    return lambda step: 1.0
-
-
-def planned_steps(module: L.LightningModule) -> Callable[[], int]:
-    """The optimizer steps of the whole fit, asked of the trainer only when first needed."""
-    return lambda: int(module.trainer.estimated_stepping_batches) if module._trainer is not None else 1
 
 
 class ClassifierModule(L.LightningModule):

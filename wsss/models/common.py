@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -72,12 +72,38 @@ class RNGStateCallback(L.Callback):
             torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def lr_lambda(schedule: str, total_steps: int | Callable[[], int]) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at each optimizer step.
+
+    ``total_steps`` may be a callable, resolved at the first step after step 0 (the multiplier
+    at step 0 is 1 whatever the total). Modules pass ``trainer.estimated_stepping_batches`` that
+    way: asking for it in ``configure_optimizers`` makes Lightning build the training iterator
+    before a resumed fit has restored its epoch, so a loader with workers would replay epoch 0.
+    """
+    resolved: list[int] = []
+
+    def total() -> int:
+        if not resolved:
+            resolved.append(max(1, int(total_steps() if callable(total_steps) else total_steps)))
+        return resolved[0]
+
+    if schedule == "poly":
+        return lambda step: 1.0 if step == 0 else max(0.0, 1.0 - step / total()) ** 0.9
+    if schedule == "cosine":
+        return lambda step: 1.0 if step == 0 else (
+            0.5 * (1.0 + math.cos(math.pi * min(step, total()) / total())))
+    return lambda step: 1.0
+
+
+def planned_steps(module: L.LightningModule) -> Callable[[], int]:
+    """The optimizer steps of the whole fit, asked of the trainer only when first needed."""
+    return lambda: int(module.trainer.estimated_stepping_batches) if module._trainer is not None else 1
+
+
 def optimizer_with_schedule(module: L.LightningModule, groups: list[dict[str, Any]]) -> dict[str, Any]:
     """``configure_optimizers``'s answer for parameter ``groups`` (each with its own ``lr``):
     AdamW or SGD with momentum by ``hparams.optimizer``, weight decay ``hparams.weight_decay``,
     and the ``hparams.schedule`` multiplier stepped every optimizer step."""
-    from wsss.models.classifier import lr_lambda, planned_steps
-
     hp = module.hparams
     if hp.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)

@@ -1,24 +1,34 @@
-"""The pipeline's stages, one module each, in the order they run:
+"""The pipeline's stages, one module each, in the order ``registry`` lists them (their names,
+subcommands, hashes and folders are described there), plus ``records`` (stage folders, hashes,
+skip / resume / refuse), ``trainer`` (the Trainer factory and the resumable fit), ``scoring`` and
+``report``.
 
-- ``classifier``: the multi-label classifier on image-level labels;
-- ``pseudo_masks``: calibrated Relevance-CAM pseudo-masks for the training split (refined in the
-  image by ``par`` or ``crf`` when ``pseudo.refine`` asks);
-- ``affinity``: with ``pseudo.refine=affinity``, learned affinities and the random walk;
-- ``segmenter``: the segmentation network on those masks;
-- ``evaluation``: the segmenter on the val split;
-
-plus ``base`` (stage folders, hashes, resume, the Trainer factory) and ``report``.
+The names below load with their module on first use: the CLI reads ``wsss.stages.registry`` to
+build its parser, and importing this package must not import torch and Lightning for that.
 """
 
-from wsss.stages.base import (STAGES, StageError, check_stage_folders, preflight_data, read_stage, save_config,
-                              stage_dir)
-from wsss.stages.affinity import train_affinity
-from wsss.stages.classifier import load_classifier, train_classifier
-from wsss.stages.evaluation import evaluate
-from wsss.stages.pseudo_masks import make_pseudo_masks
-from wsss.stages.report import build_report, write_report
-from wsss.stages.segmenter import load_segmenter, train_segmenter
+from __future__ import annotations
 
-__all__ = ["STAGES", "StageError", "build_report", "check_stage_folders", "preflight_data", "evaluate", "load_classifier", "load_segmenter",
-           "make_pseudo_masks", "read_stage", "save_config", "stage_dir", "train_affinity", "train_classifier",
-           "train_segmenter", "write_report"]
+import importlib
+from typing import Any
+
+from wsss.stages.registry import STAGES
+
+# public name -> the module of this package that defines it
+_EXPORTS = {
+    "StageError": "records", "check_stage_folders": "records", "preflight_data": "records",
+    "read_stage": "records", "save_config": "records", "stage_dir": "records",
+    "load_classifier": "classifier", "train_classifier": "classifier",
+    "make_pseudo_masks": "pseudo_masks", "train_affinity": "affinity",
+    "load_segmenter": "segmenter", "train_segmenter": "segmenter", "evaluate": "evaluation",
+    "build_report": "report", "write_report": "report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+__all__ = ["STAGES", *_EXPORTS]

@@ -27,10 +27,15 @@ from wsss.config import Config
 from wsss.data.datamodule import StageDataModule, build_source, make_loader
 from wsss.data.imageio import DataError, read_mask
 from wsss.data.resize import restore_size
-from wsss.stages.base import (StageError, barrier, echo, fit_stage, is_global_zero, log_checkpoint, make_trainer,
-                              read_stage, run_stage, stage_dir)
+from wsss.distributed import barrier, echo, is_global_zero
+from wsss.models.affinity import AffinityModule, propagate
+from wsss.models.prediction_writer import SegmentationWriter
+from wsss.models.pseudo_labeler import MAP_DIR
+from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.stages.classifier import load_classifier
+from wsss.stages.records import StageError, read_stage, run_stage, stage_dir
 from wsss.stages.scoring import score_mask_dir
+from wsss.stages.trainer import fit_stage, log_checkpoint, make_trainer
 
 MASK_DIR = "masks"
 RESNET_LEVELS = ("layer1", "layer2", "layer3", "layer4")
@@ -64,8 +69,6 @@ def _pseudo_record(cfg: Config) -> dict[str, Any]:
 
 
 def _run(cfg: Config, logger: Any) -> dict[str, Any]:
-    from wsss.models.affinity import AffinityModule
-
     record = _pseudo_record(cfg)
     classifier = load_classifier(cfg)
     a = cfg.affinity
@@ -99,9 +102,6 @@ class AffinityRefiner(L.LightningModule):
         self.ignore_band = ignore_band
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        from wsss.models.affinity import propagate
-        from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
-
         canvas = batch["image"].shape[-2:]
         preds = torch.zeros((len(batch["id"]), *canvas), dtype=torch.uint8, device=self.device)
         for i, sample_id in enumerate(batch["id"]):
@@ -134,9 +134,6 @@ def _done(directory: Path, ids: list[str]) -> set[str]:
 
 def _propagate(cfg: Config, classifier, trained, thresholds: dict[str, Any], logger: Any) -> dict[str, Any]:
     """Refined masks for every training image not written yet, then their scores (rank zero)."""
-    from wsss.models.prediction_writer import SegmentationWriter
-    from wsss.models.pseudo_labeler import MAP_DIR
-
     names = list(classifier.hparams.class_names)
     per_class = {i + 1: float(thresholds["per_class"][n]) for i, n in enumerate(names)}
     refiner = AffinityRefiner(trained, stage_dir(cfg, "pseudo_masks") / MAP_DIR, per_class, cfg.pseudo.ignore_band)

@@ -18,14 +18,16 @@ import torch
 from torch.utils.data import Subset
 
 from wsss.cam import LibrarySettings, ReferenceLibrary, library_for
+from wsss.cam.libra import model_fingerprint
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.io import atomic_path, read_json, write_json_atomic
 from wsss.models.calibration import CalibrationModule, ConfidenceCollector, merge_confidences
 from wsss.models.pseudo_labeler import IMAGE_REFINEMENTS
 from wsss.pseudo.calibrate import ThresholdCalibrator
-from wsss.stages.base import StageError, barrier, is_global_zero, make_trainer, stage_device
-from wsss.stages.classifier import classifier_fingerprint
+from wsss.distributed import barrier, is_global_zero
+from wsss.stages.records import StageError
+from wsss.stages.trainer import make_trainer, stage_device
 
 CALIBRATION_DIR = ".calibration"
 LIBRARY_FILE = "libra_library.pt"
@@ -64,7 +66,7 @@ def reference_library(cfg: Config, classifier, out_dir: Path) -> Optional[Refere
         dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean,
                                std=classifier.hparams.std)
         library, built = library_for(model, lambda: make_loader(dataset, cfg, cfg.cam.batch_size),
-                                     library_settings(cfg), classifier_fingerprint(classifier), stored,
+                                     library_settings(cfg), model_fingerprint(classifier.export()), stored,
                                      progress=True)
         library = library.to("cpu")
         if built:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule
-from wsss.stages.base import fit_stage, load_trained, log_checkpoint, run_stage
+from wsss.models.classifier import ClassifierModule
+from wsss.stages.records import run_stage
+from wsss.stages.trainer import fit_stage, load_trained, log_checkpoint
+from wsss.tracking import log_table
 
 
 def train_classifier(cfg: Config) -> dict[str, Any]:
@@ -19,8 +21,6 @@ def train_classifier(cfg: Config) -> dict[str, Any]:
 
 
 def _train(cfg: Config, logger: Any) -> dict[str, Any]:
-    from wsss.models.classifier import ClassifierModule
-
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = StageDataModule(cfg, "classifier")
     c = cfg.classifier
@@ -35,28 +35,12 @@ def _train(cfg: Config, logger: Any) -> dict[str, Any]:
 
 def _record(cfg: Config, logger: Any, record: dict[str, Any]) -> None:
     """Per-class average precision on the val split as a table, and the checkpoint."""
-    from wsss.tracking import log_table
-
     metrics = record.get("metrics") or {}
     rows = [[key[len("val/ap_"):], value] for key, value in metrics.items() if key.startswith("val/ap_")]
     log_table(logger, "classifier/per_class_ap", ["class", "average precision"], rows)
     log_checkpoint(cfg, "classifier", logger)
 
 
-def load_classifier(cfg: Config):
-    from wsss.models.classifier import ClassifierModule
-
-    return load_trained(cfg, "classifier", ClassifierModule, "train-classifier")
-
-
-def classifier_fingerprint(classifier) -> str:
-    """sha256 of the trained network's weights: what artefacts computed from the classifier
-    (the Libra-CAM reference library) are tied to, so a retrained classifier rebuilds them."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(classifier.export().state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
+def load_classifier(cfg: Config) -> ClassifierModule:
+    """The trained classifier of the run, on the CPU."""
+    return load_trained(cfg, "classifier", ClassifierModule)

@@ -7,19 +7,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
-from wsss.stages.base import barrier, is_global_zero, make_trainer, run_stage, stage_dir
+from wsss.data.imageio import read_mask
+from wsss.distributed import barrier, is_global_zero
+from wsss.models.prediction_writer import SegmentationWriter
+from wsss.stages.records import run_stage, stage_dir
 from wsss.stages.scoring import score_mask_dir
 from wsss.stages.segmenter import load_segmenter
+from wsss.stages.trainer import make_trainer
+from wsss.tracking import log_mask_overlays, log_table
+from wsss.viz import denormalise
 
 
 def _predict_split(cfg: Config, module, split: str, out_dir: Path, logger: Any = False) -> Optional[dict[str, Any]]:
     """Write the split's predictions (and, with ``segmenter.eval_crf``, their CRF-refined form
     in ``<split>_crf``); their scores (rank zero, where ground truth exists), the CRF's under
     ``crf_`` keys."""
-    from wsss.models.prediction_writer import SegmentationWriter
-
     mean, std = module.hparams.mean, module.hparams.std
     dataset = build_source(cfg, split, mean=mean, std=std)
     # sources of one image size batch; others go one image at a time (full size, no padding)
@@ -61,12 +67,6 @@ def _evaluate(cfg: Config, logger: Any) -> dict[str, Any]:
 
 def _record(cfg: Config, logger: Any, record: dict[str, Any], overlays: int = 8) -> None:
     """Per-class IoU / Dice as a table, and the first val predictions over their images."""
-    import torch
-
-    from wsss.data.imageio import read_mask
-    from wsss.tracking import log_mask_overlays, log_table
-    from wsss.viz import denormalise
-
     names = record.get("class_names") or []
     iou, dice = record.get("per_class_iou") or [], record.get("per_class_dice") or []
     log_table(logger, "evaluation/per_class", ["class", "IoU", "Dice"],

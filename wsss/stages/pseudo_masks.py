@@ -23,20 +23,24 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Subset
 
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import DataError, read_mask
+from wsss.distributed import barrier, is_global_zero
 from wsss.io import read_json, write_json_atomic
-from wsss.stages.base import (StageError, barrier, is_global_zero, make_trainer, run_stage, stage_dir,
-                              stage_hashes)
-from wsss.stages.calibration import (LIBRARY_FILE, calibrate_thresholds, pseudo_module_options,
-                                     reference_library)
+from wsss.models.pseudo_labeler import (CALIBRATED_DIR, IMAGE_REFINEMENTS, PANEL_DIR, RANK_DIR, SEED_DIR,
+                                        PseudoMaskModule, PseudoMaskWriter)
+from wsss.stages.calibration import (  # noqa: F401 (LIBRARY_FILE re-exported beside the stage)
+    LIBRARY_FILE, calibrate_thresholds, pseudo_module_options, reference_library)
 from wsss.stages.classifier import load_classifier
+from wsss.stages.records import StageError, run_stage, stage_dir, stage_hashes
 from wsss.stages.scoring import score_mask_dir
-from wsss.viz import pseudo_panel_grid, save_png
-
+from wsss.stages.trainer import make_trainer
+from wsss.tracking import log_artifact, log_images, log_mask_overlays, log_table
+from wsss.viz import (pseudo_panel_grid, save_png)
 
 def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
     """Stage 2: calibrated Relevance-CAM pseudo-masks for the training split."""
@@ -48,8 +52,6 @@ def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
 def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
     """Where the pseudo-mask stage writes each scored step: seeds, calibrated masks ("pseudo")
     and, after in-image refinement, the refined masks the segmenter trains on."""
-    from wsss.models.pseudo_labeler import CALIBRATED_DIR, IMAGE_REFINEMENTS, SEED_DIR
-
     if cfg.pseudo.refine in IMAGE_REFINEMENTS:
         return {"seed": out_dir / SEED_DIR, "pseudo": out_dir / CALIBRATED_DIR, "refined": out_dir}
     return {"seed": out_dir / SEED_DIR, "pseudo": out_dir}
@@ -57,8 +59,6 @@ def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
 
 def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = None, library=None):
     """The pseudo-mask LightningModule around the trained classifier's network."""
-    from wsss.models.pseudo_labeler import PseudoMaskModule
-
     return PseudoMaskModule(classifier.export(), thresholds=thresholds,
                             **pseudo_module_options(cfg, classifier, library))
 
@@ -88,8 +88,6 @@ def panel_ids(ids: list[str], count: int) -> list[str]:
 
 def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False) -> dict[str, Any]:
     """Calibrate, predict (resuming past finished images), then score, panel and manifest."""
-    from wsss.models.pseudo_labeler import PANEL_DIR, RANK_DIR, PseudoMaskWriter
-
     library = reference_library(cfg, classifier, out_dir)
     thresholds = calibrate_thresholds(cfg, classifier, out_dir, library)
     names = list(classifier.hparams.class_names)
@@ -174,9 +172,6 @@ class _SubsetSource:
 def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> None:
     """Thresholds and per-class scores as tables, the panel samples as mask overlays, the panel
     grid, and the pseudo-mask set (with manifest and thresholds) as an artifact."""
-    from wsss.models.pseudo_labeler import PANEL_DIR
-    from wsss.tracking import log_artifact, log_images, log_mask_overlays, log_table
-
     out_dir = stage_dir(cfg, "pseudo_masks")
     names = record.get("class_names") or []
     thresholds = record.get("thresholds") or {}
@@ -199,8 +194,6 @@ def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> Non
         items.append({"image": item["display"], "caption": str(sample_id), "masks": masks})
     log_mask_overlays(logger, "pseudo/overlays", items, names)
     if (out_dir / "panels.png").is_file():
-        from PIL import Image
-
         log_images(logger, "pseudo/panels", [np.asarray(Image.open(out_dir / "panels.png"))])
     log_artifact(logger, f"{cfg.run.name}-pseudo-masks", "dataset",
                  files=[out_dir / "manifest.json", out_dir / "thresholds.json"], references=[out_dir],

@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from wsss.config import Config
+from wsss.distributed import is_global_zero
 from wsss.io import read_json, write_json_atomic, write_text_atomic
-from wsss.stages.base import STAGES, is_global_zero, read_stage, stage_dir
+from wsss.stages import registry
+from wsss.stages.records import read_stage, stage_dir
+from wsss.tracking import close_logger, log_artifact, log_summary, make_logger, run_paths
 
 STEPS = ("seed", "pseudo", "refined")  # the pseudo-mask stage's scored steps, in order
 
@@ -34,9 +37,7 @@ def _reference(cfg: Config) -> Optional[dict[str, Any]]:
 
 def build_report(cfg: Config) -> dict[str, Any]:
     """report.json: the headline numbers of every finished stage (docs/DESIGN.md contract)."""
-    from wsss.tracking import run_paths
-
-    records = {stage: read_stage(cfg, stage) or {} for stage in STAGES}
+    records = {stage.name: read_stage(cfg, stage.name) or {} for stage in registry.REGISTRY}
     # the refined step comes from the pseudo stage (par / crf) or the affinity stage
     pseudo = {**{k: v for k, v in records["affinity"].items() if k.startswith("refined_")}, **records["pseudo_masks"]}
     evaluation = records["evaluation"]
@@ -58,7 +59,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "thresholds": pseudo.get("thresholds"),
         "ignore_fraction": pseudo.get("ignore_fraction"),
         "classifier": records["classifier"].get("metrics"),
-        "stage_seconds": {stage: records[stage].get("seconds") for stage in STAGES},
+        "stage_seconds": {stage: record.get("seconds") for stage, record in records.items()},
         "segmenter_masks": records["segmenter"].get("masks"),
         "class_names": names,
         "absent_classes": {"segmenter": [names[c] for c in evaluation.get("absent_classes") or [] if c < len(names)],
@@ -218,8 +219,6 @@ def write_report(cfg: Config) -> dict[str, Any]:
 def _track_report(cfg: Config, report: dict[str, Any]) -> None:
     """The report numbers as a wandb run summary (job type ``report``) and the files as an
     artifact; CSV: one row of the same numbers in logs/report."""
-    from wsss.tracking import close_logger, log_artifact, log_summary, make_logger
-
     logger = make_logger(cfg, "report")
     if not logger:
         return

@@ -7,31 +7,33 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+from tqdm.auto import tqdm
 
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule, build_source
 from wsss.data.imageio import DataError
-from wsss.stages.base import (StageError, fit_stage, load_trained, log_checkpoint, read_stage, run_stage,
-                              stage_dir)
+from wsss.models.segmenter import SegmenterModule
+from wsss.stages.affinity import affinity_masks
+from wsss.stages.records import StageError, read_stage, run_stage, stage_dir
+from wsss.stages.registry import training_masks_stage
+from wsss.stages.trainer import fit_stage, load_trained, log_checkpoint
 
 
 def segmenter_masks(cfg: Config) -> Optional[Path]:
     """The training-mask directory that ``segmenter.masks`` names (None: the data set's own)."""
-    choice = cfg.segmenter.masks
-    if choice == "ground_truth":
-        return None
-    if choice == "pseudo" and cfg.pseudo.refine == "affinity":
-        from wsss.stages.affinity import affinity_masks
-
+    source = training_masks_stage(cfg)
+    if source == "affinity":
         return affinity_masks(cfg)
-    if choice == "pseudo":
+    if source == "pseudo_masks":
         record = read_stage(cfg, "pseudo_masks")
         if record is None or record.get("status") != "done":
             raise StageError(f"segmenter.masks=pseudo but {stage_dir(cfg, 'pseudo_masks')} is not "
                              f"complete; run `wsss make-pseudo-masks` first, or train on "
                              f"segmenter.masks=ground_truth")
         return stage_dir(cfg, "pseudo_masks")
-    path = Path(choice)
+    if cfg.segmenter.masks == "ground_truth":
+        return None
+    path = Path(cfg.segmenter.masks)
     if not path.is_dir():
         raise StageError(f"segmenter.masks: {path} is not a directory; use pseudo, ground_truth "
                          f"or a directory of palette PNGs named <id>.png")
@@ -40,8 +42,6 @@ def segmenter_masks(cfg: Config) -> Optional[Path]:
 
 def check_mask_dir(source, directory: Path, limit: int = 20) -> None:
     """Stop before training when masks are missing, of the wrong size or out of range."""
-    from tqdm.auto import tqdm
-
     problems = []
     missing = [i for i in source.ids if not (directory / f"{i}.png").is_file()]
     problems += [f"{i}: {directory / (i + '.png')} is missing" for i in missing]
@@ -69,8 +69,6 @@ def train_segmenter(cfg: Config) -> dict[str, Any]:
 
 
 def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
-    from wsss.models.segmenter import SegmenterModule
-
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = StageDataModule(cfg, "segmenter", train_masks=masks)
     if masks is not None:
@@ -90,7 +88,6 @@ def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
     return results
 
 
-def load_segmenter(cfg: Config):
-    from wsss.models.segmenter import SegmenterModule
-
-    return load_trained(cfg, "segmenter", SegmenterModule, "train-segmenter")
+def load_segmenter(cfg: Config) -> SegmenterModule:
+    """The trained segmenter of the run, on the CPU."""
+    return load_trained(cfg, "segmenter", SegmenterModule)

@@ -1,0 +1,121 @@
+"""The pipeline's stages, in the order `wsss run` runs them, each described once: its name and
+folder, what its config hash reads and chains, the splits it reads, the figure the console
+prints, its run function and its `wsss` subcommand. The pipeline, the CLI, the report and the
+stage bookkeeping read this list; adding a stage is its module plus one entry here.
+
+This module imports neither torch nor the stages: `wsss --help` reads it to list the
+subcommands, and a stage's module is imported when the stage first runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+if TYPE_CHECKING:
+    from wsss.config import Config
+
+StageFunction = Callable[["Config"], dict[str, Any]]
+
+# what changes a trained network; not the devices or the strategy (the global batch is fixed)
+TRAINING = ("run.seed", "trainer.precision", "trainer.deterministic", "trainer.gradient_clip_val",
+            "trainer.accumulate_grad_batches")
+# data keys no stage's result depends on: how batches load, and the split only evaluation reads
+DATA_NOT_READ = ("data.num_workers", "data.test_split")
+# test-time augmentation is evaluation's choice, not part of the trained segmenter
+TEST_TIME = ("segmenter.eval_scales", "segmenter.eval_flip", "segmenter.eval_crf")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    Its config hash (``config_hash`` in its ``stage.json``) covers the config ``groups`` it reads,
+    less the ``unread`` keys, and the ``inputs`` it chains, in order: a stage's name stands for
+    that stage's hash (a change upstream redoes this stage), a dotted ``group.key`` for the key's
+    value. ``inputs`` is a function of the config where the config decides what the stage reads.
+    """
+
+    name: str
+    command: str  # the `wsss` subcommand that runs this stage alone
+    help: str  # that subcommand's help
+    run: StageFunction
+    groups: tuple[str, ...] = ()
+    unread: tuple[str, ...] = ()
+    inputs: Union[tuple[str, ...], Callable[[Config], tuple[str, ...]]] = ()
+    splits: tuple[str, ...] = ()  # the data splits it reads, by role: train, val, test
+    key_figure: tuple[Optional[str], Optional[str]] = (None, None)  # (record group or None, key)
+    optional: bool = False  # runs only when the config asks for it (in brackets in `wsss run --help`)
+    folder: str = ""  # its folder in the run directory; empty: the stage's name
+
+    def __post_init__(self) -> None:
+        if not self.folder:
+            object.__setattr__(self, "folder", self.name)
+
+    def inputs_for(self, cfg: Config) -> tuple[str, ...]:
+        return self.inputs(cfg) if callable(self.inputs) else self.inputs
+
+
+def _imported(path: str) -> StageFunction:
+    """The stage function at ``module:name``, imported at its first call: the stage modules load
+    torch and Lightning, which the registry's readers (`wsss --help`) do not need."""
+    module, _, name = path.partition(":")
+
+    def run(cfg: Config) -> dict[str, Any]:
+        return getattr(importlib.import_module(module), name)(cfg)
+
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+def training_masks_stage(cfg: Config) -> Optional[str]:
+    """The stage whose masks the segmenter trains on; None when ``segmenter.masks`` names the
+    ground truth or a folder of masks."""
+    if cfg.segmenter.masks != "pseudo":
+        return None
+    return "affinity" if cfg.pseudo.refine == "affinity" else "pseudo_masks"
+
+
+def _segmenter_inputs(cfg: Config) -> tuple[str, ...]:
+    return (training_masks_stage(cfg) or "segmenter.masks", *TRAINING)
+
+
+REGISTRY: tuple[Stage, ...] = (
+    Stage("classifier", command="train-classifier",
+          help="train the multi-label classifier on image-level labels",
+          run=_imported("wsss.stages.classifier:train_classifier"),
+          groups=("data", "classifier"), unread=DATA_NOT_READ, inputs=TRAINING, splits=("train", "val"),
+          key_figure=("metrics", "val/mAP")),
+    Stage("pseudo_masks", command="make-pseudo-masks",
+          help="write Relevance-CAM pseudo-masks for the training split",
+          run=_imported("wsss.stages.pseudo_masks:make_pseudo_masks"),
+          # how many maps a batch holds and how many panels are drawn change no mask
+          groups=("cam", "pseudo"), unread=("cam.batch_size", "pseudo.num_panels"), inputs=("classifier",),
+          splits=("train",), key_figure=(None, "pseudo_miou")),
+    Stage("affinity", command="train-affinity",
+          help="with pseudo.refine=affinity: learn inter-pixel affinities, write random-walk refined masks",
+          run=_imported("wsss.stages.affinity:train_affinity"),
+          groups=("affinity",), inputs=("pseudo_masks", *TRAINING), splits=("train",),
+          key_figure=(None, "refined_miou"), optional=True),
+    Stage("segmenter", command="train-segmenter",
+          help="train the segmentation network on the masks segmenter.masks names",
+          run=_imported("wsss.stages.segmenter:train_segmenter"),
+          groups=("data", "segmenter"), unread=(*DATA_NOT_READ, *TEST_TIME), inputs=_segmenter_inputs,
+          splits=("train", "val"), key_figure=("metrics", "val/miou")),
+    Stage("evaluation", command="evaluate",
+          help="segmenter mIoU on the val split; predictions as palette PNGs",
+          run=_imported("wsss.stages.evaluation:evaluate"),
+          inputs=("segmenter", *TEST_TIME, "data.val_split", "data.test_split"), splits=("val", "test"),
+          key_figure=(None, "miou")),
+)
+
+STAGES = tuple(stage.name for stage in REGISTRY)
+
+
+def stage_named(name: str) -> Stage:
+    """The registered stage called ``name``."""
+    for stage in REGISTRY:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"no stage {name!r}; the stages are {', '.join(stage.name for stage in REGISTRY)}")
