@@ -14,6 +14,7 @@ import torch
 from wsss import stages
 from wsss.cam import aggregate_scales, build_cam, fuse_layers
 from wsss.cam.libra import model_fingerprint
+from wsss.cam.methods import METHODS
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import read_mask
@@ -57,7 +58,7 @@ def batch_of(cfg, classifier, count=4):
 def expected_fused(model, images, labels, method, layers, options, normalize, scales, flip, weights):
     """The fused maps computed by hand from the public CAM functions."""
     targets, valid = present_targets(labels)
-    extra = {"present": labels > 0.5} if method in ("relevance", "libra") else {}
+    extra = {"present": labels > 0.5} if METHODS[method].takes_present else {}
     with build_cam(method, model, layers, **options) as cam:
         maps = aggregate_scales(cam, images, scales, flip, targets=targets, normalize=normalize, **extra)
     return fuse_layers(maps, images.shape[-2:], weights) * valid[:, :, None, None]

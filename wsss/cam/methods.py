@@ -20,7 +20,7 @@ from wsss.cam.relevance import RelevanceCAM
 @dataclass(frozen=True)
 class CamMethod:
     """A method's config name, its display title, its class, whether it takes keyword options,
-    and the options it needs."""
+    the options it needs, and whether a call accepts ``present=`` (the classes in each image)."""
 
     name: str
     title: str
@@ -28,17 +28,19 @@ class CamMethod:
     takes_options: bool = False
     required: tuple[str, ...] = ()
     help: str = ""
+    takes_present: bool = False
 
 
 METHODS: dict[str, CamMethod] = {m.name: m for m in (
-    CamMethod("relevance", "Relevance-CAM", RelevanceCAM, True, help="preset=..., and LRPConfig fields"),
+    CamMethod("relevance", "Relevance-CAM", RelevanceCAM, True, help="preset=..., and LRPConfig fields",
+              takes_present=True),
     CamMethod("gradcam", "Grad-CAM", GradCAM),
     CamMethod("gradcampp", "Grad-CAM++", GradCAMPlusPlus),
     CamMethod("liftcam", "LIFT-CAM", LiftCAM),
     CamMethod("cam", "CAM", CAM),
     CamMethod("libra", "Libra-CAM", LibraCAM, True, required=("library",),
               help="library=ReferenceLibrary (wsss.cam.build_library / library_for), activation=, "
-                   "chunk=, calibrate="),
+                   "chunk=, calibrate=", takes_present=True),
 )}
 CAM_METHODS: tuple[str, ...] = tuple(METHODS)
 

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 
 from wsss.cam import ReferenceLibrary, aggregate_scales, build_cam, fuse_layers
+from wsss.cam.methods import METHODS
 from wsss.data.masks import write_label_png
 from wsss.data.resize import restore_size
 from wsss.io import atomic_path, write_json_atomic
@@ -119,7 +120,7 @@ class PseudoMaskModule(L.LightningModule):
 
     def _layer_maps(self, images: Tensor, targets: Tensor, present: Tensor) -> dict[str, Tensor]:
         """Normalised per-layer maps at the images' size, aggregated over scales and flips."""
-        kwargs = {"present": present} if self.method in ("relevance", "libra") else {}
+        kwargs = {"present": present} if METHODS[self.method].takes_present else {}
         with build_cam(self.method, self.model, self.layers, **self.options) as cam:
             return aggregate_scales(cam, images, self.scales, self.flip, targets=targets,
                                     normalize=self.normalize, **kwargs)
