@@ -31,7 +31,7 @@ from torch.utils.data import Subset
 
 from wsss import stages
 from wsss.cam import LibrarySettings, aggregate_scales, build_cam, build_library, fuse_layers
-from wsss.cam.methods import METHODS, method_title
+from wsss.cam.methods import METHODS as CAM_REGISTRY, method_title
 from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.metrics import (ForwardCounter, SegmentationScores, average_drop_increase,
@@ -90,7 +90,7 @@ def main() -> None:
         for batch in batches:
             images, labels = batch["image"], batch["labels"]
             targets, valid = present_targets(labels)
-            kwargs = {"present": labels > 0.5} if METHODS[method].takes_present else {}
+            kwargs = {"present": labels > 0.5} if CAM_REGISTRY[method].takes_present else {}
             started = time.perf_counter()
             with counter, build_cam(method, model, layers, **options) as cam:
                 per_layer = aggregate_scales(cam, images, [1.0], False, targets=targets, **kwargs)
