@@ -487,3 +487,19 @@ def test_trainer_factory_passes_nodes_and_batch_limits(tmp_path):
     assert trainer.limit_train_batches == 5 and isinstance(trainer.limit_train_batches, int)
     assert trainer.limit_val_batches == 0.25
     assert make_trainer(config(tmp_path), 1).num_nodes == 1
+
+
+def test_trainer_deterministic_switches_torch_to_deterministic_algorithms(tmp_path, monkeypatch):
+    """trainer.deterministic=true reaches Lightning, which turns on torch's deterministic
+    algorithms (a process-wide flag: restored afterwards); null leaves the flag alone."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # Lightning sets it; restored with the flag
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        torch.use_deterministic_algorithms(False)
+        make_trainer(config(tmp_path), 1)
+        assert not torch.are_deterministic_algorithms_enabled()
+        make_trainer(config(tmp_path, "trainer.deterministic=true"), 1)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
