@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import save_palette_png
 from wsss.cli import main
 from wsss.data.check import check_source, format_report
 from wsss.data.folder import FolderDataset
-from wsss.data.masks import voc_palette, write_label_png
+from wsss.data.masks import write_label_png
 from wsss.data.synthetic import SyntheticSegmentation
 from wsss.data.voc import VOCSegmentation
 
@@ -20,17 +21,10 @@ def voc_args(root):
             "data.val_split=val"]
 
 
-def save_palette_png(path, array):
-    img = Image.fromarray(np.asarray(array, np.uint8), mode="P")
-    img.putpalette(voc_palette())
-    img.save(path)
-
-
 @pytest.fixture
-def damaged(voc_root, tmp_path):
+def damaged(voc_copy):
     """A copy of voc_mini with four bad val files; returns (root, {kind: bad path})."""
-    root = tmp_path / "VOC2012"
-    shutil.copytree(voc_root, root)
+    root = voc_copy
     bad = {
         "truncated": root / "JPEGImages" / "2007_000033.jpg",
         "missing": root / "SegmentationClass" / "2007_000332.png",
@@ -73,9 +67,8 @@ def test_damaged_copy_names_every_bad_file(damaged):
     assert check_source(VOCSegmentation(root, "train")).ok  # other splits are untouched
 
 
-def test_image_without_labels_is_a_problem(voc_root, tmp_path):
-    root = tmp_path / "VOC2012"
-    shutil.copytree(voc_root, root)
+def test_image_without_labels_is_a_problem(voc_copy):
+    root = voc_copy
     path = root / "SegmentationClass" / "2009_004867.png"
     mask = np.array(Image.open(path))
     mask[(mask != 0) & (mask != 255)] = 0
@@ -85,9 +78,8 @@ def test_image_without_labels_is_a_problem(voc_root, tmp_path):
     assert str(path) in report.problems[0] and "has no labels" in report.problems[0]
 
 
-def test_split_without_masks_is_not_blamed_for_missing_labels(voc_root, tmp_path):
-    root = tmp_path / "VOC2012"
-    shutil.copytree(voc_root, root)
+def test_split_without_masks_is_not_blamed_for_missing_labels(voc_copy):
+    root = voc_copy
     shutil.copy(root / "JPEGImages" / "2011_000003.jpg", root / "JPEGImages" / "2012_900001.jpg")
     (root / "ImageSets" / "Segmentation" / "test.txt").write_text("2012_900001\n")
     report = check_source(VOCSegmentation(root, "test"))

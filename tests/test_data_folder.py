@@ -11,14 +11,11 @@ import tifffile
 import torch
 from PIL import Image
 
+from conftest import write_csv
 from wsss.data import folder as folder_module
 from wsss.data.folder import FolderDataset
 from wsss.data.imageio import DataError
 from wsss.data.masks import write_label_png
-
-
-def write_csv(path, rows, header="image,labels"):
-    path.write_text("\n".join([header] + [f"{image},{labels}" for image, labels in rows]) + "\n")
 
 
 def make_folder(root, rows, split="train", size=(40, 30), high=60000, seed=0):

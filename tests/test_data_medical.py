@@ -2,7 +2,6 @@
 depths and intensity handling, DICOM, working size and original size, read-only data folders,
 the built-in synthetic lesion source and its folder export in three file formats."""
 
-import importlib.util
 import os
 import stat
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_script, write_csv
 from wsss.cli import main
 from wsss.config import ConfigError, load_config
 from wsss.data.check import check_source
@@ -23,14 +23,7 @@ from wsss.data.masks import write_label_png
 from wsss.data.resize import restore_size
 from wsss.data.synthetic_lesion import SyntheticLesion
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "make_synthetic_lesion.py"
-_spec = importlib.util.spec_from_file_location("make_synthetic_lesion", SCRIPT)
-make_synthetic_lesion = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_synthetic_lesion)
-
-
-def write_csv(path, rows):
-    path.write_text("\n".join(["image,labels"] + [f"{image},{labels}" for image, labels in rows]) + "\n")
+make_synthetic_lesion = load_script("make_synthetic_lesion")
 
 
 def binary_folder(root, rows, size=(24, 32), mask_value=255, seed=0):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import save_palette_png
 from wsss.data import voc as voc_module
 from wsss.data.imageio import DataError
 from wsss.data.masks import voc_palette
@@ -38,19 +39,6 @@ KNOWN_LABELS = {
 
 def names(labels):
     return {VOC_CLASSES[i] for i in np.flatnonzero(np.asarray(labels))}
-
-
-@pytest.fixture
-def voc_copy(voc_root, tmp_path):
-    root = tmp_path / "VOCdevkit" / "VOC2012"
-    shutil.copytree(voc_root, root)
-    return root
-
-
-def write_palette_png(path, array):
-    img = Image.fromarray(np.asarray(array, np.uint8), mode="P")
-    img.putpalette(voc_palette())
-    img.save(path)
 
 
 def test_class_list_is_the_voc_order():
@@ -111,7 +99,7 @@ def test_train_aug_reads_segmentation_class_aug(voc_root, voc_copy):
     path = voc_copy / "SegmentationClassAug" / "2011_000003.png"
     mask = np.array(Image.open(path))
     mask[mask == 15] = 3  # person -> bird, in the Aug copy only
-    write_palette_png(path, mask)
+    save_palette_png(path, mask)
     index = train.ids.index("2011_000003")
     assert names(VOCSegmentation(voc_copy, "train_aug").load_raw(index).labels) == {"bottle", "bird"}
     assert names(VOCSegmentation(voc_copy, "train").load_raw(index).labels) == {"bottle", "person"}

@@ -1,10 +1,8 @@
 """Every stage under DDP (2 CPU processes, gloo) against one process, and training stages killed
 mid-epoch that resume to bit-identical weights."""
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,21 +11,12 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import ROOT, SimulatedKill, digest, reuse_stage, tiny_args, tiny_config
 from wsss import stages
-from wsss.config import load_config
-from wsss.stages import trainer as stage_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+# map batches of four and three panels (check_shares_and_outputs counts them)
+DDP = ("cam.batch_size=4", "pseudo.num_panels=3")
 
-TINY = [
-    "data.num_train=16", "data.num_val=6", "data.image_size=64", "data.crop_size=64",
-    "data.batch_size=8", "data.num_workers=0",
-    "classifier.max_epochs=2", "classifier.output_stride=16",
-    "segmenter.max_epochs=1", "segmenter.arch=FPN",
-    "cam.batch_size=4", "cam.flip=false",
-    "pseudo.calibration_images=8", "pseudo.grid=[0.1, 0.3, 0.5]", "pseudo.num_panels=3",
-    "logger.kind=none", "trainer.accelerator=cpu",
-]
 # torch has no CPU SyncBatchNorm: on CPU each process normalises over its share of the global
 # batch, so trained networks follow a slightly different path than in one process (on GPU,
 # trainer.sync_batchnorm makes the paths agree). Figures that depend on DDP training are bounded
@@ -35,22 +24,13 @@ TINY = [
 TOLERANCE = 0.1
 
 
-class SimulatedKill(RuntimeError):
-    """Stands in for a killed process: Lightning re-raises it after its own clean-up."""
-
-
 def run_cli(run_dir: Path, *extra: str) -> dict:
     """`wsss run` in a fresh interpreter (the ddp launcher relaunches this very command)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "wsss.cli", "run", "configs/default.yaml", f"run.dir={run_dir}", *TINY, *extra]
+    command = [sys.executable, "-m", "wsss.cli", "run", *tiny_args(run_dir, *DDP, *extra)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run_dir / "default" / "report.json").read_text())
-
-
-def digest(directory: Path) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("syn_*.png"))}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +60,7 @@ def test_ddp_pseudo_masks_are_identical_to_one_process_given_the_classifier(sing
     classifier, calibration (sharded, gathered) and the pseudo-masks are bit-identical; the
     segmenter then trains under DDP."""
     single_root, single = single_process
-    shutil.copytree(single_root / "default" / "classifier", tmp_path / "default" / "classifier")
+    reuse_stage(single_root, tmp_path)
     report = run_cli(tmp_path, "trainer.devices=2", "trainer.strategy=ddp")
     check_shares_and_outputs(tmp_path / "default")
     assert report["thresholds"] == single["thresholds"]
@@ -104,13 +84,7 @@ def test_ddp_spawn_runs_every_stage_and_follows_one_process(single_process, tmp_
 
 
 def _tiny(tmp_path, *extra):
-    return load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, "trainer.devices=1", *extra])
-
-
-def _with_callbacks(monkeypatch, extra):
-    original = stage_trainer.make_trainer
-    monkeypatch.setattr(stage_trainer, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
-                        original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
+    return tiny_config(tmp_path, *DDP, *extra)
 
 
 class KillMidEpoch(L.Callback):
@@ -131,14 +105,14 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     ("classifier", ["data.num_workers=2"]),                  # workers, augmentation, BN
     ("segmenter", ["segmenter.masks=ground_truth", "segmenter.max_epochs=3"]),  # FPN dropout: RNG
 ])
-def test_training_killed_mid_epoch_resumes_bit_identical(tmp_path, monkeypatch, stage, extra):
+def test_training_killed_mid_epoch_resumes_bit_identical(tmp_path, training_callbacks, stage, extra):
     options = ["classifier.max_epochs=3", *extra]
     train = stages.train_classifier if stage == "classifier" else stages.train_segmenter
     if stage == "segmenter":
         options.append("data.num_train=8")
     whole = train(_tiny(tmp_path / "whole", *options))
     kill = KillMidEpoch(epoch=1, batch=0)
-    _with_callbacks(monkeypatch, [kill])
+    training_callbacks.append(kill)
     cfg = _tiny(tmp_path / "resumed", *options)
     with pytest.raises(SimulatedKill):
         train(cfg)

@@ -1,47 +1,27 @@
 """End to end on tiny synthetic data: every stage, the report, skipping, resuming and refusals."""
 
-import hashlib
 import json
+import shutil
 
+import lightning as L
 import pytest
 import torch
 
+from conftest import SimulatedKill, digest, tiny_args, tiny_config
+from quality_floor import read_floor, shortfalls
+from wandb_records import read_run
 from wsss import stages
-from wsss.data.datamodule import build_source
-from wsss.stages import trainer as stage_trainer
 from wsss.cli import main
-from wsss.config import load_config
+from wsss.data.datamodule import build_source
 from wsss.data.imageio import DataError
 from wsss.data.masks import write_label_png
-
-
-class SimulatedKill(RuntimeError):
-    """Stands in for a killed process: Lightning re-raises it after its own clean-up."""
-
-
-TINY = [
-    "data.num_train=16", "data.num_val=6", "data.image_size=64", "data.crop_size=64",
-    "data.batch_size=8", "data.num_workers=0",
-    "classifier.max_epochs=2", "classifier.output_stride=16",
-    "segmenter.max_epochs=1", "segmenter.arch=FPN",
-    "cam.batch_size=8", "cam.flip=false",
-    "pseudo.calibration_images=8", "pseudo.grid=[0.1, 0.3, 0.5]", "pseudo.num_panels=2",
-    "logger.kind=none", "trainer.accelerator=cpu", "trainer.devices=1",
-]
-
-
-def tiny(tmp_path, *extra):
-    return load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, *extra])
-
-
-def digest(directory):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.png"))}
+from wsss.tracking import close_logger, make_logger
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    assert main(["run", "configs/default.yaml", f"run.dir={root}", *TINY]) == 0
+    assert main(["run", *tiny_args(root)]) == 0
     return root / "default"
 
 
@@ -63,24 +43,43 @@ def test_run_writes_every_output_and_the_report(finished_run):
 
 
 @pytest.mark.slow
+def test_run_keeps_the_quality_floor(finished_run):
+    """The tiny run's seeds, masks and segmenter fall no more than the margin below the figures
+    recorded in tests/quality_floor.json (deterministic on the CPU: a drop is a changed result)."""
+    report = json.loads((finished_run / "report.json").read_text())
+    assert shortfalls("tiny", report) == []
+
+
+def test_the_quality_floor_catches_a_drop_and_a_missing_figure():
+    floor = read_floor()
+    recorded = floor["runs"]["tiny"]["figures"]
+    assert set(recorded) == {"seed_miou", "pseudo_miou", "refined_miou", "seg_miou"}
+    assert shortfalls("tiny", dict(recorded)) == []
+    at_margin = {key: value - floor["margin"] + 1e-6 for key, value in recorded.items()}
+    assert shortfalls("tiny", at_margin) == []
+    dropped = dict(recorded, seg_miou=recorded["seg_miou"] - floor["margin"] - 0.001)
+    assert [line.split(":")[0] for line in shortfalls("tiny", dropped)] == ["seg_miou"]
+    ci = floor["runs"]["ci"]["figures"]
+    assert [line.split(":")[0] for line in shortfalls("ci", dict(ci, seed_miou=None))] == ["seed_miou"]
+
+
+@pytest.mark.slow
 def test_second_run_skips_finished_stages_and_changes_nothing(finished_run, capsys):
-    before = digest(finished_run / "pseudo_masks")
+    before = digest(finished_run / "pseudo_masks", "*.png")
     ckpt = (finished_run / "segmenter" / "last.ckpt").stat().st_mtime_ns
-    assert main(["run", "configs/default.yaml", f"run.dir={finished_run.parent}", *TINY]) == 0
+    assert main(["run", *tiny_args(finished_run.parent)]) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 4
-    assert digest(finished_run / "pseudo_masks") == before
+    assert digest(finished_run / "pseudo_masks", "*.png") == before
     assert (finished_run / "segmenter" / "last.ckpt").stat().st_mtime_ns == ckpt
 
 
 @pytest.mark.slow
 def test_pseudo_stage_resumes_only_missing_images_identically(finished_run, tmp_path):
-    import shutil
-
     run_dir = tmp_path / "default"
     shutil.copytree(finished_run, run_dir)
-    cfg = tiny(tmp_path)
+    cfg = tiny_config(tmp_path)
     out = run_dir / "pseudo_masks"
-    before = digest(out)
+    before = digest(out, "*.png")
     removed = sorted(out.glob("syn_*.png"))[:5]
     for path in removed:
         path.unlink()
@@ -89,19 +88,17 @@ def test_pseudo_stage_resumes_only_missing_images_identically(finished_run, tmp_
     (out / "stage.json").write_text(json.dumps(stage))
     result = stages.make_pseudo_masks(cfg)
     assert result["written_now"] == 5
-    assert digest(out) == before
+    assert digest(out, "*.png") == before
 
 
 @pytest.mark.slow
 def test_changed_config_is_refused_unless_overwrite(finished_run):
-    cfg = tiny(finished_run.parent, "cam.layers=[layer4]")
+    cfg = tiny_config(finished_run.parent, "cam.layers=[layer4]")
     with pytest.raises(stages.StageError, match="different config.*run.overwrite=true"):
         stages.make_pseudo_masks(cfg)
 
 
-def test_classifier_resumes_from_last_checkpoint(tmp_path, monkeypatch):
-    import lightning as L
-
+def test_classifier_resumes_from_last_checkpoint(tmp_path, training_callbacks):
     class StopAfterFirstEpoch(L.Callback):
         def on_train_epoch_start(self, trainer, module):
             if trainer.current_epoch == 1:
@@ -114,27 +111,22 @@ def test_classifier_resumes_from_last_checkpoint(tmp_path, monkeypatch):
         def on_train_epoch_start(self, trainer, module):
             self.started.append(trainer.current_epoch)
 
-    original = stage_trainer.make_trainer
-    extra = []
-    monkeypatch.setattr(stage_trainer, "make_trainer",
-                        lambda cfg, epochs, logger=False, callbacks=None, **kw:
-                        original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
-    cfg = tiny(tmp_path, "data.num_train=8", "classifier.max_epochs=2")
-    extra[:] = [StopAfterFirstEpoch()]
+    cfg = tiny_config(tmp_path, "data.num_train=8", "classifier.max_epochs=2")
+    training_callbacks[:] = [StopAfterFirstEpoch()]
     with pytest.raises(SimulatedKill):
         stages.train_classifier(cfg)
     last = tmp_path / "default" / "classifier" / "last.ckpt"
     assert torch.load(last, weights_only=False)["epoch"] == 0
     recorder = RecordEpochs()
-    extra[:] = [recorder]
+    training_callbacks[:] = [recorder]
     result = stages.train_classifier(cfg)
     assert recorder.started == [1]
     assert result["status"] == "done" and torch.load(last, weights_only=False)["epoch"] == 1
 
 
 def test_non_finite_loss_stops_without_a_nan_checkpoint(tmp_path, capsys):
-    code = main(["train-classifier", "configs/default.yaml", f"run.dir={tmp_path}", *TINY,
-                 "data.num_train=8", "classifier.lr=1e30", "classifier.backbone_lr_mult=1.0"])
+    code = main(["train-classifier", *tiny_args(tmp_path, "data.num_train=8", "classifier.lr=1e30",
+                                                "classifier.backbone_lr_mult=1.0")])
     err = capsys.readouterr().err
     assert code == 1 and "non-finite" in err.lower() and "step" in err
     for ckpt in (tmp_path / "default" / "classifier").glob("*.ckpt"):
@@ -143,7 +135,7 @@ def test_non_finite_loss_stops_without_a_nan_checkpoint(tmp_path, capsys):
 
 
 def test_bad_mask_directory_is_rejected_with_ids(tmp_path):
-    cfg = tiny(tmp_path, "data.num_train=6", f"segmenter.masks={tmp_path / 'masks'}")
+    cfg = tiny_config(tmp_path, "data.num_train=6", f"segmenter.masks={tmp_path / 'masks'}")
     source = build_source(cfg, "train")
     for index in range(6):
         raw = source.load_raw(index)
@@ -163,13 +155,13 @@ def test_bad_mask_directory_is_rejected_with_ids(tmp_path):
     assert "syn_train_00000" not in message
 
 
-def test_wandb_offline_run_lands_in_the_run_directory_with_the_config(tmp_path):
-    from wsss.tracking import close_logger, make_logger
-
-    cfg = tiny(tmp_path, "logger.kind=wandb", "logger.wandb_mode=offline")
+def test_wandb_offline_run_lands_in_the_run_directory_with_the_config_and_project(tmp_path):
+    cfg = tiny_config(tmp_path, "logger.kind=wandb", "logger.wandb_mode=offline",
+                      "logger.project=wsss-wiring")
     logger = make_logger(cfg, "classifier")
     assert logger.experiment.config["classifier"]["backbone"] == "resnet18"
     logger.log_metrics({"train/loss": 1.0}, step=0)
     close_logger(logger)
     runs = list((tmp_path / "default" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    assert read_run(runs[0])["run"]["project"] == "wsss-wiring"  # logger.project, not the default "wsss"

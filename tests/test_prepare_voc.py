@@ -1,7 +1,6 @@
 """scripts/prepare_voc.py: train_aug = (train + SBD/aug ids) - val, sorted; what is missing is
 explained with where users usually get it; exit status 1 when the set-up is incomplete."""
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -9,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "prepare_voc.py"
-spec = importlib.util.spec_from_file_location("prepare_voc", SCRIPT)
-prepare_voc = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(prepare_voc)
+from conftest import load_script
+
+prepare_voc = load_script("prepare_voc")
+SCRIPT = Path(prepare_voc.__file__)
 
 SPLITS = Path("ImageSets") / "Segmentation"
 
@@ -22,12 +21,10 @@ def ids_of(path):
 
 
 @pytest.fixture
-def root(voc_root, tmp_path):
+def root(voc_copy):
     """A copy of voc_mini without train_aug.txt."""
-    root = tmp_path / "VOCdevkit" / "VOC2012"
-    shutil.copytree(voc_root, root)
-    (root / SPLITS / "train_aug.txt").unlink()
-    return root
+    (voc_copy / SPLITS / "train_aug.txt").unlink()
+    return voc_copy
 
 
 def run(root, sbd=None):

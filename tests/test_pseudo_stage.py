@@ -1,51 +1,32 @@
 """The pseudo-mask stage: valid PNGs, resuming after an interruption, DDP shares, the VOC path."""
 
-import hashlib
 import json
 
+import lightning as L
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SimulatedKill, digest, reuse_stage, tiny_config
 from wsss import pipeline, stages
+from wsss.config import load_config
 from wsss.data.datamodule import build_source
 from wsss.stages import pseudo_masks as pseudo_stage
-from wsss.config import load_config
 
-
-class SimulatedKill(RuntimeError):
-    """Stands in for a killed process: Lightning re-raises it after its own clean-up."""
-
-
-TINY = [
-    "data.num_train=12", "data.num_val=4", "data.image_size=64", "data.crop_size=64",
-    "data.batch_size=4", "data.num_workers=0", "classifier.max_epochs=1", "classifier.output_stride=16",
-    "cam.batch_size=4", "cam.flip=false", "pseudo.calibration_images=4", "pseudo.grid=[0.1, 0.3, 0.5]",
-    "pseudo.num_panels=2", "pseudo.refine=none", "logger.kind=none", "trainer.accelerator=cpu", "trainer.devices=1",
-]
-
-
-def digest(directory):
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("syn_*.png"))}
+# four calibration images, a coarse grid and two panels: the stage's own settings for these tests
+PSEUDO = ("pseudo.calibration_images=4", "pseudo.grid=[0.1, 0.3, 0.5]", "pseudo.num_panels=2")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, trained_classifier):
+    """A run root of this module's own, starting from the shared classifier."""
     root = tmp_path_factory.mktemp("pseudo")
-    cfg = load_config("configs/default.yaml", [f"run.dir={root}", *TINY])
-    stages.train_classifier(cfg)
+    reuse_stage(trained_classifier, root)
     return root
 
 
 def config(root, *extra):
-    return load_config("configs/default.yaml", [f"run.dir={root}", *TINY, *extra])
-
-
-def copy_classifier(src_root, dst_root):
-    import shutil
-
-    shutil.copytree(src_root / "default" / "classifier", dst_root / "default" / "classifier")
+    return tiny_config(root, *PSEUDO, *extra, size="stage")
 
 
 def test_pseudo_masks_are_valid_palette_pngs(trained):
@@ -71,13 +52,11 @@ def test_pseudo_masks_are_valid_palette_pngs(trained):
 
 
 def test_interrupted_stage_resumes_to_identical_files(trained, tmp_path, monkeypatch):
-    import lightning as L
-
     reference = digest(trained / "default" / "pseudo_masks")
     if not reference:
         stages.make_pseudo_masks(config(trained))
         reference = digest(trained / "default" / "pseudo_masks")
-    copy_classifier(trained, tmp_path)
+    reuse_stage(trained, tmp_path)
 
     class KillAfterTwoBatches(L.Callback):
         def on_predict_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
@@ -110,7 +89,7 @@ def test_rerun_skips_and_changed_config_is_refused(trained):
 @pytest.mark.slow
 def test_ddp_two_processes_write_every_id_once(trained, tmp_path):
     stages.make_pseudo_masks(config(trained))  # the single-process reference (skipped if done)
-    copy_classifier(trained, tmp_path)
+    reuse_stage(trained, tmp_path)
     cfg = config(tmp_path, "trainer.devices=2", "trainer.strategy=ddp_spawn", "cam.batch_size=2")
     result = stages.make_pseudo_masks(cfg)
     out = tmp_path / "default" / "pseudo_masks"
@@ -122,14 +101,21 @@ def test_ddp_two_processes_write_every_id_once(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_voc_path_runs_every_stage_on_voc_mini(voc_root, tmp_path):
+def test_voc_path_runs_every_stage_on_voc_mini(voc_copy, tmp_path):
+    """Every stage on voc_mini. pseudo.score_split=train also scores seeds and pseudo-masks on the
+    pseudo-labelled images of the train split: here three of the four, as train.txt lists three
+    train_aug images and one val image (which has no pseudo-mask)."""
+    splits = voc_copy / "ImageSets" / "Segmentation"
+    train_ids = (splits / "train.txt").read_text().split()
+    val_id = (splits / "val.txt").read_text().split()[0]
+    (splits / "train.txt").write_text("\n".join([*train_ids[:3], val_id]) + "\n")
     cfg = load_config("configs/voc.yaml", [
-        f"data.root={voc_root}", "data.train_split=train_aug", "data.val_split=val", f"run.dir={tmp_path}",
+        f"data.root={voc_copy}", "data.train_split=train_aug", "data.val_split=val", f"run.dir={tmp_path}",
         "data.crop_size=96", "data.batch_size=2", "data.num_workers=0",
         "classifier.backbone=resnet18", "classifier.pretrained=false", "classifier.max_epochs=1",
         "cam.scales=[1.0]", "cam.flip=false", "cam.batch_size=2", "pseudo.calibration_images=2",
-        "pseudo.grid=[0.2, 0.4]", "segmenter.encoder=resnet18", "segmenter.arch=FPN",
-        "segmenter.pretrained=false", "segmenter.max_epochs=1", "segmenter.eval_scales=[1.0]",
+        "pseudo.grid=[0.2, 0.4]", "pseudo.score_split=train", "segmenter.encoder=resnet18",
+        "segmenter.arch=FPN", "segmenter.pretrained=false", "segmenter.max_epochs=1", "segmenter.eval_scales=[1.0]",
         "segmenter.eval_flip=false", "trainer.accelerator=cpu", "trainer.precision=32-true",
         "logger.kind=csv"])
     report = pipeline.run_all(cfg, echo=lambda _: None)
@@ -139,9 +125,14 @@ def test_voc_path_runs_every_stage_on_voc_mini(voc_root, tmp_path):
     preds = sorted((tmp_path / "voc" / "evaluation" / "val").glob("*.png"))
     assert len(preds) == 14
     sample = preds[0]
-    with Image.open(voc_root / "SegmentationClass" / sample.name) as gt, Image.open(sample) as pred:
+    with Image.open(voc_copy / "SegmentationClass" / sample.name) as gt, Image.open(sample) as pred:
         assert pred.size == gt.size
-    assert json.loads((tmp_path / "voc" / "report.json").read_text())["data"] == "voc"
+    written = json.loads((tmp_path / "voc" / "report.json").read_text())
+    assert written["data"] == "voc"
+    scored = written["scored_on"]
+    assert scored["split"] == "train" and scored["images"] == 3
+    assert 0.0 <= scored["seed_miou"] <= 1.0 and 0.0 <= scored["pseudo_miou"] <= 1.0
+    assert "On the `train` split (3 images" in (tmp_path / "voc" / "report.md").read_text()
 
 
 def test_padded_batch_of_mixed_sizes_gives_each_image_its_own_maps():

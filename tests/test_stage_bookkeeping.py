@@ -2,22 +2,22 @@
 before config.yaml changes, and errors come out as one line that names the file and the fix."""
 
 import json
+import time
 
 import pytest
+from PIL import Image
 
+from conftest import tiny_args, tiny_config
 from wsss import stages
 from wsss.cli import main, original_message
-from wsss.config import load_config
 from wsss.data.imageio import DataError
+from wsss.data.preflight import check_files
+from wsss.data.voc import VOCSegmentation
 from wsss.stages.records import begin_stage, stage_hashes
-
-TINY = ["data.num_train=8", "data.num_val=4", "data.image_size=48", "data.crop_size=48", "data.batch_size=4",
-        "data.num_workers=0", "classifier.max_epochs=1", "logger.kind=none", "pseudo.refine=none", "trainer.accelerator=cpu",
-        "trainer.devices=1"]
 
 
 def cfg_of(tmp_path, *extra):
-    return load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, *extra])
+    return tiny_config(tmp_path, *extra, size="micro")
 
 
 def test_each_hash_holds_only_what_its_stage_reads(tmp_path):
@@ -58,16 +58,16 @@ def test_a_refused_command_leaves_config_yaml_alone(tmp_path, capsys):
     begin_stage(cfg, "classifier")
     (tmp_path / "default" / "classifier" / "last.ckpt").write_bytes(b"weights")
     before = (tmp_path / "default" / "config.yaml").read_text()
-    assert main(["run", "configs/default.yaml", f"run.dir={tmp_path}", *TINY, "classifier.lr=0.5"]) == 1
+    assert main(["run", *tiny_args(tmp_path, "classifier.lr=0.5", size="micro")]) == 1
     assert "different config" in capsys.readouterr().err
     assert (tmp_path / "default" / "config.yaml").read_text() == before
-    assert main(["train-classifier", "configs/default.yaml", f"run.dir={tmp_path}", *TINY, "classifier.lr=0.5"]) == 1
+    assert main(["train-classifier", *tiny_args(tmp_path, "classifier.lr=0.5", size="micro")]) == 1
     assert (tmp_path / "default" / "config.yaml").read_text() == before
 
 
 def test_a_file_where_the_run_directory_should_be_is_one_line(tmp_path, capsys):
     (tmp_path / "blocker").write_text("not a folder")
-    assert main(["train-classifier", "configs/default.yaml", f"run.dir={tmp_path / 'blocker'}", *TINY]) == 1
+    assert main(["train-classifier", *tiny_args(tmp_path / "blocker", size="micro")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "blocker" in err and "run.dir" in err and "Traceback" not in err
 
@@ -77,7 +77,7 @@ def test_unwritable_output_is_one_line_with_the_fix(tmp_path, capsys, monkeypatc
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr("pathlib.Path.mkdir", refuse)
-    assert main(["train-classifier", "configs/default.yaml", f"run.dir={tmp_path}", *TINY]) == 1
+    assert main(["train-classifier", *tiny_args(tmp_path, size="micro")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Permission denied" in err and "writable run.dir" in err
 
@@ -91,29 +91,22 @@ def test_worker_errors_come_back_as_their_own_message():
     assert original_message(DataError("plain message")) == "plain message"
 
 
-def _damaged_voc(voc_root, tmp_path):
-    import shutil
-
-    root = tmp_path / "VOC2012"
-    shutil.copytree(voc_root, root)
+def _damage(root):
+    """voc_mini's first image cut short and a train_aug mask resized; returns both paths."""
     images = sorted((root / "JPEGImages").glob("*.jpg"))
     data = images[0].read_bytes()
     images[0].write_bytes(data[: len(data) // 2])  # cut short
-    from PIL import Image
-
-    from wsss.data.voc import VOCSegmentation
-
     mask = VOCSegmentation(root, "train_aug").mask_path(1)
     Image.open(mask).resize((40, 30)).save(mask)  # the wrong size
-    return root, images[0], mask
+    return images[0], mask
 
 
-def test_bad_files_stop_the_run_before_any_work(voc_root, tmp_path, capsys):
-    root, cut, small = _damaged_voc(voc_root, tmp_path)
+def test_bad_files_stop_the_run_before_any_work(voc_copy, tmp_path, capsys):
+    cut, small = _damage(voc_copy)
     run_dir = tmp_path / "runs"
-    code = main(["run", "configs/voc.yaml", f"data.root={root}", "data.train_split=train_aug", f"run.dir={run_dir}",
-                 "classifier.pretrained=false", "segmenter.pretrained=false", "logger.kind=none",
-                 "trainer.accelerator=cpu"])
+    code = main(["run", "configs/voc.yaml", f"data.root={voc_copy}", "data.train_split=train_aug",
+                 f"run.dir={run_dir}", "classifier.pretrained=false", "segmenter.pretrained=false",
+                 "logger.kind=none", "trainer.accelerator=cpu"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert str(cut) in err and "cut short" in err
@@ -122,11 +115,6 @@ def test_bad_files_stop_the_run_before_any_work(voc_root, tmp_path, capsys):
 
 
 def test_preflight_passes_a_good_split_quickly(voc_root):
-    import time
-
-    from wsss.data.preflight import check_files
-    from wsss.data.voc import VOCSegmentation
-
     source = VOCSegmentation(voc_root, "train_aug")
     started = time.perf_counter()
     assert check_files(source, "train_aug") == []

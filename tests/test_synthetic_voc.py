@@ -1,22 +1,10 @@
 """scripts/make_synthetic_voc.py: a tiny set written to disk and read back through the VOC data
 source; labels from the masks, void borders along every boundary, boats always on water."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
+from conftest import load_script
 from wsss.data.voc import VOC_CLASSES, VOCSegmentation
-
-SCRIPTS = Path(__file__).parents[1] / "scripts"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 make_voc = load_script("make_synthetic_voc")
 prepare_voc = load_script("prepare_voc")

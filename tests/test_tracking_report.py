@@ -4,35 +4,26 @@ report.md and panels.png, and the console's quiet corners."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, tiny_args, tiny_config
 from wandb_records import read_run, runs_by_job
 from wsss import stages
 from wsss.cli import main
-from wsss.config import load_config
-from wsss.stages import trainer as stage_trainer
 from wsss.stages.report import report_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.num_train=16", "data.num_val=6", "data.image_size=64", "data.crop_size=64",
-    "data.batch_size=8", "data.num_workers=0", "classifier.max_epochs=2", "classifier.output_stride=16",
-    "segmenter.max_epochs=1", "segmenter.arch=FPN", "cam.batch_size=8", "cam.flip=false",
-    "pseudo.calibration_images=8", "pseudo.grid=[0.1, 0.3, 0.5]", "pseudo.num_panels=2",
-    "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1",
-]
+# every step logged, so short stages leave rows to check
+LOGGED = ("trainer.log_every_n_steps=1",)
 
 
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("wandb_run")
-    assert main(["run", "configs/default.yaml", f"run.dir={root}", *TINY,
-                 "logger.kind=wandb", "logger.wandb_mode=offline"]) == 0
+    assert main(["run", *tiny_args(root, *LOGGED, "logger.kind=wandb", "logger.wandb_mode=offline")]) == 0
     return root / "default"
 
 
@@ -124,20 +115,17 @@ def test_panel_grid_has_a_row_per_present_class_and_a_legend():
 
 
 @pytest.mark.slow
-def test_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
+def test_resumed_stage_continues_its_wandb_run(tmp_path, training_callbacks):
     class Kill(L.Callback):
         def on_train_epoch_start(self, trainer, module):
             if trainer.current_epoch == 1:
                 raise RuntimeError("killed")
 
-    original = stage_trainer.make_trainer
-    extra = [Kill()]
-    monkeypatch.setattr(stage_trainer, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
-                        original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
-    cfg = load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, "logger.kind=wandb"])
+    training_callbacks.append(Kill())
+    cfg = tiny_config(tmp_path, *LOGGED, "logger.kind=wandb")
     with pytest.raises(RuntimeError, match="killed"):
         stages.train_classifier(cfg)
-    extra.clear()
+    training_callbacks.clear()
     stages.train_classifier(cfg)
     folders = sorted((tmp_path / "default" / "wandb").glob("offline-run-*"))
     # one folder per attempt, named by start time and run id (two attempts within one second
@@ -149,8 +137,7 @@ def test_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_csv_logger_gets_the_same_scalars(tmp_path):
-    cfg = load_config("configs/default.yaml", [f"run.dir={tmp_path}", *TINY, "logger.kind=csv",
-                                                "pseudo.calibration=fixed"])
+    cfg = tiny_config(tmp_path, *LOGGED, "logger.kind=csv", "pseudo.calibration=fixed")
     stages.train_classifier(cfg)
     record = stages.make_pseudo_masks(cfg)
     rows = (tmp_path / "default" / "logs" / "pseudo_masks" / "metrics.csv").read_text().splitlines()

@@ -7,15 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, reuse_stage, tiny_args, tiny_config
 from wsss import stages
 from wsss.cam import aggregate_scales, build_cam, fuse_layers
 from wsss.cam.libra import model_fingerprint
 from wsss.cam.methods import METHODS
-from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import read_mask
 from wsss.io import read_json
@@ -25,29 +26,20 @@ from wsss.stages import pseudo_masks as pseudo_stage
 from wsss.stages.records import StageError
 from wsss.stages.pseudo_masks import pseudo_module
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.num_train=12", "data.num_val=4", "data.image_size=64", "data.crop_size=64",
-    "data.batch_size=4", "data.num_workers=0", "classifier.max_epochs=1", "classifier.output_stride=16",
-    "segmenter.max_epochs=1", "segmenter.arch=FPN",
-    "cam.batch_size=4", "cam.flip=false", "pseudo.calibration_images=8", "pseudo.num_panels=0",
-    "logger.kind=none", "trainer.accelerator=cpu", "trainer.devices=1", "pseudo.refine=none",
-]
+# eight calibration images and no panel grid: the pseudo-mask settings of these tests
+PSEUDO = ("pseudo.calibration_images=8", "pseudo.num_panels=0")
 
 
 def config(root, *extra):
-    return load_config("configs/default.yaml", [f"run.dir={root}", *TINY, *extra])
+    return tiny_config(root, *PSEUDO, *extra, size="stage")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, trained_classifier):
+    """A run root of this module's own, starting from the shared classifier."""
     root = tmp_path_factory.mktemp("wiring")
-    stages.train_classifier(config(root))
+    reuse_stage(trained_classifier, root)
     return root
-
-
-def reuse_classifier(trained, root):
-    shutil.copytree(trained / "default" / "classifier", root / "default" / "classifier")
 
 
 def batch_of(cfg, classifier, count=4):
@@ -117,7 +109,7 @@ def test_written_masks_use_the_calibrated_thresholds_and_the_ignore_band(trained
     """Seed threshold 0.15 lies outside the calibration grid, so calibrated thresholds differ
     from it; every written mask must equal the labels recomputed from the saved maps with
     thresholds.json and the ignore band (float16 maps: a few boundary pixels may flip)."""
-    reuse_classifier(trained, tmp_path)
+    reuse_stage(trained, tmp_path)
     band = 0.05
     cfg = config(tmp_path, f"pseudo.calibration={calibration}", "pseudo.threshold=0.15",
                  "pseudo.grid=[0.3, 0.5, 0.7]", "pseudo.min_confidence=0.0", "pseudo.objective=keep_delete",
@@ -144,24 +136,33 @@ def test_written_masks_use_the_calibrated_thresholds_and_the_ignore_band(trained
     assert agree / total > 0.995 and ignored > 0 and seeds_differ
 
 
+# a segmenter trained on the ground truth long enough to predict shapes, for evaluation's keys
+GT_SEGMENTER = ("segmenter.masks=ground_truth", "segmenter.max_epochs=10", "segmenter.optimizer=sgd",
+                "segmenter.lr=0.1")
+
+
+@pytest.fixture(scope="module")
+def gt_segmenter(tmp_path_factory):
+    """A run root holding that segmenter (read only: copy it with ``reuse_stage``)."""
+    root = tmp_path_factory.mktemp("gt_segmenter")
+    stages.train_segmenter(config(root, *GT_SEGMENTER))
+    return root
+
+
 @pytest.mark.slow
-def test_evaluation_uses_the_configured_test_time_augmentation(trained, tmp_path):
+def test_evaluation_uses_the_configured_test_time_augmentation(gt_segmenter, tmp_path):
     """segmenter.eval_scales / eval_flip are evaluation's (they do not retrain the segmenter):
     predictions equal the trained segmenter's multi-scale + flip prediction."""
-    from wsss.stages.evaluation import evaluate
-
-    reuse_classifier(trained, tmp_path)
-    trained_enough = ["segmenter.masks=ground_truth", "segmenter.max_epochs=10", "segmenter.optimizer=sgd",
-                      "segmenter.lr=0.1"]
-    cfg = config(tmp_path, *trained_enough)
-    stages.train_segmenter(cfg)
-    evaluate(cfg)
+    reuse_stage(gt_segmenter, tmp_path, "segmenter")
+    cfg = config(tmp_path, *GT_SEGMENTER)
+    stages.evaluate(cfg)
     plain = {p.name: read_mask(p) for p in (tmp_path / "default" / "evaluation" / "val").glob("*.png")}
-    augmented_cfg = config(tmp_path, *trained_enough, "segmenter.eval_scales=[0.5, 1.5]", "segmenter.eval_flip=true")
+    augmented_cfg = config(tmp_path, *GT_SEGMENTER, "segmenter.eval_scales=[0.5, 1.5]",
+                           "segmenter.eval_flip=true")
     skipped = stages.train_segmenter(augmented_cfg)
     assert skipped["skipped"]  # the trained segmenter stays valid
     shutil.rmtree(tmp_path / "default" / "evaluation")
-    evaluate(augmented_cfg)
+    stages.evaluate(augmented_cfg)
     module = stages.load_segmenter(augmented_cfg).eval()
     module.hparams.eval_scales, module.hparams.eval_flip = [0.5, 1.5], True
     dataset = build_source(augmented_cfg, "val", mean=module.hparams.mean, std=module.hparams.std)
@@ -200,7 +201,7 @@ def test_segmenter_recipe_keys_reach_the_trained_segmenter(tmp_path):
 @pytest.mark.slow
 def test_segmenter_trains_on_a_mask_directory_and_standalone_evaluate_runs(trained, tmp_path):
     """segmenter.masks=DIR: a directory of palette PNGs (here: the ground truth, written out)."""
-    reuse_classifier(trained, tmp_path)
+    reuse_stage(trained, tmp_path)
     masks = tmp_path / "my_masks"
     cfg = config(tmp_path, f"segmenter.masks={masks}")
     from wsss.data.masks import write_label_png
@@ -211,8 +212,8 @@ def test_segmenter_trains_on_a_mask_directory_and_standalone_evaluate_runs(train
         write_label_png(masks / f"{raw.id}.png", raw.mask)
     record = stages.train_segmenter(cfg)
     assert record["masks"] == str(masks) and record["epochs"] == 1
-    done = subprocess.run([sys.executable, "-m", "wsss.cli", "evaluate", "configs/default.yaml",
-                           f"run.dir={tmp_path}", *TINY, f"segmenter.masks={masks}"],
+    done = subprocess.run([sys.executable, "-m", "wsss.cli", "evaluate",
+                           *tiny_args(tmp_path, *PSEUDO, f"segmenter.masks={masks}", size="stage")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     evaluation = read_json(tmp_path / "default" / "evaluation" / "stage.json")
@@ -238,7 +239,7 @@ def test_a_class_the_classifier_does_not_recognise_is_no_worse_than_with_the_fix
     """The head's bias for 'square' is pushed to -30: no image passes the confidence gate for it,
     so calibration knows nothing about it. With the shrink fallback it keeps the fixed threshold:
     its pseudo-mask IoU equals its seed IoU (no ignore band), and the report says so."""
-    reuse_classifier(trained, tmp_path)
+    reuse_stage(trained, tmp_path)
     checkpoint = tmp_path / "default" / "classifier" / "last.ckpt"
     state = torch.load(checkpoint, weights_only=False)
     names = state["hyper_parameters"]["class_names"]
@@ -276,7 +277,7 @@ def test_in_image_refinement_is_what_the_written_masks_went_through(trained, tmp
         pytest.importorskip("pydensecrf.densecrf", reason="the crf extra (pydensecrf2)")
     from wsss.pseudo.refine import par, pixel_mask, refine_scores
 
-    reuse_classifier(trained, tmp_path)
+    reuse_stage(trained, tmp_path)
     band = 0.05
     cfg = config(tmp_path, f"pseudo.refine={method}", "pseudo.save_maps=true", f"pseudo.ignore_band={band}",
                  "pseudo.par_iterations=6")
@@ -307,14 +308,10 @@ def test_in_image_refinement_is_what_the_written_masks_went_through(trained, tmp
 
 
 @pytest.mark.slow
-def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_path, monkeypatch):
+def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_path, training_callbacks):
     """pseudo.refine=affinity: the affinity stage trains on the calibrated masks, writes refined
     masks for every image, resumes from last.ckpt after a kill mid-training and does not redo
     masks already written; the segmenter trains on the refined masks."""
-    import lightning as L
-
-    from wsss.stages import trainer as stage_trainer
-
     class KillInEpoch(L.Callback):
         def __init__(self):
             self.armed = True
@@ -323,11 +320,9 @@ def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_pat
             if self.armed and trainer.current_epoch == 1 and type(module).__name__ == "AffinityModule":
                 raise RuntimeError("killed")
 
-    reuse_classifier(trained, tmp_path)
+    reuse_stage(trained, tmp_path)
     kill = KillInEpoch()
-    original = stage_trainer.make_trainer
-    monkeypatch.setattr(stage_trainer, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
-                        original(cfg, epochs, logger, (callbacks or []) + [kill], **kw))
+    training_callbacks.append(kill)
     cfg = config(tmp_path, "pseudo.refine=affinity", "affinity.max_epochs=2", "affinity.steps=4")
     stages.make_pseudo_masks(cfg)
     with pytest.raises(RuntimeError, match="killed"):
@@ -363,7 +358,7 @@ def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(trained
     from wsss.cam import LibrarySettings, ReferenceLibrary, build_library
     from wsss.cam.libra import library as libra_module  # where library_for finds build_library
 
-    reuse_classifier(trained, tmp_path)
+    reuse_stage(trained, tmp_path)
     cfg = config(tmp_path, *LIBRA)
     record = stages.make_pseudo_masks(cfg)
     out = tmp_path / "default" / "pseudo_masks"
@@ -404,8 +399,26 @@ def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(trained
 
 
 def test_libra_without_references_names_the_classes_and_the_key(trained, tmp_path):
-    reuse_classifier(trained, tmp_path)
+    reuse_stage(trained, tmp_path)
     cfg = config(tmp_path, *LIBRA, "cam.libra_bound=1e-9")
     classifier = stages.load_classifier(cfg)
     with pytest.raises(StageError, match=r"cam.libra_bound=1e-09 for \['disc'"):
         pseudo_stage.reference_library(cfg, classifier, tmp_path)
+
+
+@pytest.mark.slow
+def test_eval_crf_also_scores_the_predictions_after_a_dense_crf(gt_segmenter, tmp_path):
+    """segmenter.eval_crf=true: evaluation writes the CRF-refined predictions beside the plain ones
+    and reports their scores (crf_miou; seg_miou_crf in the report)."""
+    pytest.importorskip("pydensecrf.densecrf", reason="the crf extra (pydensecrf2)")
+    reuse_stage(gt_segmenter, tmp_path, "segmenter")
+    cfg = config(tmp_path, *GT_SEGMENTER, "segmenter.eval_crf=true")
+    record = stages.evaluate(cfg)
+    directory = tmp_path / "default" / "evaluation"
+    ids = build_source(cfg, "val").ids
+    plain, refined = directory / "val", directory / "val_crf"
+    assert sorted(p.stem for p in refined.glob("*.png")) == sorted(ids)
+    changed = sum(int((read_mask(refined / f"{i}.png") != read_mask(plain / f"{i}.png")).sum()) for i in ids)
+    assert changed > 0  # the CRF really ran on the predictions
+    assert 0.0 <= record["crf_miou"] <= 1.0
+    assert stages.build_report(cfg)["seg_miou_crf"] == record["crf_miou"]

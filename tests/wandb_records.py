@@ -52,7 +52,8 @@ def read_run(folder: Path) -> dict[str, Any]:
         record.ParseFromString(chunk)
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out["run"] = {"id": record.run.run_id, "group": record.run.run_group, "job_type": record.run.job_type}
+            run = record.run
+            out["run"] = {"id": run.run_id, "project": run.project, "group": run.run_group, "job_type": run.job_type}
         elif kind == "summary":
             for item in record.summary.update:
                 key = "/".join(item.nested_key) if item.nested_key else item.key
