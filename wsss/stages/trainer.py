@@ -68,6 +68,10 @@ def fit_stage(cfg: Config, stage: str, module: L.LightningModule, datamodule: L.
     if trainer.interrupted:
         raise StageError(f"{stage} training was interrupted; run the same command again to resume "
                          f"from {last}")
+    if not last.is_file():
+        # a max_time that runs out inside the first epoch stops before the epoch-end checkpoint;
+        # the stage still counts as done, so its weights are saved here (every rank takes part)
+        trainer.save_checkpoint(str(last))
     barrier()
     saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
     metrics = {key: round(float(value), 6) for key, value in trainer.callback_metrics.items()
