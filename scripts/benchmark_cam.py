@@ -11,7 +11,7 @@ Each row runs in a fresh subprocess so its peak RSS (CPU) or peak CUDA memory is
 Prints a markdown table; ``--sweep`` prints the ratios over batch 1 / 8 and 64 / 224 / 448 px.
 
 pytorch-grad-cam is not a row: it back-propagates into every parameter, copies to numpy and
-resizes every map, so a time against raw maps says nothing like for like (docs/benchmarks.md §1).
+resizes every map, so a time against raw maps says nothing like for like.
 
     python scripts/benchmark_cam.py                          # CPU, ResNet-50, all rows
     python scripts/benchmark_cam.py --model densenet121      # any torchvision classifier

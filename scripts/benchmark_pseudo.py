@@ -11,8 +11,8 @@ the best single fixed threshold found with the ground truth (for reference only)
 wsss.pseudo.labels.scores_to_labels with no ignore band, so the columns compare thresholds only.
 Libra-CAM (cam.method=libra) uses a reference library built first from the whole training split
 (--references per class, scores below --bound). For every group that computes three layers, the
-"libra-filter" view fuses them with Libra's reference filter instead of the mean (ALGORITHMS §3.5
-item 7): keep the layers whose map, multiplied into the image, raises the class's sigmoid score
+"libra-filter" view fuses them with Libra's reference filter instead of the mean (the classifier
+chooses among its own layers): keep the layers whose map, multiplied into the image, raises the class's sigmoid score
 (official keep rule), then average. Cost columns: images through the classifier per image (masked
 copies included, backward passes and LRP sweeps not; the "libra-filter" view adds 3 per present
 class) and map images per second.

@@ -102,7 +102,7 @@ def test_liftcam_vgg_head_completeness():
     torch.testing.assert_close(phi.sum((1, 2, 3, 4)), delta, rtol=1e-4, atol=1e-5)
 
 
-# ---- defects (issue 13) --------------------------------------------------------------------------
+# ---- defects found by review: each test pins a fixed bug ------------------------------------------------------------------------
 
 
 def resnet18() -> nn.Module:

@@ -154,7 +154,7 @@ def test_positive_split_matches_slow_reference():
 
 
 def test_closed_form_at_last_layer():
-    """docs/ALGORITHMS.md §1.5: layer4 map = Σ_k ρ_k A_k with the CLRP ρ."""
+    """The closed form derived in docs/ALGORITHMS.md: layer4 map = Σ_k ρ_k A_k with the CLRP ρ."""
     model = resnet("resnet18")
     x = images(2, 64)
     t = torch.tensor([0, 7])
@@ -357,7 +357,7 @@ def test_clrp_absent_uses_present_set():
     assert not torch.allclose(with_present, reference)
 
 
-# ---- engine defects (issue 13) ------------------------------------------------------------------
+# ---- engine defects found by review: each test pins a fixed bug ----------------------------------------------------------------
 
 
 def negative_bn_scales(model: nn.Module, seed: int = 0) -> nn.Module:

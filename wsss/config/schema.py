@@ -214,9 +214,8 @@ class PseudoConfig:
                                    "threshold)", check=interval("(0, 1)"))
     objective: str = _choice("delete", *OBJECTIVES,
                              help="libra calibration objective: increase, keep_delete, area "
-                                  "(docs/ALGORITHMS.md §3.5) or delete (smallest region whose removal drops "
-                                  "the confidence to pseudo.delta of it; measured best, docs/benchmarks.md "
-                                  "§4)")
+                                  "(docs/ALGORITHMS.md) or delete (smallest region whose removal drops "
+                                  "the confidence to pseudo.delta of it; measured best, docs/benchmarks.md)")
     rho: float = _opt(0.9, "area objective: keep this fraction of the confidence", check=FRACTION)
     delta: float = _opt(0.3, "delete objective: deleting the region leaves at most this fraction of the "
                                "confidence", check=FRACTION)
