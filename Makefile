@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE ?= 1
 export WANDB_MODE ?= offline
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test install clean
+.PHONY: run test lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/wsss run configs/default.yaml
 
-test: $(STAMP)
+# the tests include the import-layering check (tests/test_layering.py); ruff lints and checks the format
+lint: $(STAMP)
+	$(VENV)/bin/ruff check wsss tests scripts
+	$(VENV)/bin/ruff format --check wsss tests scripts
+
+test: lint
 	$(VENV)/bin/pytest
 
 clean:

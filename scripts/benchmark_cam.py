@@ -42,6 +42,7 @@ SWEEP = [(1, 64), (1, 224), (1, 448), (8, 64), (8, 224), (8, 448)]
 
 def _sync(device: str) -> None:
     import torch
+
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -65,19 +66,23 @@ def make_step(row: str, args: argparse.Namespace, model, images, targets1, targe
     """The callable one row times, or a string saying why the row is skipped."""
     layers = args.layers.split(",")
     if row == "train_step":
+
         def step():
             model.zero_grad(set_to_none=True)
             model(images).sum().backward()
+
         return step
     if row == "cam_unit":
         return _cam_unit(model, images, layers)
     if row.startswith("relevance"):
         from wsss.cam import RelevanceCAM
+
         cam = RelevanceCAM(model, layers, preset=args.preset)
         targets = targets1 if row == "relevance_k1" else targets3
         return lambda: cam(images, targets)
     if row == "gradcam":
         from wsss.cam import GradCAM
+
         cam = GradCAM(model, layers)
         return lambda: cam(images, targets1)
     raise ValueError(row)
@@ -107,6 +112,7 @@ def _cam_unit(model, images, layers: list[str]):
             handle.remove()
             for p in model.parameters():
                 p.requires_grad_(True)
+
     return step
 
 
@@ -132,11 +138,15 @@ def measure_row(row: str, args: argparse.Namespace) -> dict:
         step()
     _sync(args.device)
     times = [_timed(step, args) for _ in range(args.repeats)]
-    result = {"row": row, "median_s": statistics.median(times), "times": times,
-              "setup_rss_mb": setup_rss,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {
+        "row": row,
+        "median_s": statistics.median(times),
+        "times": times,
+        "setup_rss_mb": setup_rss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if args.device == "cuda":
-        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -145,7 +155,9 @@ def measure_interleaved(rows: list[str], args: argparse.Namespace) -> dict[str, 
     whose load changes over time slows every row alike. No memory figures."""
     setup = _setup(args)
     steps = {row: make_step(row, args, *setup) for row in rows}
-    results = {row: {"row": row, "skipped": step} for row, step in steps.items() if isinstance(step, str)}
+    results = {
+        row: {"row": row, "skipped": step} for row, step in steps.items() if isinstance(step, str)
+    }
     steps = {row: step for row, step in steps.items() if not isinstance(step, str)}
     for step in steps.values():
         for _ in range(args.warmup):
@@ -165,9 +177,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="resnet50", help="torchvision classification model name")
     parser.add_argument("--layers", help="comma-separated layers (default: the family's default)")
-    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
-                        help="wall time, or this process's CPU time (steady when other work shares "
-                             "the CPU; with --threads 1 it is the single-core time)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="wall time, or this process's CPU time (steady when other work shares "
+        "the CPU; with --threads 1 it is the single-core time)",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -175,14 +191,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--rows", default=",".join(ROWS))
-    parser.add_argument("--interleave", action="store_true",
-                        help="time all rows in one process, in rounds (fairer on a machine whose "
-                             "load changes; no memory column)")
-    parser.add_argument("--sweep", action="store_true", help="ratios over batch 1 / 8 and 64 / 224 / 448 px")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time all rows in one process, in rounds (fairer on a machine whose "
+        "load changes; no memory column)",
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="ratios over batch 1 / 8 and 64 / 224 / 448 px"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args()
     if args.layers is None:
         from wsss.models.backbones import default_cam_layers
+
         args.layers = ",".join(default_cam_layers(args.model))
 
     if args.row:
@@ -196,9 +218,11 @@ def main() -> None:
     cam_unit = results.get("cam_unit", {}).get("median_s")
     train = results.get("train_step", {}).get("median_s")
     mem_col = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB (above setup)"
-    print(f"\n{args.model}, layers {args.layers}, batch {args.batch}, {args.size} px, {args.device}, "
-          f"{args.threads} threads, {args.clock} clock, preset={args.preset}, "
-          f"median of {args.repeats}{', interleaved' if args.interleave else ''}\n")
+    print(
+        f"\n{args.model}, layers {args.layers}, batch {args.batch}, {args.size} px, {args.device}, "
+        f"{args.threads} threads, {args.clock} clock, preset={args.preset}, "
+        f"median of {args.repeats}{', interleaved' if args.interleave else ''}\n"
+    )
     print(f"| row | median s | × CAM unit (row 1) | × training step (row 2) | {mem_col} |")
     print("|---|---|---|---|---|")
     for row, res in results.items():
@@ -222,8 +246,10 @@ def run_rows(rows: list[str], args: argparse.Namespace) -> dict[str, dict]:
     results = {}
     for row in rows:
         cmd = [sys.executable, __file__, "--row", row] + [
-            f"--{k}={v}" for k, v in vars(args).items()
-            if k not in ("row", "rows", "interleave", "sweep") and v is not None and v is not False]
+            f"--{k}={v}"
+            for k, v in vars(args).items()
+            if k not in ("row", "rows", "interleave", "sweep") and v is not None and v is not False
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[row] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{row}: {results[row]}", file=sys.stderr)
@@ -232,18 +258,25 @@ def run_rows(rows: list[str], args: argparse.Namespace) -> dict[str, dict]:
 
 def sweep(args: argparse.Namespace) -> None:
     """The ratios at batch 1 / 8 and 64 / 224 / 448 px: how the cost depends on the size."""
-    print(f"\n{args.model}, layers {args.layers}, {args.device}, {args.threads} threads, {args.clock} clock, "
-          f"median of {args.repeats}, interleaved\n")
-    print("| batch | px | CAM unit s | training step s | RelevanceCAM K=1 × CAM unit | K=3 × CAM unit | "
-          "per extra class × CAM unit | Grad-CAM × CAM unit | RelevanceCAM K=1 × training step |")
+    print(
+        f"\n{args.model}, layers {args.layers}, {args.device}, {args.threads} threads, {args.clock} clock, "
+        f"median of {args.repeats}, interleaved\n"
+    )
+    print(
+        "| batch | px | CAM unit s | training step s | RelevanceCAM K=1 × CAM unit | K=3 × CAM unit | "
+        "per extra class × CAM unit | Grad-CAM × CAM unit | RelevanceCAM K=1 × training step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for batch, size in SWEEP:
         args.batch, args.size, args.interleave = batch, size, True
         r = {row: res["median_s"] for row, res in measure_interleaved(list(ROWS), args).items()}
         unit = r["cam_unit"]
-        print(f"| {batch} | {size} | {unit:.3f} | {r['train_step']:.3f} | {r['relevance_k1'] / unit:.2f} | "
-              f"{r['relevance_k3'] / unit:.2f} | {(r['relevance_k3'] - r['relevance_k1']) / 2 / unit:.2f} | "
-              f"{r['gradcam'] / unit:.2f} | {r['relevance_k1'] / r['train_step']:.2f} |", flush=True)
+        print(
+            f"| {batch} | {size} | {unit:.3f} | {r['train_step']:.3f} | {r['relevance_k1'] / unit:.2f} | "
+            f"{r['relevance_k3'] / unit:.2f} | {(r['relevance_k3'] - r['relevance_k1']) / 2 / unit:.2f} | "
+            f"{r['gradcam'] / unit:.2f} | {r['relevance_k1'] / r['train_step']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def wsss(command: str, run_dir: Path, extra: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "wsss.cli", command, "configs/default.yaml", f"run.dir={run_dir}",
-                    "logger.kind=none", "trainer.accelerator=cpu", *extra], cwd=ROOT, env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsss.cli",
+            command,
+            "configs/default.yaml",
+            f"run.dir={run_dir}",
+            "logger.kind=none",
+            "trainer.accelerator=cpu",
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
     return time.perf_counter() - started
 
 
@@ -54,11 +68,18 @@ def main() -> None:
             shutil.rmtree(run)
         shutil.copytree(base, run)
         strategy = ["trainer.strategy=ddp"] if processes > 1 else []
-        seconds = wsss("make-pseudo-masks", run, [f"trainer.devices={processes}", *strategy, *args.set])
+        seconds = wsss(
+            "make-pseudo-masks", run, [f"trainer.devices={processes}", *strategy, *args.set]
+        )
         record = json.loads((run / "default" / "pseudo_masks" / "stage.json").read_text())
         digests[processes] = digest(run / "default" / "pseudo_masks")
-        rows.append((processes, record["images_per_second"], round(seconds, 1), record["rank_counts"]))
-    print("\n| processes | images / s (predict) | stage wall s (with calibration, start-up) | images per process |")
+        rows.append(
+            (processes, record["images_per_second"], round(seconds, 1), record["rank_counts"])
+        )
+    print(
+        "\n| processes | images / s (predict) | stage wall s (with calibration, start-up) "
+        "| images per process |"
+    )
     print("|---|---|---|---|")
     for processes, rate, seconds, shares in rows:
         print(f"| {processes} | {rate} | {seconds} | {shares} |")

@@ -12,10 +12,10 @@ wsss.pseudo.labels.scores_to_labels with no ignore band, so the columns compare 
 Libra-CAM (cam.method=libra) uses a reference library built first from the whole training split
 (--references per class, scores below --bound). For every group that computes three layers, the
 "libra-filter" view fuses them with Libra's reference filter instead of the mean (the classifier
-chooses among its own layers): keep the layers whose map, multiplied into the image, raises the class's sigmoid score
-(official keep rule), then average. Cost columns: images through the classifier per image (masked
-copies included, backward passes and LRP sweeps not; the "libra-filter" view adds 3 per present
-class) and map images per second.
+chooses among its own layers): keep the layers whose map, multiplied into the image, raises the
+class's sigmoid score (official keep rule), then average. Cost columns: images through the
+classifier per image (masked copies included, backward passes and LRP sweeps not; the
+"libra-filter" view adds 3 per present class) and map images per second.
 speed: runs the real make-pseudo-masks stage (fixed threshold, so calibration is not timed) into
 a scratch run directory and prints a table row: images/s of the predict loop, the stage's seconds
 (predict + scoring), and the peak RSS of the main process and of the largest data-loader worker,
@@ -44,16 +44,45 @@ from wsss.config import load_config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.io import read_json, write_json_atomic
 from wsss.metrics import ForwardCounter, SegmentationScores
-from wsss.stages import pseudo_masks as pseudo_stage, records as stage_records
 from wsss.pseudo.calibrate import ThresholdCalibrator, masked_confidences
 from wsss.pseudo.labels import scores_to_labels
+from wsss.stages import pseudo_masks as pseudo_stage
+from wsss.stages import records as stage_records
 
 ALL_LAYERS = ["layer2", "layer3", "layer4"]
 GROUPS = [  # (name, method, preset, normalisation, layers reported alone, layers computed)
-    (method_title("relevance", "default"), "relevance", "default", "centred", ALL_LAYERS, ALL_LAYERS),
-    (method_title("relevance", "reference"), "relevance", "reference", "centred", ALL_LAYERS, ALL_LAYERS),
-    (method_title("relevance", "default"), "relevance", "default", "relu_max", ["layer4"], ALL_LAYERS),
-    (method_title("relevance", "reference"), "relevance", "reference", "minmax", ["layer4"], ALL_LAYERS),
+    (
+        method_title("relevance", "default"),
+        "relevance",
+        "default",
+        "centred",
+        ALL_LAYERS,
+        ALL_LAYERS,
+    ),
+    (
+        method_title("relevance", "reference"),
+        "relevance",
+        "reference",
+        "centred",
+        ALL_LAYERS,
+        ALL_LAYERS,
+    ),
+    (
+        method_title("relevance", "default"),
+        "relevance",
+        "default",
+        "relu_max",
+        ["layer4"],
+        ALL_LAYERS,
+    ),
+    (
+        method_title("relevance", "reference"),
+        "relevance",
+        "reference",
+        "minmax",
+        ["layer4"],
+        ALL_LAYERS,
+    ),
     (method_title("gradcam"), "gradcam", None, "centred", ALL_LAYERS, ALL_LAYERS),
     (method_title("gradcam"), "gradcam", None, "relu_max", ["layer4"], ALL_LAYERS),
     (method_title("gradcampp"), "gradcampp", None, "centred", ["layer4"], ALL_LAYERS),
@@ -98,7 +127,9 @@ def add_filtered_view(model, collected: list, layers: list[str]) -> list[float]:
         candidates = torch.stack([views[layer] for layer in layers], 2)  # (B, K, L, H, W)
         base = model(images).float().sigmoid().gather(1, targets)
         slots = valid[..., None].expand(-1, -1, len(layers))
-        mean, keep, _ = filter_and_average(model, images, candidates, targets, base, slots, "sigmoid")
+        mean, keep, _ = filter_and_average(
+            model, images, candidates, targets, base, slots, "sigmoid"
+        )
         views["libra-filter"] = relu_max_normalize(mean) * valid[:, :, None, None]
         kept += keep[valid].float().sum(0)
         pairs += int(valid.sum())
@@ -107,69 +138,118 @@ def add_filtered_view(model, collected: list, layers: list[str]) -> list[float]:
 
 def quality(args) -> None:
     run = Path(args.run)  # the run folder may have been moved or renamed since it was trained
-    cfg = load_config(run / "config.yaml", ["data.num_workers=0", f"run.dir={run.parent}", f"run.name={run.name}"])
+    cfg = load_config(
+        run / "config.yaml", ["data.num_workers=0", f"run.dir={run.parent}", f"run.name={run.name}"]
+    )
     classifier = stages.load_classifier(cfg)
     mean, std = classifier.hparams.mean, classifier.hparams.std
     dataset = build_source(cfg, cfg.data.train_split, mean=mean, std=std)
     n_eval = min(args.images, len(dataset))
     evaluation = Subset(dataset, list(range(n_eval)))
-    calibration = Subset(dataset, list(range(len(dataset) - min(args.calibration_images, len(dataset) - n_eval),
-                                             len(dataset))))
+    calibration = Subset(
+        dataset,
+        list(
+            range(len(dataset) - min(args.calibration_images, len(dataset) - n_eval), len(dataset))
+        ),
+    )
     num_fg = len(classifier.hparams.class_names)
     p = cfg.pseudo
     groups = [g for g in GROUPS if args.groups is None or f"{g[0]} [{g[3]}]" in args.groups]
     library = None
     if any(group[1] == "libra" for group in groups):
         started = time.perf_counter()
-        library = build_library(classifier.export().eval(), make_loader(dataset, cfg, cfg.cam.batch_size, shuffle=False),
-                                LibrarySettings(tuple(ALL_LAYERS), args.references, args.bound), progress=True)
-        print(f"Libra-CAM library: {len(dataset)} training images, {time.perf_counter() - started:.1f} s, "
-              f"references per class {library.counts.tolist()}", file=sys.stderr, flush=True)
-    print(f"classifier {classifier.hparams.backbone}; {n_eval} images scored, {len(calibration)} other "
-          f"training images for calibration; grid {p.grid}; area rho {p.rho}; min_confidence "
-          f"{args.min_confidence}; delete delta {p.delta}", file=sys.stderr)
+        library = build_library(
+            classifier.export().eval(),
+            make_loader(dataset, cfg, cfg.cam.batch_size, shuffle=False),
+            LibrarySettings(tuple(ALL_LAYERS), args.references, args.bound),
+            progress=True,
+        )
+        print(
+            f"Libra-CAM library: {len(dataset)} training images, {time.perf_counter() - started:.1f} s, "
+            f"references per class {library.counts.tolist()}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"classifier {classifier.hparams.backbone}; {n_eval} images scored, {len(calibration)} other "
+        f"training images for calibration; grid {p.grid}; area rho {p.rho}; min_confidence "
+        f"{args.min_confidence}; delete delta {p.delta}",
+        file=sys.stderr,
+    )
     rows = []
     for name, method, preset, normalize, alone, layers in groups:
-        run_cfg = dataclasses.replace(cfg, cam=dataclasses.replace(
-            cfg.cam, method=method, layers=layers, preset=preset or cfg.cam.preset, layer_weights=None,
-            normalize=normalize))
-        module = pseudo_stage.pseudo_module(run_cfg, classifier, library=library if method == "libra" else None)
+        run_cfg = dataclasses.replace(
+            cfg,
+            cam=dataclasses.replace(
+                cfg.cam,
+                method=method,
+                layers=layers,
+                preset=preset or cfg.cam.preset,
+                layer_weights=None,
+                normalize=normalize,
+            ),
+        )
+        module = pseudo_stage.pseudo_module(
+            run_cfg, classifier, library=library if method == "libra" else None
+        )
         scored, seconds, forwards = collect(module, evaluation, run_cfg)
         queried, _, _ = collect(module, calibration, run_cfg)
         views = alone + (["fused"] if len(layers) > 1 else [])
         if layers == ALL_LAYERS and normalize == "centred":
             kept = add_filtered_view(module.model, scored, layers)
             add_filtered_view(module.model, queried, layers)
-            print(f"{name} [{normalize}] libra-filter keeps {dict(zip(layers, kept))} of present pairs",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{name} [{normalize}] libra-filter keeps {dict(zip(layers, kept))} of present pairs",
+                file=sys.stderr,
+                flush=True,
+            )
             views.append("libra-filter")
         for view in views:
             batches = [(v[view], t, ok, m) for v, t, ok, m, _ in scored]
             fixed = miou(batches, lambda t: p.threshold, num_fg + 1)
             oracle = max((miou(batches, lambda t, v=v: v, num_fg + 1), v) for v in ORACLE_GRID)
-            calibrators = {o: ThresholdCalibrator(p.grid, o, p.rho, num_fg, p.threshold,
-                                                  min_confidence=args.min_confidence, delta=p.delta)
-                           for o in OBJECTIVES}
+            calibrators = {
+                o: ThresholdCalibrator(
+                    p.grid,
+                    o,
+                    p.rho,
+                    num_fg,
+                    p.threshold,
+                    min_confidence=args.min_confidence,
+                    delta=p.delta,
+                )
+                for o in OBJECTIVES
+            }
             for v, t, ok, _, images in queried:
-                keep, delete, base = masked_confidences(module.model, images, v[view], t, ok, p.grid,
-                                                        min_confidence=args.min_confidence)
+                keep, delete, base = masked_confidences(
+                    module.model, images, v[view], t, ok, p.grid, min_confidence=args.min_confidence
+                )
                 for calibrator in calibrators.values():
                     calibrator.update_from_confidences(keep, delete, base, t, ok)
-            calibrated = {o: miou(batches, lambda t, pc=c.compute(): pc[t], num_fg + 1)
-                          for o, c in calibrators.items()}
+            calibrated = {
+                o: miou(batches, lambda t, pc=c.compute(): pc[t], num_fg + 1)
+                for o, c in calibrators.items()
+            }
             label = f"{name}, {view}"
             rows.append((label, normalize, fixed, calibrated, oracle, n_eval / seconds, forwards))
-            print(f"{label} [{normalize}]: seed {fixed:.3f} calibrated {calibrated} oracle {oracle}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{label} [{normalize}]: seed {fixed:.3f} calibrated {calibrated} oracle {oracle}",
+                file=sys.stderr,
+                flush=True,
+            )
     header = " | ".join(f"calibrated {o}" for o in OBJECTIVES)
-    print(f"| method, layer | normalisation | seed mIoU (τ={p.threshold}) | {header} | oracle mIoU (τ) | "
-          f"area − oracle | delete − oracle | maps img/s | forwards per image |")
+    print(
+        f"| method, layer | normalisation | seed mIoU (τ={p.threshold}) | {header} | oracle mIoU (τ) | "
+        f"area − oracle | delete − oracle | maps img/s | forwards per image |"
+    )
     print("|---|---|---|" + "---|" * len(OBJECTIVES) + "---|---|---|---|---|")
     for label, normalize, fixed, calibrated, (best, tau), speed, forwards in rows:
         cells = " | ".join(f"{100 * calibrated[o]:.1f}" for o in OBJECTIVES)
-        print(f"| {label} | {normalize} | {100 * fixed:.1f} | {cells} | {100 * best:.1f} ({tau}) | "
-              f"{100 * (calibrated['area'] - best):+.1f} | {100 * (calibrated['delete'] - best):+.1f} | "
-              f"{speed:.1f} | {forwards:.1f} |")
+        print(
+            f"| {label} | {normalize} | {100 * fixed:.1f} | {cells} | {100 * best:.1f} ({tau}) | "
+            f"{100 * (calibrated['area'] - best):+.1f} | {100 * (calibrated['delete'] - best):+.1f} | "
+            f"{speed:.1f} | {forwards:.1f} |"
+        )
 
 
 def speed(args) -> None:
@@ -179,10 +259,20 @@ def speed(args) -> None:
     shutil.copytree(source / "classifier", scratch / "classifier")
     scales = "[1.0]" if args.scales == 1 else "[0.5, 1.0, 1.5, 2.0]"
     flip = "false" if args.scales == 1 else "true"
-    cfg = load_config(source / "config.yaml", [
-        f"run.dir={scratch.parent}", f"run.name={scratch.name}", f"data.num_train={args.images}",
-        f"cam.scales={scales}", f"cam.flip={flip}", "pseudo.calibration=fixed", "logger.kind=none",
-        "run.overwrite=false", *args.set])
+    cfg = load_config(
+        source / "config.yaml",
+        [
+            f"run.dir={scratch.parent}",
+            f"run.name={scratch.name}",
+            f"data.num_train={args.images}",
+            f"cam.scales={scales}",
+            f"cam.flip={flip}",
+            "pseudo.calibration=fixed",
+            "logger.kind=none",
+            "run.overwrite=false",
+            *args.set,
+        ],
+    )
     # the classifier was trained on the source run's data size; reuse its record as-is
     record = read_json(source / "classifier" / "stage.json")
     record["config_hash"] = stage_records.stage_hashes(cfg)["classifier"]
@@ -192,8 +282,10 @@ def speed(args) -> None:
     total = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"| {args.images} | {args.scales} scale(s){' + flip' if flip == 'true' else ''} | "
-          f"{result['images_per_second']:.1f} | {total:.1f} | {peak:.0f} | {workers:.0f} |")
+    print(
+        f"| {args.images} | {args.scales} scale(s){' + flip' if flip == 'true' else ''} | "
+        f"{result['images_per_second']:.1f} | {total:.1f} | {peak:.0f} | {workers:.0f} |"
+    )
 
 
 def main() -> None:
@@ -205,12 +297,23 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/wsss_bench")
     parser.add_argument("--calibration-images", type=int, default=64)
     parser.add_argument("--min-confidence", type=float, default=0.5)
-    parser.add_argument("--references", type=int, default=30, help="Libra-CAM: references per class")
+    parser.add_argument(
+        "--references", type=int, default=30, help="Libra-CAM: references per class"
+    )
     parser.add_argument("--bound", type=float, default=0.1, help="Libra-CAM: reference score bound")
-    parser.add_argument("--groups", nargs="*", default=None,
-                        help="quality: only the groups whose 'name [normalisation]' is listed")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="speed: config overrides, e.g. trainer.accelerator=gpu data.image_size=448")
+    parser.add_argument(
+        "--groups",
+        nargs="*",
+        default=None,
+        help="quality: only the groups whose 'name [normalisation]' is listed",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="speed: config overrides, e.g. trainer.accelerator=gpu data.image_size=448",
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     quality(args) if args.mode == "quality" else speed(args)

@@ -72,13 +72,24 @@ def measure(height: int, width: int, args: argparse.Namespace) -> dict[str, floa
     h, w = -(-height // stride), -(-width // stride)
     affinity = torch.rand(b, len(neighbour_offsets(radius)), h, w, generator=gen).to(device)
     cells = scores[..., ::stride, ::stride].contiguous()
-    module = AffinityModule(build_backbone("resnet18", 20, output_stride=16), stride=stride,
-                            radius=radius).to(device).eval()
+    module = (
+        AffinityModule(
+            build_backbone("resnet18", 20, output_stride=16), stride=stride, radius=radius
+        )
+        .to(device)
+        .eval()
+    )
     rows = {
         "par": lambda: par(scores, images),
-        "random walk, 16 steps (feature grid)": lambda: random_walk(cells, affinity, radius, beta=8.0, steps=16),
-        "random walk, 256 steps (feature grid)": lambda: random_walk(cells, affinity, radius, beta=8.0, steps=256),
-        "random walk, 256 steps + resampling": lambda: random_walk_refine(scores, Affinities(affinity, radius, stride)),
+        "random walk, 16 steps (feature grid)": lambda: random_walk(
+            cells, affinity, radius, beta=8.0, steps=16
+        ),
+        "random walk, 256 steps (feature grid)": lambda: random_walk(
+            cells, affinity, radius, beta=8.0, steps=256
+        ),
+        "random walk, 256 steps + resampling": lambda: random_walk_refine(
+            scores, Affinities(affinity, radius, stride)
+        ),
         "predict_affinity (ResNet-18)": lambda: module.predict_affinity(images),
     }
     try:
@@ -86,7 +97,9 @@ def measure(height: int, width: int, args: argparse.Namespace) -> dict[str, floa
     except ImportError:
         pass
     else:
-        colours = [(torch.rand(height, width, 3, generator=gen) * 255).byte().numpy() for _ in range(b)]
+        colours = [
+            (torch.rand(height, width, 3, generator=gen) * 255).byte().numpy() for _ in range(b)
+        ]
         rows["dense CRF (5 iterations)"] = lambda: crf(scores, colours)
     with torch.no_grad():
         return {name: seconds_per_image(run, b, args.repeats, device) for name, run in rows.items()}
@@ -138,10 +151,18 @@ def train_affinity(cfg, classifier, masks_dir, freeze: bool, epochs: int, device
     torch.manual_seed(cfg.run.seed)
     module = AffinityModule(classifier.export(), freeze_backbone=freeze)
     if cache is not None and cache.is_file():
-        return AffinityModule.load_from_checkpoint(cache, backbone=classifier.export()).eval().to(device), 0.0
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cuda" if device.startswith("cuda") else "cpu",
-                        devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=False)
+        return AffinityModule.load_from_checkpoint(cache, backbone=classifier.export()).eval().to(
+            device
+        ), 0.0
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cuda" if device.startswith("cuda") else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
     start = time.perf_counter()
     trainer.fit(module, loader)
     seconds = time.perf_counter() - start
@@ -175,15 +196,20 @@ class _Walker:
         affinities = self.module.predict_affinity(batch["image"].to(self.device))
         pairs = affinity_labels(batch["mask"].to(self.device), affinities.radius, affinities.stride)
         values = affinities.values
-        for kind, chosen, right in (("pos", pairs["bg_pos"] | pairs["fg_pos"], values > 0.5),
-                                    ("neg", pairs["neg"], values <= 0.5)):
+        for kind, chosen, right in (
+            ("pos", pairs["bg_pos"] | pairs["fg_pos"], values > 0.5),
+            ("neg", pairs["neg"], values <= 0.5),
+        ):
             self.hits[kind][0] += int((right & chosen).sum())
             self.hits[kind][1] += int(chosen.sum())
         return propagate(affinities, probs, valid=mask, beta=self.beta, steps=self.steps)
 
     def accuracy(self) -> str:
         pos, neg = (self.hits[k][0] / max(1, self.hits[k][1]) for k in ("pos", "neg"))
-        return f"ground-truth pairs: {100 * pos:.1f} % of same-label and {100 * neg:.1f} % of cross-label right"
+        return (
+            f"ground-truth pairs: {100 * pos:.1f} % of same-label and "
+            f"{100 * neg:.1f} % of cross-label right"
+        )
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -198,14 +224,18 @@ def quality(args: argparse.Namespace) -> None:
     run_dir = Path(args.quality)
     cfg = load_config(run_dir / "config.yaml")
     record = json.loads((run_dir / "classifier" / "stage.json").read_text())
-    classifier = ClassifierModule.load_from_checkpoint(run_dir / "classifier" / record["checkpoint"],
-                                                       map_location="cpu")
+    classifier = ClassifierModule.load_from_checkpoint(
+        run_dir / "classifier" / record["checkpoint"], map_location="cpu"
+    )
     pseudo_dir = run_dir / "pseudo_masks"
     device = args.device
     methods: dict[str, Callable] = {"none": lambda probs, batch, mask: probs}
     for variant in args.par:
         iterations, dilations = variant.split("@")
-        options = {"iterations": int(iterations), "dilations": tuple(int(d) for d in dilations.split(","))}
+        options = {
+            "iterations": int(iterations),
+            "dilations": tuple(int(d) for d in dilations.split(",")),
+        }
         methods[f"par {variant}"] = _par(options, device)
     fit_seconds = {}
     for freeze in args.affinity_backbones:
@@ -214,23 +244,40 @@ def quality(args: argparse.Namespace) -> None:
         if args.affinity_cache:
             cache = Path(args.affinity_cache) / f"affinity_{kind}_{args.affinity_epochs}.ckpt"
         seeds = Path(args.affinity_seeds) if args.affinity_seeds else pseudo_dir
-        module, fit_seconds[kind] = train_affinity(cfg, classifier, seeds, freeze, args.affinity_epochs, device, cache)
+        module, fit_seconds[kind] = train_affinity(
+            cfg, classifier, seeds, freeze, args.affinity_epochs, device, cache
+        )
         for walk in args.walks:
             steps, beta = walk.split(":")
-            methods[f"affinity {kind} {steps} steps beta {beta}"] = _Walker(module, device, int(steps), float(beta))
+            methods[f"affinity {kind} {steps} steps beta {beta}"] = _Walker(
+                module, device, int(steps), float(beta)
+            )
             if args.par:  # the walk from the first PAR variant's output
                 first = methods[f"par {args.par[0]}"]
                 walker = _Walker(module, device, int(steps), float(beta))
-                methods[f"par {args.par[0]} then affinity {kind} {steps} steps beta {beta}"] = _chain(first, walker)
-    rules = {rule: ({} if rule == "none" else {rule.split(":")[0]: float(rule.split(":")[1])})
-             for rule in args.rules}
-    source = build_source(cfg, cfg.data.train_split, None, classifier.hparams.mean, classifier.hparams.std)
+                methods[f"par {args.par[0]} then affinity {kind} {steps} steps beta {beta}"] = (
+                    _chain(first, walker)
+                )
+    rules = {
+        rule: ({} if rule == "none" else {rule.split(":")[0]: float(rule.split(":")[1])})
+        for rule in args.rules
+    }
+    source = build_source(
+        cfg, cfg.data.train_split, None, classifier.hparams.mean, classifier.hparams.std
+    )
     meters: dict[tuple[str, str], list] = {}
     seconds = {name: 0.0 for name in methods}
     images = 0
     with torch.no_grad():
-        for batch, probs, classes, valid, mask in _scores_and_truth(source, pseudo_dir, args.batch, args.limit):
-            probs, classes, valid, mask = probs.to(device), classes.to(device), valid.to(device), mask.to(device)
+        for batch, probs, classes, valid, mask in _scores_and_truth(
+            source, pseudo_dir, args.batch, args.limit
+        ):
+            probs, classes, valid, mask = (
+                probs.to(device),
+                classes.to(device),
+                valid.to(device),
+                mask.to(device),
+            )
             truth = batch["mask"].to(device)
             images += len(truth)
             for name, method in methods.items():
@@ -241,20 +288,33 @@ def quality(args: argparse.Namespace) -> None:
                 labels = distribution_labels(refined, classes, valid)
                 for rule, options in rules.items():
                     out = ignore_uncertain(labels, refined, pixel_mask=mask, **options)
-                    all_meter, kept_meter, counts = meters.setdefault((name, rule), [
-                        SegmentationScores(source.num_classes), SegmentationScores(source.num_classes), [0, 0]])
+                    all_meter, kept_meter, counts = meters.setdefault(
+                        (name, rule),
+                        [
+                            SegmentationScores(source.num_classes),
+                            SegmentationScores(source.num_classes),
+                            [0, 0],
+                        ],
+                    )
                     ignored = out == 255
                     all_meter.update(out.masked_fill(ignored, 0), truth)
                     kept_meter.update(out.masked_fill(ignored, 0), truth.masked_fill(ignored, 255))
                     counts[0] += int((ignored & mask).sum())
                     counts[1] += int(mask.sum())
-    print(f"run {run_dir}, {images} training images, device {device}; affinity: "
-          f"{args.affinity_epochs} epochs on the run's pseudo-masks\n")
-    print("| refinement | ignore rule | mIoU (255 as bg) | ignored | mIoU of kept pixels | s / image |")
+    print(
+        f"run {run_dir}, {images} training images, device {device}; affinity: "
+        f"{args.affinity_epochs} epochs on the run's pseudo-masks\n"
+    )
+    print(
+        "| refinement | ignore rule | mIoU (255 as bg) | ignored | mIoU of kept pixels | s / image |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for (name, rule), (all_meter, kept_meter, counts) in meters.items():
-        print(f"| {name} | {rule} | {100 * all_meter.compute()['miou']:.1f} | {100 * counts[0] / counts[1]:.1f} % | "
-              f"{100 * kept_meter.compute()['miou']:.1f} | {seconds[name] / images:.3f} |")
+        print(
+            f"| {name} | {rule} | {100 * all_meter.compute()['miou']:.1f} "
+            f"| {100 * counts[0] / counts[1]:.1f} % | "
+            f"{100 * kept_meter.compute()['miou']:.1f} | {seconds[name] / images:.3f} |"
+        )
     for name, method in methods.items():
         if isinstance(method, _Walker):
             print(f"\n{name}: {method.accuracy()}")
@@ -267,22 +327,48 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", nargs="+", default=["112x112", "384x512"], help="HxW")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--classes", type=int, default=3, help="channels: background + present classes")
+    parser.add_argument(
+        "--classes", type=int, default=3, help="channels: background + present classes"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--quality", default=None, help="a run directory: score the refinements instead")
+    parser.add_argument(
+        "--quality", default=None, help="a run directory: score the refinements instead"
+    )
     parser.add_argument("--affinity-epochs", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="--quality: score only the first N images")
-    parser.add_argument("--affinity-cache", default=None, help="--quality: folder to keep trained affinity nets")
-    parser.add_argument("--affinity-seeds", default=None,
-                        help="--quality: label PNGs that train the affinity net (default: the run's pseudo-masks)")
-    parser.add_argument("--walks", nargs="*", default=["256:8"], help="--quality: random walks STEPS:BETA")
-    parser.add_argument("--par", nargs="*", default=["10@1,2,4,8,12,24"],
-                        help="--quality: PAR variants ITERATIONS@DILATIONS")
-    parser.add_argument("--rules", nargs="*", default=["none", "margin:0.1", "margin:0.2", "quantile:0.1"],
-                        help="--quality: ignore rules none | margin:BAND | quantile:Q")
-    parser.add_argument("--affinity-backbones", nargs="*", type=lambda v: v == "frozen",
-                        default=[True, False], help="frozen and/or tuned")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="--quality: score only the first N images"
+    )
+    parser.add_argument(
+        "--affinity-cache", default=None, help="--quality: folder to keep trained affinity nets"
+    )
+    parser.add_argument(
+        "--affinity-seeds",
+        default=None,
+        help="--quality: label PNGs that train the affinity net (default: the run's pseudo-masks)",
+    )
+    parser.add_argument(
+        "--walks", nargs="*", default=["256:8"], help="--quality: random walks STEPS:BETA"
+    )
+    parser.add_argument(
+        "--par",
+        nargs="*",
+        default=["10@1,2,4,8,12,24"],
+        help="--quality: PAR variants ITERATIONS@DILATIONS",
+    )
+    parser.add_argument(
+        "--rules",
+        nargs="*",
+        default=["none", "margin:0.1", "margin:0.2", "quantile:0.1"],
+        help="--quality: ignore rules none | margin:BAND | quantile:Q",
+    )
+    parser.add_argument(
+        "--affinity-backbones",
+        nargs="*",
+        type=lambda v: v == "frozen",
+        default=[True, False],
+        help="frozen and/or tuned",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -294,12 +380,18 @@ def main() -> None:
         height, width = (int(v) for v in size.split("x"))
         results[size] = measure(height, width, args)
     names = list(next(iter(results.values())))
-    print(f"device {args.device}, batch {args.batch}, {args.classes} channels, "
-          f"{torch.get_num_threads()} threads; seconds per image (median of {args.repeats})\n")
+    print(
+        f"device {args.device}, batch {args.batch}, {args.classes} channels, "
+        f"{torch.get_num_threads()} threads; seconds per image (median of {args.repeats})\n"
+    )
     print("| refinement | " + " | ".join(results) + " |")
     print("|---|" + "---:|" * len(results))
     for name in names:
-        print(f"| {name} | " + " | ".join(f"{results[s].get(name, float('nan')):.3f}" for s in results) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{results[s].get(name, float('nan')):.3f}" for s in results)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

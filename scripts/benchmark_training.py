@@ -39,21 +39,34 @@ class StepTimer(L.Callback):
 def in_memory_batches(steps: int, batch: int, size: int) -> list[dict]:
     data = SyntheticSegmentation("train", num_images=batch, image_size=size, seed=0)
     items = [data[i] for i in range(batch)]
-    one = {"image": torch.stack([i["image"] for i in items]), "labels": torch.stack([i["labels"] for i in items]),
-           "mask": torch.stack([i["mask"] for i in items]), "id": [i["id"] for i in items]}
+    one = {
+        "image": torch.stack([i["image"] for i in items]),
+        "labels": torch.stack([i["labels"] for i in items]),
+        "mask": torch.stack([i["mask"] for i in items]),
+        "id": [i["id"] for i in items],
+    }
     return [one] * (steps + WARMUP)
 
 
 def images_per_second(marks: list[float], batch: int) -> float:
-    timed = marks[WARMUP - 1:]  # intervals after the warm-up steps
+    timed = marks[WARMUP - 1 :]  # intervals after the warm-up steps
     return batch * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
 def lightning_run(module: L.LightningModule, batches: list[dict], device: str) -> float:
     timer = StepTimer()
-    trainer = L.Trainer(accelerator=device, devices=1, max_epochs=1, logger=False, callbacks=[timer],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator=device,
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return images_per_second(timer.marks, len(batches[0]["image"]))
 
@@ -92,8 +105,13 @@ def main() -> None:
     light = lightning_run(classifier, batches, args.device)
     torch.manual_seed(0)
     bce = nn.BCEWithLogitsLoss()
-    bare = bare_run(ClassifierModule(num_classes=4, backbone="resnet18").model,
-                    lambda out, b, dev: bce(out, b["labels"].to(dev)), batches, args.device, 0.01)
+    bare = bare_run(
+        ClassifierModule(num_classes=4, backbone="resnet18").model,
+        lambda out, b, dev: bce(out, b["labels"].to(dev)),
+        batches,
+        args.device,
+        0.01,
+    )
     rows.append(("classifier resnet18", light, bare))
 
     torch.manual_seed(0)
@@ -101,12 +119,20 @@ def main() -> None:
     light = lightning_run(segmenter, batches, args.device)
     torch.manual_seed(0)
     ce = nn.CrossEntropyLoss(ignore_index=255)
-    bare = bare_run(SegmenterModule(num_classes=5, arch="DeepLabV3Plus", encoder="resnet18").net,
-                    lambda out, b, dev: ce(out, b["mask"].to(dev)), batches, args.device, 0.01)
+    bare = bare_run(
+        SegmenterModule(num_classes=5, arch="DeepLabV3Plus", encoder="resnet18").net,
+        lambda out, b, dev: ce(out, b["mask"].to(dev)),
+        batches,
+        args.device,
+        0.01,
+    )
     rows.append(("segmenter DeepLabV3+ resnet18", light, bare))
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {args.device}, "
-          f"torch {torch.__version__}, batch {args.batch}, {args.size} px, {args.steps} timed steps")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"device {args.device}, "
+        f"torch {torch.__version__}, batch {args.batch}, {args.size} px, {args.steps} timed steps"
+    )
     print("| stage | Lightning img/s | bare loop img/s | Lightning / bare |")
     print("|---|---|---|---|")
     for name, light, bare in rows:

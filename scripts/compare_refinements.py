@@ -37,8 +37,21 @@ def wsss(command: str, config: str, out: Path, name: str, extra: list[str]) -> f
     """One ``wsss`` subcommand on run ``out/name``; returns its wall seconds."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "wsss.cli", command, config, f"run.dir={out}", f"run.name={name}",
-                    *extra], cwd=ROOT, env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsss.cli",
+            command,
+            config,
+            f"run.dir={out}",
+            f"run.name={name}",
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
     return time.perf_counter() - started
 
 
@@ -65,9 +78,16 @@ def main() -> None:
     for stage in ("classifier", "pseudo_masks"):
         if not (reference / stage).exists():
             shutil.copytree(out / "none" / stage, reference / stage)
-    walls["ground_truth"] = wsss("run", args.config, out, "ground_truth",
-                                 ["pseudo.refine=none", "segmenter.masks=ground_truth", *common])
-    walls["none"] += wsss("run", args.config, out, "none", ["pseudo.refine=none", *common])  # report with the ratio
+    walls["ground_truth"] = wsss(
+        "run",
+        args.config,
+        out,
+        "ground_truth",
+        ["pseudo.refine=none", "segmenter.masks=ground_truth", *common],
+    )
+    walls["none"] += wsss(
+        "run", args.config, out, "none", ["pseudo.refine=none", *common]
+    )  # report with the ratio
     gt_miou = report(out, "ground_truth")["seg_miou"]
     gt_dice = foreground_dice(report(out, "ground_truth"), "per_class_dice")
     for method in args.methods:
@@ -84,23 +104,34 @@ def main() -> None:
         r = report(out, method)
         seconds = r["stage_seconds"]
         images = images or _train_images(out / method)
-        extra = (seconds.get("pseudo_masks") or 0) + (seconds.get("affinity") or 0) \
+        extra = (
+            (seconds.get("pseudo_masks") or 0)
+            + (seconds.get("affinity") or 0)
             - (base["stage_seconds"].get("pseudo_masks") or 0)
+        )
         refined = r.get("refined_miou") if method != "none" else None
         ratio = r["seg_miou"] / gt_miou if r.get("seg_miou") and gt_miou else None
-        mask_dice = foreground_dice(r, "refined_per_class_dice" if refined is not None else "pseudo_per_class_dice")
+        mask_dice = foreground_dice(
+            r, "refined_per_class_dice" if refined is not None else "pseudo_per_class_dice"
+        )
         seg_dice = foreground_dice(r, "per_class_dice")
         dice_ratio = seg_dice / gt_dice if seg_dice and gt_dice else None
-        rows.append(f"| {method} | {_pct(r.get('seed_miou'))} | {_pct(r.get('pseudo_miou'))} | {_pct(refined)} | "
-                    f"{_pct(r.get('ignore_fraction'))} | {_pct(r.get('seg_miou'))} | "
-                    f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {_pct(mask_dice)} | {_pct(seg_dice)} | "
-                    f"{'n/a' if dice_ratio is None else f'{dice_ratio:.2f}'} | "
-                    f"{'—' if method == 'none' else f'{extra / images:.3f}'} |")
-    print(f"\nground truth segmenter: mIoU {_pct(gt_miou)}, foreground Dice {_pct(gt_dice)}; {images} training "
-          f"images; walls (s): { {k: round(v) for k, v in walls.items()} }\n")
-    print("| pseudo.refine | seed mIoU | calibrated mIoU | refined mIoU | ignored px % | segmenter mIoU | "
-          "segmenter ÷ ground truth | mask fg Dice | segmenter fg Dice | fg Dice ÷ ground truth | "
-          "refinement s / image (CPU) |")
+        rows.append(
+            f"| {method} | {_pct(r.get('seed_miou'))} | {_pct(r.get('pseudo_miou'))} | {_pct(refined)} | "
+            f"{_pct(r.get('ignore_fraction'))} | {_pct(r.get('seg_miou'))} | "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {_pct(mask_dice)} | {_pct(seg_dice)} | "
+            f"{'n/a' if dice_ratio is None else f'{dice_ratio:.2f}'} | "
+            f"{'—' if method == 'none' else f'{extra / images:.3f}'} |"
+        )
+    print(
+        f"\nground truth segmenter: mIoU {_pct(gt_miou)}, foreground Dice {_pct(gt_dice)}; {images} training "
+        f"images; walls (s): { {k: round(v) for k, v in walls.items()} }\n"
+    )
+    print(
+        "| pseudo.refine | seed mIoU | calibrated mIoU | refined mIoU | ignored px % | segmenter mIoU | "
+        "segmenter ÷ ground truth | mask fg Dice | segmenter fg Dice | fg Dice ÷ ground truth | "
+        "refinement s / image (CPU) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -18,10 +18,22 @@ from pathlib import Path
 from typing import Any
 
 # keys whose values depend on the machine's load or on where the run lives, not on the method
-VOLATILE_KEYS = {"seconds", "stage_seconds", "images_per_second", "seconds_per_image", "panels",
-                 "wandb_runs", "run_dir", "library_seconds"}
+VOLATILE_KEYS = {
+    "seconds",
+    "stage_seconds",
+    "images_per_second",
+    "seconds_per_image",
+    "panels",
+    "wandb_runs",
+    "run_dir",
+    "library_seconds",
+}
 COMPARED_SUFFIXES = (".png", ".npz")
-SKIPPED_PARTS = {"wandb", "logs", ".calibration"}  # tracker files and scratch space hold ids and times
+SKIPPED_PARTS = {
+    "wandb",
+    "logs",
+    ".calibration",
+}  # tracker files and scratch space hold ids and times
 
 
 def without_volatile(value: Any, root: Path) -> Any:
@@ -47,7 +59,11 @@ def compared_files(root: Path) -> dict[str, Path]:
         relative = path.relative_to(root)
         if not path.is_file() or SKIPPED_PARTS & set(relative.parts):
             continue
-        if path.suffix in COMPARED_SUFFIXES or path.name in ("report.json", "stage.json", "manifest.json"):
+        if path.suffix in COMPARED_SUFFIXES or path.name in (
+            "report.json",
+            "stage.json",
+            "manifest.json",
+        ):
             files[str(relative)] = path
     return files
 
@@ -62,7 +78,11 @@ def differences(before: Path, after: Path) -> list[str]:
             a = without_volatile(json.loads(left[name].read_text()), before)
             b = without_volatile(json.loads(right[name].read_text()), after)
             if a != b:
-                keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if isinstance(a, dict) else []
+                keys = (
+                    sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                    if isinstance(a, dict)
+                    else []
+                )
                 problems.append(f"{name}: differs in {keys or 'content'}")
         elif digest(left[name]) != digest(right[name]):
             problems.append(f"{name}: bytes differ")
@@ -71,7 +91,9 @@ def differences(before: Path, after: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("before", type=Path, help="finished run directory (e.g. checkpoints/default)")
+    parser.add_argument(
+        "before", type=Path, help="finished run directory (e.g. checkpoints/default)"
+    )
     parser.add_argument("after", type=Path, help="the run directory to compare with it")
     args = parser.parse_args(argv)
     for root in (args.before, args.after):

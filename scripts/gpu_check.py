@@ -74,17 +74,26 @@ def check_agreement(device: torch.device, size: int) -> list[tuple[str, str]]:
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     targets = torch.tensor([[3, 7], [0, 11]])
     rows = []
-    for name, make in (("RelevanceCAM", lambda m: RelevanceCAM(m, LAYERS, preset="reference")),
-                       ("Grad-CAM", lambda m: GradCAM(m, LAYERS))):
+    for name, make in (
+        ("RelevanceCAM", lambda m: RelevanceCAM(m, LAYERS, preset="reference")),
+        ("Grad-CAM", lambda m: GradCAM(m, LAYERS)),
+    ):
         with make(model) as cam:
             reference = cam(images, targets)
         gpu_model = resnet50().to(device)
         for precision in ("fp32", "bf16"):
-            with make(gpu_model) as cam, torch.autocast(device.type, dtype=torch.bfloat16,
-                                                         enabled=precision == "bf16"):
+            with (
+                make(gpu_model) as cam,
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
+            ):
                 maps = cam(images.to(device), targets.to(device))
             diff, corr = agreement(reference, maps)
-            rows.append((f"{name} {device.type} vs cpu, {precision}", f"max rel diff {diff:.1e}, corr {corr:.5f}"))
+            rows.append(
+                (
+                    f"{name} {device.type} vs cpu, {precision}",
+                    f"max rel diff {diff:.1e}, corr {corr:.5f}",
+                )
+            )
     return rows
 
 
@@ -103,20 +112,33 @@ def check_speed(device: torch.device, batch: int, size: int, repeats: int) -> li
         targets = torch.randint(0, 20, (batch, k), device=device)
         with RelevanceCAM(model, LAYERS) as cam:
             seconds = timed(lambda: cam(images, targets), device, repeats)
-        rows.append((f"RelevanceCAM 3 layers, K={k}", f"{1000 * seconds:.1f} ms = {seconds / unit:.2f}x fwd+bwd"))
+        rows.append(
+            (
+                f"RelevanceCAM 3 layers, K={k}",
+                f"{1000 * seconds:.1f} ms = {seconds / unit:.2f}x fwd+bwd",
+            )
+        )
     return rows
 
 
-def check_pseudo_throughput(device: torch.device, batch: int, size: int, repeats: int) -> list[tuple[str, str]]:
-    module = PseudoMaskModule(resnet50(), layers=LAYERS, scales=[0.5, 1.0, 1.5, 2.0], flip=True).to(device)
+def check_pseudo_throughput(
+    device: torch.device, batch: int, size: int, repeats: int
+) -> list[tuple[str, str]]:
+    module = PseudoMaskModule(resnet50(), layers=LAYERS, scales=[0.5, 1.0, 1.5, 2.0], flip=True).to(
+        device
+    )
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.zeros(batch, 20, device=device)
     labels[:, 2] = labels[:, 5] = 1.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(lambda: module.fused_maps(images, labels), device, repeats)
-    rows = [(f"pseudo maps ResNet-50 {size} px, 4 scales + flip, K=2, batch {batch}",
-             f"{batch / seconds:.2f} images/s")]
+    rows = [
+        (
+            f"pseudo maps ResNet-50 {size} px, 4 scales + flip, K=2, batch {batch}",
+            f"{batch / seconds:.2f} images/s",
+        )
+    ]
     if device.type == "cuda":
         rows.append(("  peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"))
     return rows
@@ -124,14 +146,34 @@ def check_pseudo_throughput(device: torch.device, batch: int, size: int, repeats
 
 def check_ddp_pseudo_stage(work: Path) -> list[tuple[str, str]]:
     """A tiny run trained on one GPU, then its pseudo stage on 1 and on 2 GPUs."""
-    tiny = ["data.num_train=256", "data.num_val=16", "data.image_size=224", "data.crop_size=192",
-            "data.batch_size=32", "classifier.max_epochs=1", "classifier.backbone=resnet50",
-            "cam.batch_size=16", "pseudo.calibration_images=32", "logger.kind=none", "trainer.accelerator=gpu"]
+    tiny = [
+        "data.num_train=256",
+        "data.num_val=16",
+        "data.image_size=224",
+        "data.crop_size=192",
+        "data.batch_size=32",
+        "classifier.max_epochs=1",
+        "classifier.backbone=resnet50",
+        "cam.batch_size=16",
+        "pseudo.calibration_images=32",
+        "logger.kind=none",
+        "trainer.accelerator=gpu",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def wsss(run_dir: Path, *args: str) -> None:
-        command = [sys.executable, "-m", "wsss.cli", *args, "configs/default.yaml", f"run.dir={run_dir}", *tiny]
-        subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=400)
+        command = [
+            sys.executable,
+            "-m",
+            "wsss.cli",
+            *args,
+            "configs/default.yaml",
+            f"run.dir={run_dir}",
+            *tiny,
+        ]
+        subprocess.run(
+            command, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=400
+        )
 
     rows = []
     wsss(work / "one", "train-classifier", "trainer.devices=1")
@@ -144,15 +186,23 @@ def check_ddp_pseudo_stage(work: Path) -> list[tuple[str, str]]:
             run = work / "one"
         wsss(run, "make-pseudo-masks", f"trainer.devices={devices}", "trainer.strategy=ddp")
         record = json.loads((run / "default" / "pseudo_masks" / "stage.json").read_text())
-        masks[devices] = {p.name: p.read_bytes() for p in (run / "default" / "pseudo_masks").glob("syn_*.png")}
-        rows.append((f"pseudo stage, {devices} GPU(s), ddp", f"{record['images_per_second']} images/s, "
-                     f"shares {record['rank_counts']}"))
+        masks[devices] = {
+            p.name: p.read_bytes() for p in (run / "default" / "pseudo_masks").glob("syn_*.png")
+        }
+        rows.append(
+            (
+                f"pseudo stage, {devices} GPU(s), ddp",
+                f"{record['images_per_second']} images/s, shares {record['rank_counts']}",
+            )
+        )
     rows.append(("  masks identical on 1 and 2 GPUs", str(masks[1] == masks[2])))
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small sizes (a CPU dry run)")
     args = parser.parse_args()
@@ -160,12 +210,16 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on the GPU machine, or --device cpu --quick for a dry run")
     quick = args.quick
-    rows = [("device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
-            ("torch", torch.__version__)]
+    rows = [
+        ("device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+        ("torch", torch.__version__),
+    ]
     started = time.perf_counter()
     rows += check_agreement(device, 64 if quick else 224)
     rows += check_speed(device, 2 if quick else 8, 64 if quick else 224, 1 if quick else 10)
-    rows += check_pseudo_throughput(device, 1 if quick else 8, 96 if quick else 448, 1 if quick else 3)
+    rows += check_pseudo_throughput(
+        device, 1 if quick else 8, 96 if quick else 448, 1 if quick else 3
+    )
     if device.type == "cuda" and torch.cuda.device_count() >= 2:
         with tempfile.TemporaryDirectory() as work:
             rows += check_ddp_pseudo_stage(Path(work))

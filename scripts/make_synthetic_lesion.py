@@ -65,7 +65,10 @@ def write_dicom(path: Path, image: np.ndarray) -> None:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
     ds.Modality = "OT"
     ds.Rows, ds.Columns = image.shape
     ds.SamplesPerPixel = 1
@@ -88,8 +91,18 @@ def image_shape(seed: int, split: str, index: int, size: int, jitter: float) -> 
     return int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1))
 
 
-def write_split(out: Path, split: str, count: int, fmt: str, size: int, seed: int, negative_fraction: float,
-                findings: int, masks: str, jitter: float) -> dict[str, int]:
+def write_split(
+    out: Path,
+    split: str,
+    count: int,
+    fmt: str,
+    size: int,
+    seed: int,
+    negative_fraction: float,
+    findings: int,
+    masks: str,
+    jitter: float,
+) -> dict[str, int]:
     """Images, masks and ``<split>.csv``; returns the images per label (and 'negative')."""
     names = LESION_CLASSES[:findings]
     rows = ["image,labels"]
@@ -97,12 +110,16 @@ def write_split(out: Path, split: str, count: int, fmt: str, size: int, seed: in
     for index in range(count):
         sample_id = f"lesion_{split}_{index:05d}"
         height, width = image_shape(seed, split, index, size, jitter)
-        image, mask = render_lesion_sample(seed, split, index, height, width, negative_fraction, findings)
+        image, mask = render_lesion_sample(
+            seed, split, index, height, width, negative_fraction, findings
+        )
         file_name = sample_id + SUFFIXES[fmt]
         WRITERS[fmt](out / "images" / file_name, image[:, :, 0])
         present = [names[c - 1] for c in sorted(set(np.unique(mask).tolist()) - {0})]
-        write_label_png(out / "masks" / f"{sample_id}.png", np.where(mask > 0, 255, 0) if masks == "binary255"
-                        else mask)
+        write_label_png(
+            out / "masks" / f"{sample_id}.png",
+            np.where(mask > 0, 255, 0) if masks == "binary255" else mask,
+        )
         rows.append(f"{file_name},{';'.join(present)}")
         for name in present or ["negative"]:
             counts[name] += 1
@@ -113,27 +130,54 @@ def write_split(out: Path, split: str, count: int, fmt: str, size: int, seed: in
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write (created)")
-    parser.add_argument("--format", choices=sorted(WRITERS), default="png16", help="image file format")
+    parser.add_argument(
+        "--format", choices=sorted(WRITERS), default="png16", help="image file format"
+    )
     parser.add_argument("--num-train", type=int, default=300)
     parser.add_argument("--num-val", type=int, default=60)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--size-jitter", type=float, default=0.0, help="each side drawn in size*(1 ± this)")
+    parser.add_argument(
+        "--size-jitter", type=float, default=0.0, help="each side drawn in size*(1 ± this)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--negative-fraction", type=float, default=0.3, help="share of images without a finding")
-    parser.add_argument("--findings", type=int, choices=(1, 2), default=1,
-                        help="1 = lesion; 2 = lesion and calcification")
-    parser.add_argument("--masks", choices=("index", "binary255"), default="index",
-                        help="mask values: class indices, or 0/255 (one finding; needs data.mask_values)")
+    parser.add_argument(
+        "--negative-fraction", type=float, default=0.3, help="share of images without a finding"
+    )
+    parser.add_argument(
+        "--findings",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1 = lesion; 2 = lesion and calcification",
+    )
+    parser.add_argument(
+        "--masks",
+        choices=("index", "binary255"),
+        default="index",
+        help="mask values: class indices, or 0/255 (one finding; needs data.mask_values)",
+    )
     args = parser.parse_args(argv)
     if args.masks == "binary255" and args.findings != 1:
-        parser.error("--masks binary255 stores one finding as 255; use --findings 1 or --masks index")
+        parser.error(
+            "--masks binary255 stores one finding as 255; use --findings 1 or --masks index"
+        )
     if not 0 <= args.size_jitter < 1:
         parser.error("--size-jitter must lie in [0, 1)")
     (args.out / "images").mkdir(parents=True, exist_ok=True)
     (args.out / "masks").mkdir(parents=True, exist_ok=True)
     for split, count in (("train", args.num_train), ("val", args.num_val)):
-        counts = write_split(args.out, split, count, args.format, args.size, args.seed, args.negative_fraction,
-                             args.findings, args.masks, args.size_jitter)
+        counts = write_split(
+            args.out,
+            split,
+            count,
+            args.format,
+            args.size,
+            args.seed,
+            args.negative_fraction,
+            args.findings,
+            args.masks,
+            args.size_jitter,
+        )
         print(f"{split}: {count} images ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     hint = " data.mask_values='{0: 0, 255: 1}'" if args.masks == "binary255" else ""
     print(f"wrote {args.out}; run: wsss run configs/medical_demo.yaml data.root={args.out}{hint}")

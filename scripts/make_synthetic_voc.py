@@ -36,18 +36,44 @@ except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsss.data.masks import write_label_png
-from wsss.data.synthetic import (add_noise, boat_rig, paint_clutter, paint_pattern, paint_water, pixel_grid,
-                                 render_labelled, shape_mask, smooth_background, split_code, texture, tinted_colours,
-                                 void_small_classes, water_region)
+from wsss.data.synthetic import (
+    add_noise,
+    boat_rig,
+    paint_clutter,
+    paint_pattern,
+    paint_water,
+    pixel_grid,
+    render_labelled,
+    shape_mask,
+    smooth_background,
+    split_code,
+    texture,
+    tinted_colours,
+    void_small_classes,
+    water_region,
+)
 from wsss.data.voc import VOC_CLASSES
 from wsss.io import atomic_path, write_text_atomic
 
 IGNORE = 255
 # class -> its texture and hue family; the class index in the masks is its VOC index. Neighbouring
 # hues touch (chair / table, bottle / plant), so colour alone leaves classes confused.
-CLASS_TEXTURE = {"boat": "planks", "bottle": "stripes", "chair": "zigzag", "diningtable": "checks",
-                 "pottedplant": "rings", "tvmonitor": "dots"}
-CLASS_HUE = {"boat": 0.15, "bottle": 0.3, "chair": 0.0, "diningtable": 0.08, "pottedplant": 0.4, "tvmonitor": 0.8}
+CLASS_TEXTURE = {
+    "boat": "planks",
+    "bottle": "stripes",
+    "chair": "zigzag",
+    "diningtable": "checks",
+    "pottedplant": "rings",
+    "tvmonitor": "dots",
+}
+CLASS_HUE = {
+    "boat": 0.15,
+    "bottle": 0.3,
+    "chair": 0.0,
+    "diningtable": 0.08,
+    "pottedplant": 0.4,
+    "tvmonitor": 0.8,
+}
 HUE_SPREAD = 0.04
 CLASSES = list(CLASS_TEXTURE)
 OBJECT_RADIUS = (0.2, 0.34)  # fractions of the image side
@@ -61,22 +87,31 @@ def voc_index(name: str) -> int:
     return VOC_CLASSES.index(name) + 1
 
 
-def _box(dy: np.ndarray, dx: np.ndarray, top: float, bottom: float, left: float, right: float) -> np.ndarray:
+def _box(
+    dy: np.ndarray, dx: np.ndarray, top: float, bottom: float, left: float, right: float
+) -> np.ndarray:
     return (dy >= top) & (dy <= bottom) & (dx >= left) & (dx <= right)
 
 
-def _stick(dy: np.ndarray, dx: np.ndarray, start: tuple[float, float], end: tuple[float, float],
-           half_width: float) -> np.ndarray:
+def _stick(
+    dy: np.ndarray,
+    dx: np.ndarray,
+    start: tuple[float, float],
+    end: tuple[float, float],
+    half_width: float,
+) -> np.ndarray:
     """A thin segment from ``start`` to ``end`` ((dy, dx) pairs), ``half_width`` pixels either side."""
     (y0, x0), (y1, x1) = start, end
     ly, lx = y1 - y0, x1 - x0
     t = np.clip(((dy - y0) * ly + (dx - x0) * lx) / max(ly * ly + lx * lx, 1e-6), 0.0, 1.0)
-    return (dy - y0 - t * ly) ** 2 + (dx - x0 - t * lx) ** 2 <= half_width ** 2
+    return (dy - y0 - t * ly) ** 2 + (dx - x0 - t * lx) ** 2 <= half_width**2
 
 
 def _bottle(dy, dx, r):
     body = _box(dy, dx, -0.15 * r, r, -0.32 * r, 0.32 * r)
-    shoulder = (dy < -0.15 * r) & ((dy + 0.15 * r) ** 2 / (0.25 * r) ** 2 + dx ** 2 / (0.32 * r) ** 2 <= 1)
+    shoulder = (dy < -0.15 * r) & (
+        (dy + 0.15 * r) ** 2 / (0.25 * r) ** 2 + dx**2 / (0.32 * r) ** 2 <= 1
+    )
     neck = _box(dy, dx, -r, -0.3 * r, -0.08 * r, 0.08 * r)
     return body | shoulder | neck
 
@@ -84,23 +119,33 @@ def _bottle(dy, dx, r):
 def _chair(dy, dx, r):
     seat = _box(dy, dx, -0.1 * r, 0.12 * r, -0.5 * r, 0.5 * r)
     back = _box(dy, dx, -r, -0.1 * r, -0.5 * r, -0.28 * r)
-    legs = _box(dy, dx, 0.12 * r, r, -0.5 * r, -0.38 * r) | _box(dy, dx, 0.12 * r, r, 0.38 * r, 0.5 * r)
+    legs = _box(dy, dx, 0.12 * r, r, -0.5 * r, -0.38 * r) | _box(
+        dy, dx, 0.12 * r, r, 0.38 * r, 0.5 * r
+    )
     return seat | back | legs
 
 
 def _table(dy, dx, r):
     top = _box(dy, dx, -0.45 * r, -0.2 * r, -r, r)
-    legs = _box(dy, dx, -0.2 * r, 0.55 * r, -0.9 * r, -0.78 * r) | _box(dy, dx, -0.2 * r, 0.55 * r, 0.78 * r, 0.9 * r)
+    legs = _box(dy, dx, -0.2 * r, 0.55 * r, -0.9 * r, -0.78 * r) | _box(
+        dy, dx, -0.2 * r, 0.55 * r, 0.78 * r, 0.9 * r
+    )
     return top | legs
 
 
 def _plant(dy, dx, r):
-    pot = (dy >= 0.35 * r) & (dy <= r) & (np.abs(dx) <= r * (0.38 - 0.12 * (dy - 0.35 * r) / (0.65 * r)))
+    pot = (
+        (dy >= 0.35 * r)
+        & (dy <= r)
+        & (np.abs(dx) <= r * (0.38 - 0.12 * (dy - 0.35 * r) / (0.65 * r)))
+    )
     region = pot
     for tip in ((-0.7 * r, -0.5 * r), (-r, 0.0), (-0.6 * r, 0.55 * r)):
         region = region | _stick(dy, dx, (0.35 * r, 0.0), tip, 0.06 * r)
         leaf_y, leaf_x = tip
-        region = region | ((dy - leaf_y) ** 2 / (0.16 * r) ** 2 + (dx - leaf_x) ** 2 / (0.26 * r) ** 2 <= 1)
+        region = region | (
+            (dy - leaf_y) ** 2 / (0.16 * r) ** 2 + (dx - leaf_x) ** 2 / (0.26 * r) ** 2 <= 1
+        )
     return region
 
 
@@ -112,7 +157,11 @@ def _monitor(dy, dx, r):
 
 
 SHAPES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
-    "bottle": _bottle, "chair": _chair, "diningtable": _table, "pottedplant": _plant, "tvmonitor": _monitor,
+    "bottle": _bottle,
+    "chair": _chair,
+    "diningtable": _table,
+    "pottedplant": _plant,
+    "tvmonitor": _monitor,
 }
 
 
@@ -130,22 +179,34 @@ def void_borders(mask: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def render_voc_sample(seed: int, split: str, index: int, size: int,
-                      void_width: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def render_voc_sample(
+    seed: int, split: str, index: int, size: int, void_width: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
     """One image (uint8 HxWx3) and its VOC-indexed mask (uint8; 0 background, 255 void)."""
     rng = np.random.default_rng([seed, split_code(split), index])
     yy, xx = pixel_grid(size, size)
     image = smooth_background(rng, size, size)
     mask = np.zeros((size, size), np.uint8)
 
-    names = [CLASSES[int(c)] for c in rng.integers(0, len(CLASSES), size=rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))]
+    names = [
+        CLASSES[int(c)]
+        for c in rng.integers(0, len(CLASSES), size=rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+    ]
     water_top = None
     if "boat" in names or rng.random() < 0.1:  # a boat is always on water; water alone sometimes
         water_top = size * rng.uniform(0.5, 0.7)
         image = paint_water(rng, image, water_region(rng, yy, xx, water_top), yy, xx)
     kinds = [t for name, t in CLASS_TEXTURE.items() if name != "boat"]
-    image = paint_clutter(rng, image, yy, xx, kinds, (4, 10), (size * CLUTTER_RADIUS[0], size * CLUTTER_RADIUS[1]),
-                          (size * CLUTTER_PERIOD[0], size * CLUTTER_PERIOD[1]))
+    image = paint_clutter(
+        rng,
+        image,
+        yy,
+        xx,
+        kinds,
+        (4, 10),
+        (size * CLUTTER_RADIUS[0], size * CLUTTER_RADIUS[1]),
+        (size * CLUTTER_PERIOD[0], size * CLUTTER_PERIOD[1]),
+    )
 
     for name in names:
         r = size * rng.uniform(*OBJECT_RADIUS)
@@ -171,13 +232,24 @@ def render_voc_sample(seed: int, split: str, index: int, size: int,
     return np.round(image).astype(np.uint8), mask
 
 
-def labelled_sample(seed: int, split: str, index: int, size: int, void_width: int) -> tuple[np.ndarray, np.ndarray]:
+def labelled_sample(
+    seed: int, split: str, index: int, size: int, void_width: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``render_voc_sample``, redrawn deterministically until at least one class is visible."""
-    return render_labelled(lambda key: render_voc_sample(seed, key, index, size, void_width), split, len(VOC_CLASSES))
+    return render_labelled(
+        lambda key: render_voc_sample(seed, key, index, size, void_width), split, len(VOC_CLASSES)
+    )
 
 
-def write_split(root: Path, split: str, count: int, seed: int, size: int, void_width: int,
-                echo: Callable[[str], object] = print) -> list[str]:
+def write_split(
+    root: Path,
+    split: str,
+    count: int,
+    seed: int,
+    size: int,
+    void_width: int,
+    echo: Callable[[str], object] = print,
+) -> list[str]:
     """Images and masks of one split; returns its ids."""
     ids = [f"{split}_{i:05d}" for i in range(count)]
     for index, sample_id in enumerate(ids):
@@ -192,32 +264,49 @@ def write_split(root: Path, split: str, count: int, seed: int, size: int, void_w
     return ids
 
 
-def make_synthetic_voc(out: Path, num_train: int = 400, num_val: int = 100, seed: int = 0, size: int = 160,
-                       void_width: int = 2, echo: Callable[[str], object] = print) -> Path:
+def make_synthetic_voc(
+    out: Path,
+    num_train: int = 400,
+    num_val: int = 100,
+    seed: int = 0,
+    size: int = 160,
+    void_width: int = 2,
+    echo: Callable[[str], object] = print,
+) -> Path:
     """Write the data set under ``out/VOCdevkit/VOC2012`` and return that folder (``data.root``)."""
     if num_train < 1 or num_val < 1:
-        raise ValueError(f"--num-train and --num-val must be at least 1, got {num_train} and {num_val}")
+        raise ValueError(
+            f"--num-train and --num-val must be at least 1, got {num_train} and {num_val}"
+        )
     if size < 32:
         raise ValueError(f"--size must be at least 32 pixels, got {size}")
     root = Path(out) / "VOCdevkit" / "VOC2012"
     train = write_split(root, "train", num_train, seed, size, void_width, echo)
     write_split(root, "val", num_val, seed, size, void_width, echo)
-    write_text_atomic(root / "ImageSets" / "Segmentation" / "train_aug.txt", "\n".join(train) + "\n")
+    write_text_atomic(
+        root / "ImageSets" / "Segmentation" / "train_aug.txt", "\n".join(train) + "\n"
+    )
     echo(f"ready: wsss run configs/synthetic_voc.yaml data.root={root}")
     return root
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder to write VOCdevkit/VOC2012 into")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="folder to write VOCdevkit/VOC2012 into"
+    )
     parser.add_argument("--num-train", type=int, default=400)
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=160, help="image side in pixels")
-    parser.add_argument("--void-width", type=int, default=2, help="void band along object boundaries, pixels")
+    parser.add_argument(
+        "--void-width", type=int, default=2, help="void band along object boundaries, pixels"
+    )
     args = parser.parse_args(argv)
     try:
-        make_synthetic_voc(args.out, args.num_train, args.num_val, args.seed, args.size, args.void_width)
+        make_synthetic_voc(
+            args.out, args.num_train, args.num_val, args.seed, args.size, args.void_width
+        )
     except (ValueError, OSError) as exc:
         print(f"make_synthetic_voc: {exc}", file=sys.stderr)
         return 1

@@ -19,17 +19,23 @@ from typing import Callable, Optional
 
 try:
     from wsss.io import write_text_atomic
-except ImportError:  # run from a checkout without the package installed (wsss.io needs only the stdlib)
+except (
+    ImportError
+):  # run from a checkout without the package installed (wsss.io needs only the stdlib)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from wsss.io import write_text_atomic
 
 STANDARD_TRAIN_AUG = 10582
 SPLITS = Path("ImageSets") / "Segmentation"
-VOC_TAR = ("the VOC2012 trainval archive VOCtrainval_11-May-2012.tar from the Pascal VOC site "
-           "(host.robots.ox.ac.uk/pascal/VOC/voc2012/); untar it and point --root at VOCdevkit/VOC2012")
-AUG_ZIP = ("SegmentationClassAug.zip, the SBD-derived train_aug masks as palette PNGs, usually shared as a "
-           "download linked from the DeepLab, AffinityNet (psa) and IRN READMEs; unzip it so that "
-           "VOC2012/SegmentationClassAug/<id>.png exists")
+VOC_TAR = (
+    "the VOC2012 trainval archive VOCtrainval_11-May-2012.tar from the Pascal VOC site "
+    "(host.robots.ox.ac.uk/pascal/VOC/voc2012/); untar it and point --root at VOCdevkit/VOC2012"
+)
+AUG_ZIP = (
+    "SegmentationClassAug.zip, the SBD-derived train_aug masks as palette PNGs, usually shared as a "
+    "download linked from the DeepLab, AffinityNet (psa) and IRN READMEs; unzip it so that "
+    "VOC2012/SegmentationClassAug/<id>.png exists"
+)
 # required part -> where users usually get it
 REQUIRED = {
     Path("JPEGImages"): VOC_TAR,
@@ -49,8 +55,11 @@ def read_ids(path: Path) -> list[str]:
 
 def _aug_hint(root: Path) -> str:
     """Where a misplaced SegmentationClassAug folder sits, if it is somewhere near."""
-    for candidate in (root / "SegmentationClassAug" / "SegmentationClassAug", root.parent / "SegmentationClassAug",
-                      root.parent.parent / "SegmentationClassAug"):
+    for candidate in (
+        root / "SegmentationClassAug" / "SegmentationClassAug",
+        root.parent / "SegmentationClassAug",
+        root.parent.parent / "SegmentationClassAug",
+    ):
         if candidate.is_dir() and any(candidate.glob("*.png")):
             return f" (found one at {candidate}: move it to {root / 'SegmentationClassAug'})"
     return ""
@@ -61,15 +70,19 @@ def missing_parts(root: Path) -> list[str]:
     if not root.is_dir():
         return [f"{root} does not exist; it comes with {VOC_TAR}"]
     if not (root / "JPEGImages").is_dir() and (root / "VOC2012" / "JPEGImages").is_dir():
-        return [f"{root} looks like VOCdevkit, not VOCdevkit/VOC2012: use --root {root / 'VOC2012'}"]
+        return [
+            f"{root} looks like VOCdevkit, not VOCdevkit/VOC2012: use --root {root / 'VOC2012'}"
+        ]
     problems = []
     for part, source in REQUIRED.items():
         if not (root / part).exists():
             extra = _aug_hint(root) if part.name == "SegmentationClassAug" else ""
             problems.append(f"{root / part} is missing{extra}; it comes with {source}")
         elif part.name == "SegmentationClassAug" and not any((root / part).glob("*.png")):
-            problems.append(f"{root / part} holds no PNG masks{_aug_hint(root)}; it should hold the contents of "
-                            f"{AUG_ZIP}")
+            problems.append(
+                f"{root / part} holds no PNG masks{_aug_hint(root)}; it should hold the contents of "
+                f"{AUG_ZIP}"
+            )
     return problems
 
 
@@ -78,12 +91,17 @@ def sbd_ids(root: Path, sbd: Optional[Path]) -> list[str]:
     if sbd is not None:
         files = [sbd / "train.txt", sbd / "val.txt"]
         if not all(f.is_file() for f in files) and (sbd / "dataset" / "train.txt").is_file():
-            files = [sbd / "dataset" / "train.txt", sbd / "dataset" / "val.txt"]  # given benchmark_RELEASE/
+            files = [
+                sbd / "dataset" / "train.txt",
+                sbd / "dataset" / "val.txt",
+            ]  # given benchmark_RELEASE/
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
-            raise FileNotFoundError(f"--sbd: {', '.join(absent)} missing; point --sbd at the dataset/ folder of "
-                                    f"SBD (benchmark_RELEASE/dataset, from SBD's benchmark.tgz), or leave --sbd "
-                                    f"out to take the ids from SegmentationClassAug/")
+            raise FileNotFoundError(
+                f"--sbd: {', '.join(absent)} missing; point --sbd at the dataset/ folder of "
+                f"SBD (benchmark_RELEASE/dataset, from SBD's benchmark.tgz), or leave --sbd "
+                f"out to take the ids from SegmentationClassAug/"
+            )
         return sorted({i for f in files for i in read_ids(f)})
     return sorted(p.stem for p in (root / "SegmentationClassAug").glob("*.png"))
 
@@ -112,7 +130,9 @@ def prepare(root: Path, sbd: Optional[Path] = None, echo: Echo = print) -> int:
     target = root / SPLITS / "train_aug.txt"
     if target.is_file():
         ids = read_ids(target)
-        echo(f"{target} exists: {len(ids)} ids (the standard set has {STANDARD_TRAIN_AUG:,}); left as it is")
+        echo(
+            f"{target} exists: {len(ids)} ids (the standard set has {STANDARD_TRAIN_AUG:,}); left as it is"
+        )
     else:
         try:
             ids = build_train_aug(root, sbd)
@@ -120,12 +140,17 @@ def prepare(root: Path, sbd: Optional[Path] = None, echo: Echo = print) -> int:
             echo(str(exc))
             return 1
         if not ids:
-            echo(f"no train_aug ids: train.txt and the SBD ids hold nothing outside val.txt; {target} not written")
+            echo(
+                "no train_aug ids: train.txt and the SBD ids hold nothing outside val.txt; "
+                f"{target} not written"
+            )
             return 1
         write_text_atomic(target, "\n".join(ids) + "\n")
         source = f"SBD lists in {sbd}" if sbd is not None else "the masks in SegmentationClassAug/"
-        echo(f"wrote {target}: {len(ids)} ids = (train + ids from {source}) - val "
-             f"(the standard set has {STANDARD_TRAIN_AUG:,})")
+        echo(
+            f"wrote {target}: {len(ids)} ids = (train + ids from {source}) - val "
+            f"(the standard set has {STANDARD_TRAIN_AUG:,})"
+        )
     failed = False
     checks = [
         (ids, root / "JPEGImages", ".jpg", "train_aug", VOC_TAR),
@@ -136,8 +161,10 @@ def prepare(root: Path, sbd: Optional[Path] = None, echo: Echo = print) -> int:
         absent = _absent(split_ids, folder, suffix)
         if absent:
             failed = True
-            echo(f"{len(absent)} of {len(split_ids)} {split} id(s) have no {suffix} file in {folder}, "
-                 f"e.g. {', '.join(absent[:5])}; get the complete {source}")
+            echo(
+                f"{len(absent)} of {len(split_ids)} {split} id(s) have no {suffix} file in {folder}, "
+                f"e.g. {', '.join(absent[:5])}; get the complete {source}"
+            )
     if failed:
         return 1
     echo(f"ready: wsss run configs/voc.yaml data.root={root}")
@@ -145,10 +172,14 @@ def prepare(root: Path, sbd: Optional[Path] = None, echo: Echo = print) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Check a Pascal VOC 2012 + SegmentationClassAug set-up and "
-                                     "write ImageSets/Segmentation/train_aug.txt if it is missing.")
+    parser = argparse.ArgumentParser(
+        description="Check a Pascal VOC 2012 + SegmentationClassAug set-up and "
+        "write ImageSets/Segmentation/train_aug.txt if it is missing."
+    )
     parser.add_argument("--root", required=True, type=Path, help="the VOCdevkit/VOC2012 folder")
-    parser.add_argument("--sbd", type=Path, help="SBD's dataset/ folder (train.txt, val.txt); optional")
+    parser.add_argument(
+        "--sbd", type=Path, help="SBD's dataset/ folder (train.txt, val.txt); optional"
+    )
     args = parser.parse_args(argv)
     return prepare(args.root, args.sbd)
 

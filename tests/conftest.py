@@ -38,39 +38,85 @@ VOC_MINI = DATA_DIR / "voc_mini" / "VOCdevkit" / "VOC2012"
 
 # What every small config holds: the CPU, one process, no loader workers and no logger (a test
 # that checks a logger names it; later overrides win).
-TINY_COMMON = ("data.num_workers=0", "trainer.accelerator=cpu", "trainer.devices=1", "logger.kind=none")
+TINY_COMMON = (
+    "data.num_workers=0",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "logger.kind=none",
+)
 
 # The sizes the tests run at. A file adds what it needs on top as extras, so that differences
 # between files stay visible where they are used.
 TINY_SIZES = {
     # a whole `wsss run` on the synthetic set: two classifier epochs, so the CAMs have something
     # to show and calibration has pairs to find
-    "run": ("data.num_train=16", "data.num_val=6", "data.image_size=64", "data.crop_size=64",
-            "data.batch_size=8", "classifier.max_epochs=2", "classifier.output_stride=16",
-            "segmenter.max_epochs=1", "segmenter.arch=FPN", "cam.batch_size=8", "cam.flip=false",
-            "pseudo.calibration_images=8", "pseudo.grid=[0.1, 0.3, 0.5]", "pseudo.num_panels=2"),
+    "run": (
+        "data.num_train=16",
+        "data.num_val=6",
+        "data.image_size=64",
+        "data.crop_size=64",
+        "data.batch_size=8",
+        "classifier.max_epochs=2",
+        "classifier.output_stride=16",
+        "segmenter.max_epochs=1",
+        "segmenter.arch=FPN",
+        "cam.batch_size=8",
+        "cam.flip=false",
+        "pseudo.calibration_images=8",
+        "pseudo.grid=[0.1, 0.3, 0.5]",
+        "pseudo.num_panels=2",
+    ),
     # one stage at a time on a one-epoch classifier, without in-image refinement
-    "stage": ("data.num_train=12", "data.num_val=4", "data.image_size=64", "data.crop_size=64",
-              "data.batch_size=4", "classifier.max_epochs=1", "classifier.output_stride=16",
-              "segmenter.max_epochs=1", "segmenter.arch=FPN", "cam.batch_size=4", "cam.flip=false",
-              "pseudo.refine=none"),
+    "stage": (
+        "data.num_train=12",
+        "data.num_val=4",
+        "data.image_size=64",
+        "data.crop_size=64",
+        "data.batch_size=4",
+        "classifier.max_epochs=1",
+        "classifier.output_stride=16",
+        "segmenter.max_epochs=1",
+        "segmenter.arch=FPN",
+        "cam.batch_size=4",
+        "cam.flip=false",
+        "pseudo.refine=none",
+    ),
     # bookkeeping: hashes, refusals and error messages on the smallest set a stage accepts
-    "micro": ("data.num_train=8", "data.num_val=4", "data.image_size=48", "data.crop_size=48",
-              "data.batch_size=4", "classifier.max_epochs=1", "pseudo.refine=none"),
+    "micro": (
+        "data.num_train=8",
+        "data.num_val=4",
+        "data.image_size=48",
+        "data.crop_size=48",
+        "data.batch_size=4",
+        "classifier.max_epochs=1",
+        "pseudo.refine=none",
+    ),
     # configs/medical_demo.yaml at 48 px (the data set's size comes from the files)
-    "medical": ("data.batch_size=8", "data.image_size=48", "data.crop_size=48", "classifier.max_epochs=2",
-                "segmenter.max_epochs=1", "cam.flip=false", "cam.batch_size=8", "pseudo.calibration_images=8",
-                "pseudo.num_panels=2"),
+    "medical": (
+        "data.batch_size=8",
+        "data.image_size=48",
+        "data.crop_size=48",
+        "classifier.max_epochs=2",
+        "segmenter.max_epochs=1",
+        "cam.flip=false",
+        "cam.batch_size=8",
+        "pseudo.calibration_images=8",
+        "pseudo.num_panels=2",
+    ),
 }
 
 
-def tiny_args(run_dir: Path, *extra: str, size: str = "run", base: str = "configs/default.yaml") -> list[str]:
+def tiny_args(
+    run_dir: Path, *extra: str, size: str = "run", base: str = "configs/default.yaml"
+) -> list[str]:
     """``BASE run.dir=... overrides...``: the tail of a small `wsss <command>` line (for
     ``wsss.cli.main`` or a subprocess); ``extra`` comes last and wins."""
     return [base, f"run.dir={run_dir}", *TINY_COMMON, *TINY_SIZES[size], *extra]
 
 
-def tiny_config(run_dir: Path, *extra: str, size: str = "run", base: str = "configs/default.yaml") -> Config:
+def tiny_config(
+    run_dir: Path, *extra: str, size: str = "run", base: str = "configs/default.yaml"
+) -> Config:
     """The config of ``tiny_args``, loaded."""
     path, *overrides = tiny_args(run_dir, *extra, size=size, base=base)
     return load_config(path, overrides)
@@ -83,8 +129,10 @@ def reuse_stage(trained_root: Path, run_root: Path, stage: str = "classifier") -
 
 def digest(directory: Path, pattern: str = "syn_*.png") -> dict[str, str]:
     """SHA-256 of every file matching ``pattern`` below ``directory``, by relative path."""
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob(pattern))}
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob(pattern))
+    }
 
 
 class SimulatedKill(RuntimeError):

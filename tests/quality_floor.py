@@ -35,7 +35,9 @@ def shortfalls(run: str, report: dict[str, Any]) -> list[str]:
         if value is None:
             problems.append(f"{key}: missing from the report (recorded {recorded:.4f})")
         elif value < recorded - margin:
-            problems.append(f"{key}: {value:.4f} is more than {margin} below the recorded {recorded:.4f}")
+            problems.append(
+                f"{key}: {value:.4f} is more than {margin} below the recorded {recorded:.4f}"
+            )
     return problems
 
 
@@ -51,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="the reference run in quality_floor.json (tiny, ci)")
     parser.add_argument("report", type=Path, help="the run's report.json")
-    parser.add_argument("--record", action="store_true", help="store the report's figures as the reference")
+    parser.add_argument(
+        "--record", action="store_true", help="store the report's figures as the reference"
+    )
     args = parser.parse_args(argv)
     report = json.loads(args.report.read_text())
     if args.record:
@@ -62,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in problems:
         print(f"quality floor ({args.run}): {line}", file=sys.stderr)
     if not problems:
-        print(f"quality floor ({args.run}): every figure within {read_floor()['margin']} of the recorded value")
+        print(
+            f"quality floor ({args.run}): every figure within {read_floor()['margin']} of the recorded value"
+        )
     return 1 if problems else 0
 
 

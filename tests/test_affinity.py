@@ -55,14 +55,30 @@ def within_and_across(module, batch):
     affinity = module.predict_affinity(batch["image"]).values
     labels = affinity_labels(batch["mask"], RADIUS, STRIDE)
     within = affinity[labels["bg_pos"] | labels["fg_pos"]].mean()
-    return float(within), float(affinity[labels["neg"]].mean()), float(pair_accuracy(affinity, labels))
+    return (
+        float(within),
+        float(affinity[labels["neg"]].mean()),
+        float(pair_accuracy(affinity, labels)),
+    )
 
 
 def fit(module, steps, tmp_path=None):
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
-    loader = DataLoader(two_region_images(64, seed=0), batch_size=8, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(0))
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
+    loader = DataLoader(
+        two_region_images(64, seed=0),
+        batch_size=8,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )
     trainer.fit(module, loader)
     return trainer
 
@@ -108,8 +124,9 @@ def test_affinity_module_learns_higher_affinity_within_regions_than_across(tmp_p
     trainer.save_checkpoint(path)
     loaded = AffinityModule.load_from_checkpoint(path, backbone=build_backbone("resnet18", 2))
     images = held_out["image"][:2]
-    assert torch.allclose(loaded.predict_affinity(images).values, module.predict_affinity(images).values,
-                          atol=1e-6)
+    assert torch.allclose(
+        loaded.predict_affinity(images).values, module.predict_affinity(images).values, atol=1e-6
+    )
 
 
 def test_frozen_backbone_stays_put_and_the_callers_model_is_never_changed():
@@ -117,12 +134,17 @@ def test_frozen_backbone_stays_put_and_the_callers_model_is_never_changed():
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     batch = collate(two_region_images(4, seed=2))
     for freeze in (True, False):
-        module = AffinityModule(backbone, stride=STRIDE, radius=RADIUS, hidden=8, embed_dim=8,
-                                freeze_backbone=freeze)
+        module = AffinityModule(
+            backbone, stride=STRIDE, radius=RADIUS, hidden=8, embed_dim=8, freeze_backbone=freeze
+        )
         module.train()
         module.training_step(batch, 0).backward()
         grads = [p.grad for p in module.net.features.parameters()]
-        assert all(g is None for g in grads) if freeze else any(g is not None and g.abs().sum() > 0 for g in grads)
+        assert (
+            all(g is None for g in grads)
+            if freeze
+            else any(g is not None and g.abs().sum() > 0 for g in grads)
+        )
         assert all(p.grad is not None for p in module.net.fuse.parameters())
         assert not module.net.features.training  # BatchNorm statistics are never updated
         groups = module.configure_optimizers()["optimizer"].param_groups
@@ -146,7 +168,9 @@ def test_predict_affinity_and_propagate_under_no_grad_at_any_size():
         out = propagate(module, scores, images, steps=10)
     assert out.shape == scores.shape
     assert torch.allclose(out.sum(1), torch.ones(2, 30, 37), atol=1e-5)
-    assert torch.allclose(out, propagate(affinities, scores, beta=module.hparams.beta, steps=10), atol=1e-6)
+    assert torch.allclose(
+        out, propagate(affinities, scores, beta=module.hparams.beta, steps=10), atol=1e-6
+    )
     with pytest.raises(ValueError, match="needs the images"):
         propagate(module, scores)
 

@@ -15,17 +15,23 @@ C = 6
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, C),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, C),
     ).eval()
 
 
 def textbook(model: nn.Module, layer: int, x: torch.Tensor, t: torch.Tensor):
     """Activation and d logit_t / dA at model[layer]'s output, by plain autograd."""
-    head = model[layer + 1:]
+    head = model[layer + 1 :]
     with torch.no_grad():
-        a = model[:layer + 1](x)
+        a = model[: layer + 1](x)
     a = a.clone().requires_grad_(True)
     logits = head(a.clone())
     (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
@@ -55,8 +61,8 @@ def test_gradcampp_formula():
     model = small_net()
     a, g = textbook(model, 5, X, T)
     s = a.sum((2, 3), keepdim=True)
-    denom = 2 * g ** 2 + s * g ** 3
-    alpha = torch.where(denom != 0, g ** 2 / torch.where(denom != 0, denom, 1.0), 0.0)
+    denom = 2 * g**2 + s * g**3
+    alpha = torch.where(denom != 0, g**2 / torch.where(denom != 0, denom, 1.0), 0.0)
     w = (alpha * g.clamp(min=0)).sum((2, 3))
     want = (w[..., None, None] * a).sum(1)
     with GradCAMPlusPlus(model, "5") as cam:
@@ -69,8 +75,11 @@ def test_cam_and_liftcam_on_gap_linear_head():
     x = torch.randn(2, 3, 64, 64)
     t = torch.tensor([1, 4])
     with torch.no_grad():
-        a = model.layer4(model.layer3(model.layer2(model.layer1(
-            model.maxpool(model.relu(model.bn1(model.conv1(x))))))))
+        a = model.layer4(
+            model.layer3(
+                model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))
+            )
+        )
     w = model.fc.weight[t]
     with CAM(model, ["layer4"]) as cam:
         torch.testing.assert_close(cam(x, t)["layer4"][:, 0], torch.einsum("bc,bchw->bhw", w, a))
@@ -102,7 +111,7 @@ def test_liftcam_vgg_head_completeness():
     torch.testing.assert_close(phi.sum((1, 2, 3, 4)), delta, rtol=1e-4, atol=1e-5)
 
 
-# ---- defects found by review: each test pins a fixed bug ------------------------------------------------------------------------
+# ---- defects found by review: each test pins a fixed bug -----------------------------------------
 
 
 def resnet18() -> nn.Module:
@@ -120,8 +129,11 @@ def last_block_bn2(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
     """Textbook activation and gradient at layer4.1.bn2, whose output the block then adds its
     shortcut to in place (out += identity)."""
     with torch.no_grad():
-        h = model.layer4[0](model.layer3(model.layer2(model.layer1(
-            model.maxpool(model.relu(model.bn1(model.conv1(x))))))))
+        h = model.layer4[0](
+            model.layer3(
+                model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))
+            )
+        )
     block = model.layer4[1]
     with torch.no_grad():
         a = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h)))))
@@ -137,12 +149,17 @@ def test_gradcam_and_cam_at_a_module_whose_output_is_changed_in_place():
     a, g = last_block_bn2(model, x, t)
     with GradCAM(model, ["layer4.1.bn2", "layer4.1"]) as cam:
         maps = cam(x, t)
-    torch.testing.assert_close(maps["layer4.1.bn2"][:, 0], (g.mean((2, 3))[..., None, None] * a).sum(1),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        maps["layer4.1.bn2"][:, 0],
+        (g.mean((2, 3))[..., None, None] * a).sum(1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert not torch.allclose(maps["layer4.1.bn2"], maps["layer4.1"])
     with CAM(model, ["layer4.1.bn2"]) as cam:
-        torch.testing.assert_close(cam(x, t)["layer4.1.bn2"][:, 0],
-                                   torch.einsum("bc,bchw->bhw", model.fc.weight[t], a))
+        torch.testing.assert_close(
+            cam(x, t)["layer4.1.bn2"][:, 0], torch.einsum("bc,bchw->bhw", model.fc.weight[t], a)
+        )
     with torch.no_grad():  # the model's own output is unchanged by the hooks
         before = model(x)
     with GradCAM(model, ["layer4.1.bn2"]) as cam:
@@ -165,8 +182,10 @@ def test_gradcam_under_inference_mode_with_targets_made_there():
 def test_baselines_on_a_float64_model():
     model = resnet18()
     x, t = torch.randn(2, 3, 64, 64), torch.tensor([[1, 2], [4, 0]])
-    single = {name: cls(model, ["layer4"])(x, t)["layer4"]
-              for name, cls in [("gradcam", GradCAM), ("cam", CAM), ("liftcam", LiftCAM)]}
+    single = {
+        name: cls(model, ["layer4"])(x, t)["layer4"]
+        for name, cls in [("gradcam", GradCAM), ("cam", CAM), ("liftcam", LiftCAM)]
+    }
     model.double()
     for name, cls in [("gradcam", GradCAM), ("cam", CAM), ("liftcam", LiftCAM)]:
         double = cls(model, ["layer4"])(x.double(), t)["layer4"]

@@ -25,8 +25,14 @@ def small_resnet() -> nn.Module:
 def hook_count(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        for name in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        ):
             total += len(getattr(m, name, {}))
     return total
 
@@ -71,8 +77,15 @@ def test_unsupported_module_error_names_path_and_type():
         def forward(self, x):
             return x / (1 + x.abs())
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), Softsign(), nn.Conv2d(8, 8, 3), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        Softsign(),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
     with pytest.raises(NotImplementedError, match=r"'1' of type .*Softsign.*register_handler"):
         RelevanceCAM(net, ["0"])
     RelevanceCAM(net, ["2"])  # above the unsupported module: fine
@@ -86,6 +99,7 @@ def test_unsupported_module_error_names_path_and_type():
 
 def test_custom_forward_wrapper_is_traced_through():
     """A module with its own forward around a torchvision model (the graph engine traces it)."""
+
     class Wrapper(nn.Module):
         def __init__(self):
             super().__init__()
@@ -141,8 +155,13 @@ def test_lightning_style_predict_step():
                 return cam(x, t)["layer4"]
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, T), batch_size=2)
-    trainer = lightning.Trainer(accelerator="cpu", inference_mode=False, logger=False,
-                                enable_progress_bar=False, enable_model_summary=False)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     (out,) = trainer.predict(Module(), data)
     with RelevanceCAM(model, ["layer4"]) as cam:
         torch.testing.assert_close(out, cam(X, T)["layer4"])
@@ -206,7 +225,9 @@ def test_relevance_plan_is_cached_per_model_and_rebuilt_when_the_model_changes()
     with torch.no_grad():  # new weights: the same plan, which reads them at every call
         model.fc.weight.mul_(2.0)
     with RelevanceCAM(model, ["layer4"]) as cam:
-        torch.testing.assert_close(cam(X, T)["layer4"], RelevanceCAM(model, ["layer4"])(X, T)["layer4"])
+        torch.testing.assert_close(
+            cam(X, T)["layer4"], RelevanceCAM(model, ["layer4"])(X, T)["layer4"]
+        )
     model.fc = nn.Linear(512, C)  # a replaced module: a new plan
     second = RelevanceCAM(model, ["layer3", "layer4"]).graph
     assert second is not first

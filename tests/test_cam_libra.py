@@ -9,8 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.cam import build_cam, minmax_normalize
-from wsss.cam.libra import (LibraCAM, LibrarySettings, ReferenceLibrary, build_library,
-                            calibrate_percentile, keep_references, library_for, model_fingerprint)
+from wsss.cam.libra import (
+    LibraCAM,
+    LibrarySettings,
+    ReferenceLibrary,
+    build_library,
+    calibrate_percentile,
+    keep_references,
+    library_for,
+    model_fingerprint,
+)
 
 C = 5
 
@@ -19,17 +27,25 @@ def small_net() -> nn.Module:
     """conv-relu-pool-conv-bn-relu-GAP-linear: layer "5" feeds a linear head."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, C))
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, C),
+    )
     with torch.no_grad():
         net[4].running_mean.uniform_(-0.2, 0.2)
         net[4].running_var.uniform_(0.5, 1.5)
     return net.eval()
 
 
-def random_library(model: nn.Module, r: int = 6, size: tuple[int, int] = (8, 8), counts=None, seed: int = 1
-                   ) -> ReferenceLibrary:
+def random_library(
+    model: nn.Module, r: int = 6, size: tuple[int, int] = (8, 8), counts=None, seed: int = 1
+) -> ReferenceLibrary:
     """A library of random non-negative activations at layer "5" (16 channels)."""
     g = torch.Generator().manual_seed(seed)
     acts = torch.rand(C, r, 16, *size, generator=g)
@@ -88,7 +104,9 @@ def test_references_of_another_size_are_resized_bilinearly():
         a = model[:6](X)
     with LibraCAM(model, "5", library=library) as cam:
         raw, _, _ = cam.base_maps(X, t)
-    refs = F.interpolate(library.activations["5"][2], size=(8, 8), mode="bilinear", align_corners=False)
+    refs = F.interpolate(
+        library.activations["5"][2], size=(8, 8), mode="bilinear", align_corners=False
+    )
     w = model[8].weight[2].detach()
     want = (torch.einsum("c,chw->hw", w, a[0]) - torch.einsum("c,rchw->rhw", w, refs)) / 64
     torch.testing.assert_close(raw["5"][0, 0], want, rtol=1e-4, atol=1e-6)
@@ -125,9 +143,11 @@ def test_batched_equals_per_image_per_class():
         batched = cam(X, targets)
         for b in range(2):
             for k in range(2):
-                single = cam(X[b:b + 1], targets[b, k:k + 1])
+                single = cam(X[b : b + 1], targets[b, k : k + 1])
                 for layer in ("2", "5"):
-                    torch.testing.assert_close(batched[layer][b, k], single[layer][0, 0], rtol=1e-5, atol=1e-6)
+                    torch.testing.assert_close(
+                        batched[layer][b, k], single[layer][0, 0], rtol=1e-5, atol=1e-6
+                    )
         # a slot whose class is absent gets a zero map and leaves the others unchanged
         present = torch.zeros(2, C, dtype=torch.bool)
         present[0, [2, 4]] = True
@@ -141,22 +161,38 @@ def test_batched_equals_per_image_per_class():
 def _two_layers(library: ReferenceLibrary) -> ReferenceLibrary:
     """The same library with random references at layer "2" (8 channels, 8x8) added."""
     g = torch.Generator().manual_seed(5)
-    acts = {"5": library.activations["5"], "2": torch.rand(C, library.scores.shape[1], 8, 8, 8, generator=g)}
-    return ReferenceLibrary(LibrarySettings(("2", "5"), references=library.scores.shape[1]), acts,
-                            library.scores, library.indices)
+    acts = {
+        "5": library.activations["5"],
+        "2": torch.rand(C, library.scores.shape[1], 8, 8, 8, generator=g),
+    }
+    return ReferenceLibrary(
+        LibrarySettings(("2", "5"), references=library.scores.shape[1]),
+        acts,
+        library.scores,
+        library.indices,
+    )
 
 
 def test_keep_rule_hand_made_deltas():
-    delta = torch.tensor([
-        [0.5, 0.4, 0.01, -0.1],     # positives {0.5, 0.4, 0.01}: mean 0.303, std 0.211 -> 0.01 dropped
-        [-0.01, -0.5, -0.4, -0.45],  # none positive: mean + std = -0.146 -> only -0.01
-        [-0.1, -0.5, -0.2, -0.15],   # none positive, none above mean + std = -0.082 -> all
-        [0.0, 0.0, 0.0, 0.0],        # no change at all -> all
-    ])
+    delta = torch.tensor(
+        [
+            [
+                0.5,
+                0.4,
+                0.01,
+                -0.1,
+            ],  # positives {0.5, 0.4, 0.01}: mean 0.303, std 0.211 -> 0.01 dropped
+            [-0.01, -0.5, -0.4, -0.45],  # none positive: mean + std = -0.146 -> only -0.01
+            [-0.1, -0.5, -0.2, -0.15],  # none positive, none above mean + std = -0.082 -> all
+            [0.0, 0.0, 0.0, 0.0],  # no change at all -> all
+        ]
+    )
     want = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(keep_references(delta), want)
     # invalid slots take no part: the 9.0 would otherwise be the only positive kept
-    masked = keep_references(torch.tensor([0.5, 0.4, 0.01, 9.0]), torch.tensor([True, True, True, False]))
+    masked = keep_references(
+        torch.tensor([0.5, 0.4, 0.01, 9.0]), torch.tensor([True, True, True, False])
+    )
     assert masked.tolist() == [True, True, False, False]
     # against the official code's rule on random vectors, some with no positive value
     g = torch.Generator().manual_seed(0)
@@ -194,12 +230,14 @@ def test_library_holds_the_lowest_scored_absent_images_below_the_bound():
     model = ChannelMeans().eval()
     images, labels = toy_data()
     settings = LibrarySettings(("features",), references=4, bound=0.2)
-    batches = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 40, 8)]
+    batches = [(images[i : i + 8], labels[i : i + 8]) for i in range(0, 40, 8)]
     library = build_library(model, batches, settings)
     with torch.no_grad():
         scores = model(images).sigmoid()
     for c in range(3):
-        candidates = [(float(scores[i, c]), i) for i in range(40) if labels[i, c] == 0 and scores[i, c] < 0.2]
+        candidates = [
+            (float(scores[i, c]), i) for i in range(40) if labels[i, c] == 0 and scores[i, c] < 0.2
+        ]
         want = [i for _, i in sorted(candidates)[:4]]
         n = int(library.counts[c])
         assert n == min(4, len(candidates)) and n > 0
@@ -210,14 +248,23 @@ def test_library_holds_the_lowest_scored_absent_images_below_the_bound():
     # data-module dicts with padded canvases: each image is cropped to its true size first
     padded = torch.zeros(40, 3, 6, 6)
     padded[:, :, :4, :4] = images
-    dicts = [{"image": padded[i:i + 8], "labels": labels[i:i + 8], "size": torch.tensor([[4, 4]] * 8)}
-             for i in range(0, 40, 8)]
+    dicts = [
+        {
+            "image": padded[i : i + 8],
+            "labels": labels[i : i + 8],
+            "size": torch.tensor([[4, 4]] * 8),
+        }
+        for i in range(0, 40, 8)
+    ]
     again = build_library(model, dicts, settings)
     assert torch.equal(again.indices, library.indices)
     # equal scores: the images seen first are kept, whatever the batch boundaries
     same = images[:1].expand(7, -1, -1, -1)
-    tied = build_library(model, [(same[i:i + 3], torch.zeros(len(same[i:i + 3]), 3)) for i in range(0, 7, 3)],
-                         LibrarySettings(("features",), references=4, bound=1.0))
+    tied = build_library(
+        model,
+        [(same[i : i + 3], torch.zeros(len(same[i : i + 3]), 3)) for i in range(0, 7, 3)],
+        LibrarySettings(("features",), references=4, bound=1.0),
+    )
     assert tied.indices.tolist() == [[0, 1, 2, 3]] * 3
 
 
@@ -243,8 +290,13 @@ def test_library_reused_only_for_the_same_classifier_and_settings():
     assert model_fingerprint(changed) != model_fingerprint(model)
     _, built = library_for(changed, lambda: batches, settings, model_fingerprint(changed), stored)
     assert built
-    _, built = library_for(model, lambda: batches, LibrarySettings(("features",), references=2, bound=0.3),
-                           model_fingerprint(model), stored)
+    _, built = library_for(
+        model,
+        lambda: batches,
+        LibrarySettings(("features",), references=2, bound=0.3),
+        model_fingerprint(model),
+        stored,
+    )
     assert built
 
 

@@ -33,18 +33,43 @@ def timm_model(name: str) -> nn.Module:
 # EfficientNet and MobileNet-V3 have linear bottlenecks whose outputs can be purely negative
 # evidence, which z⁺ drops by design; there the sign-aware γ rule for convs conserves instead.
 FAMILIES = [
-    pytest.param(torchvision_model, "densenet121",
-                 ["features.denseblock2", "features.transition3", "features.norm5"], {},
-                 marks=pytest.mark.slow, id="densenet121"),
-    pytest.param(torchvision_model, "efficientnet_b0", ["features.3", "features.5", "features.8"],
-                 GAMMA, id="efficientnet_b0"),
-    pytest.param(torchvision_model, "mobilenet_v3_small", ["features.3", "features.8", "features.12"],
-                 GAMMA, id="mobilenet_v3_small"),
-    pytest.param(torchvision_model, "convnext_tiny", ["features.3", "features.5", "features.7"], {},
-                 marks=pytest.mark.slow, id="convnext_tiny"),
-    pytest.param(torchvision_model, "regnet_y_400mf",
-                 ["trunk_output.block2", "trunk_output.block3", "trunk_output.block4"], {},
-                 id="regnet_y_400mf"),
+    pytest.param(
+        torchvision_model,
+        "densenet121",
+        ["features.denseblock2", "features.transition3", "features.norm5"],
+        {},
+        marks=pytest.mark.slow,
+        id="densenet121",
+    ),
+    pytest.param(
+        torchvision_model,
+        "efficientnet_b0",
+        ["features.3", "features.5", "features.8"],
+        GAMMA,
+        id="efficientnet_b0",
+    ),
+    pytest.param(
+        torchvision_model,
+        "mobilenet_v3_small",
+        ["features.3", "features.8", "features.12"],
+        GAMMA,
+        id="mobilenet_v3_small",
+    ),
+    pytest.param(
+        torchvision_model,
+        "convnext_tiny",
+        ["features.3", "features.5", "features.7"],
+        {},
+        marks=pytest.mark.slow,
+        id="convnext_tiny",
+    ),
+    pytest.param(
+        torchvision_model,
+        "regnet_y_400mf",
+        ["trunk_output.block2", "trunk_output.block3", "trunk_output.block4"],
+        {},
+        id="regnet_y_400mf",
+    ),
     pytest.param(timm_model, "resnet18", ["layer2", "layer3", "layer4"], {}, id="timm_resnet18"),
 ]
 
@@ -66,7 +91,7 @@ def test_family_conservation_batching_and_layers(build, name, layers, options):
             assert torch.isfinite(maps[layer]).all() and maps[layer].shape[:2] == (2, 2)
         for b in range(2):  # B=2, K=2 in one sweep equals one image and one class at a time
             for k in range(2):
-                alone = cam(X[b:b + 1], T[b, k:k + 1])
+                alone = cam(X[b : b + 1], T[b, k : k + 1])
                 for layer in layers:
                     assert_maps_close(maps[layer][b, k], alone[layer][0, 0])
     for layer in layers:  # several layers in one sweep equal one layer per call
@@ -104,8 +129,9 @@ class SmallNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
-                                  nn.SiLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU()
+        )
         self.branch_a = nn.Sequential(nn.Conv2d(8, 4, 1, bias=False), nn.SiLU())
         self.branch_b = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.SiLU())
         self.se_fc1, self.se_fc2 = nn.Conv2d(10, 4, 1), nn.Conv2d(4, 10, 1)
@@ -126,8 +152,11 @@ class SmallNet(nn.Module):
         """The same forward with rule surrogates (lrp preset; z^B at the input)."""
         conv0, bn = self.stem[0], self.stem[1]
         y = conv0(x)
-        z = (conv0(x) - F.conv2d(low, conv0.weight.clamp(min=0), None, 1, 1)
-             - F.conv2d(high, conv0.weight.clamp(max=0), None, 1, 1))
+        z = (
+            conv0(x)
+            - F.conv2d(low, conv0.weight.clamp(min=0), None, 1, 1)
+            - F.conv2d(high, conv0.weight.clamp(max=0), None, 1, 1)
+        )
         h = surrogate(z, y)
         h = passthrough(h, bn(h))
         h = keep("stem", passthrough(h, F.silu(h)))
@@ -150,8 +179,9 @@ class SmallNet(nn.Module):
         h = passthrough(c, F.gelu(c)) + h
         pooled = F.adaptive_avg_pool2d(h, 1)
         up = pooled >= 0  # sign-aware z⁺ pooling
-        z = torch.where(up, F.adaptive_avg_pool2d(h.clamp(min=0), 1),
-                        F.adaptive_avg_pool2d(h.clamp(max=0), 1))
+        z = torch.where(
+            up, F.adaptive_avg_pool2d(h.clamp(min=0), 1), F.adaptive_avg_pool2d(h.clamp(max=0), 1)
+        )
         v = surrogate(z, pooled).flatten(1)
         return zplus(lambda v, w: v @ w.t(), v, self.fc(v), self.fc.weight)
 
@@ -222,16 +252,31 @@ class Rolled(nn.Module):
 
 def rolled_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Rolled(), nn.Conv2d(4, 4, 3), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        Rolled(),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
 
 
 def test_op_without_rule_fails_at_construction_naming_node_op_module_and_fix():
     with pytest.raises(NotImplementedError) as info:
         RelevanceCAM(rolled_net(), ["0"])
     message = str(info.value)
-    for part in ("'roll'", "call_function", "torch.roll", "module '2'", "Rolled",
-                 "register_rule(torch.roll", "register_handler(Rolled"):
+    for part in (
+        "'roll'",
+        "call_function",
+        "torch.roll",
+        "module '2'",
+        "Rolled",
+        "register_rule(torch.roll",
+        "register_handler(Rolled",
+    ):
         assert part in message, (part, message)
     RelevanceCAM(rolled_net(), ["3"])  # the unsupported op lies below the layer: fine
 
@@ -275,6 +320,7 @@ def test_untraceable_forward_is_reported():
 
 def test_sign_aware_pooling_closed_form():
     """Average pooling of signed inputs: each output's relevance goes to the inputs of its sign."""
+
     class Pool(nn.Module):
         def forward(self, x):
             return F.avg_pool2d(x, 2).flatten(1)
@@ -291,9 +337,15 @@ def test_functional_conv_and_linear_equal_their_modules():
     """F.conv2d / F.linear with a module's own weights (as timm's StdConv / Linear do) get the
     same rules as nn.Conv2d / nn.Linear, composite and gamma included."""
     torch.manual_seed(0)
-    modules = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(),
-                            nn.Conv2d(6, 8, 3, padding=2, dilation=2, groups=2), nn.ReLU(),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, C)).eval()
+    modules = nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=2, dilation=2, groups=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, C),
+    ).eval()
 
     class Functional(nn.Module):
         def __init__(self):

@@ -6,8 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from wsss.cam import (NORMALIZATIONS, aggregate_scales, centred_normalize, fuse_layers,
-                      minmax_normalize, normalize_maps, relu_max_normalize, upsample)
+from wsss.cam import (
+    NORMALIZATIONS,
+    aggregate_scales,
+    centred_normalize,
+    fuse_layers,
+    minmax_normalize,
+    normalize_maps,
+    relu_max_normalize,
+    upsample,
+)
 from wsss.config import MAP_NORMALIZATIONS
 from wsss.metrics import average_drop_increase, class_scores, insertion_deletion_auc
 
@@ -79,9 +87,10 @@ def test_fuse_layers_weights():
 
 def test_aggregate_scales_unflips_and_restores_size():
     """A maps_fn that marks the left-most column: flipped maps must be flipped back."""
+
     def maps_fn(images):
         m = torch.zeros(images.shape[0], 1, images.shape[-2] // 2, images.shape[-1] // 2)
-        m[..., :, 0] = images[:, :1, :: 2, 0]  # depends on the image's left column only
+        m[..., :, 0] = images[:, :1, ::2, 0]  # depends on the image's left column only
         return {"x": m}
 
     images = torch.zeros(2, 3, 16, 16)
@@ -135,8 +144,9 @@ def test_average_drop_closed_forms():
     assert res["drop"] == pytest.approx(float(expected), rel=1e-5)
     assert res["increase"] == 0.0
     # keeping the left half keeps target 0 exactly: no drop, every image counts as increase
-    res = average_drop_increase(model, images, 1 - right, targets[:, None], activation="sigmoid",
-                                protocol="relevancecam")
+    res = average_drop_increase(
+        model, images, 1 - right, targets[:, None], activation="sigmoid", protocol="relevancecam"
+    )
     assert res["drop"] == 0.0 and res["increase"] == 100.0
 
 
@@ -145,8 +155,9 @@ def test_relevancecam_protocol_top_half_and_divisor():
     images = torch.ones(2, 3, 4, 4)
     maps = torch.arange(16.0).view(1, 1, 4, 4).repeat(2, 1, 1, 1)  # right columns brighter
     targets = torch.tensor([[0], [1]])
-    res = average_drop_increase(model, images, maps, targets, protocol="relevancecam",
-                                activation="softmax")
+    res = average_drop_increase(
+        model, images, maps, targets, protocol="relevancecam", activation="softmax"
+    )
     # top 50% strict: the bottom two rows survive with their soft values
     soft = (torch.arange(16.0).view(4, 4) / 15) * (torch.arange(16.0).view(4, 4) > 7.5)
     masked = images * soft
@@ -171,7 +182,9 @@ def test_insertion_deletion_auc_closed_form():
     del_good = insertion_deletion_auc(model, images, good, t, mode="deletion", **kw)
     del_bad = insertion_deletion_auc(model, images, bad, t, mode="deletion", **kw)
     assert float(del_good) < float(del_bad)
-    ins_good = insertion_deletion_auc(model, images, good, t, mode="insertion", baseline="zero", **kw)
+    ins_good = insertion_deletion_auc(
+        model, images, good, t, mode="insertion", baseline="zero", **kw
+    )
     ins_bad = insertion_deletion_auc(model, images, bad, t, mode="insertion", baseline="zero", **kw)
     assert float(ins_good) > float(ins_bad)
     # deletion with the right half first: the score stays at sigmoid(10) for two of four steps
@@ -189,13 +202,18 @@ def test_insertion_from_the_blurred_baseline_by_hand():
     t = torch.tensor([0])
     uniform = torch.full((1, 1, 8, 8), 0.5)
     saliency = torch.arange(64.0).view(1, 1, 8, 8)
-    flat = insertion_deletion_auc(model, uniform, saliency, t, activation="sigmoid", steps=4, mode="insertion")
+    flat = insertion_deletion_auc(
+        model, uniform, saliency, t, activation="sigmoid", steps=4, mode="insertion"
+    )
     assert float(flat) == pytest.approx(float(torch.sigmoid(model(uniform))[0, 0]), rel=1e-6)
     images = torch.zeros(1, 1, 8, 8)
     images[..., :4] = 1.0
     blurred = _blur(images)
-    assert not torch.allclose(blurred, images) and float(blurred.mean()) == pytest.approx(0.5, abs=1e-6)
-    nothing_inserted = insertion_deletion_auc(model, images, saliency, t, activation="sigmoid", steps=1,
-                                              mode="insertion")
+    assert not torch.allclose(blurred, images) and float(blurred.mean()) == pytest.approx(
+        0.5, abs=1e-6
+    )
+    nothing_inserted = insertion_deletion_auc(
+        model, images, saliency, t, activation="sigmoid", steps=1, mode="insertion"
+    )
     start, end = torch.sigmoid(model(blurred))[0, 0], torch.sigmoid(model(images))[0, 0]
     assert float(nothing_inserted) == pytest.approx(float(start + end) / 2, rel=1e-5)

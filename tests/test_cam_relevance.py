@@ -30,7 +30,9 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def resnet(arch: str = "resnet18", seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    return randomize_bn(getattr(torchvision.models, arch)(weights=None, num_classes=C, **kwargs), seed)
+    return randomize_bn(
+        getattr(torchvision.models, arch)(weights=None, num_classes=C, **kwargs), seed
+    )
 
 
 def images(b: int = 2, size: int = 64, seed: int = 1) -> torch.Tensor:
@@ -57,6 +59,7 @@ def conv_pos(conv: nn.Conv2d, bias_count: float = 0.0):
     def fn(x):
         z = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         return z + bias_count * b.view(1, -1, 1, 1) if b is not None and bias_count else z
+
     return fn
 
 
@@ -102,7 +105,10 @@ def slow_resnet_reference(model, x, t: int, layers, start="clrp", split="signed"
             if split == "positive":
                 a, b = a.clamp(min=0), b.clamp(min=0)
             total = a + b
-            frac = lambda v: torch.where(total == 0, 0.0, v / torch.where(total == 0, 1.0, total))
+
+            def frac(v):
+                return torch.where(total == 0, 0.0, v / torch.where(total == 0, 1.0, total))
+
             r_main, r_skip = r * frac(a), r * frac(b)
             for conv, inp in zip(reversed(convs), reversed(inputs)):
                 r_main = zplus(conv_pos(conv), inp, r_main)
@@ -123,13 +129,16 @@ def assert_maps_close(got, want, rtol=1e-4):
     assert (got - want).abs().max() <= rtol * scale + 1e-12, float((got - want).abs().max() / scale)
 
 
-# ---- tests ----------------------------------------------------------------------------------
+# ---- tests ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch,kwargs", [
-    ("resnet18", {}),
-    ("resnet50", {"replace_stride_with_dilation": [False, False, True]}),
-])
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    [
+        ("resnet18", {}),
+        ("resnet50", {"replace_stride_with_dilation": [False, False, True]}),
+    ],
+)
 def test_reference_preset_matches_slow_reference(arch, kwargs):
     model = resnet(arch, **kwargs)
     x = images(2, 64)
@@ -138,7 +147,7 @@ def test_reference_preset_matches_slow_reference(arch, kwargs):
     with RelevanceCAM(model, layers, preset="reference") as cam:
         maps = cam(x, targets)
     for i in range(2):
-        want = slow_resnet_reference(model, x[i:i + 1], int(targets[i]), layers)
+        want = slow_resnet_reference(model, x[i : i + 1], int(targets[i]), layers)
         for layer in layers:
             assert_maps_close(maps[layer][i, 0], want[layer][0])
             assert corr(maps[layer][i, 0], want[layer][0]) > 0.9999
@@ -197,12 +206,22 @@ def test_conservation_reference_total_is_one_over_c():
 def test_conservation_sequential_conv_stack_with_pools():
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-        nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
         nn.MaxPool2d(3, 2, 1),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=2, bias=False), nn.ReLU(),
-        nn.AvgPool2d(2), nn.Conv2d(32, 32, 1, bias=False), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(32 * 9, 8), nn.ReLU(), nn.Dropout(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=2, bias=False),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(32, 32, 1, bias=False),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(3),
+        nn.Flatten(),
+        nn.Linear(32 * 9, 8),
+        nn.ReLU(),
+        nn.Dropout(),
         nn.Linear(8, 5),
     )
     randomize_bn(net)
@@ -227,8 +246,9 @@ def test_class_batching_equals_separate_calls():
             for k in range(3):
                 alone = cam(x, targets[:, k], present=present)
                 for layer in layers:
-                    torch.testing.assert_close(together[layer][:, k], alone[layer][:, 0],
-                                               rtol=1e-5, atol=1e-7)
+                    torch.testing.assert_close(
+                        together[layer][:, k], alone[layer][:, 0], rtol=1e-5, atol=1e-7
+                    )
 
 
 def test_multi_layer_sweep_equals_single_layer_calls():
@@ -257,7 +277,9 @@ def test_vgg16_bn_reference_layers_run():
     torch.manual_seed(0)
     model = randomize_bn(torchvision.models.vgg16_bn(weights=None, num_classes=C))
     x = images(2, 64)
-    with RelevanceCAM(model, ["features.23", "features.33", "features.43"], preset="reference") as cam:
+    with RelevanceCAM(
+        model, ["features.23", "features.33", "features.43"], preset="reference"
+    ) as cam:
         maps = cam(x, torch.tensor([[1, 2], [3, 4]]))
     assert maps["features.23"].shape == (2, 2, 8, 8)
     assert maps["features.43"].shape == (2, 2, 2, 2)
@@ -320,10 +342,18 @@ def test_presets_listed_and_options_override():
         preset_config("nope")
 
 
-@pytest.mark.parametrize("options", [
-    dict(conv="epsilon"), dict(conv="gamma"), dict(conv=dict(kind="alphabeta", alpha=2.0, beta=1.0)),
-    dict(batchnorm="fold"), dict(residual="abs"), dict(start="sglrp"), dict(weights="mean"),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(conv="epsilon"),
+        dict(conv="gamma"),
+        dict(conv=dict(kind="alphabeta", alpha=2.0, beta=1.0)),
+        dict(batchnorm="fold"),
+        dict(residual="abs"),
+        dict(start="sglrp"),
+        dict(weights="mean"),
+    ],
+)
 def test_other_rules_run_and_are_finite(options):
     model = resnet("resnet18")
     with RelevanceCAM(model, ["layer2", "layer4"], preset="reference", **options) as cam:
@@ -357,7 +387,7 @@ def test_clrp_absent_uses_present_set():
     assert not torch.allclose(with_present, reference)
 
 
-# ---- engine defects found by review: each test pins a fixed bug ----------------------------------------------------------------
+# ---- engine defects found by review: each test pins a fixed bug ----------------------------------
 
 
 def negative_bn_scales(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -366,7 +396,9 @@ def negative_bn_scales(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.mul_(torch.where(torch.rand(m.num_features, generator=g) < 1 / 3, -1.0, 1.0))
+                m.weight.mul_(
+                    torch.where(torch.rand(m.num_features, generator=g) < 1 / 3, -1.0, 1.0)
+                )
     return model
 
 
@@ -386,8 +418,9 @@ def test_gamma_rule_is_sign_aware_and_conserves_with_negative_bn_scales():
 def folded_copy(model: nn.Module) -> nn.Module:
     """The model with every BatchNorm folded by hand into the conv before it (BN -> Identity)."""
     model = copy.deepcopy(model)
-    for block in [model] + [b for layer in ["layer1", "layer2", "layer3", "layer4"]
-                            for b in getattr(model, layer)]:
+    for block in [model] + [
+        b for layer in ["layer1", "layer2", "layer3", "layer4"] for b in getattr(model, layer)
+    ]:
         pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
         if block.__dict__.get("_modules", {}).get("downsample") is not None:
             pairs.append(("downsample.0", "downsample.1"))
@@ -396,8 +429,16 @@ def folded_copy(model: nn.Module) -> nn.Module:
                 continue
             conv, bn = block.get_submodule(conv_name), block.get_submodule(bn_name)
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                               conv.padding, conv.dilation, conv.groups, bias=True)
+            folded = nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+                bias=True,
+            )
             with torch.no_grad():
                 folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
                 folded.bias.copy_(bn.bias - bn.running_mean * scale)

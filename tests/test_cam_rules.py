@@ -64,11 +64,14 @@ def test_zplus_rule_with_bias_count():
     bias = 2.0  # the official Relevance-CAM conv bias count
 
     def z(b, j):
-        return sum(pos(X[b, i]) * pos(W[j, i]) + neg(X[b, i]) * neg(W[j, i])
-                   for i in range(N_IN)) + bias * B[j]
+        return (
+            sum(pos(X[b, i]) * pos(W[j, i]) + neg(X[b, i]) * neg(W[j, i]) for i in range(N_IN))
+            + bias * B[j]
+        )
 
-    want = per_element(lambda b, i, j: (pos(X[b, i]) * pos(W[j, i]) + neg(X[b, i]) * neg(W[j, i]))
-                       / z(b, j))
+    want = per_element(
+        lambda b, i, j: (pos(X[b, i]) * pos(W[j, i]) + neg(X[b, i]) * neg(W[j, i])) / z(b, j)
+    )
     torch.testing.assert_close(propagate(Rule("zplus", bias=bias), layer(), X, R), want)
 
 
@@ -82,11 +85,16 @@ def test_alphabeta_rule():
         return pos(X[b, i]) * neg(w) + neg(X[b, i]) * pos(w)
 
     def z(b, j, sign):
-        return sum(part(b, i, j, sign) for i in range(N_IN)) + (pos(B[j]) if sign > 0 else neg(B[j]))
+        return sum(part(b, i, j, sign) for i in range(N_IN)) + (
+            pos(B[j]) if sign > 0 else neg(B[j])
+        )
 
     assert any(z(b, j, -1) == 0 for b in range(2) for j in range(N_OUT))  # safe division hit
-    want = per_element(lambda b, i, j: alpha * safe(part(b, i, j, 1), z(b, j, 1))
-                       - beta * safe(part(b, i, j, -1), z(b, j, -1)))
+    want = per_element(
+        lambda b, i, j: (
+            alpha * safe(part(b, i, j, 1), z(b, j, 1)) - beta * safe(part(b, i, j, -1), z(b, j, -1))
+        )
+    )
     got = propagate(Rule("alphabeta", alpha=alpha, beta=beta, bias=1.0), layer(), X, R)
     torch.testing.assert_close(got, want)
 
@@ -128,17 +136,29 @@ def test_zbox_rule_with_bounds():
     low, high = -1.5, 2.0
 
     def z(b, j):
-        return sum(X[b, i] * W[j, i] - low * pos(W[j, i]) - high * neg(W[j, i]) for i in range(N_IN))
+        return sum(
+            X[b, i] * W[j, i] - low * pos(W[j, i]) - high * neg(W[j, i]) for i in range(N_IN)
+        )
 
-    want = per_element(lambda b, i, j: (X[b, i] * W[j, i] - low * pos(W[j, i]) - high * neg(W[j, i]))
-                       / z(b, j))
+    want = per_element(
+        lambda b, i, j: (X[b, i] * W[j, i] - low * pos(W[j, i]) - high * neg(W[j, i])) / z(b, j)
+    )
     torch.testing.assert_close(propagate(Rule("zb", low=low, high=high), layer(), X, R), want)
 
 
 def test_zbox_rule_default_bounds_are_the_image_range():
     got = propagate(Rule("zb"), layer(), X, R)
-    per_image = torch.cat([propagate(Rule("zb", low=float(X[b].min()), high=float(X[b].max())),
-                                     layer(), X[b:b + 1], R[b * K:(b + 1) * K]) for b in range(2)])
+    per_image = torch.cat(
+        [
+            propagate(
+                Rule("zb", low=float(X[b].min()), high=float(X[b].max())),
+                layer(),
+                X[b : b + 1],
+                R[b * K : (b + 1) * K],
+            )
+            for b in range(2)
+        ]
+    )
     torch.testing.assert_close(got, per_image)
 
 
@@ -199,19 +219,29 @@ def test_composite_rule_order_name_then_input_then_lower_then_kind():
     from wsss.cam import LRPConfig
     from wsss.cam.lrp import LayerInfo
 
-    config = LRPConfig(conv=Rule("zplus"), linear=Rule("epsilon"), input=Rule("zb"),
-                       lower=Rule("gamma"), lower_depth=0.5,
-                       layer_rules={"layer4.*": Rule("flat"), "Linear": Rule("alphabeta", alpha=2.0, beta=1.0)})
+    config = LRPConfig(
+        conv=Rule("zplus"),
+        linear=Rule("epsilon"),
+        input=Rule("zb"),
+        lower=Rule("gamma"),
+        lower_depth=0.5,
+        layer_rules={"layer4.*": Rule("flat"), "Linear": Rule("alphabeta", alpha=2.0, beta=1.0)},
+    )
     conv, linear = nn.Conv2d(1, 1, 1), nn.Linear(1, 1)
 
     def kind(path, module, is_input=False, depth=0.9):
-        return config.rule_for(LayerInfo(path, module, "conv" if module is conv else "linear",
-                                          is_input, depth)).kind
+        return config.rule_for(
+            LayerInfo(path, module, "conv" if module is conv else "linear", is_input, depth)
+        ).kind
 
     assert kind("layer4.0.conv1", conv, is_input=True) == "flat"  # a name pattern wins
     assert kind("fc", linear) == "alphabeta"  # a type name
     assert kind("conv1", conv, is_input=True, depth=0.0) == "zb"
     assert kind("layer1.0.conv1", conv, depth=0.1) == "gamma"
     assert kind("layer3.0.conv1", conv, depth=0.7) == "zplus"
-    assert LRPConfig(linear=Rule("epsilon")).rule_for(
-        LayerInfo("head", linear, "linear", False, 0.9)).kind == "epsilon"
+    assert (
+        LRPConfig(linear=Rule("epsilon"))
+        .rule_for(LayerInfo("head", linear, "linear", False, 0.9))
+        .kind
+        == "epsilon"
+    )

@@ -58,8 +58,15 @@ def vgg16_bn() -> nn.Module:
     """VGG16-BN with a narrow MLP head (the 4096-wide one is 100M parameters)."""
     torch.manual_seed(0)
     model = torchvision.models.vgg16_bn(weights=None, num_classes=C)
-    model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(),
-                                     nn.Linear(64, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, C))
+    model.classifier = nn.Sequential(
+        nn.Linear(512 * 7 * 7, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, C),
+    )
     return randomize_bn(model).double()
 
 
@@ -81,6 +88,7 @@ def zennit_relevance(model: nn.Module, composite, layers: list[str]) -> dict[str
         def hook(module, args, output):
             output.retain_grad()
             outputs[name] = output
+
         return hook
 
     modules = dict(model.named_modules())
@@ -108,11 +116,14 @@ def ours(model, layers, **options) -> dict[str, torch.Tensor]:
     return {layer: relevance[layer][1][:, 0] for layer in layers}
 
 
-@pytest.mark.parametrize("name", [
-    "resnet18",
-    pytest.param("resnet50", marks=pytest.mark.slow),
-    pytest.param("vgg16_bn", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        pytest.param("resnet50", marks=pytest.mark.slow),
+        pytest.param("vgg16_bn", marks=pytest.mark.slow),
+    ],
+)
 def test_zplus_matches_zennit(name):
     """z⁺ without bias on every conv and linear layer, BN merged, residual sums split by the
     signed branch values (zennit's Norm on Sum), average pools by value, max pools by gradient."""
@@ -120,20 +131,30 @@ def test_zplus_matches_zennit(name):
     model = build()
     zplus = ZPlus(stabilizer=TINY, zero_params=["bias"])
     composite = LayerMapComposite(
-        layer_map=[(Activation, Pass()), (Sum, Norm(TINY)), (AvgPool, Norm(TINY)),
-                   (BatchNorm, Pass()), (Convolution, zplus), (nn.Linear, zplus)],
-        canonizers=[canonizer()])
+        layer_map=[
+            (Activation, Pass()),
+            (Sum, Norm(TINY)),
+            (AvgPool, Norm(TINY)),
+            (BatchNorm, Pass()),
+            (Convolution, zplus),
+            (nn.Linear, zplus),
+        ],
+        canonizers=[canonizer()],
+    )
     want = zennit_relevance(model, composite, layers)
     got = ours(model, layers)
     for layer in layers:
         assert_relevance_close(got[layer], want[layer], rtol=1e-8)
 
 
-@pytest.mark.parametrize("name", [
-    "resnet18",
-    pytest.param("resnet50", marks=pytest.mark.slow),
-    pytest.param("vgg16_bn", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        pytest.param("resnet50", marks=pytest.mark.slow),
+        pytest.param("vgg16_bn", marks=pytest.mark.slow),
+    ],
+)
 def test_epsilon_gamma_box_matches_zennit(name):
     """zennit's EpsilonGammaBox: z^B with the data set's bounds at the first conv, the
     sign-aware γ = 0.25 on every other conv, ε on the linear layers, biases counted once."""
@@ -141,11 +162,16 @@ def test_epsilon_gamma_box_matches_zennit(name):
     model = build()
     low = torch.tensor(LOW, dtype=torch.float64).view(1, 3, 1, 1).expand(2, 3, 48, 48)
     high = torch.tensor(HIGH, dtype=torch.float64).view(1, 3, 1, 1).expand(2, 3, 48, 48)
-    composite = EpsilonGammaBox(low=low, high=high, epsilon=1e-6, gamma=0.25, stabilizer=TINY,
-                                canonizers=[canonizer()])
+    composite = EpsilonGammaBox(
+        low=low, high=high, epsilon=1e-6, gamma=0.25, stabilizer=TINY, canonizers=[canonizer()]
+    )
     want = zennit_relevance(model, composite, layers)
-    got = ours(model, layers + ["input"], conv=Rule("gamma", gamma=0.25, bias=1.0),
-               linear=Rule("epsilon", epsilon=1e-6, bias=1.0),
-               input=Rule("zb", low=LOW, high=HIGH))
+    got = ours(
+        model,
+        layers + ["input"],
+        conv=Rule("gamma", gamma=0.25, bias=1.0),
+        linear=Rule("epsilon", epsilon=1e-6, bias=1.0),
+        input=Rule("zb", low=LOW, high=HIGH),
+    )
     for layer in layers + ["input"]:
         assert_relevance_close(got[layer], want[layer], rtol=1e-8)

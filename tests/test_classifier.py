@@ -30,11 +30,14 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("backbone, layers, stride", [
-    ("resnet18", ["layer2", "layer3", "layer4"], 16),
-    ("resnet18", ["layer1", "layer4"], 32),
-    ("vgg16_bn", ["features.23", "features.33", "features.43"], 32),
-])
+@pytest.mark.parametrize(
+    "backbone, layers, stride",
+    [
+        ("resnet18", ["layer2", "layer3", "layer4"], 16),
+        ("resnet18", ["layer1", "layer4"], 32),
+        ("vgg16_bn", ["features.23", "features.33", "features.43"], 32),
+    ],
+)
 def test_exported_model_works_with_relevance_cam(backbone, layers, stride):
     module = ClassifierModule(num_classes=4, backbone=backbone, output_stride=stride)
     model = module.export()
@@ -80,7 +83,9 @@ def test_adamw_and_schedules_follow_their_closed_forms():
 
     from wsss.models.common import lr_lambda
 
-    module = ClassifierModule(num_classes=2, lr=0.1, backbone_lr_mult=0.5, optimizer="adamw", weight_decay=0.01)
+    module = ClassifierModule(
+        num_classes=2, lr=0.1, backbone_lr_mult=0.5, optimizer="adamw", weight_decay=0.01
+    )
     optimizer = module.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.AdamW)
     assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([0.05, 0.1])
@@ -90,8 +95,10 @@ def test_adamw_and_schedules_follow_their_closed_forms():
     assert [cosine(s) for s in (0, 5, 10, 12)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
     assert cosine(3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
     assert [constant(s) for s in (0, 7, 100)] == [1.0, 1.0, 1.0]
-    assert poly(4) == pytest.approx(0.6 ** 0.9) and poly(10) == 0.0
+    assert poly(4) == pytest.approx(0.6**0.9) and poly(10) == 0.0
     asked = []
     lazy = lr_lambda("poly", lambda: asked.append(1) or 8)
     assert lazy(0) == 1.0 and not asked  # step 0 never asks for the total
-    assert lazy(4) == pytest.approx(0.5 ** 0.9) and lazy(6) == pytest.approx(0.25 ** 0.9) and asked == [1]
+    assert (
+        lazy(4) == pytest.approx(0.5**0.9) and lazy(6) == pytest.approx(0.25**0.9) and asked == [1]
+    )

@@ -43,9 +43,18 @@ RANGED = list(_ranged_keys())
 
 def test_the_ranges_cover_the_keys_that_need_one():
     keys = {key for key, _, _ in RANGED}
-    assert {"data.batch_size", "data.num_workers", "cam.scales", "pseudo.grid", "pseudo.threshold",
-            "classifier.lr", "segmenter.weight_decay", "affinity.lr", "affinity.steps",
-            "trainer.gradient_clip_val"} <= keys
+    assert {
+        "data.batch_size",
+        "data.num_workers",
+        "cam.scales",
+        "pseudo.grid",
+        "pseudo.threshold",
+        "classifier.lr",
+        "segmenter.weight_decay",
+        "affinity.lr",
+        "affinity.steps",
+        "trainer.gradient_clip_val",
+    } <= keys
 
 
 @pytest.mark.parametrize("key, check, is_list", RANGED, ids=[key for key, _, _ in RANGED])
@@ -61,8 +70,15 @@ def test_closed_bounds_are_admitted_and_open_ones_are_not():
     assert fraction.admits(0.0) and fraction.admits(0.99) and not fraction.admits(1.0)
     assert interval("(0, 1]").admits(1.0) and not interval("(0, 1]").admits(0.0)
     assert not Range(low=0, open_low=True, wording="").admits([])  # a list needs an item
-    at_bounds = ["pseudo.rho=0", "pseudo.delta=1", "cam.libra_bound=1", "data.num_workers=0",
-                 "classifier.lr=0", "data.negative_fraction=0", "affinity.steps=1"]
+    at_bounds = [
+        "pseudo.rho=0",
+        "pseudo.delta=1",
+        "cam.libra_bound=1",
+        "data.num_workers=0",
+        "classifier.lr=0",
+        "data.negative_fraction=0",
+        "affinity.steps=1",
+    ]
     cfg = load_config("configs/default.yaml", at_bounds)
     assert cfg.pseudo.rho == 0.0 and cfg.cam.libra_bound == 1.0
 
@@ -70,7 +86,10 @@ def test_closed_bounds_are_admitted_and_open_ones_are_not():
 def test_closed_choices_come_from_the_modules_that_define_them():
     choices = {key: f.metadata.get("choices") for key, f, _ in _fields()}
     assert choices["cam.method"] == tuple(CAM_METHODS)
-    assert set(choices["cam.normalize"]) == set(NORMALIZATIONS) and choices["cam.normalize"][0] == "centred"
+    assert (
+        set(choices["cam.normalize"]) == set(NORMALIZATIONS)
+        and choices["cam.normalize"][0] == "centred"
+    )
     assert choices["pseudo.refine"] == tuple(REFINE_METHODS)
     assert choices["pseudo.objective"] == tuple(OBJECTIVES)
     for group in ("classifier", "segmenter"):  # the optimiser keys the training groups share

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import save_palette_png
 from wsss.cli import main
 from wsss.data.check import check_source, format_report
 from wsss.data.folder import FolderDataset
@@ -15,10 +14,17 @@ from wsss.data.masks import write_label_png
 from wsss.data.synthetic import SyntheticSegmentation
 from wsss.data.voc import VOCSegmentation
 
+from conftest import save_palette_png
+
 
 def voc_args(root):
-    return ["data-check", "configs/voc.yaml", f"data.root={root}", "data.train_split=train_aug",
-            "data.val_split=val"]
+    return [
+        "data-check",
+        "configs/voc.yaml",
+        f"data.root={root}",
+        "data.train_split=train_aug",
+        "data.val_split=val",
+    ]
 
 
 @pytest.fixture
@@ -34,7 +40,9 @@ def damaged(voc_copy):
     bad["truncated"].write_bytes(bad["truncated"].read_bytes()[:2000])
     bad["missing"].unlink()
     mask = np.array(Image.open(bad["resized"]))
-    save_palette_png(bad["resized"], np.array(Image.fromarray(mask).resize((100, 100), Image.NEAREST)))
+    save_palette_png(
+        bad["resized"], np.array(Image.fromarray(mask).resize((100, 100), Image.NEAREST))
+    )
     mask = np.array(Image.open(bad["value"]))
     mask[0, 0] = 50  # outside 0..20 and not 255
     save_palette_png(bad["value"], mask)
@@ -63,7 +71,10 @@ def test_damaged_copy_names_every_bad_file(damaged):
     assert f"{bad['missing']}: mask file is missing" in text
     assert f"{bad['resized']}: mask size 100x100 differs from its image 513x513" in text
     assert f"{bad['value']}: mask holds value(s) [50]" in text
-    assert report.num_images == 14 and report.min_hw == (513, 513)  # the good items are still counted
+    assert report.num_images == 14 and report.min_hw == (
+        513,
+        513,
+    )  # the good items are still counted
     assert check_source(VOCSegmentation(root, "train")).ok  # other splits are untouched
 
 
@@ -113,7 +124,9 @@ def test_folder_source_reports_missing_images_and_counts_negatives(tmp_path):
     (tmp_path / "train.csv").write_text("image,labels\na.png,nodule\nb.png,\ngone.png,nodule\n")
     report = check_source(FolderDataset(tmp_path, "train", channels=1, mean=[0.0], std=[1.0]))
     # b.png has an empty labels cell: a negative image, counted, not a problem
-    assert report.total_problems == 1 and report.num_images == 3 and report.per_class == {"nodule": 1}
+    assert (
+        report.total_problems == 1 and report.num_images == 3 and report.per_class == {"nodule": 1}
+    )
     assert report.negatives == 1
     assert report.problems == [f"{tmp_path / 'images' / 'gone.png'}: image file is missing"]
     assert report.min_hw == report.max_hw == (20, 30)
@@ -131,7 +144,9 @@ def test_override_masks_are_checked_too(voc_root, tmp_path):
         write_label_png(tmp_path / f"{sample_id}.png", np.zeros((2, 2), np.uint8))  # wrong size
     data.use_masks_from(tmp_path)
     report = check_source(data)
-    assert report.total_problems == 4 and all("differs from its image" in p for p in report.problems)
+    assert report.total_problems == 4 and all(
+        "differs from its image" in p for p in report.problems
+    )
 
 
 # -- the `wsss data-check` command
@@ -160,8 +175,15 @@ def test_cli_problem_list_is_capped_with_the_total(tmp_path, capsys):
     rows = ["image,labels"] + [f"missing_{i}.png,a" for i in range(25)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     shutil.copy(tmp_path / "train.csv", tmp_path / "val.csv")
-    code = main(["data-check", "configs/medical.yaml", f"data.root={tmp_path}", "data.mean=[0.0]",
-                 "data.std=[1.0]"])
+    code = main(
+        [
+            "data-check",
+            "configs/medical.yaml",
+            f"data.root={tmp_path}",
+            "data.mean=[0.0]",
+            "data.std=[1.0]",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 1 and "25 problem(s)" in text and "... and 5 more" in text
     assert "missing_0.png: image file is missing" in text

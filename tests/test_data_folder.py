@@ -11,11 +11,12 @@ import tifffile
 import torch
 from PIL import Image
 
-from conftest import write_csv
 from wsss.data import folder as folder_module
 from wsss.data.folder import FolderDataset
 from wsss.data.imageio import DataError
 from wsss.data.masks import write_label_png
+
+from conftest import write_csv
 
 
 def make_folder(root, rows, split="train", size=(40, 30), high=60000, seed=0):
@@ -47,7 +48,9 @@ def test_16bit_grayscale_round_trips_exactly(tmp_path):
     assert data.load_raw(0).image.max() == 60000
     rgb = FolderDataset(tmp_path, "train", channels=3)
     image = rgb.load(0).image
-    assert image.shape == (30, 40, 3) and all(np.array_equal(image[..., c], image[..., 0]) for c in range(3))
+    assert image.shape == (30, 40, 3) and all(
+        np.array_equal(image[..., c], image[..., 0]) for c in range(3)
+    )
 
 
 def test_16bit_tiff_round_trips_exactly(tmp_path):
@@ -64,7 +67,9 @@ def test_stats_are_per_channel_in_raw_units_and_normalise_16bit(tmp_path):
     data = FolderDataset(tmp_path, "train", channels=1)
     every = np.stack([a.astype(np.float64) for a in arrays.values()])
     mean, std = data.stats
-    assert mean[0] == pytest.approx(every.mean(), rel=1e-9) and std[0] == pytest.approx(every.std(), rel=1e-9)
+    assert mean[0] == pytest.approx(every.mean(), rel=1e-9) and std[0] == pytest.approx(
+        every.std(), rel=1e-9
+    )
     assert mean[0] > 20000  # raw 16-bit units, not rescaled to 0..255
     images = torch.stack([data[i]["image"] for i in range(len(data))])
     assert images.mean().item() == pytest.approx(0.0, abs=1e-4)
@@ -89,6 +94,7 @@ def test_stats_are_cached_outside_the_data_folder_and_follow_the_images(tmp_path
     # a second data set over the same images reads the cache instead of the images
     def no_reading(path):
         raise AssertionError(f"read {path}")
+
     with monkeypatch.context() as patch:
         patch.setattr(folder_module, "read_image_file", no_reading)
         assert FolderDataset(root, "train", channels=1, cache_dir=cache_dir).stats == first
@@ -113,7 +119,9 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 def test_stats_without_a_writable_cache_are_computed_but_not_cached(tmp_path):
     make_folder(tmp_path / "data", ROWS)
     (tmp_path / "blocker").write_text("a file where the cache folder would go")
-    data = FolderDataset(tmp_path / "data", "train", channels=1, cache_dir=tmp_path / "blocker" / "cache")
+    data = FolderDataset(
+        tmp_path / "data", "train", channels=1, cache_dir=tmp_path / "blocker" / "cache"
+    )
     mean, _ = data.stats
     assert mean[0] > 255 and not data.stats_cache_path().exists()
 
@@ -132,7 +140,9 @@ def test_config_stats_override_the_computed_ones(tmp_path):
     data = FolderDataset(tmp_path, "train", channels=1, mean=[100.0], std=[2.0])
     raw = data.load_raw(0).image[:, :, 0]
     assert torch.allclose(data[0]["image"][0], torch.from_numpy((raw - 100.0) / 2.0))
-    assert not data.stats_cache_path().exists()  # given statistics: nothing computed, nothing cached
+    assert (
+        not data.stats_cache_path().exists()
+    )  # given statistics: nothing computed, nothing cached
     with pytest.raises(DataError, match="one per channel"):
         FolderDataset(tmp_path, "train", channels=3, mean=[1.0], std=[1.0]).stats
 
@@ -153,11 +163,17 @@ def test_class_names_are_the_sorted_union_of_every_split(tmp_path):
     for split in ("train", "val"):
         assert FolderDataset(tmp_path, split, channels=1).class_names == expected
     val = FolderDataset(tmp_path, "val", channels=1)
-    assert val[0]["labels"].tolist() == [0.0, 0.0, 1.0] and val[1]["labels"].tolist() == [0.0, 1.0, 0.0]
+    assert val[0]["labels"].tolist() == [0.0, 0.0, 1.0] and val[1]["labels"].tolist() == [
+        0.0,
+        1.0,
+        0.0,
+    ]
     # only the named splits count: a CSV of another split does not add its labels
     make_folder(tmp_path, [("o.png", "other")], split="holdout", seed=2)
     assert FolderDataset(tmp_path, "train", class_splits=["train", "val"]).class_names == expected
-    assert "other" in FolderDataset(tmp_path, "train", class_splits=["train", "holdout"]).class_names
+    assert (
+        "other" in FolderDataset(tmp_path, "train", class_splits=["train", "holdout"]).class_names
+    )
 
 
 def test_class_names_argument_sets_the_order(tmp_path):
@@ -174,7 +190,12 @@ def test_unknown_label_names_the_csv_row_and_label(tmp_path):
     with pytest.raises(DataError) as err:
         FolderDataset(tmp_path, "train", class_names=["nodule"])
     text = str(err.value)
-    assert str(tmp_path / "train.csv") in text and "row 3" in text and "'nodlue'" in text and "b.png" in text
+    assert (
+        str(tmp_path / "train.csv") in text
+        and "row 3" in text
+        and "'nodlue'" in text
+        and "b.png" in text
+    )
     assert "did you mean 'nodule'" in text
 
 
@@ -198,7 +219,9 @@ def test_image_paths_are_relative_to_the_image_dir(tmp_path):
 
 def test_csv_with_bom_blank_lines_and_extra_columns(tmp_path):
     make_folder(tmp_path, [("a.png", "x")])
-    (tmp_path / "train.csv").write_text('\ufeffpatient,image,labels\n7,a.png," x ; y "\n\n', encoding="utf-8")
+    (tmp_path / "train.csv").write_text(
+        '\ufeffpatient,image,labels\n7,a.png," x ; y "\n\n', encoding="utf-8"
+    )
     data = FolderDataset(tmp_path, "train")
     assert data.class_names == ["x", "y"] and data.load_raw(0).labels.tolist() == [1.0, 1.0]
 
@@ -241,10 +264,14 @@ def test_optional_masks_are_read_by_image_stem(tmp_path):
     data = FolderDataset(tmp_path, "train", mask_dir="masks", channels=1)
     assert data.has_masks
     item = data[0]
-    assert item["mask"].dtype == torch.long and torch.equal(item["mask"], torch.from_numpy(mask).long())
+    assert item["mask"].dtype == torch.long and torch.equal(
+        item["mask"], torch.from_numpy(mask).long()
+    )
     with pytest.raises(DataError, match=r"b\.png: mask file is missing"):
         data.load_raw(1)
-    write_label_png(tmp_path / "masks" / "b.png", np.full((30, 40), 3, np.uint8))  # 3 classes: 0..2 valid
+    write_label_png(
+        tmp_path / "masks" / "b.png", np.full((30, 40), 3, np.uint8)
+    )  # 3 classes: 0..2 valid
     with pytest.raises(DataError, match=r"b\.png: mask holds value\(s\) \[3\]"):
         data.load_raw(1)
 

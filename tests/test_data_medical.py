@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script, write_csv
 from wsss.cli import main
 from wsss.config import ConfigError, load_config
 from wsss.data.check import check_source
@@ -22,6 +21,8 @@ from wsss.data.imageio import DataError, read_image_file
 from wsss.data.masks import write_label_png
 from wsss.data.resize import restore_size
 from wsss.data.synthetic_lesion import SyntheticLesion
+
+from conftest import load_script, write_csv
 
 make_synthetic_lesion = load_script("make_synthetic_lesion")
 
@@ -33,7 +34,9 @@ def binary_folder(root, rows, size=(24, 32), mask_value=255, seed=0):
     gen = np.random.default_rng(seed)
     masks = {}
     for name, labels in rows:
-        Image.fromarray(gen.integers(1000, 50000, size=size, dtype=np.uint16)).save(root / "images" / name)
+        Image.fromarray(gen.integers(1000, 50000, size=size, dtype=np.uint16)).save(
+            root / "images" / name
+        )
         mask = np.zeros(size, np.uint8)
         if labels:
             mask[4:12, 6:20] = mask_value
@@ -53,19 +56,40 @@ def test_binary_csv_with_negatives_passes_data_check_and_loads_all_zero_labels(t
     root = tmp_path / "polyps"
     binary_folder(root, BINARY_ROWS, mask_value=1)
     write_csv(root / "val.csv", [("p2.png", "polyp"), ("n2.png", "")])
-    assert main(["data-check", "configs/medical.yaml", f"data.root={root}", "data.mask_dir=masks",
-                 "data.image_size=null"]) == 0
+    assert (
+        main(
+            [
+                "data-check",
+                "configs/medical.yaml",
+                f"data.root={root}",
+                "data.mask_dir=masks",
+                "data.image_size=null",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "negatives (no finding): 2" in out and "images per class: polyp 2" in out and "problem(s)" not in out
+    assert (
+        "negatives (no finding): 2" in out
+        and "images per class: polyp 2" in out
+        and "problem(s)" not in out
+    )
 
-    data = build_source(load_config("configs/medical.yaml", [f"data.root={root}", "data.mask_dir=masks",
-                                                             "data.image_size=null"]), "train")
+    data = build_source(
+        load_config(
+            "configs/medical.yaml",
+            [f"data.root={root}", "data.mask_dir=masks", "data.image_size=null"],
+        ),
+        "train",
+    )
     assert data.class_names == ["polyp"] and data.num_classes == 2  # one foreground class
     labels = [data[i]["labels"].tolist() for i in range(4)]
     assert labels == [[1.0], [0.0], [1.0], [0.0]]
     batch = pad_collate([data[i] for i in range(4)])
     assert batch["labels"].shape == (4, 1) and batch["mask"].shape == (4, 24, 32)
-    assert int(batch["mask"][1].max()) == 0 and int(batch["mask"][0].max()) == 1  # negative: all background
+    assert (
+        int(batch["mask"][1].max()) == 0 and int(batch["mask"][0].max()) == 1
+    )  # negative: all background
 
 
 def test_several_findings_per_image(tmp_path):
@@ -78,13 +102,23 @@ def test_several_findings_per_image(tmp_path):
     assert data.class_names == ["effusion", "mass", "nodule"]
     assert [data.load_raw(i).labels.tolist() for i in range(3)] == [[1, 1, 1], [0, 1, 0], [0, 0, 0]]
     report = check_source(data)
-    assert report.ok and report.per_class == {"effusion": 1, "mass": 2, "nodule": 1} and report.negatives == 1
+    assert (
+        report.ok
+        and report.per_class == {"effusion": 1, "mass": 2, "nodule": 1}
+        and report.negatives == 1
+    )
 
 
 def test_synthetic_lesion_negatives_are_counted_not_problems():
     """Unlike VOC, where an image without any class is a problem (test_data_check.py)."""
-    report = check_source(SyntheticLesion("train", num_images=12, image_size=32, negative_fraction=0.5))
-    assert report.ok and 0 < report.negatives < 12 and report.negatives + report.per_class["lesion"] == 12
+    report = check_source(
+        SyntheticLesion("train", num_images=12, image_size=32, negative_fraction=0.5)
+    )
+    assert (
+        report.ok
+        and 0 < report.negatives < 12
+        and report.negatives + report.per_class["lesion"] == 12
+    )
 
 
 # -- mask conventions
@@ -99,7 +133,10 @@ def test_masks_of_only_0_and_255_warn_naming_the_file_and_the_fix(tmp_path, caps
     warning = report.warnings[0]
     assert str(root / "masks" / "p1.png") in warning and "2 mask(s)" in warning
     assert "255 means ignore" in warning and "data.mask_values='{0: 0, 255: 1}'" in warning
-    assert main(["data-check", "configs/medical.yaml", f"data.root={root}", "data.mask_dir=masks"]) == 0
+    assert (
+        main(["data-check", "configs/medical.yaml", f"data.root={root}", "data.mask_dir=masks"])
+        == 0
+    )
     assert "warning: 2 mask(s) hold only the values 0 and 255" in capsys.readouterr().out
 
 
@@ -114,11 +151,15 @@ def test_a_run_warns_once_per_data_set_about_0_255_masks(tmp_path):
         for i in range(4):
             data.load_raw(i)
     assert len(caught) == 1 and str(tmp_path / "masks" / "p1.png") in str(caught[0].message)
-    mapped = FolderDataset(tmp_path, "train", mask_dir="masks", channels=1, mask_values={0: 0, 255: 1})
+    mapped = FolderDataset(
+        tmp_path, "train", mask_dir="masks", channels=1, mask_values={0: 0, 255: 1}
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", MaskConventionWarning)
         mapped.load_raw(0)
-        check_source(FolderDataset(tmp_path, "train", mask_dir="masks", channels=1))  # reports, no warning
+        check_source(
+            FolderDataset(tmp_path, "train", mask_dir="masks", channels=1)
+        )  # reports, no warning
 
 
 def test_mask_values_map_file_values_to_classes(tmp_path, capsys):
@@ -131,8 +172,18 @@ def test_mask_values_map_file_values_to_classes(tmp_path, capsys):
     report = check_source(data)
     assert report.ok and report.warnings == []
     # through the config, as a user writes it on the command line
-    assert main(["data-check", "configs/medical.yaml", f"data.root={root}", "data.mask_dir=masks",
-                 "data.mask_values={0: 0, 255: 1}"]) == 0
+    assert (
+        main(
+            [
+                "data-check",
+                "configs/medical.yaml",
+                f"data.root={root}",
+                "data.mask_dir=masks",
+                "data.mask_values={0: 0, 255: 1}",
+            ]
+        )
+        == 0
+    )
     assert "warning" not in capsys.readouterr().out
 
     # a value the mapping leaves out (an anti-aliased edge) names the file and the value
@@ -144,18 +195,27 @@ def test_mask_values_map_file_values_to_classes(tmp_path, capsys):
     assert str(root / "masks" / "p2.png") in str(err.value) and "[128]" in str(err.value)
     # a mapped class outside the data set's classes is out of range, as an unmapped one would be
     with pytest.raises(DataError, match=r"mask holds value\(s\) \[2\]"):
-        FolderDataset(root, "train", mask_dir="masks", mask_values={0: 0, 255: 2, 128: 1}, channels=1).load_raw(0)
+        FolderDataset(
+            root, "train", mask_dir="masks", mask_values={0: 0, 255: 2, 128: 1}, channels=1
+        ).load_raw(0)
 
 
 def test_mask_values_config_key_is_typed_and_checked(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("data:\n  name: folder\n  root: /x\n  mask_values: {0: 0, 255: 1, 128: 255}\n")
+    config.write_text(
+        "data:\n  name: folder\n  root: /x\n  mask_values: {0: 0, 255: 1, 128: 255}\n"
+    )
     assert load_config(config).data.mask_values == {0: 0, 255: 1, 128: 255}
-    assert load_config(None, ["data.name=folder", "data.root=/x", "data.mask_values={'0': 0, '255': 1}"]
-                       ).data.mask_values == {0: 0, 255: 1}
+    assert load_config(
+        None, ["data.name=folder", "data.root=/x", "data.mask_values={'0': 0, '255': 1}"]
+    ).data.mask_values == {0: 0, 255: 1}
     assert load_config(None).data.mask_values is None  # identity by default
-    for value, fragment in [("{0:0,255:1}", "a space after each colon"), ("[0, 255]", "mapping of int to int"),
-                            ("{0: 0, 300: 1}", "0..255"), ("{0: zero}", "data.mask_values[0]: expected an integer")]:
+    for value, fragment in [
+        ("{0:0,255:1}", "a space after each colon"),
+        ("[0, 255]", "mapping of int to int"),
+        ("{0: 0, 300: 1}", "0..255"),
+        ("{0: zero}", "data.mask_values[0]: expected an integer"),
+    ]:
         with pytest.raises(ConfigError) as err:
             load_config(None, ["data.name=folder", "data.root=/x", f"data.mask_values={value}"])
         assert fragment in str(err.value) and "data.mask_values" in str(err.value)
@@ -180,7 +240,10 @@ def test_label_differing_only_in_spacing_from_given_class_names(tmp_path):
     with pytest.raises(DataError) as err:
         FolderDataset(tmp_path, "train", class_names=["ground glass"])
     text = str(err.value)
-    assert f"{tmp_path / 'train.csv'}, row 3: label 'ground  glass'" in text and "write 'ground glass'" in text
+    assert (
+        f"{tmp_path / 'train.csv'}, row 3: label 'ground  glass'" in text
+        and "write 'ground glass'" in text
+    )
     with pytest.raises(DataError, match="differ only in case or spacing"):
         FolderDataset(tmp_path, "train", class_names=["Nodule", "nodule"])
 
@@ -206,7 +269,10 @@ def test_mixed_bit_depths_are_an_error_naming_a_file_of_each_depth(tmp_path):
     with pytest.raises(DataError) as err:
         data.stats
     text = str(err.value)
-    assert str(tmp_path / "images" / "shallow.png") in text and str(tmp_path / "images" / "deep.png") in text
+    assert (
+        str(tmp_path / "images" / "shallow.png") in text
+        and str(tmp_path / "images" / "deep.png") in text
+    )
     assert "8-bit" in text and "16-bit" in text and "data.intensity=minmax" in text
     # caught in any process: the reference is the split's first image, even if loaded out of order
     fresh = FolderDataset(tmp_path, "train", channels=1, mean=[0.0], std=[1.0])
@@ -214,7 +280,9 @@ def test_mixed_bit_depths_are_an_error_naming_a_file_of_each_depth(tmp_path):
         fresh.load(1)
     report = check_source(FolderDataset(tmp_path, "train", channels=1))
     assert report.total_problems == 1 and "shallow.png: 8-bit image" in report.problems[0]
-    window = FolderDataset(tmp_path, "train", channels=1, intensity="window", window=[0, 255], mean=[0.0], std=[1.0])
+    window = FolderDataset(
+        tmp_path, "train", channels=1, intensity="window", window=[0, 255], mean=[0.0], std=[1.0]
+    )
     with pytest.raises(DataError, match="8-bit image"):
         window.load(1)
 
@@ -226,15 +294,21 @@ def test_per_image_minmax_accepts_mixed_depths_and_scales_each_image(tmp_path):
         expected = (raw.astype(np.float64) - raw.min()) / (raw.max() - raw.min())
         assert np.allclose(data.load(i).image[:, :, 0], expected, atol=1e-6)
     mean, std = data.stats
-    both = np.stack([(a - a.min()) / (a.max() - a.min()) for a in (deep.astype(float), shallow.astype(float))])
-    assert mean[0] == pytest.approx(both.mean(), rel=1e-6) and std[0] == pytest.approx(both.std(), rel=1e-6)
+    both = np.stack(
+        [(a - a.min()) / (a.max() - a.min()) for a in (deep.astype(float), shallow.astype(float))]
+    )
+    assert mean[0] == pytest.approx(both.mean(), rel=1e-6) and std[0] == pytest.approx(
+        both.std(), rel=1e-6
+    )
     assert check_source(data).ok
 
 
 def test_fixed_window_clips_and_scales_raw_units(tmp_path):
     deep, _ = mixed_depth_folder(tmp_path)
     write_csv(tmp_path / "train.csv", [("deep.png", "x")])
-    data = FolderDataset(tmp_path, "train", channels=1, intensity="window", window=[10000.0, 30000.0])
+    data = FolderDataset(
+        tmp_path, "train", channels=1, intensity="window", window=[10000.0, 30000.0]
+    )
     expected = np.clip((deep.astype(np.float64) - 10000) / 20000, 0, 1)
     assert np.allclose(data.load(0).image[:, :, 0], expected, atol=1e-6)
     assert (expected == 0).any() and (expected == 1).any()  # both ends clipped
@@ -244,13 +318,19 @@ def test_intensity_config_checks():
     from wsss import config
     from wsss.data import intensity
 
-    assert config.INTENSITY_MODES == intensity.INTENSITY_MODES  # the config's choices are the implemented modes
-    cfg = load_config("configs/medical.yaml", ["data.root=/x", "data.intensity=window", "data.window=[-160, 240]"])
+    assert (
+        config.INTENSITY_MODES == intensity.INTENSITY_MODES
+    )  # the config's choices are the implemented modes
+    cfg = load_config(
+        "configs/medical.yaml", ["data.root=/x", "data.intensity=window", "data.window=[-160, 240]"]
+    )
     assert cfg.data.window == [-160.0, 240.0]
-    for overrides, fragment in [(["data.intensity=window"], "needs data.window=[low, high]"),
-                                (["data.intensity=window", "data.window=[5, 1]"], "low < high"),
-                                (["data.window=[0, 1]"], "only used with data.intensity=window"),
-                                (["data.intensity=gamma"], "choose one of: dataset, minmax, window")]:
+    for overrides, fragment in [
+        (["data.intensity=window"], "needs data.window=[low, high]"),
+        (["data.intensity=window", "data.window=[5, 1]"], "low < high"),
+        (["data.window=[0, 1]"], "only used with data.intensity=window"),
+        (["data.intensity=gamma"], "choose one of: dataset, minmax, window"),
+    ]:
         with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
             load_config("configs/medical.yaml", ["data.root=/x", *overrides])
     with pytest.raises(ConfigError, match="8-bit RGB"):
@@ -272,7 +352,10 @@ def write_dicom(path, pixels, slope=None, intercept=None, syntax=None, pixel_byt
     meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
@@ -296,11 +379,16 @@ def test_dicom_is_read_with_its_rescale_applied_and_16_bit_kept(tmp_path):
     assert np.array_equal(image[:, :, 0], stored.astype(np.float32) * 2 - 1024)  # Hounsfield units
     wide = np.linspace(0, 65000, 10 * 12).reshape(10, 12).astype(np.uint16)
     write_dicom(tmp_path / "images" / "xray.dcm", wide)  # no rescale tags: the stored values
-    assert np.array_equal(read_image_file(tmp_path / "images" / "xray.dcm")[0][:, :, 0], wide.astype(np.float32))
+    assert np.array_equal(
+        read_image_file(tmp_path / "images" / "xray.dcm")[0][:, :, 0], wide.astype(np.float32)
+    )
     write_csv(tmp_path / "train.csv", [("ct.dcm", "bleed"), ("xray.dcm", "")])
     data = FolderDataset(tmp_path, "train", channels=1, intensity="window", window=[-1000, 0])
     expected = np.clip((stored.astype(np.float64) * 2 - 1024 + 1000) / 1000, 0, 1)
-    assert np.allclose(data.load(0).image[:, :, 0], expected, atol=1e-6) and data.ids == ["ct", "xray"]
+    assert np.allclose(data.load(0).image[:, :, 0], expected, atol=1e-6) and data.ids == [
+        "ct",
+        "xray",
+    ]
 
 
 def test_compressed_dicom_without_a_decoder_names_the_file_and_the_fix(tmp_path):
@@ -308,8 +396,12 @@ def test_compressed_dicom_without_a_decoder_names_the_file_and_the_fix(tmp_path)
     from pydicom.uid import JPEGLSLossless
 
     path = tmp_path / "scan.dcm"
-    write_dicom(path, np.zeros((4, 4), np.uint16), syntax=JPEGLSLossless,
-                pixel_bytes=encapsulate([b"\xff\xd8 not decodable here \xff\xd9"]))
+    write_dicom(
+        path,
+        np.zeros((4, 4), np.uint16),
+        syntax=JPEGLSLossless,
+        pixel_bytes=encapsulate([b"\xff\xd8 not decodable here \xff\xd9"]),
+    )
     with pytest.raises(DataError) as err:
         read_image_file(path)
     text = str(err.value)
@@ -335,18 +427,25 @@ def test_image_size_sets_the_long_side_and_orig_size_is_recorded(tmp_path):
     write_label_png(tmp_path / "masks" / "wide.png", mask)
     write_label_png(tmp_path / "masks" / "small.png", mask[:40, :30])
     write_csv(tmp_path / "train.csv", [("wide.png", "x"), ("small.png", "x")])
-    data = FolderDataset(tmp_path, "train", mask_dir="masks", channels=1, long_side=45, mean=[0.0], std=[1.0])
+    data = FolderDataset(
+        tmp_path, "train", mask_dir="masks", channels=1, long_side=45, mean=[0.0], std=[1.0]
+    )
     item = data[0]
     assert item["image"].shape == (1, 30, 45) and item["mask"].shape == (30, 45)
     assert item["orig_size"].tolist() == [60, 90]
     blocks = image.astype(np.float64).reshape(30, 2, 45, 2).mean(axis=(1, 3))  # area averaging
     assert np.allclose(item["image"][0].numpy(), blocks, rtol=1e-5)
     assert np.array_equal(item["mask"].numpy(), mask[::2, ::2])
-    assert np.array_equal(restore_size(item["mask"].numpy().astype(np.uint8), item["orig_size"]), mask)
+    assert np.array_equal(
+        restore_size(item["mask"].numpy().astype(np.uint8), item["orig_size"]), mask
+    )
     small = data[1]  # 40x30 grows to a long side of 45
     assert small["image"].shape == (1, 45, 34) and small["orig_size"].tolist() == [40, 30]
     batch = pad_collate([item, small])
-    assert batch["orig_size"].tolist() == [[60, 90], [40, 30]] and batch["size"].tolist() == [[30, 45], [45, 34]]
+    assert batch["orig_size"].tolist() == [[60, 90], [40, 30]] and batch["size"].tolist() == [
+        [30, 45],
+        [45, 34],
+    ]
     assert check_source(data).min_hw == (40, 30)  # data-check reports the files' sizes
 
     # pseudo-masks are written at the original size and follow the image to the working size
@@ -362,13 +461,19 @@ def test_image_size_sets_the_long_side_and_orig_size_is_recorded(tmp_path):
 def test_restore_size_nearest_for_labels_and_bilinear_for_scores():
     labels = torch.tensor([[0, 1], [2, 255]], dtype=torch.uint8)
     restored = restore_size(labels, (4, 4))
-    assert restored.dtype == torch.uint8 and restored.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1],
-                                                                  [2, 2, 255, 255], [2, 2, 255, 255]]
+    assert restored.dtype == torch.uint8 and restored.tolist() == [
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+        [2, 2, 255, 255],
+        [2, 2, 255, 255],
+    ]
     scores = np.random.default_rng(1).random((2, 5, 7)).astype(np.float32)
     up = restore_size(scores, (13, 17))
     assert up.shape == (2, 13, 17) and up.dtype == np.float32
     for c in range(2):  # OpenCV's bilinear resize is the same half-pixel-centre interpolation
-        assert np.allclose(up[c], cv2.resize(scores[c], (17, 13), interpolation=cv2.INTER_LINEAR), atol=1e-5)
+        assert np.allclose(
+            up[c], cv2.resize(scores[c], (17, 13), interpolation=cv2.INTER_LINEAR), atol=1e-5
+        )
     same = torch.zeros(3, 6, 6)
     assert restore_size(same, torch.tensor([6, 6])) is same
     batch = restore_size(torch.ones(2, 3, 4, 4, dtype=torch.float64), (2, 2))
@@ -379,7 +484,10 @@ def test_restore_size_nearest_for_labels_and_bilinear_for_scores():
 
 
 def snapshot(root):
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def test_read_only_data_folder_is_never_written(tmp_path, capsys):
@@ -392,8 +500,15 @@ def test_read_only_data_folder_is_never_written(tmp_path, capsys):
     for path in [root, *root.rglob("*")]:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     try:
-        overrides = [f"data.root={root}", "data.mask_dir=masks", "data.mask_values={0: 0, 255: 1}",
-                     "data.image_size=16", "data.crop_size=16", "data.batch_size=2", "data.num_workers=0"]
+        overrides = [
+            f"data.root={root}",
+            "data.mask_dir=masks",
+            "data.mask_values={0: 0, 255: 1}",
+            "data.image_size=16",
+            "data.crop_size=16",
+            "data.batch_size=2",
+            "data.num_workers=0",
+        ]
         assert main(["data-check", "configs/medical.yaml", *overrides]) == 0
         from wsss.data.datamodule import StageDataModule
 
@@ -405,7 +520,9 @@ def test_read_only_data_folder_is_never_written(tmp_path, capsys):
     finally:
         for path in [root, *root.rglob("*")]:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
-    cache = module.train_set.stats_cache_path()  # the statistics went to the cache directory instead
+    cache = (
+        module.train_set.stats_cache_path()
+    )  # the statistics went to the cache directory instead
     assert cache.is_file() and Path(os.environ["WSSS_CACHE_DIR"]) in cache.parents
 
 
@@ -425,14 +542,25 @@ def test_synthetic_lesion_is_16_bit_deterministic_with_negatives_and_labels_from
         negatives += int(raw.labels.sum() == 0)
     assert 0 < negatives < 16
     assert data.class_names == ["lesion"]
-    assert not any(SyntheticLesion("train", 8, 32, negative_fraction=0.0).load_raw(i).labels.sum() == 0
-                   for i in range(8))
+    assert not any(
+        SyntheticLesion("train", 8, 32, negative_fraction=0.0).load_raw(i).labels.sum() == 0
+        for i in range(8)
+    )
     two = SyntheticLesion("train", num_images=24, image_size=48, findings=2)
     labels = np.stack([two.load_raw(i).labels for i in range(24)])
     assert two.class_names == ["lesion", "calcification"]
-    assert labels[:, 0].any() and labels[:, 1].any() and (labels.sum(1) == 2).any()  # multi-finding images
-    cfg = load_config("configs/medical.yaml", ["data.name=synthetic_lesion", "data.num_train=5",
-                                               "data.image_size=null", "data.findings=2"])
+    assert (
+        labels[:, 0].any() and labels[:, 1].any() and (labels.sum(1) == 2).any()
+    )  # multi-finding images
+    cfg = load_config(
+        "configs/medical.yaml",
+        [
+            "data.name=synthetic_lesion",
+            "data.num_train=5",
+            "data.image_size=null",
+            "data.findings=2",
+        ],
+    )
     source = build_source(cfg, "train")
     assert isinstance(source, SyntheticLesion) and len(source) == 5 and source.image_size == 128
     assert source.class_names == ["lesion", "calcification"]
@@ -443,10 +571,30 @@ def test_png16_tiff_and_dicom_copies_load_to_the_same_arrays(tmp_path, jitter):
     loaded = {}
     for fmt in ("png16", "tiff", "dcm"):
         root = tmp_path / fmt
-        make_synthetic_lesion.main(["--out", str(root), "--format", fmt, "--num-train", "4", "--num-val", "1",
-                                    "--size", "40", "--size-jitter", str(jitter), "--seed", "5",
-                                    "--negative-fraction", "0.25"])
-        assert sorted(p.suffix for p in (root / "images").iterdir()) == [make_synthetic_lesion.SUFFIXES[fmt]] * 5
+        make_synthetic_lesion.main(
+            [
+                "--out",
+                str(root),
+                "--format",
+                fmt,
+                "--num-train",
+                "4",
+                "--num-val",
+                "1",
+                "--size",
+                "40",
+                "--size-jitter",
+                str(jitter),
+                "--seed",
+                "5",
+                "--negative-fraction",
+                "0.25",
+            ]
+        )
+        assert (
+            sorted(p.suffix for p in (root / "images").iterdir())
+            == [make_synthetic_lesion.SUFFIXES[fmt]] * 5
+        )
         data = FolderDataset(root, "train", mask_dir="masks", channels=1)
         loaded[fmt] = [data.load_raw(i) for i in range(4)]
     for a, b, c in zip(loaded["png16"], loaded["tiff"], loaded["dcm"]):
@@ -465,15 +613,35 @@ def test_png16_tiff_and_dicom_copies_load_to_the_same_arrays(tmp_path, jitter):
 
 
 def test_export_with_0_255_masks_needs_mask_values(tmp_path):
-    make_synthetic_lesion.main(["--out", str(tmp_path), "--format", "png16", "--num-train", "6", "--num-val", "1",
-                                "--size", "32", "--masks", "binary255", "--negative-fraction", "0.5"])
+    make_synthetic_lesion.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--format",
+            "png16",
+            "--num-train",
+            "6",
+            "--num-val",
+            "1",
+            "--size",
+            "32",
+            "--masks",
+            "binary255",
+            "--negative-fraction",
+            "0.5",
+        ]
+    )
     plain = check_source(FolderDataset(tmp_path, "train", mask_dir="masks", channels=1))
     assert plain.ok and len(plain.warnings) == 1
-    mapped = FolderDataset(tmp_path, "train", mask_dir="masks", channels=1, mask_values={0: 0, 255: 1})
+    mapped = FolderDataset(
+        tmp_path, "train", mask_dir="masks", channels=1, mask_values={0: 0, 255: 1}
+    )
     builtin = SyntheticLesion("train", num_images=6, image_size=32, negative_fraction=0.5)
     for i in range(6):
         assert np.array_equal(mapped.load_raw(i).mask, builtin.load_raw(i).mask)
-        assert np.array_equal(mapped.load_raw(i).labels, builtin.load_raw(i).labels)  # the CSV agrees
+        assert np.array_equal(
+            mapped.load_raw(i).labels, builtin.load_raw(i).labels
+        )  # the CSV agrees
     report = check_source(mapped)
     assert report.warnings == [] and report.negatives == check_source(builtin).negatives > 0
 
@@ -482,7 +650,9 @@ def test_export_with_0_255_masks_needs_mask_values(tmp_path):
 def test_medical_configs_are_cpu_safe(config):
     """No mixed precision or 8 workers by default (they failed or warned on a CPU-only machine)."""
     cfg = load_config(config, [] if "demo" in config else ["data.root=/data/set"])
-    assert cfg.trainer.precision == "32-true" and cfg.data.num_workers <= 2 and cfg.data.channels == 1
+    assert (
+        cfg.trainer.precision == "32-true" and cfg.data.num_workers <= 2 and cfg.data.channels == 1
+    )
     assert cfg.data.image_size is not None
     if "demo" in config:  # the script's 0/255 masks, mapped
         assert cfg.data.mask_values == {0: 0, 255: 1} and cfg.data.mask_dir == "masks"

@@ -22,8 +22,13 @@ def test_synthetic_is_deterministic_and_labels_match_masks():
 
 
 def test_train_transform_pads_masks_with_ignore_and_collate_pads_batches():
-    data = SyntheticSegmentation("train", num_images=2, image_size=48, seed=0,
-                                 transform=train_transform(64, (127.0, 127.0, 127.0), (1.0, 1.0)))
+    data = SyntheticSegmentation(
+        "train",
+        num_images=2,
+        image_size=48,
+        seed=0,
+        transform=train_transform(64, (127.0, 127.0, 127.0), (1.0, 1.0)),
+    )
     item = data[0]
     assert item["image"].shape == (3, 64, 64) and (item["mask"] == 255).any()
     plain = SyntheticSegmentation("val", num_images=1, image_size=40, seed=0)[0]
@@ -60,8 +65,13 @@ def test_training_augmentation_is_reproducible_with_workers():
     loads others. Random scale and crop on 48 px images make every batch seed-dependent."""
     import torch
 
-    overrides = ["data.num_train=12", "data.image_size=48", "data.crop_size=40", "data.batch_size=2",
-                 "data.num_workers=2"]
+    overrides = [
+        "data.num_train=12",
+        "data.image_size=48",
+        "data.crop_size=40",
+        "data.batch_size=2",
+        "data.num_workers=2",
+    ]
     first = _first_batches(load_config("configs/default.yaml", overrides))
     again = _first_batches(load_config("configs/default.yaml", overrides))
     other = _first_batches(load_config("configs/default.yaml", [*overrides, "run.seed=1"]))

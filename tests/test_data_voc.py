@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_palette_png
 from wsss.data import voc as voc_module
 from wsss.data.imageio import DataError
 from wsss.data.masks import voc_palette
 from wsss.data.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOCSegmentation
+
+from conftest import save_palette_png
 
 # read off the official masks (np.unique of each PNG's palette indices)
 KNOWN_LABELS = {
@@ -43,7 +44,9 @@ def names(labels):
 
 def test_class_list_is_the_voc_order():
     assert len(VOC_CLASSES) == 20
-    assert VOC_CLASSES[0] == "aeroplane" and VOC_CLASSES[4] == "bottle" and VOC_CLASSES[14] == "person"
+    assert (
+        VOC_CLASSES[0] == "aeroplane" and VOC_CLASSES[4] == "bottle" and VOC_CLASSES[14] == "person"
+    )
     assert VOC_CLASSES[-1] == "tvmonitor"
 
 
@@ -78,7 +81,7 @@ def test_masks_are_palette_indices_not_colours(voc_root):
         assert png.mode == "P"
         palette = png.getpalette()
         # index 15 is drawn in VOC person pink: the file really stores indices into the VOC palette
-        assert palette[15 * 3: 15 * 3 + 3] == voc_palette()[15 * 3: 15 * 3 + 3] == [192, 128, 128]
+        assert palette[15 * 3 : 15 * 3 + 3] == voc_palette()[15 * 3 : 15 * 3 + 3] == [192, 128, 128]
 
 
 def test_val_masks_hold_void_borders(voc_root):
@@ -101,7 +104,10 @@ def test_train_aug_reads_segmentation_class_aug(voc_root, voc_copy):
     mask[mask == 15] = 3  # person -> bird, in the Aug copy only
     save_palette_png(path, mask)
     index = train.ids.index("2011_000003")
-    assert names(VOCSegmentation(voc_copy, "train_aug").load_raw(index).labels) == {"bottle", "bird"}
+    assert names(VOCSegmentation(voc_copy, "train_aug").load_raw(index).labels) == {
+        "bottle",
+        "bird",
+    }
     assert names(VOCSegmentation(voc_copy, "train").load_raw(index).labels) == {"bottle", "person"}
 
 
@@ -118,7 +124,9 @@ def test_masks_are_read_lazily(voc_root, monkeypatch):
 def test_split_without_masks_has_no_mask_and_no_labels(voc_copy):
     # a test split: its images exist, none of its masks does (SegmentationClass itself is there)
     for new_id in ("2012_900001", "2012_900002"):
-        shutil.copy(voc_copy / "JPEGImages" / "2011_000003.jpg", voc_copy / "JPEGImages" / f"{new_id}.jpg")
+        shutil.copy(
+            voc_copy / "JPEGImages" / "2011_000003.jpg", voc_copy / "JPEGImages" / f"{new_id}.jpg"
+        )
     (voc_copy / "ImageSets" / "Segmentation" / "test.txt").write_text("2012_900001\n2012_900002\n")
     data = VOCSegmentation(voc_copy, "test")
     assert data.has_masks is False
@@ -128,7 +136,9 @@ def test_split_without_masks_has_no_mask_and_no_labels(voc_copy):
 
 def test_one_missing_mask_is_an_error_naming_the_file(voc_copy):
     data_ids = VOCSegmentation(voc_copy, "val").ids
-    missing = voc_copy / "SegmentationClass" / f"{data_ids[0]}.png"  # the first id: must not look mask-less
+    missing = (
+        voc_copy / "SegmentationClass" / f"{data_ids[0]}.png"
+    )  # the first id: must not look mask-less
     missing.unlink()
     data = VOCSegmentation(voc_copy, "val")
     assert data.has_masks
@@ -182,7 +192,9 @@ def test_empty_split_is_an_error(voc_copy):
 def test_default_stats_are_imagenet_in_pixel_units(voc_root):
     data = VOCSegmentation(voc_root, "val")
     mean, std = data.stats
-    assert mean == pytest.approx([123.675, 116.28, 103.53]) and std == pytest.approx([58.395, 57.12, 57.375])
+    assert mean == pytest.approx([123.675, 116.28, 103.53]) and std == pytest.approx(
+        [58.395, 57.12, 57.375]
+    )
     assert (mean, std) == (IMAGENET_MEAN, IMAGENET_STD)
     item = data[0]
     raw = data.load_raw(0).image

@@ -11,8 +11,9 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import ROOT, SimulatedKill, digest, reuse_stage, tiny_args, tiny_config
 from wsss import stages
+
+from conftest import ROOT, SimulatedKill, digest, reuse_stage, tiny_args, tiny_config
 
 # map batches of four and three panels (check_shares_and_outputs counts them)
 DDP = ("cam.batch_size=4", "pseudo.num_panels=3")
@@ -55,7 +56,9 @@ def check_shares_and_outputs(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_ddp_pseudo_masks_are_identical_to_one_process_given_the_classifier(single_process, tmp_path):
+def test_ddp_pseudo_masks_are_identical_to_one_process_given_the_classifier(
+    single_process, tmp_path
+):
     """trainer.strategy=ddp: every process runs the whole command. With the single-process run's
     classifier, calibration (sharded, gathered) and the pseudo-masks are bit-identical; the
     segmenter then trains under DDP."""
@@ -64,8 +67,16 @@ def test_ddp_pseudo_masks_are_identical_to_one_process_given_the_classifier(sing
     report = run_cli(tmp_path, "trainer.devices=2", "trainer.strategy=ddp")
     check_shares_and_outputs(tmp_path / "default")
     assert report["thresholds"] == single["thresholds"]
-    assert digest(tmp_path / "default" / "pseudo_masks") == digest(single_root / "default" / "pseudo_masks")
-    for key in ("seed_miou", "pseudo_miou", "seed_per_class_iou", "pseudo_per_class_iou", "ignore_fraction"):
+    assert digest(tmp_path / "default" / "pseudo_masks") == digest(
+        single_root / "default" / "pseudo_masks"
+    )
+    for key in (
+        "seed_miou",
+        "pseudo_miou",
+        "seed_per_class_iou",
+        "pseudo_per_class_iou",
+        "ignore_fraction",
+    ):
         assert report[key] == single[key], key
     assert report["seg_miou"] == pytest.approx(single["seg_miou"], abs=TOLERANCE)
 
@@ -78,7 +89,11 @@ def test_ddp_spawn_runs_every_stage_and_follows_one_process(single_process, tmp_
     report = run_cli(tmp_path, "trainer.devices=2", "trainer.strategy=ddp_spawn")
     check_shares_and_outputs(tmp_path / "default")
     for key in ("seed_miou", "pseudo_miou", "seg_miou"):
-        assert report[key] == pytest.approx(single[key], abs=TOLERANCE), (key, report[key], single[key])
+        assert report[key] == pytest.approx(single[key], abs=TOLERANCE), (
+            key,
+            report[key],
+            single[key],
+        )
     # the classifier's validation scores came back from the spawned processes
     assert {"val/mAP", "val/f1", "val/loss"} <= set(report["classifier"])
 
@@ -101,11 +116,19 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, extra", [
-    ("classifier", ["data.num_workers=2"]),                  # workers, augmentation, BN
-    ("segmenter", ["segmenter.masks=ground_truth", "segmenter.max_epochs=3"]),  # FPN dropout: RNG
-])
-def test_training_killed_mid_epoch_resumes_bit_identical(tmp_path, training_callbacks, stage, extra):
+@pytest.mark.parametrize(
+    "stage, extra",
+    [
+        ("classifier", ["data.num_workers=2"]),  # workers, augmentation, BN
+        (
+            "segmenter",
+            ["segmenter.masks=ground_truth", "segmenter.max_epochs=3"],
+        ),  # FPN dropout: RNG
+    ],
+)
+def test_training_killed_mid_epoch_resumes_bit_identical(
+    tmp_path, training_callbacks, stage, extra
+):
     options = ["classifier.max_epochs=3", *extra]
     train = stages.train_classifier if stage == "classifier" else stages.train_segmenter
     if stage == "segmenter":

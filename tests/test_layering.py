@@ -78,7 +78,10 @@ def imports_of(name: str) -> list[tuple[str, ast.stmt, bool]]:
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             source = resolve(name, node)
-            targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in MODULES else source for a in node.names]
+            targets = [
+                f"{source}.{a.name}" if f"{source}.{a.name}" in MODULES else source
+                for a in node.names
+            ]
         for target in dict.fromkeys(targets):
             found.append((target, node, id(node) in top_level))
     return found
@@ -123,7 +126,9 @@ def test_layers_point_down(importer):
             continue
         for prefix, allowed in ALLOWED.items():
             if under(importer, prefix) and not any(under(target, a) for a in allowed):
-                wrong.append(f"{importer}:{node.lineno} imports {target} ({prefix} may import only {allowed})")
+                wrong.append(
+                    f"{importer}:{node.lineno} imports {target} ({prefix} may import only {allowed})"
+                )
         for prefix, forbidden in FORBIDDEN.items():
             if under(importer, prefix) and any(under(target, f) for f in forbidden):
                 wrong.append(f"{importer}:{node.lineno} imports {target} ({prefix} sits below it)")
@@ -140,7 +145,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -183,10 +188,14 @@ def test_imports_inside_functions_say_why():
                 continue
             # the import's own lines, the imports and `try:` grouped above it, and the line above those
             start = node.lineno - 1
-            while start > 0 and lines[start - 1].strip().startswith(("import ", "from ", "try:", "#")):
+            while start > 0 and lines[start - 1].strip().startswith(
+                ("import ", "from ", "try:", "#")
+            ):
                 start -= 1
-            around = " ".join(lines[max(0, start - 1): node.end_lineno]).lower()
+            around = " ".join(lines[max(0, start - 1) : node.end_lineno]).lower()
             if "#" not in around or not any(reason in around for reason in REASONS):
-                unexplained.append(f"{name}:{node.lineno} imports {target} inside a function without saying why "
-                                   f"(a comment with one of {REASONS})")
+                unexplained.append(
+                    f"{name}:{node.lineno} imports {target} inside a function without saying why "
+                    f"(a comment with one of {REASONS})"
+                )
     assert not unexplained, "\n".join(unexplained)

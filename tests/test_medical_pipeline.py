@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_script, tiny_args, tiny_config
 from wsss.cli import main
 from wsss.data.datamodule import build_source
 from wsss.data.imageio import read_mask
+
+from conftest import load_script, tiny_args, tiny_config
 
 FORMATS = ("png16", "tiff", "dcm")
 DEMO = "configs/medical_demo.yaml"
@@ -34,9 +35,24 @@ def lesion_sets(tmp_path_factory) -> dict[str, Path]:
     sets = {}
     for fmt in FORMATS:
         sets[fmt] = root / f"data_{fmt}"
-        make_synthetic_lesion.main(["--out", str(sets[fmt]), "--format", fmt, "--num-train", "16",
-                                    "--num-val", "6", "--size", "56", "--size-jitter", "0.2",
-                                    "--masks", "binary255"])
+        make_synthetic_lesion.main(
+            [
+                "--out",
+                str(sets[fmt]),
+                "--format",
+                fmt,
+                "--num-train",
+                "16",
+                "--num-val",
+                "6",
+                "--size",
+                "56",
+                "--size-jitter",
+                "0.2",
+                "--masks",
+                "binary255",
+            ]
+        )
     return sets
 
 
@@ -51,12 +67,16 @@ def run(lesion_sets, tmp_path_factory) -> tuple[Path, Path]:
 
 def _same_item(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
 
 
 def test_png16_tiff_and_dicom_copies_give_the_pipeline_the_same_items(lesion_sets, tmp_path):
     for split in ("train", "val"):
-        sources = {fmt: build_source(demo_config(tmp_path, data), split) for fmt, data in lesion_sets.items()}
+        sources = {
+            fmt: build_source(demo_config(tmp_path, data), split)
+            for fmt, data in lesion_sets.items()
+        }
         png = sources["png16"]
         assert len(png) == (16 if split == "train" else 6)
         for fmt in ("tiff", "dcm"):
@@ -66,7 +86,10 @@ def test_png16_tiff_and_dicom_copies_give_the_pipeline_the_same_items(lesion_set
             for index in range(len(png)):
                 a, b = png.load_raw(index), other.load_raw(index)
                 assert a.image.max() > 255  # really 16-bit
-                assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask), (fmt, a.id)
+                assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask), (
+                    fmt,
+                    a.id,
+                )
                 assert np.array_equal(a.labels, b.labels), (fmt, a.id)
                 assert _same_item(png[index], other[index]), (fmt, a.id)
         sizes = {tuple(png[index]["orig_size"].tolist()) for index in range(len(png))}

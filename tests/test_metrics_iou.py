@@ -26,7 +26,7 @@ def test_accumulates_over_batches_like_one_torchmetrics_call():
     preds = torch.randint(0, 4, (6, 16, 16), generator=gen)
     meter = SegmentationScores(4)
     for i in range(6):
-        meter.update(preds[i:i + 1], target[i:i + 1])
+        meter.update(preds[i : i + 1], target[i : i + 1])
     assert meter.compute()["miou"] == pytest.approx(miou_reference(preds, target, 4), abs=1e-6)
 
 
@@ -46,7 +46,10 @@ def test_classes_absent_from_the_ground_truth_are_left_out_even_when_predicted()
     meter = SegmentationScores(3)
     meter.update(preds, target)
     scores = meter.compute()
-    assert scores["per_class_iou"][:2] == pytest.approx([1 / 2, 1.0]) and scores["per_class_iou"][2] is None
+    assert (
+        scores["per_class_iou"][:2] == pytest.approx([1 / 2, 1.0])
+        and scores["per_class_iou"][2] is None
+    )
     assert scores["miou"] == pytest.approx(0.75) and scores["absent_classes"] == [2]
 
 

@@ -44,18 +44,35 @@ def test_five_metrics_by_hand():
     torch.testing.assert_close(per_pair["masked"][0], torch.tensor(o))
     # selecting the tied pair alone
     only_tie = libra_summary(per_pair, torch.tensor([[False, False, True]]))
-    assert only_tie == {"auc": pytest.approx(aucs[2] / 3), "api": 0.0, "apd": 0.0, "ir": 0.0, "dr": 0.0}
+    assert only_tie == {
+        "auc": pytest.approx(aucs[2] / 3),
+        "api": 0.0,
+        "apd": 0.0,
+        "ir": 0.0,
+        "dr": 0.0,
+    }
 
 
 def test_auc_rewards_the_right_order_and_normalize_is_applied_after_masking():
     model, images, maps, targets = toy()
     # class 0 has positive weights everywhere; ranking pixel 0 (weight 2) first beats ranking it last
-    right = libra_scores(model, images, torch.tensor([[[[1.0, 0.5, 0.0]]]]), targets[:, :1], activation="sigmoid")
-    wrong = libra_scores(model, images, torch.tensor([[[[0.0, 0.5, 1.0]]]]), targets[:, :1], activation="sigmoid")
+    right = libra_scores(
+        model, images, torch.tensor([[[[1.0, 0.5, 0.0]]]]), targets[:, :1], activation="sigmoid"
+    )
+    wrong = libra_scores(
+        model, images, torch.tensor([[[[0.0, 0.5, 1.0]]]]), targets[:, :1], activation="sigmoid"
+    )
     assert float(right["auc"]) > float(wrong["auc"])
     # masked pixels become normalize(0): with normalize = x - 1 the unmasked image scores 0
-    shifted = libra_scores(model, images, maps[:, :1], targets[:, :1], normalize=lambda raw: raw - 1.0,
-                           activation="sigmoid", steps=1)
+    shifted = libra_scores(
+        model,
+        images,
+        maps[:, :1],
+        targets[:, :1],
+        normalize=lambda raw: raw - 1.0,
+        activation="sigmoid",
+        steps=1,
+    )
     # x ⊙ M - 1 = [0, -0.5, -1]: logit -0.5 - 1 = -1.5 against 0 for the plain image
     assert float(shifted["drop"]) == pytest.approx((0.5 - sig(-1.5)) / 0.5, rel=1e-5)
     with pytest.raises(ValueError, match="steps"):

@@ -7,15 +7,16 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import SimulatedKill, digest, tiny_args, tiny_config
-from quality_floor import read_floor, shortfalls
-from wandb_records import read_run
 from wsss import stages
 from wsss.cli import main
 from wsss.data.datamodule import build_source
 from wsss.data.imageio import DataError
 from wsss.data.masks import write_label_png
 from wsss.tracking import close_logger, make_logger
+
+from conftest import SimulatedKill, digest, tiny_args, tiny_config
+from quality_floor import read_floor, shortfalls
+from wandb_records import read_run
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,14 @@ def finished_run(tmp_path_factory):
 @pytest.mark.slow
 def test_run_writes_every_output_and_the_report(finished_run):
     report = json.loads((finished_run / "report.json").read_text())
-    for key in ("seed_miou", "pseudo_miou", "seg_miou", "per_class_iou", "thresholds", "stage_seconds"):
+    for key in (
+        "seed_miou",
+        "pseudo_miou",
+        "seg_miou",
+        "per_class_iou",
+        "thresholds",
+        "stage_seconds",
+    ):
         assert report[key] is not None, key
     assert 0.0 <= report["seg_miou"] <= 1.0 and 0.0 < report["seed_miou"] <= 1.0
     assert set(report["per_class_iou"]) == {"background", "disc", "square", "triangle", "boat"}
@@ -60,7 +68,9 @@ def test_the_quality_floor_catches_a_drop_and_a_missing_figure():
     dropped = dict(recorded, seg_miou=recorded["seg_miou"] - floor["margin"] - 0.001)
     assert [line.split(":")[0] for line in shortfalls("tiny", dropped)] == ["seg_miou"]
     ci = floor["runs"]["ci"]["figures"]
-    assert [line.split(":")[0] for line in shortfalls("ci", dict(ci, seed_miou=None))] == ["seed_miou"]
+    assert [line.split(":")[0] for line in shortfalls("ci", dict(ci, seed_miou=None))] == [
+        "seed_miou"
+    ]
 
 
 @pytest.mark.slow
@@ -125,8 +135,17 @@ def test_classifier_resumes_from_last_checkpoint(tmp_path, training_callbacks):
 
 
 def test_non_finite_loss_stops_without_a_nan_checkpoint(tmp_path, capsys):
-    code = main(["train-classifier", *tiny_args(tmp_path, "data.num_train=8", "classifier.lr=1e30",
-                                                "classifier.backbone_lr_mult=1.0")])
+    code = main(
+        [
+            "train-classifier",
+            *tiny_args(
+                tmp_path,
+                "data.num_train=8",
+                "classifier.lr=1e30",
+                "classifier.backbone_lr_mult=1.0",
+            ),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "non-finite" in err.lower() and "step" in err
     for ckpt in (tmp_path / "default" / "classifier").glob("*.ckpt"):
@@ -156,12 +175,15 @@ def test_bad_mask_directory_is_rejected_with_ids(tmp_path):
 
 
 def test_wandb_offline_run_lands_in_the_run_directory_with_the_config_and_project(tmp_path):
-    cfg = tiny_config(tmp_path, "logger.kind=wandb", "logger.wandb_mode=offline",
-                      "logger.project=wsss-wiring")
+    cfg = tiny_config(
+        tmp_path, "logger.kind=wandb", "logger.wandb_mode=offline", "logger.project=wsss-wiring"
+    )
     logger = make_logger(cfg, "classifier")
     assert logger.experiment.config["classifier"]["backbone"] == "resnet18"
     logger.log_metrics({"train/loss": 1.0}, step=0)
     close_logger(logger)
     runs = list((tmp_path / "default" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert read_run(runs[0])["run"]["project"] == "wsss-wiring"  # logger.project, not the default "wsss"
+    assert (
+        read_run(runs[0])["run"]["project"] == "wsss-wiring"
+    )  # logger.project, not the default "wsss"

@@ -36,7 +36,10 @@ def run(root, sbd=None):
 def test_writes_train_aug_as_union_minus_val(root):
     # SegmentationClassAug holds the 4 train ids and the 14 val ids; an extra SBD-only id is added
     extra = "2008_000123"
-    shutil.copy(root / "SegmentationClassAug" / "2011_000003.png", root / "SegmentationClassAug" / f"{extra}.png")
+    shutil.copy(
+        root / "SegmentationClassAug" / "2011_000003.png",
+        root / "SegmentationClassAug" / f"{extra}.png",
+    )
     shutil.copy(root / "JPEGImages" / "2011_000003.jpg", root / "JPEGImages" / f"{extra}.jpg")
     code, text = run(root)
     assert code == 0
@@ -65,7 +68,9 @@ def test_sbd_lists_are_used_when_given(root, tmp_path):
     (sbd / "val.txt").write_text("2011_003066\n")
     train = sorted(ids_of(root / SPLITS / "train.txt"))
     assert prepare_voc.build_train_aug(root, sbd) == train
-    assert prepare_voc.build_train_aug(root, sbd.parent) == train  # benchmark_RELEASE/ is understood too
+    assert (
+        prepare_voc.build_train_aug(root, sbd.parent) == train
+    )  # benchmark_RELEASE/ is understood too
     code, text = run(root, sbd)
     assert code == 0 and ids_of(root / SPLITS / "train_aug.txt") == train and "SBD lists" in text
 
@@ -96,7 +101,10 @@ def test_every_missing_voc_part_is_listed_with_its_source(root):
     (root / SPLITS / "val.txt").unlink()
     code, text = run(root)
     assert code == 1
-    assert f"{root / 'JPEGImages'} is missing" in text and f"{root / SPLITS / 'val.txt'} is missing" in text
+    assert (
+        f"{root / 'JPEGImages'} is missing" in text
+        and f"{root / SPLITS / 'val.txt'} is missing" in text
+    )
     assert "VOCtrainval_11-May-2012.tar" in text
 
 
@@ -116,8 +124,15 @@ def test_ids_without_masks_or_images_fail(root):
 
 
 def test_command_line_exit_codes(root, tmp_path):
-    ok = subprocess.run([sys.executable, str(SCRIPT), "--root", str(root)], capture_output=True, text=True)
-    assert ok.returncode == 0 and "wrote" in ok.stdout and (root / SPLITS / "train_aug.txt").is_file()
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--root", str(tmp_path / "nowhere")],
-                         capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, str(SCRIPT), "--root", str(root)], capture_output=True, text=True
+    )
+    assert (
+        ok.returncode == 0 and "wrote" in ok.stdout and (root / SPLITS / "train_aug.txt").is_file()
+    )
+    bad = subprocess.run(
+        [sys.executable, str(SCRIPT), "--root", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "does not exist" in bad.stdout

@@ -7,8 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from wsss.pseudo.calibrate import (OBJECTIVES, ThresholdCalibrator, aggregate_thresholds,
-                                   choose_thresholds, masked_confidences)
+from wsss.pseudo.calibrate import (
+    OBJECTIVES,
+    ThresholdCalibrator,
+    aggregate_thresholds,
+    choose_thresholds,
+    masked_confidences,
+)
 from wsss.pseudo.labels import scores_to_labels
 
 torch.set_num_threads(2)
@@ -28,7 +33,9 @@ class RegionClassifier(nn.Module):
     def forward(self, x):
         visible = (x != 0).any(1).float()  # (N, H, W)
         inside = torch.einsum("nhw,chw->nc", visible, self.objects) / self.objects.sum((1, 2))
-        outside = torch.einsum("nhw,chw->nc", visible, 1 - self.objects) / (1 - self.objects).sum((1, 2))
+        outside = torch.einsum("nhw,chw->nc", visible, 1 - self.objects) / (1 - self.objects).sum(
+            (1, 2)
+        )
         return self.a * inside - self.b * outside + self.c0
 
 
@@ -37,13 +44,13 @@ def object_and_map(top: int, left: int):
     patch of hard clutter at 0.4. Cuts: 0.1 keeps all, 0.3 object + hard clutter, 0.5 exactly the
     object, 0.7 and 0.9 only the core."""
     obj = torch.zeros(16, 16)
-    obj[top:top + 8, left:left + 8] = 1
+    obj[top : top + 8, left : left + 8] = 1
     score = torch.full((16, 16), 0.2)
-    score[top:top + 8, left:left + 8] = 0.6
-    score[top + 2:top + 6, left + 2:left + 6] = 1.0
+    score[top : top + 8, left : left + 8] = 0.6
+    score[top + 2 : top + 6, left + 2 : left + 6] = 1.0
     hard = (12, 0) if top < 8 else (0, 12)
-    score[hard[0]:hard[0] + 4, hard[1]:hard[1] + 4] = 0.4
-    assert obj[hard[0]:hard[0] + 4, hard[1]:hard[1] + 4].sum() == 0
+    score[hard[0] : hard[0] + 4, hard[1] : hard[1] + 4] = 0.4
+    assert obj[hard[0] : hard[0] + 4, hard[1] : hard[1] + 4].sum() == 0
     return obj, score
 
 
@@ -54,8 +61,11 @@ def toy_batch(a=4.0, b=8.0, c0=0.0):
     model = RegionClassifier(torch.stack([obj0, obj1]), a, b, c0)
     gen = torch.Generator().manual_seed(0)
     images = (torch.rand(2, 3, 16, 16, generator=gen) + 0.5) * torch.where(
-        torch.rand(2, 3, 16, 16, generator=gen) > 0.5, 1.0, -1.0)  # never zero
-    maps = torch.stack([torch.stack([map0, map1]), torch.stack([map1, torch.rand(16, 16, generator=gen)])])
+        torch.rand(2, 3, 16, 16, generator=gen) > 0.5, 1.0, -1.0
+    )  # never zero
+    maps = torch.stack(
+        [torch.stack([map0, map1]), torch.stack([map1, torch.rand(16, 16, generator=gen)])]
+    )
     class_index = torch.tensor([[0, 1], [1, -1]])
     valid = torch.tensor([[True, True], [True, False]])
     return model, images, maps, class_index, valid
@@ -66,7 +76,9 @@ class LinearProbe(nn.Module):
 
     def __init__(self, classes: int, shape: tuple[int, int, int], seed: int = 0):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(classes, *shape, generator=torch.Generator().manual_seed(seed)))
+        self.weight = nn.Parameter(
+            torch.randn(classes, *shape, generator=torch.Generator().manual_seed(seed))
+        )
         self.batch_sizes: list[int] = []
 
     def forward(self, x):
@@ -76,6 +88,7 @@ class LinearProbe(nn.Module):
 
 # --- masked_confidences -------------------------------------------------------------------------
 
+
 def test_queries_are_the_image_times_the_binary_cut_with_ties_kept():
     """Map values sit exactly on the grid: a pixel equal to t is kept (>=), and deleted pixels
     are exactly zero in normalised space."""
@@ -84,8 +97,9 @@ def test_queries_are_the_image_times_the_binary_cut_with_ties_kept():
     images = torch.randn(1, 2, 4, 4)
     maps = torch.tensor([0.0, 0.25, 0.5, 0.75]).repeat(4, 1)[None, None]  # columns 0 .. 0.75
     grid = [0.25, 0.5, 0.75]
-    keep, delete, base = masked_confidences(model, images, maps, torch.tensor([[2]]),
-                                            torch.tensor([[True]]), grid)
+    keep, delete, base = masked_confidences(
+        model, images, maps, torch.tensor([[2]]), torch.tensor([[True]]), grid
+    )
     w = model.weight[2]
     assert base.item() == pytest.approx(torch.sigmoid((images[0] * w).sum()).item(), abs=1e-5)
     for t, tau in enumerate(grid):
@@ -106,14 +120,22 @@ def test_batched_equals_per_image_and_chunking_changes_nothing():
     valid = torch.tensor([[True, True], [True, False], [True, True]])
     whole = masked_confidences(model, images, maps, class_index, valid, GRID, max_batch=1000)
     for max_batch in (1, 7):
-        chunked = masked_confidences(model, images, maps, class_index, valid, GRID, max_batch=max_batch)
+        chunked = masked_confidences(
+            model, images, maps, class_index, valid, GRID, max_batch=max_batch
+        )
         for a, b in zip(whole, chunked):
             assert torch.allclose(a, b, atol=1e-6, equal_nan=True)
     for i in range(3):
-        single = masked_confidences(model, images[i:i + 1], maps[i:i + 1], class_index[i:i + 1],
-                                    valid[i:i + 1], GRID)
+        single = masked_confidences(
+            model,
+            images[i : i + 1],
+            maps[i : i + 1],
+            class_index[i : i + 1],
+            valid[i : i + 1],
+            GRID,
+        )
         for a, b in zip(whole, single):
-            assert torch.allclose(a[i:i + 1], b, atol=1e-6, equal_nan=True)
+            assert torch.allclose(a[i : i + 1], b, atol=1e-6, equal_nan=True)
     keep, delete, base = whole
     assert keep[1, 1].isnan().all() and delete[1, 1].isnan().all() and base[1, 1].isnan()
     assert not keep[valid].isnan().any() and not delete[valid].isnan().any()
@@ -136,8 +158,15 @@ def test_queries_go_in_few_bounded_batches_and_padding_costs_nothing():
 
 def test_training_mode_batchnorm_is_left_untouched():
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Dropout(0.5), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(4, 2),
+    )
     model.train()
     model[5].eval()  # a submodule with its own mode must get it back
     stats = model[1].running_mean.clone()
@@ -164,6 +193,7 @@ def test_bad_queries_are_refused():
 
 # --- the objectives on a classifier with a known answer -----------------------------------------
 
+
 def test_keep_delete_and_increase_find_the_object_cut_and_it_labels_the_object():
     model, images, maps, class_index, valid = toy_batch(a=4.0, b=8.0)
     keep, delete, base = masked_confidences(model, images, maps, class_index, valid, GRID)
@@ -188,11 +218,13 @@ def test_area_takes_the_smallest_region_that_keeps_rho_of_the_confidence():
     model, images, maps, class_index, valid = toy_batch(a=8.0, b=2.0, c0=-2.0)
     keep, delete, base = masked_confidences(model, images, maps, class_index, valid, GRID)
     # base = sigmoid(4); the core alone gives sigmoid(0) < 0.9 * base; the object gives sigmoid(6)
-    assert choose_thresholds(keep, delete, base, GRID, "area", rho=0.9)[valid].tolist() == \
-        pytest.approx([0.5, 0.5, 0.5])
+    assert choose_thresholds(keep, delete, base, GRID, "area", rho=0.9)[
+        valid
+    ].tolist() == pytest.approx([0.5, 0.5, 0.5])
     # a lax rho accepts the core: the largest threshold wins
-    assert choose_thresholds(keep, delete, base, GRID, "area", rho=0.5)[valid].tolist() == \
-        pytest.approx([0.9, 0.9, 0.9])
+    assert choose_thresholds(keep, delete, base, GRID, "area", rho=0.5)[
+        valid
+    ].tolist() == pytest.approx([0.9, 0.9, 0.9])
 
 
 def test_delete_takes_the_smallest_region_whose_removal_takes_the_evidence_away():
@@ -202,8 +234,9 @@ def test_delete_takes_the_smallest_region_whose_removal_takes_the_evidence_away(
     model, images, maps, class_index, valid = toy_batch(a=8.0, b=0.0, c0=-1.0)
     keep, delete, base = masked_confidences(model, images, maps, class_index, valid, GRID)
     # base = sigmoid(7); core alone sigmoid(1) ... with rho 0.7 the core is "sufficient"
-    assert choose_thresholds(keep, delete, base, GRID, "area", rho=0.7)[valid].tolist() == \
-        pytest.approx([0.9, 0.9, 0.9])
+    assert choose_thresholds(keep, delete, base, GRID, "area", rho=0.7)[
+        valid
+    ].tolist() == pytest.approx([0.9, 0.9, 0.9])
     # deleting the core leaves 3/4 of the object: sigmoid(5) > 0.3 * base; deleting the object
     # (cut 0.5) leaves sigmoid(-1) = 0.27 <= 0.3 * base = 0.3
     chosen = choose_thresholds(keep, delete, base, GRID, "delete", delta=0.3)
@@ -218,6 +251,7 @@ def test_delete_takes_the_smallest_region_whose_removal_takes_the_evidence_away(
 
 
 # --- the objectives in closed form --------------------------------------------------------------
+
 
 def test_increase_returns_the_scored_cut_ties_to_the_lowest():
     grid = [0.2, 0.4, 0.6, 0.8]
@@ -236,16 +270,23 @@ def test_keep_delete_is_the_argmax_of_the_gap():
 
 def test_area_rule_equality_non_monotone_fallback_and_unsorted_grid():
     base = torch.tensor([[0.8, 0.8, 0.8]])
-    keep = torch.tensor([[[0.9, 0.5, 0.4, 0.3],    # 0.4 == 0.5 * 0.8 counts
-                          [0.9, 0.1, 0.1, 0.5],    # fails at 0.2 and 0.3, passes again at 0.4
-                          [0.3, 0.2, 0.1, 0.0]]])  # never: the lowest threshold
+    keep = torch.tensor(
+        [
+            [
+                [0.9, 0.5, 0.4, 0.3],  # 0.4 == 0.5 * 0.8 counts
+                [0.9, 0.1, 0.1, 0.5],  # fails at 0.2 and 0.3, passes again at 0.4
+                [0.3, 0.2, 0.1, 0.0],
+            ]
+        ]
+    )  # never: the lowest threshold
     grid = [0.1, 0.2, 0.3, 0.4]
     chosen = choose_thresholds(keep, keep, base, grid, "area", rho=0.5)
     assert chosen[0].tolist() == pytest.approx([0.3, 0.4, 0.1])
     # "largest" and "lowest" mean threshold values, not grid positions
     order = [2, 0, 3, 1]
-    shuffled = choose_thresholds(keep[..., order], keep[..., order], base, [grid[i] for i in order],
-                                 "area", rho=0.5)
+    shuffled = choose_thresholds(
+        keep[..., order], keep[..., order], base, [grid[i] for i in order], "area", rho=0.5
+    )
     assert shuffled[0].tolist() == pytest.approx([0.3, 0.4, 0.1])
 
 
@@ -262,6 +303,7 @@ def test_invalid_slots_are_nan_and_unknown_objectives_list_the_choices():
 
 
 # --- aggregation ----------------------------------------------------------------------------------
+
 
 def test_aggregate_is_a_per_class_median_with_default_for_unseen():
     per_slot = torch.tensor([0.2, 0.9, 0.4, NAN, 0.3, 0.7, NAN])
@@ -310,7 +352,11 @@ def test_calibration_skips_pairs_the_classifier_does_not_recognise():
     gated_chosen = gated.update(model, images, maps, class_index, valid)
     assert sum(rows) == 2 + 1 * len(GRID) * 2  # unrecognised pairs are never queried
     assert gated.skipped == 2 and gated.pairs_per_class() == [1, 0, 0]
-    assert gated_chosen[0, 0] == chosen[0, 0] and gated_chosen[0, 1].isnan() and gated_chosen[1, 0].isnan()
+    assert (
+        gated_chosen[0, 0] == chosen[0, 0]
+        and gated_chosen[0, 1].isnan()
+        and gated_chosen[1, 0].isnan()
+    )
     assert gated.compute().tolist() == pytest.approx([float(chosen[0, 0])] * 3)
     assert ungated.pairs_per_class() == [1, 2, 0]
     with pytest.raises(ValueError, match="min_confidence"):
@@ -318,22 +364,32 @@ def test_calibration_skips_pairs_the_classifier_does_not_recognise():
 
 
 def test_shrink_fallback_pulls_few_pairs_toward_the_fixed_threshold():
-    calibrator = ThresholdCalibrator(GRID, "keep_delete", num_classes=3, default=0.25, fallback="shrink",
-                                     shrinkage=2.0)
+    calibrator = ThresholdCalibrator(
+        GRID, "keep_delete", num_classes=3, default=0.25, fallback="shrink", shrinkage=2.0
+    )
     keep = torch.zeros(3, 1, len(GRID))
     delete = torch.zeros(3, 1, len(GRID))
-    best = [GRID.index(0.5), GRID.index(0.5), GRID.index(0.9)]  # class 0 twice at 0.5, class 1 at 0.9
+    best = [
+        GRID.index(0.5),
+        GRID.index(0.5),
+        GRID.index(0.9),
+    ]  # class 0 twice at 0.5, class 1 at 0.9
     for row, index in enumerate(best):
         keep[row, 0, index] = 1.0
     base = torch.ones(3, 1)
     classes = torch.tensor([[0], [0], [1]])
-    calibrator.update_from_confidences(keep, delete, base, classes, torch.ones(3, 1, dtype=torch.bool))
+    calibrator.update_from_confidences(
+        keep, delete, base, classes, torch.ones(3, 1, dtype=torch.bool)
+    )
     per_class = calibrator.compute()
     # class 0: (2 * 0.5 + 2 * 0.25) / 4; class 1: (1 * 0.9 + 2 * 0.25) / 3; class 2 (no pair): 0.25
     assert per_class.tolist() == pytest.approx([0.375, 1.4 / 3, 0.25])
     assert calibrator.sources() == ["shrunk", "shrunk", "fixed"]
     plain = ThresholdCalibrator(GRID, "keep_delete", num_classes=3, default=0.25, fallback="global")
     plain.update_from_confidences(keep, delete, base, classes, torch.ones(3, 1, dtype=torch.bool))
-    assert plain.compute().tolist() == pytest.approx([0.5, 0.9, 0.5]) and plain.sources()[2] == "global"
+    assert (
+        plain.compute().tolist() == pytest.approx([0.5, 0.9, 0.5])
+        and plain.sources()[2] == "global"
+    )
     with pytest.raises(ValueError, match="fallback"):
         ThresholdCalibrator(GRID, fallback="median")

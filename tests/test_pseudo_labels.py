@@ -30,8 +30,9 @@ def test_the_largest_margin_wins_not_the_largest_score():
     # slot 0 (class 3, threshold 0.6) scores higher everywhere but slot 1 (class 5, threshold 0.2)
     # has the larger margin in the middle pixels
     scores = torch.tensor([[[[0.9, 0.7, 0.65, 0.5]], [[0.1, 0.5, 0.6, 0.3]]]])
-    labels = scores_to_labels(scores, torch.tensor([[3, 5]]), torch.tensor([[True, True]]),
-                              torch.tensor([[0.6, 0.2]]))
+    labels = scores_to_labels(
+        scores, torch.tensor([[3, 5]]), torch.tensor([[True, True]]), torch.tensor([[0.6, 0.2]])
+    )
     # margins slot0: .3 .1 .05 -.1 ; slot1: -.1 .3 .4 .1
     assert labels.tolist() == [[[3, 5, 5, 5]]]
     assert labels.dtype == torch.uint8 and labels.shape == (1, 1, 4)
@@ -58,8 +59,12 @@ def test_image_without_present_classes_is_all_background_next_to_a_normal_image(
     valid = torch.tensor([[True, False], [False, False]])
     labels = scores_to_labels(scores, torch.tensor([[7, 0], [0, 0]]), valid, 0.5, ignore_band=0.3)
     assert (labels[0] == 7).all() and (labels[1] == 0).all()  # band must not turn it into 255
-    empty = scores_to_labels(torch.zeros(2, 0, 3, 3), torch.zeros(2, 0, dtype=torch.long),
-                             torch.zeros(2, 0, dtype=torch.bool), 0.5)
+    empty = scores_to_labels(
+        torch.zeros(2, 0, 3, 3),
+        torch.zeros(2, 0, dtype=torch.long),
+        torch.zeros(2, 0, dtype=torch.bool),
+        0.5,
+    )
     assert empty.shape == (2, 3, 3) and empty.dtype == torch.uint8 and empty.sum() == 0
 
 

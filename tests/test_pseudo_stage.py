@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SimulatedKill, digest, reuse_stage, tiny_config
 from wsss import pipeline, stages
 from wsss.config import load_config
 from wsss.data.datamodule import build_source
 from wsss.stages import pseudo_masks as pseudo_stage
+
+from conftest import SimulatedKill, digest, reuse_stage, tiny_config
 
 # four calibration images, a coarse grid and two panels: the stage's own settings for these tests
 PSEUDO = ("pseudo.calibration_images=4", "pseudo.grid=[0.1, 0.3, 0.5]", "pseudo.num_panels=2")
@@ -59,14 +60,21 @@ def test_interrupted_stage_resumes_to_identical_files(trained, tmp_path, monkeyp
     reuse_stage(trained, tmp_path)
 
     class KillAfterTwoBatches(L.Callback):
-        def on_predict_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        def on_predict_batch_end(
+            self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0
+        ):
             if batch_idx == 1:
                 raise SimulatedKill("killed")
 
     original = pseudo_stage.make_trainer
     extra = [KillAfterTwoBatches()]
-    monkeypatch.setattr(pseudo_stage, "make_trainer", lambda cfg, epochs, logger=False, callbacks=None, **kw:
-                        original(cfg, epochs, logger, (callbacks or []) + extra, **kw))
+    monkeypatch.setattr(
+        pseudo_stage,
+        "make_trainer",
+        lambda cfg, epochs, logger=False, callbacks=None, **kw: original(
+            cfg, epochs, logger, (callbacks or []) + extra, **kw
+        ),
+    )
     cfg = config(tmp_path)
     with pytest.raises(SimulatedKill):
         stages.make_pseudo_masks(cfg)
@@ -109,15 +117,36 @@ def test_voc_path_runs_every_stage_on_voc_mini(voc_copy, tmp_path):
     train_ids = (splits / "train.txt").read_text().split()
     val_id = (splits / "val.txt").read_text().split()[0]
     (splits / "train.txt").write_text("\n".join([*train_ids[:3], val_id]) + "\n")
-    cfg = load_config("configs/voc.yaml", [
-        f"data.root={voc_copy}", "data.train_split=train_aug", "data.val_split=val", f"run.dir={tmp_path}",
-        "data.crop_size=96", "data.batch_size=2", "data.num_workers=0",
-        "classifier.backbone=resnet18", "classifier.pretrained=false", "classifier.max_epochs=1",
-        "cam.scales=[1.0]", "cam.flip=false", "cam.batch_size=2", "pseudo.calibration_images=2",
-        "pseudo.grid=[0.2, 0.4]", "pseudo.score_split=train", "segmenter.encoder=resnet18",
-        "segmenter.arch=FPN", "segmenter.pretrained=false", "segmenter.max_epochs=1", "segmenter.eval_scales=[1.0]",
-        "segmenter.eval_flip=false", "trainer.accelerator=cpu", "trainer.precision=32-true",
-        "logger.kind=csv"])
+    cfg = load_config(
+        "configs/voc.yaml",
+        [
+            f"data.root={voc_copy}",
+            "data.train_split=train_aug",
+            "data.val_split=val",
+            f"run.dir={tmp_path}",
+            "data.crop_size=96",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "classifier.backbone=resnet18",
+            "classifier.pretrained=false",
+            "classifier.max_epochs=1",
+            "cam.scales=[1.0]",
+            "cam.flip=false",
+            "cam.batch_size=2",
+            "pseudo.calibration_images=2",
+            "pseudo.grid=[0.2, 0.4]",
+            "pseudo.score_split=train",
+            "segmenter.encoder=resnet18",
+            "segmenter.arch=FPN",
+            "segmenter.pretrained=false",
+            "segmenter.max_epochs=1",
+            "segmenter.eval_scales=[1.0]",
+            "segmenter.eval_flip=false",
+            "trainer.accelerator=cpu",
+            "trainer.precision=32-true",
+            "logger.kind=csv",
+        ],
+    )
     report = pipeline.run_all(cfg, echo=lambda _: None)
     for key in ("seed_miou", "pseudo_miou", "seg_miou"):
         assert report[key] is not None and np.isfinite(report[key])
@@ -146,10 +175,13 @@ def test_padded_batch_of_mixed_sizes_gives_each_image_its_own_maps():
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=4).eval()
-    module = PseudoMaskModule(model, layers=["layer3", "layer4"], scales=[1.0, 0.75], flip=True,
-                              normalize="centred")
-    items = [{"image": torch.randn(3, 64, 48), "labels": torch.tensor([1.0, 0, 1, 0]), "id": "a"},
-             {"image": torch.randn(3, 48, 64), "labels": torch.tensor([0, 1.0, 0, 0]), "id": "b"}]
+    module = PseudoMaskModule(
+        model, layers=["layer3", "layer4"], scales=[1.0, 0.75], flip=True, normalize="centred"
+    )
+    items = [
+        {"image": torch.randn(3, 64, 48), "labels": torch.tensor([1.0, 0, 1, 0]), "id": "a"},
+        {"image": torch.randn(3, 48, 64), "labels": torch.tensor([0, 1.0, 0, 0]), "id": "b"},
+    ]
     batch = pad_collate(items)
     assert batch["image"].shape[-2:] == (64, 64)
     together = module.fused_maps(batch["image"], batch["labels"], batch["size"])
@@ -159,12 +191,16 @@ def test_padded_batch_of_mixed_sizes_gives_each_image_its_own_maps():
         k = alone["fused"].shape[1]
         assert torch.allclose(together["fused"][i, :k, :h, :w], alone["fused"][0], atol=1e-5)
         for name in ("layer3", "layer4"):
-            assert torch.allclose(together["layers"][name][i, :k, :h, :w], alone["layers"][name][0], atol=1e-5)
+            assert torch.allclose(
+                together["layers"][name][i, :k, :h, :w], alone["layers"][name][0], atol=1e-5
+            )
         outside = torch.ones(64, 64, dtype=torch.bool)
         outside[:h, :w] = False
         assert together["fused"][i][:, outside].abs().max() == 0
     # without sizes the padding is part of the image, and the maps differ
     padded = module.fused_maps(batch["image"], batch["labels"])
-    assert not torch.allclose(padded["fused"][0, :2, :64, :48], together["fused"][0, :2, :64, :48], atol=1e-3)
+    assert not torch.allclose(
+        padded["fused"][0, :2, :64, :48], together["fused"][0, :2, :64, :48], atol=1e-3
+    )
     with pytest.raises(ValueError, match="sizes"):
         module.fused_maps(batch["image"], batch["labels"], torch.tensor([[65, 10], [10, 10]]))

@@ -63,8 +63,12 @@ def test_offsets_cover_each_pair_once_within_the_radius():
     assert neighbour_offsets(2) == ((0, 1), (1, -1), (1, 0), (1, 1))
     for radius in (2, 3, 5):
         half = set(neighbour_offsets(radius))
-        every = {(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
-                 if 0 < dy * dy + dx * dx < radius * radius}
+        every = {
+            (dy, dx)
+            for dy in range(-radius, radius + 1)
+            for dx in range(-radius, radius + 1)
+            if 0 < dy * dy + dx * dx < radius * radius
+        }
         assert half | {(-dy, -dx) for dy, dx in half} == every
         assert not half & {(-dy, -dx) for dy, dx in half}
     assert len(neighbour_offsets(5)) == 34
@@ -73,14 +77,18 @@ def test_offsets_cover_each_pair_once_within_the_radius():
 
 
 def test_pair_labels_match_the_hand_computed_list():
-    seeds = [[0, 0, 1],
-             [0, 255, 1],
-             [2, 2, 1]]
+    seeds = [[0, 0, 1], [0, 255, 1], [2, 2, 1]]
     got = pairs(seeds, radius=2)  # the 8-neighbourhood
     assert got["bg_pos"] == {P((0, 0), (0, 1)), P((0, 0), (1, 0)), P((0, 1), (1, 0))}
     assert got["fg_pos"] == {P((2, 0), (2, 1)), P((0, 2), (1, 2)), P((1, 2), (2, 2))}
-    assert got["neg"] == {P((0, 1), (0, 2)), P((2, 1), (2, 2)), P((1, 0), (2, 0)),
-                          P((0, 1), (1, 2)), P((1, 0), (2, 1)), P((1, 2), (2, 1))}
+    assert got["neg"] == {
+        P((0, 1), (0, 2)),
+        P((2, 1), (2, 2)),
+        P((1, 0), (2, 0)),
+        P((0, 1), (1, 2)),
+        P((1, 0), (2, 1)),
+        P((1, 2), (2, 1)),
+    }
     # every pair touching the 255 cell (1, 1) is ignored: 8 of the 20 pairs
     labelled = got["bg_pos"] | got["fg_pos"] | got["neg"]
     assert len(labelled) == 12 and not any((1, 1) in pair for pair in labelled)
@@ -92,16 +100,18 @@ def test_pair_labels_radius_is_a_strict_euclidean_bound():
     assert P((0, 0), (2, 2)) in got["neg"] and P((0, 0), (0, 2)) in got["neg"]
     assert P((0, 2), (2, 2)) in got["fg_pos"] and P((0, 0), (2, 0)) in got["neg"]
     row = pairs([[0, 0, 0, 0]], radius=3)
-    assert row["bg_pos"] == {P((0, 0), (0, 1)), P((0, 1), (0, 2)), P((0, 2), (0, 3)),
-                             P((0, 0), (0, 2)), P((0, 1), (0, 3))}  # (0,0)-(0,3) is at 3: out
+    assert row["bg_pos"] == {
+        P((0, 0), (0, 1)),
+        P((0, 1), (0, 2)),
+        P((0, 2), (0, 3)),
+        P((0, 0), (0, 2)),
+        P((0, 1), (0, 3)),
+    }  # (0,0)-(0,3) is at 3: out
     assert not row["neg"] and not row["fg_pos"]
 
 
 def test_seeds_reach_the_feature_grid_by_block_purity():
-    seeds = torch.tensor([[[0, 0, 1, 1, 2],
-                           [0, 0, 1, 1, 2],
-                           [0, 3, 255, 1, 2],
-                           [0, 0, 1, 1, 2]]])
+    seeds = torch.tensor([[[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [0, 3, 255, 1, 2], [0, 0, 1, 1, 2]]])
     assert downsample_labels(seeds, 2).tolist() == [[[0, 1, 255], [255, 255, 255]]]
     # with a stride, pairs are those of the reduced map
     got = affinity_labels(seeds, 2, stride=2)
@@ -213,11 +223,14 @@ def test_random_walk_refine_works_at_image_resolution_and_ignores_padding():
     scores = random_distribution(1, 3, 32, 32)
     affinity = random_affinity(1, 8, 8, radius)
     valid = pixel_mask(torch.tensor([[22, 27]]), 32, 32)
-    out = random_walk_refine(scores, Affinities(affinity, radius, stride), valid=valid, beta=1.0, steps=5)
+    out = random_walk_refine(
+        scores, Affinities(affinity, radius, stride), valid=valid, beta=1.0, steps=5
+    )
     assert out.shape == scores.shape
     assert torch.equal(out[..., ~valid[0]], scores[..., ~valid[0]])
-    crop = random_walk_refine(scores[..., :22, :27], Affinities(affinity[..., :6, :7], radius, stride),
-                              beta=1.0, steps=5)
+    crop = random_walk_refine(
+        scores[..., :22, :27], Affinities(affinity[..., :6, :7], radius, stride), beta=1.0, steps=5
+    )
     assert torch.allclose(out[..., :22, :27], crop, atol=1e-5)
     assert torch.allclose(out.sum(1), torch.ones(1, 32, 32), atol=1e-5)
     with pytest.raises(ValueError, match="ceil"):
@@ -233,12 +246,15 @@ def square_scene(h=48, w=48, seed=0):
     gen = torch.Generator().manual_seed(seed)
     square = torch.zeros(h, w, dtype=torch.bool)
     square[14:34, 14:34] = True
-    image = torch.where(square, torch.tensor([0.8, 0.6, 0.2])[:, None, None],
-                        torch.tensor([0.2, 0.3, 0.4])[:, None, None])
+    image = torch.where(
+        square,
+        torch.tensor([0.8, 0.6, 0.2])[:, None, None],
+        torch.tensor([0.2, 0.3, 0.4])[:, None, None],
+    )
     image = image + 0.03 * torch.randn(3, h, w, generator=gen)
     big = torch.zeros(1, 1, h, w)
     big[..., 10:38, 10:38] = 1.0
-    kernel = torch.exp(-torch.arange(-6, 7.0) ** 2 / 18)
+    kernel = torch.exp(-(torch.arange(-6, 7.0) ** 2) / 18)
     kernel = kernel / kernel.sum()
     blurred = F.conv2d(F.pad(big, (6, 6, 6, 6), mode="replicate"), kernel.view(1, 1, 1, -1))
     blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1))
@@ -301,8 +317,10 @@ def test_slot_distribution_argmax_is_the_label_rule():
     assert probs.shape == (3, 5, 6, 5)
     assert torch.allclose(probs.sum(1), torch.ones(3, 6, 5))
     assert (probs[:, 1:][~valid] == 0).all()
-    assert torch.equal(distribution_labels(probs, classes, valid),
-                       scores_to_labels(fused, classes, valid, thresholds))
+    assert torch.equal(
+        distribution_labels(probs, classes, valid),
+        scores_to_labels(fused, classes, valid, thresholds),
+    )
 
 
 def test_margin_band_and_quantile_band():
@@ -325,8 +343,8 @@ def test_margin_band_and_quantile_band():
 
 def test_quantile_band_is_per_image_and_inside_the_pixel_mask():
     gen = torch.Generator().manual_seed(4)
-    sharp = torch.rand(1, 40, 40, generator=gen) * 0.2          # p in [0, .2]: confident
-    flat = 0.4 + torch.rand(1, 40, 40, generator=gen) * 0.2      # p in [.4, .6]: unsure
+    sharp = torch.rand(1, 40, 40, generator=gen) * 0.2  # p in [0, .2]: confident
+    flat = 0.4 + torch.rand(1, 40, 40, generator=gen) * 0.2  # p in [.4, .6]: unsure
     p = torch.cat([sharp, flat])
     probs = torch.stack([1 - p, p], 1)
     labels = torch.zeros(2, 40, 40, dtype=torch.uint8)
@@ -358,10 +376,14 @@ def test_refine_scores_none_and_unknown_method():
 
 def test_refine_scores_dispatches_to_par_and_the_walk():
     image, scores, _ = square_scene()
-    assert torch.equal(refine_scores("par", scores, image, iterations=3), par(scores, image, iterations=3))
+    assert torch.equal(
+        refine_scores("par", scores, image, iterations=3), par(scores, image, iterations=3)
+    )
     affinities = Affinities(random_affinity(1, 12, 12, 3), 3, 4)
-    assert torch.equal(refine_scores("affinity", scores, affinities=affinities, steps=3),
-                       random_walk_refine(scores, affinities, steps=3))
+    assert torch.equal(
+        refine_scores("affinity", scores, affinities=affinities, steps=3),
+        random_walk_refine(scores, affinities, steps=3),
+    )
 
 
 def crf_installed():

@@ -27,8 +27,15 @@ def synthetic_items(n, size, seed=0):
 
 
 def trainer(**kwargs):
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     options.update(kwargs)
     return L.Trainer(**options)
 
@@ -42,18 +49,30 @@ def test_trained_on_ground_truth_beats_chance(monkeypatch):
     for all-background (uniform random guessing: 0.06). The bar is all-background + 0.10.
     """
     panels = []
-    monkeypatch.setattr("wsss.tracking.log_mask_overlays",
-                        lambda logger, key, items, names, step=None: panels.append((key, items, names)))
+    monkeypatch.setattr(
+        "wsss.tracking.log_mask_overlays",
+        lambda logger, key, items, names, step=None: panels.append((key, items, names)),
+    )
     items, (mean, std) = synthetic_items(8, 48)
     L.seed_everything(0, verbose=False)
     names = ["background", *SyntheticSegmentation.class_names]
-    module = SegmenterModule(NUM_CLASSES, arch="Unet", encoder="resnet18", lr=0.05, class_names=names,
-                             mean=mean, std=std, num_panels=2)
+    module = SegmenterModule(
+        NUM_CLASSES,
+        arch="Unet",
+        encoder="resnet18",
+        lr=0.05,
+        class_names=names,
+        mean=mean,
+        std=std,
+        num_panels=2,
+    )
     steps = 60
     fit = trainer(max_steps=steps)
     fit.fit(module, DataLoader(items, batch_size=8, shuffle=True))
     # the poly schedule ran to its end over estimated_stepping_batches (= max_steps)
-    assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * (1 - steps / steps) ** 0.9, abs=1e-9)
+    assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(
+        0.05 * (1 - steps / steps) ** 0.9, abs=1e-9
+    )
 
     (logged,) = trainer().validate(module, DataLoader(items, batch_size=3), verbose=False)
 
@@ -87,10 +106,13 @@ def test_validation_without_masks_scores_nothing_and_does_not_fail():
     assert "val/miou" not in logged and not any(key.startswith("val/iou") for key in logged)
 
 
-@pytest.mark.parametrize("arch, in_channels, size", [
-    ("DeepLabV3Plus", 3, (70, 45)),
-    ("Unet", 1, (33, 65)),
-])
+@pytest.mark.parametrize(
+    "arch, in_channels, size",
+    [
+        ("DeepLabV3Plus", 3, (70, 45)),
+        ("Unet", 1, (33, 65)),
+    ],
+)
 def test_forward_returns_logits_at_any_input_size(arch, in_channels, size):
     torch.manual_seed(0)
     module = SegmenterModule(NUM_CLASSES, arch=arch, in_channels=in_channels).eval()
@@ -102,7 +124,9 @@ def test_forward_returns_logits_at_any_input_size(arch, in_channels, size):
 
 def test_multi_scale_flip_prediction_is_a_probability_map():
     torch.manual_seed(0)
-    module = SegmenterModule(NUM_CLASSES, arch="Unet", eval_scales=(0.75, 1.25), eval_flip=True).eval()
+    module = SegmenterModule(
+        NUM_CLASSES, arch="Unet", eval_scales=(0.75, 1.25), eval_flip=True
+    ).eval()
     probs = module.predict_probs(torch.randn(1, 3, 45, 70))
     assert probs.shape == (1, NUM_CLASSES, 45, 70)
     assert (probs >= 0).all()
@@ -113,7 +137,9 @@ def test_flip_averaging_is_flip_equivariant_and_single_scale_is_plain_softmax():
     torch.manual_seed(0)
     module = SegmenterModule(NUM_CLASSES, arch="Unet", eval_flip=True).eval()
     x = torch.randn(1, 3, 32, 32)  # a multiple of 32: no padding to break the symmetry
-    assert torch.allclose(module.predict_probs(x.flip(-1)), module.predict_probs(x).flip(-1), atol=1e-5)
+    assert torch.allclose(
+        module.predict_probs(x.flip(-1)), module.predict_probs(x).flip(-1), atol=1e-5
+    )
     module.hparams.eval_flip = False
     with torch.no_grad():
         assert torch.allclose(module.predict_probs(x), module(x).softmax(1), atol=1e-6)
@@ -140,7 +166,9 @@ def test_non_finite_loss_stops_training_and_no_nan_checkpoint_is_written(tmp_pat
     L.seed_everything(0, verbose=False)
     module = SegmenterModule(NUM_CLASSES, arch="Unet", lr=0.01)
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
-    fit = trainer(max_steps=4, enable_checkpointing=True, callbacks=[checkpoints], default_root_dir=tmp_path)
+    fit = trainer(
+        max_steps=4, enable_checkpointing=True, callbacks=[checkpoints], default_root_dir=tmp_path
+    )
     with pytest.raises(NonFiniteLossError) as err:
         fit.fit(module, DataLoader(NaNAfter(items, start=2), batch_size=2, shuffle=False))
     message = str(err.value)
@@ -155,7 +183,10 @@ def test_non_finite_loss_stops_training_and_no_nan_checkpoint_is_written(tmp_pat
 
 def test_all_void_batch_gives_a_zero_loss_not_a_non_finite_error():
     module = SegmenterModule(NUM_CLASSES, arch="Unet")
-    batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.full((2, 32, 32), 255, dtype=torch.long)}
+    batch = {
+        "image": torch.randn(2, 3, 32, 32),
+        "mask": torch.full((2, 32, 32), 255, dtype=torch.long),
+    }
     with pytest.warns(UserWarning, match="self.log"):  # no trainer attached here
         loss = module.training_step(batch, 0)
     assert loss.item() == 0.0 and loss.requires_grad
@@ -190,20 +221,33 @@ def test_ce_dice_loss_is_cross_entropy_plus_soft_dice_over_valid_pixels():
     target = torch.nn.functional.one_hot(mask[valid], 4).T.float()
     dice = 2 * (probs * target).sum(1) / (probs.sum(1) + target.sum(1))
     expected_dice = ((1 - dice) * (target.sum(1) > 0)).mean()
-    expected_ce = -logits.log_softmax(1).permute(1, 0, 2, 3)[:, valid].gather(0, mask[valid][None]).mean()
+    expected_ce = (
+        -logits.log_softmax(1).permute(1, 0, 2, 3)[:, valid].gather(0, mask[valid][None]).mean()
+    )
     assert SegmenterLoss("ce")(logits, mask) == pytest.approx(float(expected_ce), abs=1e-6)
-    assert SegmenterLoss("ce_dice")(logits, mask) == pytest.approx(float(expected_ce + expected_dice), abs=1e-5)
+    assert SegmenterLoss("ce_dice")(logits, mask) == pytest.approx(
+        float(expected_ce + expected_dice), abs=1e-5
+    )
     with pytest.raises(ValueError, match="ce_dice"):
         SegmenterLoss("focal")
 
 
 def test_adamw_with_a_constant_schedule():
-    module = SegmenterModule(NUM_CLASSES, arch="Unet", lr=0.002, optimizer="adamw", schedule="constant",
-                             weight_decay=0.01)
+    module = SegmenterModule(
+        NUM_CLASSES,
+        arch="Unet",
+        lr=0.002,
+        optimizer="adamw",
+        schedule="constant",
+        weight_decay=0.01,
+    )
     module._trainer = SimpleNamespace(estimated_stepping_batches=10)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert (
+        isinstance(optimizer, torch.optim.AdamW)
+        and optimizer.param_groups[0]["weight_decay"] == 0.01
+    )
     for _ in range(5):
         optimizer.step()
         scheduler.step()

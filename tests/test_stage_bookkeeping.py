@@ -7,13 +7,14 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import tiny_args, tiny_config
 from wsss import stages
 from wsss.cli import main, original_message
 from wsss.data.imageio import DataError
 from wsss.data.preflight import check_files
 from wsss.data.voc import VOCSegmentation
 from wsss.stages.records import begin_stage, stage_hashes
+
+from conftest import tiny_args, tiny_config
 
 
 def cfg_of(tmp_path, *extra):
@@ -31,10 +32,23 @@ def test_each_hash_holds_only_what_its_stage_reads(tmp_path):
     assert changed("segmenter.eval_flip=true") == {"evaluation"}
     assert changed("segmenter.eval_scales=[0.75, 1.0]") == {"evaluation"}
     assert changed("cam.batch_size=2", "data.num_workers=1", "pseudo.num_panels=1") == set()
-    assert changed("trainer.devices=2", "trainer.strategy=ddp") == set()  # global batch: same result
-    assert changed("pseudo.ignore_band=0.1") == {"pseudo_masks", "affinity", "segmenter", "evaluation"}
-    assert changed("affinity.steps=32") == {"affinity"}  # pseudo.refine=none: the segmenter ignores it
-    assert changed("pseudo.refine=affinity", "affinity.steps=32") >= {"affinity", "segmenter", "evaluation"}
+    assert (
+        changed("trainer.devices=2", "trainer.strategy=ddp") == set()
+    )  # global batch: same result
+    assert changed("pseudo.ignore_band=0.1") == {
+        "pseudo_masks",
+        "affinity",
+        "segmenter",
+        "evaluation",
+    }
+    assert changed("affinity.steps=32") == {
+        "affinity"
+    }  # pseudo.refine=none: the segmenter ignores it
+    assert changed("pseudo.refine=affinity", "affinity.steps=32") >= {
+        "affinity",
+        "segmenter",
+        "evaluation",
+    }
     assert changed("segmenter.lr=0.1") == {"segmenter", "evaluation"}
     assert changed("classifier.lr=0.1") == set(base)
     assert changed("trainer.gradient_clip_val=1.0") == set(base)
@@ -47,7 +61,9 @@ def test_a_stage_that_failed_before_writing_does_not_hold_a_new_config_back(tmp_
     assert begin_stage(other, "classifier") is None
     record = json.loads((tmp_path / "default" / "classifier" / "stage.json").read_text())
     assert record["config_hash"] == stage_hashes(other)["classifier"]
-    (tmp_path / "default" / "classifier" / "last.ckpt").write_bytes(b"weights")  # now it has outputs
+    (tmp_path / "default" / "classifier" / "last.ckpt").write_bytes(
+        b"weights"
+    )  # now it has outputs
     with pytest.raises(stages.StageError, match="different config.*run.overwrite=true"):
         begin_stage(cfg, "classifier")
 
@@ -69,7 +85,12 @@ def test_a_file_where_the_run_directory_should_be_is_one_line(tmp_path, capsys):
     (tmp_path / "blocker").write_text("not a folder")
     assert main(["train-classifier", *tiny_args(tmp_path / "blocker", size="micro")]) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "blocker" in err and "run.dir" in err and "Traceback" not in err
+    assert (
+        len(err.splitlines()) == 1
+        and "blocker" in err
+        and "run.dir" in err
+        and "Traceback" not in err
+    )
 
 
 def test_unwritable_output_is_one_line_with_the_fix(tmp_path, capsys, monkeypatch):
@@ -84,9 +105,11 @@ def test_unwritable_output_is_one_line_with_the_fix(tmp_path, capsys, monkeypatc
 
 def test_worker_errors_come_back_as_their_own_message():
     """torch wraps an error raised in a DataLoader worker with the worker's traceback."""
-    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                        "call last):\n  File \"x.py\", line 1, in load\n    raise DataError(msg)\n"
-                        "wsss.data.imageio.DataError: /data/img_7.png: truncated image; re-export it")
+    wrapped = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in load\n    raise DataError(msg)\n'
+        "wsss.data.imageio.DataError: /data/img_7.png: truncated image; re-export it"
+    )
     assert original_message(wrapped) == "/data/img_7.png: truncated image; re-export it"
     assert original_message(DataError("plain message")) == "plain message"
 
@@ -104,9 +127,19 @@ def _damage(root):
 def test_bad_files_stop_the_run_before_any_work(voc_copy, tmp_path, capsys):
     cut, small = _damage(voc_copy)
     run_dir = tmp_path / "runs"
-    code = main(["run", "configs/voc.yaml", f"data.root={voc_copy}", "data.train_split=train_aug",
-                 f"run.dir={run_dir}", "classifier.pretrained=false", "segmenter.pretrained=false",
-                 "logger.kind=none", "trainer.accelerator=cpu"])
+    code = main(
+        [
+            "run",
+            "configs/voc.yaml",
+            f"data.root={voc_copy}",
+            "data.train_split=train_aug",
+            f"run.dir={run_dir}",
+            "classifier.pretrained=false",
+            "segmenter.pretrained=false",
+            "logger.kind=none",
+            "trainer.accelerator=cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert str(cut) in err and "cut short" in err

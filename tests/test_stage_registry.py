@@ -18,14 +18,27 @@ from wsss.stages.registry import Stage
 # stage.json `config_hash` values of runs made before the registry existed: a change here would make
 # every existing run directory refuse its own config
 PINNED = {
-    (): {"classifier": "4553f0232b387836", "pseudo_masks": "da6f02de78cb2c20", "affinity": "2338441c0f2929e0",
-         "segmenter": "f22fcecbab8b8d03", "evaluation": "fa3e7f976d163b82"},
+    (): {
+        "classifier": "4553f0232b387836",
+        "pseudo_masks": "da6f02de78cb2c20",
+        "affinity": "2338441c0f2929e0",
+        "segmenter": "f22fcecbab8b8d03",
+        "evaluation": "fa3e7f976d163b82",
+    },
     ("pseudo.refine=affinity",): {
-        "classifier": "4553f0232b387836", "pseudo_masks": "7b3c29c21a14ff91", "affinity": "2700dd546d288ef7",
-        "segmenter": "4f89af08ee57542d", "evaluation": "63e9987cf339537e"},
+        "classifier": "4553f0232b387836",
+        "pseudo_masks": "7b3c29c21a14ff91",
+        "affinity": "2700dd546d288ef7",
+        "segmenter": "4f89af08ee57542d",
+        "evaluation": "63e9987cf339537e",
+    },
     ("pseudo.refine=affinity", "segmenter.masks=ground_truth"): {
-        "classifier": "4553f0232b387836", "pseudo_masks": "7b3c29c21a14ff91", "affinity": "2700dd546d288ef7",
-        "segmenter": "c03cba3907215978", "evaluation": "016388f9473656f0"},
+        "classifier": "4553f0232b387836",
+        "pseudo_masks": "7b3c29c21a14ff91",
+        "affinity": "2700dd546d288ef7",
+        "segmenter": "c03cba3907215978",
+        "evaluation": "016388f9473656f0",
+    },
 }
 
 
@@ -34,8 +47,15 @@ def test_stage_hashes_match_the_ones_existing_runs_recorded(overrides):
     assert stage_hashes(load_config("configs/default.yaml", list(overrides))) == PINNED[overrides]
 
 
-TINY = ["data.num_train=4", "data.num_val=2", "data.image_size=32", "data.crop_size=32", "logger.kind=none",
-        "trainer.accelerator=cpu", "trainer.devices=1"]
+TINY = [
+    "data.num_train=4",
+    "data.num_val=2",
+    "data.image_size=32",
+    "data.crop_size=32",
+    "logger.kind=none",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+]
 
 
 def _subcommands():
@@ -50,9 +70,15 @@ def test_the_cli_subcommands_are_the_registry_stages_between_run_and_the_tools()
     assert list(commands) == ["run", *stage_commands, "data-check", "show-config"]
     for stage in registry.REGISTRY:
         assert commands[stage.command] == stage.help
-    assert commands["run"] == ("all stages (train-classifier -> make-pseudo-masks [-> train-affinity] -> "
-                               "train-segmenter -> evaluate), resumable")
-    assert STAGES == tuple(stage.name for stage in registry.REGISTRY) == tuple(stage_hashes(load_config(None)))
+    assert commands["run"] == (
+        "all stages (train-classifier -> make-pseudo-masks [-> train-affinity] -> "
+        "train-segmenter -> evaluate), resumable"
+    )
+    assert (
+        STAGES
+        == tuple(stage.name for stage in registry.REGISTRY)
+        == tuple(stage_hashes(load_config(None)))
+    )
 
 
 @pytest.fixture
@@ -65,10 +91,18 @@ def extended(monkeypatch):
         def run(cfg):
             calls.append(name)
             return {}
+
         return run
 
-    extra = Stage("extra", command="make-extra", help="an added stage", run=noting("extra"),
-                  inputs=("segmenter", "run.seed"), splits=("val",), key_figure=(None, "score"))
+    extra = Stage(
+        "extra",
+        command="make-extra",
+        help="an added stage",
+        run=noting("extra"),
+        inputs=("segmenter", "run.seed"),
+        splits=("val",),
+        key_figure=(None, "score"),
+    )
     stages = [dataclasses.replace(stage, run=noting(stage.name)) for stage in registry.REGISTRY]
     monkeypatch.setattr(registry, "REGISTRY", (*stages[:-1], extra, stages[-1]))
     return calls
@@ -76,7 +110,14 @@ def extended(monkeypatch):
 
 def test_a_stage_added_to_the_registry_runs_in_its_place_and_has_its_subcommand(extended, tmp_path):
     assert main(["run", "configs/default.yaml", f"run.dir={tmp_path}", *TINY]) == 0
-    assert extended == ["classifier", "pseudo_masks", "affinity", "segmenter", "extra", "evaluation"]
+    assert extended == [
+        "classifier",
+        "pseudo_masks",
+        "affinity",
+        "segmenter",
+        "extra",
+        "evaluation",
+    ]
     report = json.loads((tmp_path / "default" / "report.json").read_text())
     assert list(report["stage_seconds"]) == extended
     extended.clear()
@@ -99,7 +140,9 @@ def test_an_added_stage_hash_chains_its_inputs_and_nothing_else(extended):
 def test_stage_records_name_their_folders_splits_and_figures():
     names = {stage.name: stage for stage in registry.REGISTRY}
     assert all(stage.folder == stage.name for stage in registry.REGISTRY)
-    assert names["evaluation"].splits == ("val", "test") and names["pseudo_masks"].splits == ("train",)
+    assert names["evaluation"].splits == ("val", "test") and names["pseudo_masks"].splits == (
+        "train",
+    )
     assert key_figure("classifier", {"metrics": {"val/mAP": 0.5}}) == "mAP 50.0%"
     assert key_figure("evaluation", {"miou": 0.25}) == "miou 25.0%"
     with pytest.raises(KeyError, match="no stage 'segmentor'"):
@@ -109,7 +152,9 @@ def test_stage_records_name_their_folders_splits_and_figures():
 def test_the_cli_parser_loads_without_torch():
     """`wsss --help` reads the registry only: no torch, Lightning or stage module behind it."""
     heavy = "('torch', 'lightning', 'wsss.stages.records')"
-    code = ("import sys; import wsss.cli; wsss.cli._parser(); "
-            f"sys.exit(' '.join(m for m in {heavy} if m in sys.modules) or None)")
+    code = (
+        "import sys; import wsss.cli; wsss.cli._parser(); "
+        f"sys.exit(' '.join(m for m in {heavy} if m in sys.modules) or None)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

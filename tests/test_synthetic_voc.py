@@ -3,8 +3,9 @@ source; labels from the masks, void borders along every boundary, boats always o
 
 import numpy as np
 
-from conftest import load_script
 from wsss.data.voc import VOC_CLASSES, VOCSegmentation
+
+from conftest import load_script
 
 make_voc = load_script("make_synthetic_voc")
 prepare_voc = load_script("prepare_voc")
@@ -24,9 +25,13 @@ def block_means(image, block=4):
 
 
 def test_written_set_reads_back_through_the_voc_source(tmp_path):
-    root = make_voc.make_synthetic_voc(tmp_path, num_train=30, num_val=2, seed=0, size=SIZE, echo=lambda _: None)
+    root = make_voc.make_synthetic_voc(
+        tmp_path, num_train=30, num_val=2, seed=0, size=SIZE, echo=lambda _: None
+    )
     assert root == tmp_path / "VOCdevkit" / "VOC2012"
-    assert prepare_voc.prepare(root, echo=lambda _: None) == 0  # the full layout, train_aug included
+    assert (
+        prepare_voc.prepare(root, echo=lambda _: None) == 0
+    )  # the full layout, train_aug included
     allowed = {0, 255} | {VOC_CLASSES.index(name) + 1 for name in make_voc.CLASSES}
     train = VOCSegmentation(root, "train")
     assert len(train) == 30 and len(VOCSegmentation(root, "val")) == 2
@@ -35,9 +40,13 @@ def test_written_set_reads_back_through_the_voc_source(tmp_path):
     for index in range(len(train)):
         raw = train.load_raw(index)
         image, mask = make_voc.labelled_sample(0, "train", index, SIZE, 2)
-        assert np.array_equal(raw.mask, mask)  # the palette PNG holds the generator's labels exactly
+        assert np.array_equal(
+            raw.mask, mask
+        )  # the palette PNG holds the generator's labels exactly
         assert raw.image.shape == (SIZE, SIZE, 3)
-        assert np.abs(block_means(raw.image) - block_means(image)).mean() < 3  # JPEG keeps the low frequencies
+        assert (
+            np.abs(block_means(raw.image) - block_means(image)).mean() < 3
+        )  # JPEG keeps the low frequencies
         present = set(np.unique(raw.mask).tolist())
         assert present <= allowed
         assert set((np.flatnonzero(raw.labels) + 1).tolist()) == present - {0, 255} != set()
@@ -51,7 +60,9 @@ def test_written_set_reads_back_through_the_voc_source(tmp_path):
         # the context confound: a boat always has water under it, and the water is background
         bottom = slice(int(0.9 * SIZE), SIZE)
         background = raw.mask[bottom] == 0
-        water = bool(is_water(raw.image[bottom][background]).mean() > 0.8) if background.any() else None
+        water = (
+            bool(is_water(raw.image[bottom][background]).mean() > 0.8) if background.any() else None
+        )
         if raw.labels[BOAT - 1]:
             boats += 1
             assert water, raw.id
@@ -66,9 +77,13 @@ def test_void_border_band_has_the_requested_width():
     for width in (1, 2, 4):
         out = make_voc.void_borders(mask, width)
         columns = np.flatnonzero((out == 255).all(0))
-        assert len(columns) == width and columns.max() - columns.min() == width - 1  # one band, that wide
+        assert (
+            len(columns) == width and columns.max() - columns.min() == width - 1
+        )  # one band, that wide
         assert 5 in columns or 6 in columns  # on the boundary between columns 5 and 6
-        assert set(np.unique(out[:, :columns.min()])) == {0} and set(np.unique(out[:, columns.max() + 1:])) == {4}
+        assert set(np.unique(out[:, : columns.min()])) == {0} and set(
+            np.unique(out[:, columns.max() + 1 :])
+        ) == {4}
     assert np.array_equal(make_voc.void_borders(mask, 0), mask)
 
 

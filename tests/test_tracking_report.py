@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_args, tiny_config
-from wandb_records import read_run, runs_by_job
 from wsss import stages
 from wsss.cli import main
 from wsss.stages.report import report_markdown
+
+from conftest import ROOT, tiny_args, tiny_config
+from wandb_records import read_run, runs_by_job
 
 # every step logged, so short stages leave rows to check
 LOGGED = ("trainer.log_every_n_steps=1",)
@@ -23,7 +24,10 @@ LOGGED = ("trainer.log_every_n_steps=1",)
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("wandb_run")
-    assert main(["run", *tiny_args(root, *LOGGED, "logger.kind=wandb", "logger.wandb_mode=offline")]) == 0
+    assert (
+        main(["run", *tiny_args(root, *LOGGED, "logger.kind=wandb", "logger.wandb_mode=offline")])
+        == 0
+    )
     return root / "default"
 
 
@@ -39,15 +43,35 @@ def test_offline_wandb_runs_hold_each_stages_numbers_tables_overlays_and_artifac
     pseudo = runs["pseudo_masks"][0]
     for key in ("seed_miou", "pseudo_miou", "ignore_fraction"):
         assert pseudo["summary"][key] == pytest.approx(report[key])
-    assert {"pseudo/thresholds", "pseudo/per_class_iou", "pseudo/overlays", "pseudo/panels"} <= pseudo["logged"]
-    table = next(p for p in pseudo["files"] if "pseudo/thresholds" in p or "thresholds" in p and p.endswith(".json"))
-    rows = json.loads((next((wandb_run / "wandb").glob("offline-run-*pseudo-masks*")) / "files" / table).read_text())
-    assert rows["columns"] == ["class", "threshold", "calibration pairs", "source"] and len(rows["data"]) == 4
+    assert {
+        "pseudo/thresholds",
+        "pseudo/per_class_iou",
+        "pseudo/overlays",
+        "pseudo/panels",
+    } <= pseudo["logged"]
+    table = next(
+        p
+        for p in pseudo["files"]
+        if "pseudo/thresholds" in p or "thresholds" in p and p.endswith(".json")
+    )
+    rows = json.loads(
+        (
+            next((wandb_run / "wandb").glob("offline-run-*pseudo-masks*")) / "files" / table
+        ).read_text()
+    )
+    assert (
+        rows["columns"] == ["class", "threshold", "calibration pairs", "source"]
+        and len(rows["data"]) == 4
+    )
     assert any(p.endswith(".mask.png") for p in pseudo["files"])  # the overlays' masks were saved
-    assert any(kind == "dataset" and "manifest.json" in paths for _, kind, paths in pseudo["artifacts"])
+    assert any(
+        kind == "dataset" and "manifest.json" in paths for _, kind, paths in pseudo["artifacts"]
+    )
 
     classifier = runs["classifier"][0]
-    assert classifier["summary"]["metrics/val/mAP"] == pytest.approx(report["classifier"]["val/mAP"])
+    assert classifier["summary"]["metrics/val/mAP"] == pytest.approx(
+        report["classifier"]["val/mAP"]
+    )
     assert any(key.startswith("lr-") for key in classifier["logged"])  # LearningRateMonitor
     assert any(kind == "model" for _, kind, _ in classifier["artifacts"])
     assert runs["segmenter"][0]["summary"]["metrics/val/miou"] is not None
@@ -71,19 +95,40 @@ def test_report_md_leads_with_the_summary_and_marks_fallbacks(wandb_run):
     assert "wandb `pseudo_masks`" in text and "wandb sync" in text
     pairs = report["thresholds"]["pairs"]
     for name, count in pairs.items():
-        row = next(line for line in lines if line.startswith(f"| {name} | {report['thresholds']['per_class'][name]:.3f}"))
+        row = next(
+            line
+            for line in lines
+            if line.startswith(f"| {name} | {report['thresholds']['per_class'][name]:.3f}")
+        )
         assert ("fallback" in row) == (count == 0) and ("shrunk" in row) == (count > 0)
 
 
 def test_report_marks_fallback_classes_and_reference_ratio():
-    report = {"run": "r", "data": "synthetic", "cam_method": "relevance", "seed_miou": 0.3, "pseudo_miou": 0.4,
-              "refined_miou": 0.5, "seg_miou": 0.6, "dice": 0.7, "segmenter_masks": "pseudo",
-              "classifier": {"val/mAP": 0.91, "val/f1": 0.8}, "class_names": ["background", "a", "b"],
-              "per_class_iou": {"background": 0.9, "a": 0.5, "b": None}, "absent_classes": {"segmenter": ["b"]},
-              "thresholds": {"method": "libra", "objective": "delete", "global": 0.4,
-                             "per_class": {"a": 0.35, "b": 0.4}, "pairs": {"a": 12, "b": 0}},
-              "ignore_fraction": 0.1, "stage_seconds": {"classifier": 1.0},
-              "reference": {"run": "gt_run", "seg_miou": 0.8, "dice": 0.85}}
+    report = {
+        "run": "r",
+        "data": "synthetic",
+        "cam_method": "relevance",
+        "seed_miou": 0.3,
+        "pseudo_miou": 0.4,
+        "refined_miou": 0.5,
+        "seg_miou": 0.6,
+        "dice": 0.7,
+        "segmenter_masks": "pseudo",
+        "classifier": {"val/mAP": 0.91, "val/f1": 0.8},
+        "class_names": ["background", "a", "b"],
+        "per_class_iou": {"background": 0.9, "a": 0.5, "b": None},
+        "absent_classes": {"segmenter": ["b"]},
+        "thresholds": {
+            "method": "libra",
+            "objective": "delete",
+            "global": 0.4,
+            "per_class": {"a": 0.35, "b": 0.4},
+            "pairs": {"a": 12, "b": 0},
+        },
+        "ignore_fraction": 0.1,
+        "stage_seconds": {"classifier": 1.0},
+        "reference": {"run": "gt_run", "seg_miou": 0.8, "dice": 0.85},
+    }
     text = report_markdown(report)
     assert "| refined pseudo-masks (train split) | 50.0 |" in text
     assert "| ground-truth reference: `gt_run` | 80.0 | 85.0 |" in text
@@ -98,18 +143,28 @@ def test_panel_grid_has_a_row_per_present_class_and_a_legend():
     from wsss.stages.pseudo_masks import pseudo_panel_grid
 
     h = w = 32
-    item = {"id": "x", "display": np.zeros((h, w, 3), np.uint8), "classes": [1, 3],
-            "layers": {"layer4": torch.rand(2, h, w)}, "fused": torch.rand(2, h, w),
-            "seeds": torch.zeros(h, w, dtype=torch.uint8), "pseudo": torch.ones(h, w, dtype=torch.uint8),
-            "mask": None}
-    one_class = dict(item, classes=[2], layers={"layer4": torch.rand(1, h, w)}, fused=torch.rand(1, h, w))
+    item = {
+        "id": "x",
+        "display": np.zeros((h, w, 3), np.uint8),
+        "classes": [1, 3],
+        "layers": {"layer4": torch.rand(2, h, w)},
+        "fused": torch.rand(2, h, w),
+        "seeds": torch.zeros(h, w, dtype=torch.uint8),
+        "pseudo": torch.ones(h, w, dtype=torch.uint8),
+        "mask": None,
+    }
+    one_class = dict(
+        item, classes=[2], layers={"layer4": torch.rand(1, h, w)}, fused=torch.rand(1, h, w)
+    )
     grid = pseudo_panel_grid([item, one_class], ["layer4"], ["background", "a", "b", "c"])
     title, gap = 14, 2
     rows = 3  # two classes of the first sample, one of the second
     grid_height = title + rows * (h + gap) - gap
     assert grid.shape[0] > grid_height + 10  # the legend strip below the grid
-    assert grid.shape[1] == 7 * (w + gap) - gap  # image, layer4, fused, seeds, pseudo, pseudo mask, truth
-    legend = grid[grid_height + gap:]
+    assert (
+        grid.shape[1] == 7 * (w + gap) - gap
+    )  # image, layer4, fused, seeds, pseudo, pseudo mask, truth
+    legend = grid[grid_height + gap :]
     voc_red = np.array([128, 0, 0])  # class 1's swatch in the VOC palette
     assert (np.abs(legend.astype(int) - voc_red).sum(-1) == 0).any()
 
@@ -132,7 +187,9 @@ def test_resumed_stage_continues_its_wandb_run(tmp_path, training_callbacks):
     # share a folder); every attempt is the same wandb run
     assert 1 <= len(folders) <= 2
     ids = {read_run(folder)["run"]["id"] for folder in folders}
-    assert ids == {json.loads((tmp_path / "default" / "tracking.json").read_text())["runs"]["classifier"]}
+    assert ids == {
+        json.loads((tmp_path / "default" / "tracking.json").read_text())["runs"]["classifier"]
+    }
 
 
 @pytest.mark.slow
@@ -150,22 +207,38 @@ def test_csv_logger_gets_the_same_scalars(tmp_path):
 
 
 def test_show_config_keys_into_a_closed_pipe_is_quiet():
-    done = subprocess.run(f"{sys.executable} -m wsss.cli show-config --keys | head -1", shell=True, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        f"{sys.executable} -m wsss.cli show-config --keys | head -1",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout.startswith("run.name") and done.stderr == ""
 
 
 def test_folder_reports_lead_with_each_findings_dice_and_iou():
-    report = {"run": "r", "data": "folder", "cam_method": "relevance", "segmenter_masks": "pseudo",
-              "class_names": ["background", "polyp"], "stage_seconds": {},
-              "pseudo_per_class_dice": {"background": 0.95, "polyp": 0.62},
-              "pseudo_per_class_iou": {"background": 0.9, "polyp": 0.45},
-              "per_class_dice": {"background": 0.96, "polyp": 0.7}, "per_class_iou": {"background": 0.92, "polyp": 0.54}}
+    report = {
+        "run": "r",
+        "data": "folder",
+        "cam_method": "relevance",
+        "segmenter_masks": "pseudo",
+        "class_names": ["background", "polyp"],
+        "stage_seconds": {},
+        "pseudo_per_class_dice": {"background": 0.95, "polyp": 0.62},
+        "pseudo_per_class_iou": {"background": 0.9, "polyp": 0.45},
+        "per_class_dice": {"background": 0.96, "polyp": 0.7},
+        "per_class_iou": {"background": 0.92, "polyp": 0.54},
+    }
     text = report_markdown(report)
     lines = text.splitlines()
     first_heading = next(line for line in lines if line.startswith("## "))
     assert first_heading == "## Findings (foreground classes)"
-    assert "| polyp | 62.0 | 45.0 | 70.0 | 54.0 |" in text and "| **mean** | 62.0 | 45.0 | 70.0 | 54.0 |" in text
+    assert (
+        "| polyp | 62.0 | 45.0 | 70.0 | 54.0 |" in text
+        and "| **mean** | 62.0 | 45.0 | 70.0 | 54.0 |" in text
+    )
     assert text.index("## Findings") < text.index("| step | mIoU")
     synthetic = report_markdown(dict(report, data="synthetic"))
     assert "## Findings" not in synthetic

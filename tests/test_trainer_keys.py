@@ -7,9 +7,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Timer
 
-from conftest import tiny_config
 from wsss import stages
 from wsss.stages.trainer import make_trainer
+
+from conftest import tiny_config
 
 
 def config(root, *extra):
@@ -37,13 +38,26 @@ class RecordFit(L.Callback):
 
 # 12 training and 12 validation images in batches of 4: without a limit, one epoch is 3 training
 # batches, 3 optimizer steps and 3 validation batches, and without max_time there is no Timer
-@pytest.mark.parametrize("overrides, train_batches, steps, val_batches, seconds", [
-    (["trainer.accumulate_grad_batches=3", "trainer.limit_val_batches=2", "trainer.max_time=00:01:30:00"],
-     3, 1, 2, 5400),
-    (["trainer.limit_train_batches=2", "trainer.limit_val_batches=0.34"], 2, 2, 1, None),
-])
+@pytest.mark.parametrize(
+    "overrides, train_batches, steps, val_batches, seconds",
+    [
+        (
+            [
+                "trainer.accumulate_grad_batches=3",
+                "trainer.limit_val_batches=2",
+                "trainer.max_time=00:01:30:00",
+            ],
+            3,
+            1,
+            2,
+            5400,
+        ),
+        (["trainer.limit_train_batches=2", "trainer.limit_val_batches=0.34"], 2, 2, 1, None),
+    ],
+)
 def test_batch_limits_accumulation_and_max_time_reach_the_training_trainer(
-        tmp_path, training_callbacks, overrides, train_batches, steps, val_batches, seconds):
+    tmp_path, training_callbacks, overrides, train_batches, steps, val_batches, seconds
+):
     """trainer.accumulate_grad_batches / limit_train_batches / limit_val_batches (a count above 1,
     else a fraction) / max_time: the batches a training stage sees, the optimizer steps its
     checkpoint counts and the time limit its Trainer runs under."""
@@ -51,8 +65,13 @@ def test_batch_limits_accumulation_and_max_time_reach_the_training_trainer(
     training_callbacks.append(seen)
     record = stages.train_classifier(config(tmp_path, "data.num_val=12", *overrides))
     assert (seen.train, seen.val) == (train_batches, val_batches)
-    assert record["steps"] == steps == torch.load(tmp_path / "default" / "classifier" / "last.ckpt",
-                                                  weights_only=False)["global_step"]
+    assert (
+        record["steps"]
+        == steps
+        == torch.load(tmp_path / "default" / "classifier" / "last.ckpt", weights_only=False)[
+            "global_step"
+        ]
+    )
     if seconds is None:
         assert seen.time_left is None
     else:
@@ -71,8 +90,12 @@ def test_max_time_that_runs_out_before_the_first_checkpoint_counts_as_done(tmp_p
 def test_trainer_factory_passes_nodes_and_batch_limits(tmp_path):
     """trainer.num_nodes and the batch limits reach the Trainer every stage builds (the machines
     themselves cannot be tested on one)."""
-    cfg = config(tmp_path, "trainer.num_nodes=2", "trainer.limit_train_batches=5",
-                 "trainer.limit_val_batches=0.25")
+    cfg = config(
+        tmp_path,
+        "trainer.num_nodes=2",
+        "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=0.25",
+    )
     trainer = make_trainer(cfg, 1)
     assert trainer.num_nodes == 2
     assert trainer.limit_train_batches == 5 and isinstance(trainer.limit_train_batches, int)
@@ -83,7 +106,9 @@ def test_trainer_factory_passes_nodes_and_batch_limits(tmp_path):
 def test_trainer_deterministic_switches_torch_to_deterministic_algorithms(tmp_path, monkeypatch):
     """trainer.deterministic=true reaches Lightning, which turns on torch's deterministic
     algorithms (a process-wide flag: restored afterwards); null leaves the flag alone."""
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # Lightning sets it; restored with the flag
+    monkeypatch.setenv(
+        "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
+    )  # Lightning sets it; restored with the flag
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     try:
         torch.use_deterministic_algorithms(False)

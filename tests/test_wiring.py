@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, reuse_stage, tiny_args, tiny_config
 from wsss import stages
 from wsss.cam import aggregate_scales, build_cam, fuse_layers
 from wsss.cam.libra import model_fingerprint
@@ -23,8 +22,10 @@ from wsss.io import read_json
 from wsss.models.pseudo_labeler import SEED_DIR, present_targets
 from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.stages import pseudo_masks as pseudo_stage
-from wsss.stages.records import StageError
 from wsss.stages.pseudo_masks import pseudo_module
+from wsss.stages.records import StageError
+
+from conftest import ROOT, reuse_stage, tiny_args, tiny_config
 
 # eight calibration images and no panel grid: the pseudo-mask settings of these tests
 PSEUDO = ("pseudo.calibration_images=8", "pseudo.num_panels=0")
@@ -47,35 +48,78 @@ def batch_of(cfg, classifier, count=4):
     return next(iter(make_loader(dataset, cfg, count)))
 
 
-def expected_fused(model, images, labels, method, layers, options, normalize, scales, flip, weights):
+def expected_fused(
+    model, images, labels, method, layers, options, normalize, scales, flip, weights
+):
     """The fused maps computed by hand from the public CAM functions."""
     targets, valid = present_targets(labels)
     extra = {"present": labels > 0.5} if METHODS[method].takes_present else {}
     with build_cam(method, model, layers, **options) as cam:
-        maps = aggregate_scales(cam, images, scales, flip, targets=targets, normalize=normalize, **extra)
+        maps = aggregate_scales(
+            cam, images, scales, flip, targets=targets, normalize=normalize, **extra
+        )
     return fuse_layers(maps, images.shape[-2:], weights) * valid[:, :, None, None]
 
 
-@pytest.mark.parametrize("overrides, method, options, normalize, scales, flip, weights", [
-    ([], "relevance", {"preset": "default"}, "centred", [1.0], False, None),
-    (["cam.method=gradcam"], "gradcam", {}, "centred", [1.0], False, None),
-    (["cam.preset=lrp"], "relevance", {"preset": "lrp"}, "centred", [1.0], False, None),
-    (["cam.normalize=relu_max"], "relevance", {"preset": "default"}, "relu_max", [1.0], False, None),
-    (["cam.scales=[0.5, 1.0]", "cam.flip=true"], "relevance", {"preset": "default"}, "centred", [0.5, 1.0], True,
-     None),
-    (["cam.layer_weights=[0.0, 0.0, 1.0]"], "relevance", {"preset": "default"}, "centred", [1.0], False,
-     [0.0, 0.0, 1.0]),
-])
-def test_cam_keys_reach_the_pseudo_module(trained, overrides, method, options, normalize, scales, flip, weights):
+@pytest.mark.parametrize(
+    "overrides, method, options, normalize, scales, flip, weights",
+    [
+        ([], "relevance", {"preset": "default"}, "centred", [1.0], False, None),
+        (["cam.method=gradcam"], "gradcam", {}, "centred", [1.0], False, None),
+        (["cam.preset=lrp"], "relevance", {"preset": "lrp"}, "centred", [1.0], False, None),
+        (
+            ["cam.normalize=relu_max"],
+            "relevance",
+            {"preset": "default"},
+            "relu_max",
+            [1.0],
+            False,
+            None,
+        ),
+        (
+            ["cam.scales=[0.5, 1.0]", "cam.flip=true"],
+            "relevance",
+            {"preset": "default"},
+            "centred",
+            [0.5, 1.0],
+            True,
+            None,
+        ),
+        (
+            ["cam.layer_weights=[0.0, 0.0, 1.0]"],
+            "relevance",
+            {"preset": "default"},
+            "centred",
+            [1.0],
+            False,
+            [0.0, 0.0, 1.0],
+        ),
+    ],
+)
+def test_cam_keys_reach_the_pseudo_module(
+    trained, overrides, method, options, normalize, scales, flip, weights
+):
     cfg = config(trained, *overrides)
     classifier = stages.load_classifier(cfg)
     module = pseudo_module(cfg, classifier)
     batch = batch_of(cfg, classifier)
     fused = module.fused_maps(batch["image"], batch["labels"])["fused"]
-    expected = expected_fused(classifier.export(), batch["image"], batch["labels"], method, cfg.cam.layers,
-                              options, normalize, scales, flip, weights)
+    expected = expected_fused(
+        classifier.export(),
+        batch["image"],
+        batch["labels"],
+        method,
+        cfg.cam.layers,
+        options,
+        normalize,
+        scales,
+        flip,
+        weights,
+    )
     assert torch.allclose(fused, expected, atol=1e-5)
-    default = pseudo_module(config(trained), classifier).fused_maps(batch["image"], batch["labels"])["fused"]
+    default = pseudo_module(config(trained), classifier).fused_maps(
+        batch["image"], batch["labels"]
+    )["fused"]
     if overrides:  # and the key made a difference
         assert not torch.allclose(fused, default, atol=1e-3), overrides
 
@@ -88,34 +132,47 @@ def test_centred_maps_cover_less_than_relu_max_at_one_threshold(trained):
     area = {}
     for mode in ("centred", "relu_max"):
         fused = pseudo_module(config(trained, f"cam.normalize={mode}"), classifier).fused_maps(
-            batch["image"], batch["labels"])["fused"]
+            batch["image"], batch["labels"]
+        )["fused"]
         area[mode] = float((fused >= 0.25).float().mean())
     assert area["centred"] < area["relu_max"]
 
 
-def _recomputed(out_dir: Path, sample_id: str, thresholds: dict, names: list[str], band: float) -> np.ndarray:
+def _recomputed(
+    out_dir: Path, sample_id: str, thresholds: dict, names: list[str], band: float
+) -> np.ndarray:
     saved = np.load(out_dir / "maps" / f"{sample_id}.npz")
     maps = torch.from_numpy(saved["maps"].astype(np.float32))[None]
     classes = torch.from_numpy(saved["classes"].astype(np.int64))[None]
     per_slot = torch.tensor([[thresholds["per_class"][names[c - 1]] for c in classes[0].tolist()]])
     valid = torch.ones_like(classes, dtype=torch.bool)
     probs = slot_distribution(maps, valid, per_slot)
-    return ignore_uncertain(distribution_labels(probs, classes, valid), probs, margin=band)[0].numpy()
+    return ignore_uncertain(distribution_labels(probs, classes, valid), probs, margin=band)[
+        0
+    ].numpy()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("calibration", ["libra", "fixed"])
-def test_written_masks_use_the_calibrated_thresholds_and_the_ignore_band(trained, tmp_path, calibration):
+def test_written_masks_use_the_calibrated_thresholds_and_the_ignore_band(
+    trained, tmp_path, calibration
+):
     """Seed threshold 0.15 lies outside the calibration grid, so calibrated thresholds differ
     from it; every written mask must equal the labels recomputed from the saved maps with
     thresholds.json and the ignore band (float16 maps: a few boundary pixels may flip)."""
     reuse_stage(trained, tmp_path)
     band = 0.05
-    cfg = config(tmp_path, f"pseudo.calibration={calibration}", "pseudo.threshold=0.15",
-                 "pseudo.grid=[0.3, 0.5, 0.7]", "pseudo.min_confidence=0.0", "pseudo.objective=keep_delete",
-                 "pseudo.fallback=global",
-                 f"pseudo.ignore_band={band}",
-                 "pseudo.save_maps=true")
+    cfg = config(
+        tmp_path,
+        f"pseudo.calibration={calibration}",
+        "pseudo.threshold=0.15",
+        "pseudo.grid=[0.3, 0.5, 0.7]",
+        "pseudo.min_confidence=0.0",
+        "pseudo.objective=keep_delete",
+        "pseudo.fallback=global",
+        f"pseudo.ignore_band={band}",
+        "pseudo.save_maps=true",
+    )
     record = stages.make_pseudo_masks(cfg)
     out = tmp_path / "default" / "pseudo_masks"
     thresholds = read_json(out / "thresholds.json")
@@ -137,8 +194,12 @@ def test_written_masks_use_the_calibrated_thresholds_and_the_ignore_band(trained
 
 
 # a segmenter trained on the ground truth long enough to predict shapes, for evaluation's keys
-GT_SEGMENTER = ("segmenter.masks=ground_truth", "segmenter.max_epochs=10", "segmenter.optimizer=sgd",
-                "segmenter.lr=0.1")
+GT_SEGMENTER = (
+    "segmenter.masks=ground_truth",
+    "segmenter.max_epochs=10",
+    "segmenter.optimizer=sgd",
+    "segmenter.lr=0.1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +217,12 @@ def test_evaluation_uses_the_configured_test_time_augmentation(gt_segmenter, tmp
     reuse_stage(gt_segmenter, tmp_path, "segmenter")
     cfg = config(tmp_path, *GT_SEGMENTER)
     stages.evaluate(cfg)
-    plain = {p.name: read_mask(p) for p in (tmp_path / "default" / "evaluation" / "val").glob("*.png")}
-    augmented_cfg = config(tmp_path, *GT_SEGMENTER, "segmenter.eval_scales=[0.5, 1.5]",
-                           "segmenter.eval_flip=true")
+    plain = {
+        p.name: read_mask(p) for p in (tmp_path / "default" / "evaluation" / "val").glob("*.png")
+    }
+    augmented_cfg = config(
+        tmp_path, *GT_SEGMENTER, "segmenter.eval_scales=[0.5, 1.5]", "segmenter.eval_flip=true"
+    )
     skipped = stages.train_segmenter(augmented_cfg)
     assert skipped["skipped"]  # the trained segmenter stays valid
     shutil.rmtree(tmp_path / "default" / "evaluation")
@@ -179,20 +243,42 @@ def test_evaluation_uses_the_configured_test_time_augmentation(gt_segmenter, tmp
 def test_segmenter_recipe_keys_reach_the_trained_segmenter(tmp_path):
     """segmenter.optimizer / schedule / loss / lr / momentum / weight_decay: the stage's checkpoint
     holds the optimizer they name (AdamW moments, the constant learning rate) and the loss."""
-    cfg = config(tmp_path, "segmenter.masks=ground_truth", "segmenter.optimizer=adamw", "segmenter.lr=0.002",
-                 "segmenter.schedule=constant", "segmenter.loss=ce_dice", "segmenter.weight_decay=0.03")
+    cfg = config(
+        tmp_path,
+        "segmenter.masks=ground_truth",
+        "segmenter.optimizer=adamw",
+        "segmenter.lr=0.002",
+        "segmenter.schedule=constant",
+        "segmenter.loss=ce_dice",
+        "segmenter.weight_decay=0.03",
+    )
     stages.train_segmenter(cfg)
-    checkpoint = torch.load(tmp_path / "default" / "segmenter" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(
+        tmp_path / "default" / "segmenter" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     state = checkpoint["optimizer_states"][0]
     assert "exp_avg_sq" in next(iter(state["state"].values()))  # AdamW, not SGD
-    assert (state["param_groups"][0]["lr"], state["param_groups"][0]["weight_decay"]) == (0.002, 0.03)
+    assert (state["param_groups"][0]["lr"], state["param_groups"][0]["weight_decay"]) == (
+        0.002,
+        0.03,
+    )
     assert stages.load_segmenter(cfg).loss_fn.dice is not None
 
-    sgd = config(tmp_path / "sgd", "segmenter.masks=ground_truth", "segmenter.optimizer=sgd", "segmenter.momentum=0.7",
-                 "segmenter.lr=0.02", "segmenter.schedule=poly", "segmenter.loss=ce")
+    sgd = config(
+        tmp_path / "sgd",
+        "segmenter.masks=ground_truth",
+        "segmenter.optimizer=sgd",
+        "segmenter.momentum=0.7",
+        "segmenter.lr=0.02",
+        "segmenter.schedule=poly",
+        "segmenter.loss=ce",
+    )
     stages.train_segmenter(sgd)
-    checkpoint = torch.load(tmp_path / "sgd" / "default" / "segmenter" / "last.ckpt", map_location="cpu",
-                            weights_only=False)
+    checkpoint = torch.load(
+        tmp_path / "sgd" / "default" / "segmenter" / "last.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
     group = checkpoint["optimizer_states"][0]["param_groups"][0]
     assert group["momentum"] == 0.7 and group["lr"] < 0.02  # poly: decayed by the end of the fit
     assert stages.load_segmenter(sgd).loss_fn.dice is None
@@ -212,9 +298,19 @@ def test_segmenter_trains_on_a_mask_directory_and_standalone_evaluate_runs(train
         write_label_png(masks / f"{raw.id}.png", raw.mask)
     record = stages.train_segmenter(cfg)
     assert record["masks"] == str(masks) and record["epochs"] == 1
-    done = subprocess.run([sys.executable, "-m", "wsss.cli", "evaluate",
-                           *tiny_args(tmp_path, *PSEUDO, f"segmenter.masks={masks}", size="stage")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsss.cli",
+            "evaluate",
+            *tiny_args(tmp_path, *PSEUDO, f"segmenter.masks={masks}", size="stage"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     evaluation = read_json(tmp_path / "default" / "evaluation" / "stage.json")
     assert evaluation["status"] == "done" and 0 <= evaluation["miou"] <= 1
@@ -226,16 +322,28 @@ def test_installed_console_script_runs():
     script = Path(sys.executable).parent / "wsss"
     if not script.is_file():
         pytest.skip("the wsss console script is installed by pip install -e '.[dev]'")
-    done = subprocess.run([str(script), "show-config", "configs/default.yaml", "run.name=x"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(script), "show-config", "configs/default.yaml", "run.name=x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "name: x" in done.stdout
-    bad = subprocess.run([str(script), "run", "configs/default.yaml", "cam.normalize=nope"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [str(script), "run", "configs/default.yaml", "cam.normalize=nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "cam.normalize" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow
-def test_a_class_the_classifier_does_not_recognise_is_no_worse_than_with_the_fixed_threshold(trained, tmp_path):
+def test_a_class_the_classifier_does_not_recognise_is_no_worse_than_with_the_fixed_threshold(
+    trained, tmp_path
+):
     """The head's bias for 'square' is pushed to -30: no image passes the confidence gate for it,
     so calibration knows nothing about it. With the shrink fallback it keeps the fixed threshold:
     its pseudo-mask IoU equals its seed IoU (no ignore band), and the report says so."""
@@ -246,14 +354,23 @@ def test_a_class_the_classifier_does_not_recognise_is_no_worse_than_with_the_fix
     square = names.index("square")
     state["state_dict"]["model.fc.bias"][square] = -30.0
     torch.save(state, checkpoint)
-    cfg = config(tmp_path, "pseudo.min_confidence=0.0001", "pseudo.ignore_band=0.0", "pseudo.objective=keep_delete",
-                 "pseudo.grid=[0.3, 0.5, 0.7]", "pseudo.threshold=0.15")
+    cfg = config(
+        tmp_path,
+        "pseudo.min_confidence=0.0001",
+        "pseudo.ignore_band=0.0",
+        "pseudo.objective=keep_delete",
+        "pseudo.grid=[0.3, 0.5, 0.7]",
+        "pseudo.threshold=0.15",
+    )
     record = stages.make_pseudo_masks(cfg)
     thresholds = record["thresholds"]
     assert thresholds["pairs"]["square"] == 0 and thresholds["sources"]["square"] == "fixed"
     assert thresholds["per_class"]["square"] == 0.15
     assert any(thresholds["pairs"][n] > 0 for n in names if n != "square")
-    seed_iou, pseudo_iou = record["seed_per_class_iou"][square + 1], record["pseudo_per_class_iou"][square + 1]
+    seed_iou, pseudo_iou = (
+        record["seed_per_class_iou"][square + 1],
+        record["pseudo_per_class_iou"][square + 1],
+    )
     assert pseudo_iou >= seed_iou - 1e-9
 
 
@@ -279,8 +396,13 @@ def test_in_image_refinement_is_what_the_written_masks_went_through(trained, tmp
 
     reuse_stage(trained, tmp_path)
     band = 0.05
-    cfg = config(tmp_path, f"pseudo.refine={method}", "pseudo.save_maps=true", f"pseudo.ignore_band={band}",
-                 "pseudo.par_iterations=6")
+    cfg = config(
+        tmp_path,
+        f"pseudo.refine={method}",
+        "pseudo.save_maps=true",
+        f"pseudo.ignore_band={band}",
+        "pseudo.par_iterations=6",
+    )
     classifier = stages.load_classifier(cfg)
     record = stages.make_pseudo_masks(cfg)
     out = tmp_path / "default" / "pseudo_masks"
@@ -296,9 +418,17 @@ def test_in_image_refinement_is_what_the_written_masks_went_through(trained, tmp
             refined = par(probs, image, iterations=6)
         else:
             inside = pixel_mask(None, *probs.shape[-2:])
-            refined = refine_scores("crf", probs, image, valid=inside, mean=classifier.hparams.mean,
-                                    std=classifier.hparams.std)
-        expected = ignore_uncertain(distribution_labels(refined, classes, valid), refined, margin=band)[0].numpy()
+            refined = refine_scores(
+                "crf",
+                probs,
+                image,
+                valid=inside,
+                mean=classifier.hparams.mean,
+                std=classifier.hparams.std,
+            )
+        expected = ignore_uncertain(
+            distribution_labels(refined, classes, valid), refined, margin=band
+        )[0].numpy()
         written = read_mask(out / f"{item['id']}.png")
         calibrated = read_mask(out / "calibrated" / f"{item['id']}.png")
         agree += int((written == expected).sum())
@@ -308,16 +438,23 @@ def test_in_image_refinement_is_what_the_written_masks_went_through(trained, tmp
 
 
 @pytest.mark.slow
-def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_path, training_callbacks):
+def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(
+    trained, tmp_path, training_callbacks
+):
     """pseudo.refine=affinity: the affinity stage trains on the calibrated masks, writes refined
     masks for every image, resumes from last.ckpt after a kill mid-training and does not redo
     masks already written; the segmenter trains on the refined masks."""
+
     class KillInEpoch(L.Callback):
         def __init__(self):
             self.armed = True
 
         def on_train_epoch_start(self, trainer, module):
-            if self.armed and trainer.current_epoch == 1 and type(module).__name__ == "AffinityModule":
+            if (
+                self.armed
+                and trainer.current_epoch == 1
+                and type(module).__name__ == "AffinityModule"
+            ):
                 raise RuntimeError("killed")
 
     reuse_stage(trained, tmp_path)
@@ -335,8 +472,14 @@ def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_pat
     ids = build_source(cfg, "train").ids
     assert sorted(p.stem for p in (directory / "masks").glob("*.png")) == sorted(ids)
     pseudo_dir = tmp_path / "default" / "pseudo_masks"
-    differs = sum(int((read_mask(directory / "masks" / f"{i}.png") != read_mask(pseudo_dir / f"{i}.png")).sum())
-                  for i in ids)
+    differs = sum(
+        int(
+            (
+                read_mask(directory / "masks" / f"{i}.png") != read_mask(pseudo_dir / f"{i}.png")
+            ).sum()
+        )
+        for i in ids
+    )
     assert differs > 0 and record["refined_miou"] is not None
     (directory / "masks" / f"{ids[0]}.png").unlink()  # as if killed while writing masks
     state = read_json(directory / "stage.json")
@@ -348,10 +491,17 @@ def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(trained, tmp_pat
     assert segmenter["masks"] == str(directory / "masks")
 
 
-LIBRA = ["cam.method=libra", "cam.libra_references=3", "cam.libra_bound=1.0", "pseudo.calibration=fixed"]
+LIBRA = [
+    "cam.method=libra",
+    "cam.libra_references=3",
+    "cam.libra_bound=1.0",
+    "pseudo.calibration=fixed",
+]
 
 
-def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(trained, tmp_path, monkeypatch):
+def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(
+    trained, tmp_path, monkeypatch
+):
     """cam.method=libra: the stage stores a library built from the training split with the
     cam.libra_* settings and the classifier's fingerprint; the written masks come from maps made
     with it; a second call reuses it; a changed classifier or setting rebuilds it."""
@@ -369,19 +519,36 @@ def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(trained
     assert state["settings"]["references"] == 3 and state["settings"]["bound"] == 1.0
     assert list(state["settings"]["layers"]) == list(cfg.cam.layers)
     dataset = build_source(cfg, "train", mean=classifier.hparams.mean, std=classifier.hparams.std)
-    by_hand = build_library(classifier.export().eval(), make_loader(dataset, cfg, 4),
-                            LibrarySettings(tuple(cfg.cam.layers), references=3, bound=1.0))
+    by_hand = build_library(
+        classifier.export().eval(),
+        make_loader(dataset, cfg, 4),
+        LibrarySettings(tuple(cfg.cam.layers), references=3, bound=1.0),
+    )
     stored = ReferenceLibrary.from_state_dict(state)
     for layer in cfg.cam.layers:
         assert torch.allclose(stored.activations[layer], by_hand.activations[layer])
     assert record["count"] == len(dataset)
 
     batch = batch_of(cfg, classifier)
-    fused = pseudo_module(cfg, classifier, library=stored).fused_maps(batch["image"], batch["labels"])["fused"]
-    expected = expected_fused(classifier.export(), batch["image"], batch["labels"], "libra", cfg.cam.layers,
-                              {"library": by_hand}, "centred", [1.0], False, None)
+    fused = pseudo_module(cfg, classifier, library=stored).fused_maps(
+        batch["image"], batch["labels"]
+    )["fused"]
+    expected = expected_fused(
+        classifier.export(),
+        batch["image"],
+        batch["labels"],
+        "libra",
+        cfg.cam.layers,
+        {"library": by_hand},
+        "centred",
+        [1.0],
+        False,
+        None,
+    )
     assert torch.allclose(fused, expected, atol=1e-5)
-    relevance = pseudo_module(config(tmp_path), classifier).fused_maps(batch["image"], batch["labels"])["fused"]
+    relevance = pseudo_module(config(tmp_path), classifier).fused_maps(
+        batch["image"], batch["labels"]
+    )["fused"]
     assert not torch.allclose(fused, relevance, atol=1e-3)
 
     def no_build(*args, **kwargs):
@@ -393,8 +560,12 @@ def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(trained
     state["classifier_hash"] = "another-classifier"
     torch.save(state, path)
     pseudo_stage.reference_library(cfg, classifier, out)
-    assert torch.load(path, weights_only=True)["classifier_hash"] == model_fingerprint(classifier.export())
-    pseudo_stage.reference_library(config(tmp_path, *LIBRA, "cam.libra_references=2"), classifier, out)
+    assert torch.load(path, weights_only=True)["classifier_hash"] == model_fingerprint(
+        classifier.export()
+    )
+    pseudo_stage.reference_library(
+        config(tmp_path, *LIBRA, "cam.libra_references=2"), classifier, out
+    )
     assert torch.load(path, weights_only=True)["scores"].shape[1] == 2
 
 
@@ -418,7 +589,9 @@ def test_eval_crf_also_scores_the_predictions_after_a_dense_crf(gt_segmenter, tm
     ids = build_source(cfg, "val").ids
     plain, refined = directory / "val", directory / "val_crf"
     assert sorted(p.stem for p in refined.glob("*.png")) == sorted(ids)
-    changed = sum(int((read_mask(refined / f"{i}.png") != read_mask(plain / f"{i}.png")).sum()) for i in ids)
+    changed = sum(
+        int((read_mask(refined / f"{i}.png") != read_mask(plain / f"{i}.png")).sum()) for i in ids
+    )
     assert changed > 0  # the CRF really ran on the predictions
     assert 0.0 <= record["crf_miou"] <= 1.0
     assert stages.build_report(cfg)["seg_miou_crf"] == record["crf_miou"]

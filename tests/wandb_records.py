@@ -23,9 +23,9 @@ def _chunks(path: Path) -> Iterator[bytes]:
         if left < HEADER:  # the block's tail is padding
             position += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + HEADER])
+        _, length, kind = struct.unpack("<IHB", data[position : position + HEADER])
         position += HEADER
-        chunk = data[position:position + length]
+        chunk = data[position : position + length]
         position += length
         if kind == 1:
             yield chunk
@@ -53,7 +53,12 @@ def read_run(folder: Path) -> dict[str, Any]:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
-            out["run"] = {"id": run.run_id, "project": run.project, "group": run.run_group, "job_type": run.job_type}
+            out["run"] = {
+                "id": run.run_id,
+                "project": run.project,
+                "group": run.run_group,
+                "job_type": run.job_type,
+            }
         elif kind == "summary":
             for item in record.summary.update:
                 key = "/".join(item.nested_key) if item.nested_key else item.key

@@ -30,21 +30,28 @@ def commands() -> dict[str, str]:
     for stage in registry.REGISTRY:
         step = f"-> {stage.command}" if steps else stage.command
         steps += f" [{step}]" if stage.optional else f" {step}"
-    return {"run": f"all stages ({steps.strip()}), resumable",
-            **{stage.command: stage.help for stage in registry.REGISTRY},
-            "data-check": "load every item of the configured splits and report counts and bad files",
-            "show-config": "print the resolved config (or every key with --keys)"}
+    return {
+        "run": f"all stages ({steps.strip()}), resumable",
+        **{stage.command: stage.help for stage in registry.REGISTRY},
+        "data-check": "load every item of the configured splits and report counts and bad files",
+        "show-config": "print the resolved config (or every key with --keys)",
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised semantic segmentation "
-                                     "from image-level labels with multi-layer Relevance-CAM.")
+    parser = argparse.ArgumentParser(
+        prog="wsss",
+        description="Weakly-supervised semantic segmentation "
+        "from image-level labels with multi-layer Relevance-CAM.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in commands().items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == "show-config":
             sub.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
-            sub.add_argument("--keys", action="store_true", help="list every key, its type and choices")
+            sub.add_argument(
+                "--keys", action="store_true", help="list every key, its type and choices"
+            )
         else:
             sub.add_argument("config", help="YAML config, e.g. configs/default.yaml")
         sub.add_argument("overrides", nargs="*", metavar="group.key=value", help="config overrides")
@@ -80,9 +87,12 @@ def _run_command(command: str, cfg: Config) -> int:
 def _quiet_third_party() -> None:
     """Drop what Lightning and torch repeat on every stage and that says nothing about the run:
     Lightning's product tips and torch's ``_pytree`` deprecation notice (from Lightning)."""
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning
+    )
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "Tip:" not in record.getMessage())
+        lambda record: "Tip:" not in record.getMessage()
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -105,7 +115,11 @@ def original_message(exc: BaseException) -> str:
     if "Original Traceback" not in text:
         return text
     prefix = f"{type(exc).__name__}: "
-    tail = text[text.rfind(prefix) + len(prefix):] if prefix in text else text.strip().splitlines()[-1]
+    tail = (
+        text[text.rfind(prefix) + len(prefix) :]
+        if prefix in text
+        else text.strip().splitlines()[-1]
+    )
     return tail.strip()
 
 

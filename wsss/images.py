@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 
-def denormalise(image: torch.Tensor, mean: Optional[Sequence[float]],
-                std: Optional[Sequence[float]]) -> np.ndarray:
+def denormalise(
+    image: torch.Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
+) -> np.ndarray:
     """(C, H, W) normalised tensor -> HxWx3 uint8 for display.
 
     One channel is repeated to three (more than three: the first three are shown). Raw values

@@ -33,7 +33,9 @@ def run_one(cfg: Config, stage: Stage, echo: Callable[[str], None] = print) -> d
     _prepare(cfg, [stage])
     result = stage.run(cfg)
     if result.get("skipped"):
-        echo(f"[wsss] {stage.command}: run.overwrite=true redoes it; outputs in {stage_dir(cfg, stage.name)}")
+        echo(
+            f"[wsss] {stage.command}: run.overwrite=true redoes it; outputs in {stage_dir(cfg, stage.name)}"
+        )
     write_report(cfg)
     return result
 

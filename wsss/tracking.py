@@ -65,9 +65,18 @@ def make_logger(cfg: Config, stage: str) -> Union[Logger, bool]:
 
         run_id = wandb_run_id(cfg, stage)
         # silent: the console keeps one line per stage; report.md lists the run folders to sync
-        return WandbLogger(name=f"{cfg.run.name}-{stage}", id=run_id, resume="allow", project=cfg.logger.project,
-                           save_dir=str(run_dir), mode=cfg.logger.wandb_mode, group=_identity(cfg)["group"],
-                           job_type=stage, config=cfg.to_dict(), settings=wandb.Settings(silent=True))
+        return WandbLogger(
+            name=f"{cfg.run.name}-{stage}",
+            id=run_id,
+            resume="allow",
+            project=cfg.logger.project,
+            save_dir=str(run_dir),
+            mode=cfg.logger.wandb_mode,
+            group=_identity(cfg)["group"],
+            job_type=stage,
+            config=cfg.to_dict(),
+            settings=wandb.Settings(silent=True),
+        )
     if cfg.logger.kind == "csv":
         return CSVLogger(save_dir=str(run_dir), name="logs", version=stage)
     return False
@@ -94,7 +103,9 @@ def flat_scalars(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flat_scalars(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        elif (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
             out[name] = float(value)
     return out
 
@@ -109,24 +120,38 @@ def log_summary(logger: Union[Logger, bool], values: dict[str, Any]) -> None:
         logger.save()
 
 
-def log_table(logger: Union[Logger, bool], key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def log_table(
+    logger: Union[Logger, bool], key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
     """A table (wandb only; its numbers also go through ``log_summary``)."""
     if isinstance(logger, WandbLogger) and rows:
         import wandb  # heavy, and only needed when logger.kind=wandb
 
-        logger.experiment.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+        logger.experiment.log(
+            {key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}
+        )
 
 
-def log_images(logger: Union[Logger, bool], key: str, images: list[Any], captions: list[str] | None = None,
-               step: int | None = None) -> None:
+def log_images(
+    logger: Union[Logger, bool],
+    key: str,
+    images: list[Any],
+    captions: list[str] | None = None,
+    step: int | None = None,
+) -> None:
     """Log image panels where the tracker supports images (wandb); a no-op otherwise."""
     if isinstance(logger, WandbLogger) and images:
         kwargs: dict[str, Any] = {"caption": captions} if captions else {}
         logger.log_image(key=key, images=images, step=step, **kwargs)
 
 
-def log_mask_overlays(logger: Union[Logger, bool], key: str, items: Sequence[dict[str, Any]],
-                      class_names: Sequence[str], step: Optional[int] = None) -> None:
+def log_mask_overlays(
+    logger: Union[Logger, bool],
+    key: str,
+    items: Sequence[dict[str, Any]],
+    class_names: Sequence[str],
+    step: Optional[int] = None,
+) -> None:
     """Images with their label maps as wandb mask overlays (toggled per layer in the UI).
 
     items: ``{"image": HxWx3 uint8, "caption": str, "masks": {layer name: HxW label map}}``;
@@ -138,18 +163,32 @@ def log_mask_overlays(logger: Union[Logger, bool], key: str, items: Sequence[dic
 
     labels = {i: name for i, name in enumerate(class_names)}
     labels[255] = "ignore"
-    images = [wandb.Image(item["image"], caption=item.get("caption"),
-                          masks={name: {"mask_data": np.asarray(mask, np.uint8), "class_labels": labels}
-                                 for name, mask in item["masks"].items() if mask is not None})
-              for item in items]
+    images = [
+        wandb.Image(
+            item["image"],
+            caption=item.get("caption"),
+            masks={
+                name: {"mask_data": np.asarray(mask, np.uint8), "class_labels": labels}
+                for name, mask in item["masks"].items()
+                if mask is not None
+            },
+        )
+        for item in items
+    ]
     payload: dict[str, Any] = {key: images}
     if step is not None:
         payload["trainer/global_step"] = step
     logger.experiment.log(payload)
 
 
-def log_artifact(logger: Union[Logger, bool], name: str, kind: str, files: Sequence[Path] = (),
-                 references: Sequence[Path] = (), max_objects: Optional[int] = None) -> None:
+def log_artifact(
+    logger: Union[Logger, bool],
+    name: str,
+    kind: str,
+    files: Sequence[Path] = (),
+    references: Sequence[Path] = (),
+    max_objects: Optional[int] = None,
+) -> None:
     """A wandb artifact: small ``files`` copied in, large ones (checkpoints, mask folders) added
     as ``file://`` references, so nothing big is duplicated on disk."""
     if not isinstance(logger, WandbLogger):
@@ -170,5 +209,8 @@ def run_paths(cfg: Config) -> dict[str, str]:
     """Each stage's local wandb run folders (``wandb sync`` takes them), newest last."""
     identity = _identity(cfg)
     root = cfg.run_dir / "wandb"
-    return {stage: ", ".join(str(p) for p in sorted(root.glob(f"*-{run_id}")))
-            for stage, run_id in identity.get("runs", {}).items() if root.is_dir()}
+    return {
+        stage: ", ".join(str(p) for p in sorted(root.glob(f"*-{run_id}")))
+        for stage, run_id in identity.get("runs", {}).items()
+        if root.is_dir()
+    }

@@ -76,7 +76,9 @@ class CAM(HookedCAM):
                 a = acts[layer].to(dtype)
                 weight = fc.weight.detach().to(dtype)[targets]  # (B, K, C)
                 if a.shape[1] != weight.shape[-1]:
-                    raise ValueError(f"CAM: layer {layer!r} has {a.shape[1]} channels but the "
-                                     f"final Linear takes {weight.shape[-1]}; use the last conv layer")
+                    raise ValueError(
+                        f"CAM: layer {layer!r} has {a.shape[1]} channels but the "
+                        f"final Linear takes {weight.shape[-1]}; use the last conv layer"
+                    )
                 out[layer] = torch.einsum("bkc,bchw->bkhw", weight, a)
         return out

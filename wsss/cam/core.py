@@ -34,8 +34,9 @@ def targets_2d(targets: Tensor, images: Tensor) -> Tensor:
     """Target classes as a (B, K) LongTensor on the images' device, from (B,) or (B, K)."""
     targets = targets.unsqueeze(1) if targets.dim() == 1 else targets
     if targets.dim() != 2 or targets.shape[0] != images.shape[0]:
-        raise ValueError(f"targets must be (B,) or (B, K) with B={images.shape[0]}, "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be (B,) or (B, K) with B={images.shape[0]}, got {tuple(targets.shape)}"
+        )
     return targets.to(images.device, torch.long)
 
 
@@ -48,8 +49,9 @@ def named_layers(model: nn.Module, layers: list[str]) -> dict[str, nn.Module]:
     return {layer: names[layer] for layer in layers}
 
 
-def record_layers(model: nn.Module, modules: dict[str, nn.Module], images: Tensor,
-                  keep_graph: bool) -> tuple[Tensor, dict[str, Tensor]]:
+def record_layers(
+    model: nn.Module, modules: dict[str, nn.Module], images: Tensor, keep_graph: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Run the model, returning the logits and the outputs of `modules` ({name: module}).
 
     Without keep_graph the outputs are detached copies taken when each module returns. With
@@ -65,6 +67,7 @@ def record_layers(model: nn.Module, modules: dict[str, nn.Module], images: Tenso
                 return None
             activations[name] = output
             return output.clone()
+
         return keep
 
     handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
@@ -105,8 +108,9 @@ class HookedCAM(LayerCAM):
         """The logits and the requested layers' outputs (see `record_layers`)."""
         return record_layers(self.model, self.modules, images, keep_graph)
 
-    def target_gradients(self, images: Tensor, targets: Tensor
-                         ) -> tuple[Tensor, dict[str, Tensor], list[tuple[Tensor, ...]]]:
+    def target_gradients(
+        self, images: Tensor, targets: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor], list[tuple[Tensor, ...]]]:
         """One forward with gradients on, whatever the caller's mode, then d logit_t / dA for
         each target slot: (logits, {layer: A}, [per slot k: (dA per layer in self.layers)]).
 
@@ -122,7 +126,7 @@ class HookedCAM(LayerCAM):
             k = targets.shape[1]
             grads: list[tuple[Tensor, ...]] = []
             for j in range(k):
-                score = logits.gather(1, targets[:, j:j + 1]).sum()
+                score = logits.gather(1, targets[:, j : j + 1]).sum()
                 grads.append(torch.autograd.grad(score, tensors, retain_graph=j < k - 1))
         return logits, acts, grads
 

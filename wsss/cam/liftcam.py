@@ -14,10 +14,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from wsss.cam.core import HookedCAM, targets_2d
-from wsss.cam.lrp.tracing import evaluate_node, head_after, trace
 from wsss.cam.lrp.ops import node_rule
 from wsss.cam.lrp.rules import compute_dtype
-
+from wsss.cam.lrp.tracing import evaluate_node, head_after, trace
 
 # --------------------------------------------------------------------------------------------
 
@@ -35,24 +34,30 @@ class DeepLiftHead:
             if kind == "linear" and self._multiplies_signals(node):
                 kind = "other"
             if kind == "other" and not self._metadata(node):
-                raise ValueError(f"LIFT-CAM at {layer!r}: the head contains graph node "
-                                 f"{node.name!r} ({node.op} {node.target}), which the DeepLIFT "
-                                 "rescale rule does not cover (supported: linear ops, element-"
-                                 "wise activations, pooling, reshapes)")
+                raise ValueError(
+                    f"LIFT-CAM at {layer!r}: the head contains graph node "
+                    f"{node.name!r} ({node.op} {node.target}), which the DeepLIFT "
+                    "rescale rule does not cover (supported: linear ops, element-"
+                    "wise activations, pooling, reshapes)"
+                )
             self.kinds[node] = kind
 
     def _multiplies_signals(self, node: fx.Node) -> bool:
         """A product (or quotient) of two values that both depend on the layer: not linear."""
         if node.target not in ("mul", "mul_", "div", "div_") and getattr(
-                node.target, "__name__", "") not in ("mul", "imul", "truediv", "itruediv", "div"):
+            node.target, "__name__", ""
+        ) not in ("mul", "imul", "truediv", "itruediv", "div"):
             return False
         inside = set(self.nodes) | {self.start}
         return sum(isinstance(a, fx.Node) and a in inside for a in node.args[:2]) == 2
 
     def _metadata(self, node: fx.Node) -> bool:
         """Shape queries (x.size(), x.shape) that feed reshapes: no values flow through them."""
-        return node.op == "call_method" and node.target in ("size", "dim") or (
-            node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr")
+        return (
+            node.op == "call_method"
+            and node.target in ("size", "dim")
+            or (node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr")
+        )
 
     def run(self, a: Tensor, reference: dict[fx.Node, Any] | None) -> tuple[Tensor, dict]:
         """The logits from activation a. Without a reference: plain values (all kept). With the
@@ -67,8 +72,10 @@ class DeepLiftHead:
                 env[node] = _rescaled(node, env, reference, self.traced)
             else:
                 env[node] = _RescaleMaxPool.apply(
-                    env[node.args[0]], reference[node.args[0]],
-                    lambda v, node=node: evaluate_node(node, {**env, node.args[0]: v}, self.traced))
+                    env[node.args[0]],
+                    reference[node.args[0]],
+                    lambda v, node=node: evaluate_node(node, {**env, node.args[0]: v}, self.traced),
+                )
         return env[self.traced.logits], env
 
     def _constants(self, node: fx.Node, env: dict[fx.Node, Any]) -> None:
@@ -91,7 +98,8 @@ def _rescaled(node: fx.Node, env: dict, reference: dict, traced) -> Tensor:
         with torch.enable_grad():
             v = u.detach().clone().requires_grad_(True)
             (derivative,) = torch.autograd.grad(
-                evaluate_node(node, {**env, node.args[0]: v}, traced).sum(), v)
+                evaluate_node(node, {**env, node.args[0]: v}, traced).sum(), v
+            )
     else:
         derivative = torch.zeros_like(du)
     slope = torch.where(tiny, derivative, (y - y_ref) / torch.where(tiny, 1.0, du))
@@ -114,8 +122,10 @@ class _RescaleMaxPool(torch.autograd.Function):
             v = u.detach().requires_grad_(True)
             y = ctx.pool(v)
             dy = (y - ctx.pool(u_ref)).detach()
-            routed, plain = torch.autograd.grad(y, v, m * dy, retain_graph=True)[0], \
-                torch.autograd.grad(y, v, m)[0]
+            routed, plain = (
+                torch.autograd.grad(y, v, m * dy, retain_graph=True)[0],
+                torch.autograd.grad(y, v, m)[0],
+            )
         dx = u - u_ref
         moved = dx.abs() > 1e-7
         return torch.where(moved, routed / torch.where(moved, dx, 1.0), plain), None, None
@@ -155,6 +165,10 @@ class LiftCAM(HookedCAM):
         x = a.detach().clone().requires_grad_(True)
         logits, _ = head.run(x, reference)
         k = targets.shape[1]
-        multipliers = [torch.autograd.grad(logits.gather(1, targets[:, j:j + 1]).sum(), x,
-                                           retain_graph=j < k - 1)[0] for j in range(k)]
+        multipliers = [
+            torch.autograd.grad(
+                logits.gather(1, targets[:, j : j + 1]).sum(), x, retain_graph=j < k - 1
+            )[0]
+            for j in range(k)
+        ]
         return torch.stack(multipliers, 1) * a.unsqueeze(1)

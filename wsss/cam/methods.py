@@ -1,6 +1,6 @@
 """The CAM methods by name: the one list the config's choices, the pipeline and the scripts read.
 
-    cam = build_cam("gradcam", model, ["layer4"])
+cam = build_cam("gradcam", model, ["layer4"])
 """
 
 from __future__ import annotations
@@ -31,17 +31,33 @@ class CamMethod:
     takes_present: bool = False
 
 
-METHODS: dict[str, CamMethod] = {m.name: m for m in (
-    CamMethod("relevance", "Relevance-CAM", RelevanceCAM, True, help="preset=..., and LRPConfig fields",
-              takes_present=True),
-    CamMethod("gradcam", "Grad-CAM", GradCAM),
-    CamMethod("gradcampp", "Grad-CAM++", GradCAMPlusPlus),
-    CamMethod("liftcam", "LIFT-CAM", LiftCAM),
-    CamMethod("cam", "CAM", CAM),
-    CamMethod("libra", "Libra-CAM", LibraCAM, True, required=("library",),
-              help="library=ReferenceLibrary (wsss.cam.build_library / library_for), activation=, "
-                   "chunk=, calibrate=", takes_present=True),
-)}
+METHODS: dict[str, CamMethod] = {
+    m.name: m
+    for m in (
+        CamMethod(
+            "relevance",
+            "Relevance-CAM",
+            RelevanceCAM,
+            True,
+            help="preset=..., and LRPConfig fields",
+            takes_present=True,
+        ),
+        CamMethod("gradcam", "Grad-CAM", GradCAM),
+        CamMethod("gradcampp", "Grad-CAM++", GradCAMPlusPlus),
+        CamMethod("liftcam", "LIFT-CAM", LiftCAM),
+        CamMethod("cam", "CAM", CAM),
+        CamMethod(
+            "libra",
+            "Libra-CAM",
+            LibraCAM,
+            True,
+            required=("library",),
+            help="library=ReferenceLibrary (wsss.cam.build_library / library_for), activation=, "
+            "chunk=, calibrate=",
+            takes_present=True,
+        ),
+    )
+}
 CAM_METHODS: tuple[str, ...] = tuple(METHODS)
 
 

@@ -44,13 +44,18 @@ def centred_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 NORMALIZATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu_max": relu_max_normalize, "minmax": minmax_normalize, "centred": centred_normalize}
+    "relu_max": relu_max_normalize,
+    "minmax": minmax_normalize,
+    "centred": centred_normalize,
+}
 
 
 def normalize_maps(maps: Tensor, mode: str = "relu_max") -> Tensor:
     """Normalise (B, K, h, w) maps to [0, 1] by one of ``NORMALIZATIONS``."""
     if mode not in NORMALIZATIONS:
-        raise ValueError(f"unknown map normalisation {mode!r}; choose one of {sorted(NORMALIZATIONS)}")
+        raise ValueError(
+            f"unknown map normalisation {mode!r}; choose one of {sorted(NORMALIZATIONS)}"
+        )
     return NORMALIZATIONS[mode](maps)
 
 
@@ -62,8 +67,11 @@ def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def fuse_layers(maps: Mapping[str, Tensor], size: tuple[int, int] | torch.Size,
-                weights: Mapping[str, float] | Sequence[float] | None = None) -> Tensor:
+def fuse_layers(
+    maps: Mapping[str, Tensor],
+    size: tuple[int, int] | torch.Size,
+    weights: Mapping[str, float] | Sequence[float] | None = None,
+) -> Tensor:
     """Weighted mean of several layers' maps, each ReLU-max-normalised and resized first.
 
     weights: per layer (dict or list in the order of `maps`); equal weights by default.
@@ -83,10 +91,15 @@ def fuse_layers(maps: Mapping[str, Tensor], size: tuple[int, int] | torch.Size,
     return relu_max_normalize(fused / sum(w))
 
 
-def aggregate_scales(maps_fn: MapsFn | Callable[..., Mapping[str, Tensor]], images: Tensor,
-                     scales: Sequence[float] = (1.0,), flip: bool = False,
-                     targets: Tensor | None = None, normalize: str = "relu_max",
-                     **call_kwargs) -> dict[str, Tensor]:
+def aggregate_scales(
+    maps_fn: MapsFn | Callable[..., Mapping[str, Tensor]],
+    images: Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    targets: Tensor | None = None,
+    normalize: str = "relu_max",
+    **call_kwargs,
+) -> dict[str, Tensor]:
     """Sum of maps over rescaled (and horizontally flipped) inputs, at the input size.
 
     maps_fn is `maps_fn(images) -> {layer: (B, K, h, w)}`, or a CAM object called as
@@ -97,9 +110,17 @@ def aggregate_scales(maps_fn: MapsFn | Callable[..., Mapping[str, Tensor]], imag
     size = images.shape[-2:]
     total: dict[str, Tensor] = {}
     for scale in scales:
-        scaled = images if scale == 1.0 else F.interpolate(
-            images, scale_factor=scale, mode="bilinear", align_corners=False,
-            recompute_scale_factor=False)
+        scaled = (
+            images
+            if scale == 1.0
+            else F.interpolate(
+                images,
+                scale_factor=scale,
+                mode="bilinear",
+                align_corners=False,
+                recompute_scale_factor=False,
+            )
+        )
         variants = [(scaled, False)] + ([(scaled.flip(-1), True)] if flip else [])
         for inputs, flipped in variants:
             maps = maps_fn(inputs) if targets is None else maps_fn(inputs, targets, **call_kwargs)

@@ -19,12 +19,20 @@ from wsss.cam.lrp.graph import relevance_graph
 from wsss.cam.lrp.rules import as_compute, compute_dtype
 from wsss.cam.lrp.tracing import INPUT_LAYER
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "RelevanceCAM", "check_layer_names", "list_presets",
-           "preset_config", "start_relevance"]
+__all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS",
+    "RelevanceCAM",
+    "check_layer_names",
+    "list_presets",
+    "preset_config",
+    "start_relevance",
+]
 
 
-def start_relevance(logits: Tensor, targets: Tensor, start: str,
-                    present: Tensor | None = None) -> Tensor:
+def start_relevance(
+    logits: Tensor, targets: Tensor, start: str, present: Tensor | None = None
+) -> Tensor:
     """Initial relevance over the logits, shape (B, K, C), for (B, K) target classes.
 
     - lrp: one-hot e_t;
@@ -70,33 +78,47 @@ class RelevanceCAM(LayerCAM):
     the model is left untouched. Put the model in eval mode, on its device, first.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str] | str,
-                 preset: str = DEFAULT_PRESET, **options: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[str] | str,
+        preset: str = DEFAULT_PRESET,
+        **options: Any,
+    ):
         super().__init__(model, layers)
         self.config = preset_config(preset, **options)
         self.graph = relevance_graph(model, self.layers, self.config)
 
-    def __call__(self, images: Tensor, targets: Tensor, present: Tensor | None = None
-                 ) -> dict[str, Tensor]:
+    def __call__(
+        self, images: Tensor, targets: Tensor, present: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Raw maps {layer: (B, K, h, w)} for target classes (B,) or (B, K).
 
         present: optional (B, C) multi-hot of the classes in each image (for start="clrp_absent").
         """
         activations, relevance, batch = self._run(images, targets, present)
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-            return {layer: self._map(layer, activations[layer], relevance.pop(layer), batch)
-                    for layer in self.layers}
+            return {
+                layer: self._map(layer, activations[layer], relevance.pop(layer), batch)
+                for layer in self.layers
+            }
 
-    def relevance(self, images: Tensor, targets: Tensor, present: Tensor | None = None
-                  ) -> dict[str, tuple[Tensor, Tensor]]:
+    def relevance(
+        self, images: Tensor, targets: Tensor, present: Tensor | None = None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
         """{layer: (activation (B, C, h, w), relevance (B, K, C, h, w))}, for checks and analysis."""
         activations, relevance, batch = self._run(images, targets, present)
-        return {layer: (activations[layer],
-                        relevance[layer].view(batch, -1, *relevance[layer].shape[1:]))
-                for layer in self.layers}
+        return {
+            layer: (
+                activations[layer],
+                relevance[layer].view(batch, -1, *relevance[layer].shape[1:]),
+            )
+            for layer in self.layers
+        }
 
-    def _run(self, images: Tensor, targets: Tensor, present: Tensor | None
-             ) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    def _run(
+        self, images: Tensor, targets: Tensor, present: Tensor | None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
         """One recording forward pass, then one relevance sweep."""
         targets = targets_2d(targets, images)
         logits, values = self.graph.forward(images)
@@ -117,8 +139,9 @@ class RelevanceCAM(LayerCAM):
         if layer == INPUT_LAYER and layer not in self.graph.traced.modules:
             return r.sum(2)  # the pixel-level heatmap: relevance summed over input channels
         if a.dim() != 4:
-            raise ValueError(f"Relevance-CAM needs (B, C, h, w) activations at {layer!r}, "
-                             f"got {tuple(a.shape)}")
+            raise ValueError(
+                f"Relevance-CAM needs (B, C, h, w) activations at {layer!r}, got {tuple(a.shape)}"
+            )
         alpha = r.sum((-2, -1))
         if self.config.weights == "mean":
             alpha = alpha / (a.shape[-2] * a.shape[-1])

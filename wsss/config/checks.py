@@ -47,8 +47,10 @@ def _check_backbone(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"classifier.backbone: {exc}") from None
     if cfg.classifier.output_stride == 16 and not backbones.supports_output_stride_16(name):
-        raise ConfigError(f"classifier.output_stride: 16 is not available for {name} (its last "
-                          "downsampling is a pooling or an even-kernel conv); use 32")
+        raise ConfigError(
+            f"classifier.output_stride: 16 is not available for {name} (its last "
+            "downsampling is a pooling or an even-kernel conv); use 32"
+        )
     try:
         if cfg.cam.layers is None:
             cfg.cam.layers = list(backbones.default_cam_layers(name))
@@ -59,43 +61,60 @@ def _check_backbone(cfg: Config) -> None:
 
 def _check_required(cfg: Config) -> None:
     if cfg.data.name in ("voc", "folder") and not cfg.data.root:
-        raise ConfigError(f"data.root: required for data.name={cfg.data.name}; pass data.root=/path")
+        raise ConfigError(
+            f"data.root: required for data.name={cfg.data.name}; pass data.root=/path"
+        )
     if cfg.cam.layer_weights is not None and len(cfg.cam.layer_weights) != len(cfg.cam.layers):
-        raise ConfigError(f"cam.layer_weights: needs one weight per layer in cam.layers "
-                          f"({len(cfg.cam.layers)}), got {len(cfg.cam.layer_weights)}")
+        raise ConfigError(
+            f"cam.layer_weights: needs one weight per layer in cam.layers "
+            f"({len(cfg.cam.layers)}), got {len(cfg.cam.layer_weights)}"
+        )
 
 
 def _check_crf_extra(cfg: Config) -> None:
     wanted = cfg.pseudo.refine == "crf" or cfg.segmenter.eval_crf
     if wanted and importlib.util.find_spec("pydensecrf") is None:
         key = "pseudo.refine=crf" if cfg.pseudo.refine == "crf" else "segmenter.eval_crf=true"
-        raise ConfigError(f"{key} needs the dense CRF extra: pip install -e '.[crf]' (pydensecrf2); or "
-                          f"pseudo.refine=par, which needs nothing")
+        raise ConfigError(
+            f"{key} needs the dense CRF extra: pip install -e '.[crf]' (pydensecrf2); or "
+            f"pseudo.refine=par, which needs nothing"
+        )
 
 
 def _check_data(data: DataConfig) -> None:
     """The data keys that only make sense together."""
     if data.root and data.name in ("synthetic", "synthetic_lesion"):
-        raise ConfigError(f"data.root: data.name={data.name} generates its images and would ignore "
-                          f"data.root={data.root!r}; set data.name=folder to read that folder")
+        raise ConfigError(
+            f"data.root: data.name={data.name} generates its images and would ignore "
+            f"data.root={data.root!r}; set data.name=folder to read that folder"
+        )
     if data.intensity != "dataset" and data.name in ("voc", "synthetic"):
-        raise ConfigError(f"data.intensity: data.name={data.name} holds 8-bit RGB images normalised by fixed "
-                          f"statistics; {data.intensity} is for folder and synthetic_lesion data")
+        raise ConfigError(
+            f"data.intensity: data.name={data.name} holds 8-bit RGB images normalised by fixed "
+            f"statistics; {data.intensity} is for folder and synthetic_lesion data"
+        )
     if data.intensity == "window":
         if data.window is None or len(data.window) != 2 or not data.window[0] < data.window[1]:
-            raise ConfigError(f"data.window: data.intensity=window needs data.window=[low, high] with "
-                              f"low < high, got {data.window}")
+            raise ConfigError(
+                f"data.window: data.intensity=window needs data.window=[low, high] with "
+                f"low < high, got {data.window}"
+            )
     elif data.window is not None:
-        raise ConfigError(f"data.window: only used with data.intensity=window (now {data.intensity}); "
-                          f"set data.intensity=window or remove data.window")
+        raise ConfigError(
+            f"data.window: only used with data.intensity=window (now {data.intensity}); "
+            f"set data.intensity=window or remove data.window"
+        )
     if data.mask_values is not None:
         if not data.mask_values:
-            raise ConfigError("data.mask_values: empty mapping; list every value the mask files hold, "
-                              "e.g. {0: 0, 255: 1}, or leave it null for identity")
+            raise ConfigError(
+                "data.mask_values: empty mapping; list every value the mask files hold, "
+                "e.g. {0: 0, 255: 1}, or leave it null for identity"
+            )
         bad = {k: v for k, v in data.mask_values.items() if not (0 <= k <= 255 and 0 <= v <= 255)}
         if bad:
-            raise ConfigError(f"data.mask_values: file values and classes lie in 0..255 (255 = ignore), "
-                              f"got {bad}")
+            raise ConfigError(
+                f"data.mask_values: file values and classes lie in 0..255 (255 = ignore), got {bad}"
+            )
 
 
 def _check_trainer(cfg: Config) -> None:
@@ -104,14 +123,22 @@ def _check_trainer(cfg: Config) -> None:
     devices = t.devices
     if isinstance(devices, list):
         if not devices or any(d < 0 for d in devices) or len(set(devices)) != len(devices):
-            raise ConfigError(f"trainer.devices: a list needs distinct device indices >= 0, got {devices}")
+            raise ConfigError(
+                f"trainer.devices: a list needs distinct device indices >= 0, got {devices}"
+            )
     elif isinstance(devices, int) and devices < 1 and devices != -1:
-        raise ConfigError(f"trainer.devices: a count >= 1, -1 (all), 'auto' or a list, got {devices}")
+        raise ConfigError(
+            f"trainer.devices: a count >= 1, -1 (all), 'auto' or a list, got {devices}"
+        )
     elif isinstance(devices, str) and devices != "auto":
-        raise ConfigError(f"trainer.devices: a count >= 1, -1 (all), 'auto' or a list, got {devices!r}")
+        raise ConfigError(
+            f"trainer.devices: a count >= 1, -1 (all), 'auto' or a list, got {devices!r}"
+        )
     if t.num_nodes < 1 or t.accumulate_grad_batches < 1:
-        raise ConfigError(f"trainer.num_nodes and trainer.accumulate_grad_batches must be >= 1, got "
-                          f"{t.num_nodes} and {t.accumulate_grad_batches}")
+        raise ConfigError(
+            f"trainer.num_nodes and trainer.accumulate_grad_batches must be >= 1, got "
+            f"{t.num_nodes} and {t.accumulate_grad_batches}"
+        )
 
 
 def _check_libraries(cfg: Config) -> None:
@@ -119,14 +146,21 @@ def _check_libraries(cfg: Config) -> None:
     Relevance-CAM preset, the Lightning strategy."""
     encoders = smp.encoders.get_encoder_names()
     if cfg.segmenter.encoder not in encoders:
-        raise ConfigError(f"segmenter.encoder: {cfg.segmenter.encoder!r} is not an smp encoder"
-                          f"{closest(cfg.segmenter.encoder, encoders)}; e.g. resnet18, resnet50, resnet101, "
-                          f"efficientnet-b0, mit_b0 (segmentation_models_pytorch lists {len(encoders)})")
+        raise ConfigError(
+            f"segmenter.encoder: {cfg.segmenter.encoder!r} is not an smp encoder"
+            f"{closest(cfg.segmenter.encoder, encoders)}; e.g. resnet18, resnet50, resnet101, "
+            f"efficientnet-b0, mit_b0 (segmentation_models_pytorch lists {len(encoders)})"
+        )
     if cfg.cam.method == "relevance" and cfg.cam.preset not in PRESETS:
-        raise ConfigError(f"cam.preset: {cfg.cam.preset!r} is not a Relevance-CAM preset"
-                          f"{closest(cfg.cam.preset, PRESETS)}; choose one of: {', '.join(sorted(PRESETS))}")
-    strategies = sorted({"auto", "ddp", "ddp_spawn", "fsdp", "deepspeed",
-                         *StrategyRegistry.available_strategies()})
+        raise ConfigError(
+            f"cam.preset: {cfg.cam.preset!r} is not a Relevance-CAM preset"
+            f"{closest(cfg.cam.preset, PRESETS)}; choose one of: {', '.join(sorted(PRESETS))}"
+        )
+    strategies = sorted(
+        {"auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", *StrategyRegistry.available_strategies()}
+    )
     if cfg.trainer.strategy not in strategies:
-        raise ConfigError(f"trainer.strategy: {cfg.trainer.strategy!r} is not a Lightning strategy"
-                          f"{closest(cfg.trainer.strategy, strategies)}; e.g. auto, ddp, ddp_spawn, fsdp")
+        raise ConfigError(
+            f"trainer.strategy: {cfg.trainer.strategy!r} is not a Lightning strategy"
+            f"{closest(cfg.trainer.strategy, strategies)}; e.g. auto, ddp, ddp_spawn, fsdp"
+        )

@@ -36,7 +36,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(exc)
         options = [o for o in typing.get_args(tp) if o is not type(None)]
         if value is not None and len(options) == 1 and typing.get_origin(options[0]) is dict:
-            raise errors[typing.get_args(tp).index(options[0])]  # Optional[mapping]: its own, precise message
+            raise errors[
+                typing.get_args(tp).index(options[0])
+            ]  # Optional[mapping]: its own, precise message
         raise ConfigError(f"{key}: expected {describe_type(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:

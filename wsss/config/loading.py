@@ -26,16 +26,20 @@ def _build_group(cls: type, values: dict[str, Any], group: str) -> Any:
         if f"{group}.{key}" in RENAMED:
             raise ConfigError(RENAMED[f"{group}.{key}"])
     if unknown:
-        raise ConfigError(f"unknown key {group}.{unknown[0]}{closest(unknown[0], fields)}; valid keys in "
-                          f"'{group}': {', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"unknown key {group}.{unknown[0]}{closest(unknown[0], fields)}; valid keys in "
+            f"'{group}': {', '.join(sorted(fields))}"
+        )
     kwargs = {}
     for name, value in values.items():
         key = f"{group}.{name}"
         coerced = coerce(value, hints[name], key)
         choices = fields[name].metadata.get("choices")
         if choices and coerced not in choices:
-            raise ConfigError(f"{key}: {coerced!r} is not a valid choice{closest(coerced, choices)}; "
-                              f"choose one of: {', '.join(map(str, choices))}")
+            raise ConfigError(
+                f"{key}: {coerced!r} is not a valid choice{closest(coerced, choices)}; "
+                f"choose one of: {', '.join(map(str, choices))}"
+            )
         kwargs[name] = coerced
     return cls(**kwargs)
 
@@ -49,8 +53,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     groups = {f.name: f for f in dataclasses.fields(Config)}
     unknown = sorted(set(raw) - set(groups))
     if unknown:
-        raise ConfigError(f"unknown config group '{unknown[0]}'{closest(unknown[0], groups)}; valid groups: "
-                          f"{', '.join(groups)}")
+        raise ConfigError(
+            f"unknown config group '{unknown[0]}'{closest(unknown[0], groups)}; valid groups: "
+            f"{', '.join(groups)}"
+        )
     hints = typing.get_type_hints(Config)
     built = {}
     for name in groups:
@@ -111,6 +117,8 @@ def describe_keys() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             choices = f.metadata.get("choices")
             extra = f" choices: {', '.join(map(str, choices))}" if choices else ""
-            lines.append(f"{group.name}.{f.name} ({describe_type(group_hints[f.name])}, default {default!r})"
-                         f"{extra}  {f.metadata.get('help', '')}")
+            lines.append(
+                f"{group.name}.{f.name} ({describe_type(group_hints[f.name])}, default {default!r})"
+                f"{extra}  {f.metadata.get('help', '')}"
+            )
     return "\n".join(lines)

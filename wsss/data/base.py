@@ -31,7 +31,9 @@ class RawSample:
     image: np.ndarray  # float32 HxWxC, raw units
     labels: np.ndarray  # float32 multi-hot over the foreground classes
     mask: Optional[np.ndarray]  # uint8 HxW or None
-    orig_size: Optional[tuple[int, int]] = None  # (H, W) of the image file; set by SegmentationSource.load
+    orig_size: Optional[tuple[int, int]] = (
+        None  # (H, W) of the image file; set by SegmentationSource.load
+    )
 
 
 def labels_from_mask(mask: np.ndarray, num_foreground: int) -> np.ndarray:
@@ -48,13 +50,23 @@ class SegmentationSource(Dataset):
 
     class_names: list[str]  # foreground classes; index 0 of masks is background
     has_masks: bool = True
-    allows_negatives: bool = False  # True where an image without labels is a valid negative (CSV labels)
-    mask_values: Optional[dict[int, int]] = None  # file value -> class of the source's own masks; None = identity
+    allows_negatives: bool = (
+        False  # True where an image without labels is a valid negative (CSV labels)
+    )
+    mask_values: Optional[dict[int, int]] = (
+        None  # file value -> class of the source's own masks; None = identity
+    )
 
-    def __init__(self, transform: Optional[Callable[..., dict[str, Any]]] = None,
-                 mean: Optional[list[float]] = None, std: Optional[list[float]] = None,
-                 channels: int = 3, intensity: str = "dataset", window: Optional[list[float]] = None,
-                 long_side: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        transform: Optional[Callable[..., dict[str, Any]]] = None,
+        mean: Optional[list[float]] = None,
+        std: Optional[list[float]] = None,
+        channels: int = 3,
+        intensity: str = "dataset",
+        window: Optional[list[float]] = None,
+        long_side: Optional[int] = None,
+    ) -> None:
         self.transform = transform
         self.channels = channels
         self.intensity = intensity
@@ -98,8 +110,10 @@ class SegmentationSource(Dataset):
             self._mean = self._mean if self._mean is not None else mean
             self._std = self._std if self._std is not None else std
         if len(self._mean) != self.channels or len(self._std) != self.channels:
-            raise DataError(f"data.mean/data.std need {self.channels} value(s) (one per channel), "
-                            f"got {self._mean} / {self._std}")
+            raise DataError(
+                f"data.mean/data.std need {self.channels} value(s) (one per channel), "
+                f"got {self._mean} / {self._std}"
+            )
         return self._mean, self._std
 
     def use_masks_from(self, directory: str | Path | None) -> None:
@@ -127,7 +141,9 @@ class SegmentationSource(Dataset):
         """Raw units -> ``data.intensity`` units, with the model's channel count."""
         return self._to_channels(scale_intensity(image, self.intensity, self.window), sample_id)
 
-    def resize(self, image: np.ndarray, mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    def resize(
+        self, image: np.ndarray, mask: Optional[np.ndarray] = None
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """To the working size: long side = ``long_side`` (area / linear for images, nearest for masks)."""
         if self._resize is None:
             return image, mask
@@ -152,10 +168,10 @@ class SegmentationSource(Dataset):
         for index in indices:
             image = self.working_image(index).astype(np.float64)
             total += image.sum(axis=(0, 1))
-            squares += (image ** 2).sum(axis=(0, 1))
+            squares += (image**2).sum(axis=(0, 1))
             pixels += image.shape[0] * image.shape[1]
         mean = total / pixels
-        std = np.sqrt(np.maximum(squares / pixels - mean ** 2, 0.0))
+        std = np.sqrt(np.maximum(squares / pixels - mean**2, 0.0))
         return [float(v) for v in mean], [float(max(v, 1e-6)) for v in std]
 
     def _to_channels(self, image: np.ndarray, sample_id: str) -> np.ndarray:
@@ -165,7 +181,9 @@ class SegmentationSource(Dataset):
             return np.repeat(image, 3, axis=2)
         if image.shape[2] == 3 and self.channels == 1:
             return image.mean(axis=2, keepdims=True)
-        raise DataError(f"{sample_id}: image has {image.shape[2]} channels, the model expects {self.channels}")
+        raise DataError(
+            f"{sample_id}: image has {image.shape[2]} channels, the model expects {self.channels}"
+        )
 
     def normalise(self, image: np.ndarray) -> torch.Tensor:
         mean, std = self.stats

@@ -25,7 +25,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wsss.data.base import RawSample, SegmentationSource
-from wsss.data.imageio import DataError, MaskConventionWarning, binary_255_message, holds_only_0_and_255
+from wsss.data.imageio import (
+    DataError,
+    MaskConventionWarning,
+    binary_255_message,
+    holds_only_0_and_255,
+)
 
 
 @dataclass
@@ -47,8 +52,11 @@ class DataCheckReport:
 
 def check_source(source: SegmentationSource, max_listed: int = 20) -> DataCheckReport:
     """Load every item of ``source``; collect counts, sizes and problems instead of stopping."""
-    report = DataCheckReport(num_images=len(source), per_class={name: 0 for name in source.class_names},
-                             has_masks=bool(source.has_masks))
+    report = DataCheckReport(
+        num_images=len(source),
+        per_class={name: 0 for name in source.class_names},
+        has_masks=bool(source.has_masks),
+    )
     labelled = bool(getattr(source, "has_labels", source.has_masks))
     heights: list[int] = []
     widths: list[int] = []
@@ -56,8 +64,9 @@ def check_source(source: SegmentationSource, max_listed: int = 20) -> DataCheckR
     identity = source.mask_values is None and source.mask_override is None
     binary_255: Optional[list[int]] = [] if identity and source.has_masks else None
     split = getattr(source, "split", "")
-    for index in tqdm(range(len(source)), desc=f"checking {split}".strip(), unit="img", leave=False,
-                      disable=None):
+    for index in tqdm(
+        range(len(source)), desc=f"checking {split}".strip(), unit="img", leave=False, disable=None
+    ):
         try:
             with warnings.catch_warnings():  # the report counts such masks itself
                 warnings.simplefilter("ignore", MaskConventionWarning)
@@ -86,8 +95,9 @@ def check_source(source: SegmentationSource, max_listed: int = 20) -> DataCheckR
 
 def _binary_255_warning(source: SegmentationSource, indices: list[int]) -> str:
     path = source.mask_path(indices[0]) if hasattr(source, "mask_path") else source.ids[indices[0]]
-    return binary_255_message(f"{len(indices)} mask(s) hold only the values 0 and 255, e.g. {path}",
-                              source.class_names[0])
+    return binary_255_message(
+        f"{len(indices)} mask(s) hold only the values 0 and 255, e.g. {path}", source.class_names[0]
+    )
 
 
 def _no_labels(source: SegmentationSource, index: int, raw: RawSample) -> str:
@@ -97,7 +107,9 @@ def _no_labels(source: SegmentationSource, index: int, raw: RawSample) -> str:
         where = source.mask_override / f"{raw.id}.png" if source.mask_override is not None else None
         if where is None and hasattr(source, "mask_path"):
             where = source.mask_path(index)
-        return f"{where or raw.id}: image {raw.id} has no labels (its mask holds no foreground class)"
+        return (
+            f"{where or raw.id}: image {raw.id} has no labels (its mask holds no foreground class)"
+        )
     return f"{raw.id}: image has no labels"
 
 
@@ -109,11 +121,19 @@ def _add(report: DataCheckReport, problem: str, max_listed: int) -> None:
 
 def format_report(report: DataCheckReport, split_name: str) -> str:
     """Human-readable summary: images, size range, images per class, problems (capped, with the total)."""
-    lines = [f"split {split_name}: {report.num_images} images" + ("" if report.has_masks else " (no masks)")]
+    lines = [
+        f"split {split_name}: {report.num_images} images"
+        + ("" if report.has_masks else " (no masks)")
+    ]
     if report.min_hw is not None and report.max_hw is not None:
-        lines.append(f"  image size: {report.min_hw[1]}x{report.min_hw[0]} to "
-                     f"{report.max_hw[1]}x{report.max_hw[0]} (WxH)")
-    lines.append("  images per class: " + ", ".join(f"{name} {count}" for name, count in report.per_class.items()))
+        lines.append(
+            f"  image size: {report.min_hw[1]}x{report.min_hw[0]} to "
+            f"{report.max_hw[1]}x{report.max_hw[0]} (WxH)"
+        )
+    lines.append(
+        "  images per class: "
+        + ", ".join(f"{name} {count}" for name, count in report.per_class.items())
+    )
     if report.negatives:
         lines.append(f"  negatives (no finding): {report.negatives}")
     lines += [f"  warning: {warning}" for warning in report.warnings]

@@ -23,29 +23,58 @@ from wsss.data.voc import VOCSegmentation
 from wsss.label_maps import IGNORE_INDEX
 
 
-def build_source(cfg: Config, split: str, transform: Optional[Callable[..., dict[str, Any]]] = None,
-                 mean: Optional[list[float]] = None, std: Optional[list[float]] = None) -> SegmentationSource:
+def build_source(
+    cfg: Config,
+    split: str,
+    transform: Optional[Callable[..., dict[str, Any]]] = None,
+    mean: Optional[list[float]] = None,
+    std: Optional[list[float]] = None,
+) -> SegmentationSource:
     """The configured data source for one split (``mean``/``std`` override the data set's)."""
     data = cfg.data
     mean = mean if mean is not None else data.mean
     std = std if std is not None else data.std
     common = dict(transform=transform, mean=mean, std=std, channels=data.channels)
-    medical = dict(intensity=data.intensity, window=data.window)  # sources in 16-bit / modality units
+    medical = dict(
+        intensity=data.intensity, window=data.window
+    )  # sources in 16-bit / modality units
     sizes = {"train": data.num_train, "val": data.num_val}
     side = data.image_size or SYNTHETIC_IMAGE_SIZE
     if data.name == "synthetic":
-        return SyntheticSegmentation(split, num_images=sizes.get(split, data.num_val),
-                                     image_size=side, seed=cfg.run.seed, **common)
+        return SyntheticSegmentation(
+            split,
+            num_images=sizes.get(split, data.num_val),
+            image_size=side,
+            seed=cfg.run.seed,
+            **common,
+        )
     if data.name == "synthetic_lesion":
-        return SyntheticLesion(split, num_images=sizes.get(split, data.num_val), image_size=side,
-                               seed=cfg.run.seed, negative_fraction=data.negative_fraction,
-                               findings=data.findings, **common, **medical)
+        return SyntheticLesion(
+            split,
+            num_images=sizes.get(split, data.num_val),
+            image_size=side,
+            seed=cfg.run.seed,
+            negative_fraction=data.negative_fraction,
+            findings=data.findings,
+            **common,
+            **medical,
+        )
     if data.name == "voc":
         return VOCSegmentation(data.root, split, **common)
     splits = [data.train_split, data.val_split] + ([data.test_split] if data.test_split else [])
-    return FolderDataset(data.root, split, image_dir=data.image_dir, mask_dir=data.mask_dir,
-                         class_names=data.class_names, class_splits=splits, mask_values=data.mask_values,
-                         cache_dir=data.cache_dir, long_side=data.image_size, **common, **medical)
+    return FolderDataset(
+        data.root,
+        split,
+        image_dir=data.image_dir,
+        mask_dir=data.mask_dir,
+        class_names=data.class_names,
+        class_splits=splits,
+        mask_values=data.mask_values,
+        cache_dir=data.cache_dir,
+        long_side=data.image_size,
+        **common,
+        **medical,
+    )
 
 
 def train_stats(cfg: Config) -> tuple[list[float], list[float]]:
@@ -60,26 +89,46 @@ def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     height = max(item["image"].shape[1] for item in items)
     width = max(item["image"].shape[2] for item in items)
     batch: dict[str, Any] = {
-        "image": torch.stack([F.pad(item["image"], (0, width - item["image"].shape[2],
-                                                    0, height - item["image"].shape[1]))
-                              for item in items]),
+        "image": torch.stack(
+            [
+                F.pad(
+                    item["image"],
+                    (0, width - item["image"].shape[2], 0, height - item["image"].shape[1]),
+                )
+                for item in items
+            ]
+        ),
         "labels": torch.stack([item["labels"] for item in items]),
         "id": [item["id"] for item in items],
         "size": torch.tensor([tuple(item["image"].shape[1:]) for item in items]),
     }
-    if all("orig_size" in item for item in items):  # (B, 2): each image file's (H, W), for restore_size
+    if all(
+        "orig_size" in item for item in items
+    ):  # (B, 2): each image file's (H, W), for restore_size
         batch["orig_size"] = torch.stack([item["orig_size"] for item in items])
     if all("mask" in item for item in items):
-        batch["mask"] = torch.stack([F.pad(item["mask"], (0, width - item["mask"].shape[1],
-                                                          0, height - item["mask"].shape[0]),
-                                           value=IGNORE_INDEX)
-                                     for item in items])
+        batch["mask"] = torch.stack(
+            [
+                F.pad(
+                    item["mask"],
+                    (0, width - item["mask"].shape[1], 0, height - item["mask"].shape[0]),
+                    value=IGNORE_INDEX,
+                )
+                for item in items
+            ]
+        )
     return batch
 
 
-def make_loader(dataset: SegmentationSource, cfg: Config, batch_size: int, shuffle: bool = False,
-                drop_last: bool = False, sampler: Optional[Sampler] = None,
-                own_generator: bool = False) -> DataLoader:
+def make_loader(
+    dataset: SegmentationSource,
+    cfg: Config,
+    batch_size: int,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    sampler: Optional[Sampler] = None,
+    own_generator: bool = False,
+) -> DataLoader:
     """A DataLoader with the padding collate; workers seeded by Lightning's worker init.
 
     own_generator: draw the workers' base seed from the loader's own generator (seeded from
@@ -89,10 +138,19 @@ def make_loader(dataset: SegmentationSource, cfg: Config, batch_size: int, shuff
     """
     workers = cfg.data.num_workers
     generator = torch.Generator().manual_seed(cfg.run.seed) if own_generator else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
-                      num_workers=workers, persistent_workers=workers > 0, collate_fn=pad_collate,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=pl_worker_init_function if workers else None,
-                      generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        collate_fn=pad_collate,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=pl_worker_init_function if workers else None,
+        generator=generator,
+    )
 
 
 class StageDataModule(L.LightningDataModule):
@@ -136,14 +194,35 @@ class StageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """This process's share of each global batch of ``data.batch_size`` (see samplers)."""
         rank, world = self._process()
-        sampler = GlobalBatchSampler(len(self.train_set), self.cfg.data.batch_size, self.cfg.run.seed,
-                                     shuffle=True, drop_last=True, rank=rank, world_size=world,
-                                     epoch_source=self._epoch if self.trainer else None)
-        return make_loader(self.train_set, self.cfg, self.cfg.data.batch_size // world, sampler=sampler,
-                           own_generator=True)
+        sampler = GlobalBatchSampler(
+            len(self.train_set),
+            self.cfg.data.batch_size,
+            self.cfg.run.seed,
+            shuffle=True,
+            drop_last=True,
+            rank=rank,
+            world_size=world,
+            epoch_source=self._epoch if self.trainer else None,
+        )
+        return make_loader(
+            self.train_set,
+            self.cfg,
+            self.cfg.data.batch_size // world,
+            sampler=sampler,
+            own_generator=True,
+        )
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._process()
-        batch = self.cfg.data.batch_size if self.stage == "classifier" else max(1, self.cfg.data.batch_size // 4)
-        return make_loader(self.val_set, self.cfg, batch, sampler=ShardSampler(len(self.val_set), rank, world),
-                           own_generator=True)
+        batch = (
+            self.cfg.data.batch_size
+            if self.stage == "classifier"
+            else max(1, self.cfg.data.batch_size // 4)
+        )
+        return make_loader(
+            self.val_set,
+            self.cfg,
+            batch,
+            sampler=ShardSampler(len(self.val_set), rank, world),
+            own_generator=True,
+        )

@@ -34,8 +34,16 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from wsss.data.base import RawSample, SegmentationSource
-from wsss.data.imageio import (DataError, MaskConventionWarning, binary_255_message, check_mask, holds_only_0_and_255,
-                               map_mask_values, read_image_file, read_mask)
+from wsss.data.imageio import (
+    DataError,
+    MaskConventionWarning,
+    binary_255_message,
+    check_mask,
+    holds_only_0_and_255,
+    map_mask_values,
+    read_image_file,
+    read_mask,
+)
 from wsss.io import read_json, write_json_atomic
 
 STATS_IMAGES = 200
@@ -58,16 +66,22 @@ def read_label_csv(path: Path) -> CsvRows:
     """Rows of (CSV line number, image path, label names) from an ``image,labels`` CSV."""
     if not path.is_file():
         present = sorted(p.name for p in path.parent.glob("*.csv")) if path.parent.is_dir() else []
-        raise DataError(f"{path}: label CSV is missing (CSVs present in {path.parent}: "
-                        f"{', '.join(present) or 'none'}); expected columns image,labels with labels "
-                        f"separated by '{LABEL_SEPARATOR}'")
+        raise DataError(
+            f"{path}: label CSV is missing (CSVs present in {path.parent}: "
+            f"{', '.join(present) or 'none'}); expected columns image,labels with labels "
+            f"separated by '{LABEL_SEPARATOR}'"
+        )
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: tolerate an Excel BOM
+        with path.open(
+            newline="", encoding="utf-8-sig"
+        ) as handle:  # utf-8-sig: tolerate an Excel BOM
             reader = csv.reader(handle)
             header = [cell.strip().lower() for cell in next(reader, [])]
             if "image" not in header or "labels" not in header:
-                raise DataError(f"{path}: the first line must be a header with columns image,labels; "
-                                f"found {header or 'an empty file'}")
+                raise DataError(
+                    f"{path}: the first line must be a header with columns image,labels; "
+                    f"found {header or 'an empty file'}"
+                )
             image_col, labels_col = header.index("image"), header.index("labels")
             rows = []
             for cells in reader:
@@ -79,7 +93,11 @@ def read_label_csv(path: Path) -> CsvRows:
                 image = cells[image_col].strip()
                 if not image:
                     raise DataError(f"{path}, row {line}: the image cell is empty")
-                labels = [name.strip() for name in cells[labels_col].split(LABEL_SEPARATOR) if name.strip()]
+                labels = [
+                    name.strip()
+                    for name in cells[labels_col].split(LABEL_SEPARATOR)
+                    if name.strip()
+                ]
                 rows.append((line, image, labels))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a UTF-8 text CSV ({exc})") from exc
@@ -114,9 +132,11 @@ def class_names_from_csvs(tables: Sequence[tuple[Path, CsvRows]]) -> list[str]:
             odd = next(name for name in names if name != keep)
             path, line = first_row[odd]
             where, at = first_row[keep]
-            raise DataError(f"{path}, row {line}: label {odd!r} differs from the class {keep!r} only in case or "
-                            f"spacing (used {counts[keep]} time(s), first at {where.name} row {at}); write "
-                            f"{keep!r}, or list the classes in data.class_names")
+            raise DataError(
+                f"{path}, row {line}: label {odd!r} differs from the class {keep!r} only in case or "
+                f"spacing (used {counts[keep]} time(s), first at {where.name} row {at}); write "
+                f"{keep!r}, or list the classes in data.class_names"
+            )
     return sorted(counts)
 
 
@@ -125,37 +145,65 @@ class FolderDataset(SegmentationSource):
 
     allows_negatives = True  # an empty labels cell is a negative image, not a mistake
 
-    def __init__(self, root: str | Path, split: str, image_dir: str = "images", mask_dir: Optional[str] = None,
-                 class_names: Optional[list[str]] = None, class_splits: Optional[Sequence[str]] = None,
-                 mask_values: Optional[dict[int, int]] = None, cache_dir: Optional[str | Path] = None,
-                 transform: Optional[Callable[..., dict[str, Any]]] = None,
-                 mean: Optional[list[float]] = None, std: Optional[list[float]] = None,
-                 channels: int = 3, intensity: str = "dataset", window: Optional[list[float]] = None,
-                 long_side: Optional[int] = None) -> None:
-        super().__init__(transform=transform, mean=mean, std=std, channels=channels, intensity=intensity,
-                         window=window, long_side=long_side)
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        image_dir: str = "images",
+        mask_dir: Optional[str] = None,
+        class_names: Optional[list[str]] = None,
+        class_splits: Optional[Sequence[str]] = None,
+        mask_values: Optional[dict[int, int]] = None,
+        cache_dir: Optional[str | Path] = None,
+        transform: Optional[Callable[..., dict[str, Any]]] = None,
+        mean: Optional[list[float]] = None,
+        std: Optional[list[float]] = None,
+        channels: int = 3,
+        intensity: str = "dataset",
+        window: Optional[list[float]] = None,
+        long_side: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            transform=transform,
+            mean=mean,
+            std=std,
+            channels=channels,
+            intensity=intensity,
+            window=window,
+            long_side=long_side,
+        )
         self.root = Path(root)
         self.split = split
         if not self.root.is_dir():
-            raise DataError(f"{self.root}: data folder does not exist; data.root must hold <split>.csv and "
-                            f"the image folder {image_dir!r}")
+            raise DataError(
+                f"{self.root}: data folder does not exist; data.root must hold <split>.csv and "
+                f"the image folder {image_dir!r}"
+            )
         self.csv_path = self.root / f"{split}.csv"
         rows = read_label_csv(self.csv_path)
         self.class_names = self._class_names(class_names, rows, class_splits)
         self.image_root = self.root / image_dir
         if not self.image_root.is_dir():
-            raise DataError(f"{self.image_root}: image folder does not exist; set data.image_dir to the folder "
-                            f"(relative to {self.root}) that the CSV's image paths are relative to")
+            raise DataError(
+                f"{self.image_root}: image folder does not exist; set data.image_dir to the folder "
+                f"(relative to {self.root}) that the CSV's image paths are relative to"
+            )
         self.mask_root = self.root / mask_dir if mask_dir else None
         if self.mask_root is not None and not self.mask_root.is_dir():
-            raise DataError(f"{self.mask_root}: mask folder does not exist; fix data.mask_dir, or leave it unset "
-                            f"for a data set without masks")
+            raise DataError(
+                f"{self.mask_root}: mask folder does not exist; fix data.mask_dir, or leave it unset "
+                f"for a data set without masks"
+            )
         self.has_masks = self.mask_root is not None
         self.has_labels = True  # every CSV row carries labels; an empty cell means "no finding"
         self.mask_values = dict(mask_values) if mask_values is not None else None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self._reference_depth: Optional[tuple[int, Path]] = None  # (bits, file) every image must match
-        self._warned_binary_255 = False  # a run warns once per data set about 0/255 masks (data-check counts them)
+        self._reference_depth: Optional[tuple[int, Path]] = (
+            None  # (bits, file) every image must match
+        )
+        self._warned_binary_255 = (
+            False  # a run warns once per data set about 0/255 masks (data-check counts them)
+        )
 
         index = {name: i for i, name in enumerate(self.class_names)}
         self.image_names: list[str] = []
@@ -169,8 +217,10 @@ class FolderDataset(SegmentationSource):
                     raise DataError(self._unknown_label(line, image, name))
             sample_id = Path(image).stem
             if sample_id in seen:
-                raise DataError(f"{self.csv_path}, rows {seen[sample_id]} and {line}: two images share the id "
-                                f"{sample_id!r} (the file name without extension); ids must be unique")
+                raise DataError(
+                    f"{self.csv_path}, rows {seen[sample_id]} and {line}: two images share the id "
+                    f"{sample_id!r} (the file name without extension); ids must be unique"
+                )
             seen[sample_id] = line
             vector = np.zeros(len(self.class_names), np.float32)
             vector[[index[name] for name in labels]] = 1.0
@@ -183,25 +233,32 @@ class FolderDataset(SegmentationSource):
         where = f"{self.csv_path}, row {line}: label {name!r} of image {image}"
         same = [known for known in self.class_names if label_key(known) == label_key(name)]
         if same:
-            return (f"{where} differs from the class {same[0]!r} only in case or spacing; write {same[0]!r} "
-                    f"(classes: {self.class_names})")
+            return (
+                f"{where} differs from the class {same[0]!r} only in case or spacing; write {same[0]!r} "
+                f"(classes: {self.class_names})"
+            )
         close = difflib.get_close_matches(name, self.class_names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"{where} is not among the classes {self.class_names}; {hint}fix the CSV or data.class_names"
 
-    def _class_names(self, given: Optional[list[str]], rows: CsvRows,
-                     class_splits: Optional[Sequence[str]]) -> list[str]:
+    def _class_names(
+        self, given: Optional[list[str]], rows: CsvRows, class_splits: Optional[Sequence[str]]
+    ) -> list[str]:
         if given is not None:
             names = [str(name) for name in given]
             if not names:
-                raise DataError("data.class_names is empty; list the foreground classes or leave it unset")
+                raise DataError(
+                    "data.class_names is empty; list the foreground classes or leave it unset"
+                )
             duplicates = sorted({name for name in names if names.count(name) > 1})
             if duplicates:
                 raise DataError(f"data.class_names lists {duplicates} more than once: {names}")
             keys = [label_key(name) for name in names]
             alike = sorted({name for name, key in zip(names, keys) if keys.count(key) > 1})
             if alike:
-                raise DataError(f"data.class_names lists {alike}, which differ only in case or spacing: {names}")
+                raise DataError(
+                    f"data.class_names lists {alike}, which differ only in case or spacing: {names}"
+                )
             return names
         # every split's CSV contributes, so the order is the same whichever split is built first
         splits = list(dict.fromkeys([*(class_splits or DEFAULT_CLASS_SPLITS), self.split]))
@@ -214,8 +271,10 @@ class FolderDataset(SegmentationSource):
                 tables.append((path, read_label_csv(path)))
         names = class_names_from_csvs(tables)
         if not names:
-            raise DataError(f"{', '.join(str(path) for path, _ in tables)}: no label appears in the CSV(s), "
-                            f"so there are no classes; set data.class_names")
+            raise DataError(
+                f"{', '.join(str(path) for path, _ in tables)}: no label appears in the CSV(s), "
+                f"so there are no classes; set data.class_names"
+            )
         return names
 
     @property
@@ -235,10 +294,12 @@ class FolderDataset(SegmentationSource):
         if self.intensity != "minmax":
             reference_bits, reference = self._reference(index, bits)
             if bits != reference_bits:
-                raise DataError(f"{path}: {bits}-bit image in a data set of {reference_bits}-bit images (e.g. "
-                                f"{reference}); with data.intensity={self.intensity} one scale cannot fit both "
-                                f"depths. Convert the files to one bit depth, or set data.intensity=minmax "
-                                f"to scale each image by its own range")
+                raise DataError(
+                    f"{path}: {bits}-bit image in a data set of {reference_bits}-bit images (e.g. "
+                    f"{reference}); with data.intensity={self.intensity} one scale cannot fit both "
+                    f"depths. Convert the files to one bit depth, or set data.intensity=minmax "
+                    f"to scale each image by its own range"
+                )
         return image
 
     def _reference(self, index: int, bits: int) -> tuple[int, Path]:
@@ -247,7 +308,9 @@ class FolderDataset(SegmentationSource):
         if self._reference_depth is None:
             first = self.image_path(0)
             try:
-                self._reference_depth = (bits, first) if index == 0 else (read_image_file(first)[1], first)
+                self._reference_depth = (
+                    (bits, first) if index == 0 else (read_image_file(first)[1], first)
+                )
             except DataError:
                 self._reference_depth = (bits, self.image_path(index))
         return self._reference_depth
@@ -262,8 +325,13 @@ class FolderDataset(SegmentationSource):
                 mask = map_mask_values(mask, self.mask_values, path)
             elif not self._warned_binary_255 and holds_only_0_and_255(mask):
                 self._warned_binary_255 = True
-                warnings.warn(binary_255_message(f"mask {path} holds only the values 0 and 255",
-                                                 self.class_names[0]), MaskConventionWarning, stacklevel=2)
+                warnings.warn(
+                    binary_255_message(
+                        f"mask {path} holds only the values 0 and 255", self.class_names[0]
+                    ),
+                    MaskConventionWarning,
+                    stacklevel=2,
+                )
             check_mask(mask, self.num_classes, path, image.shape[:2])
         return RawSample(self._ids[index], image, self.label_rows[index].copy(), mask)
 
@@ -280,13 +348,17 @@ class FolderDataset(SegmentationSource):
     def _fingerprint(self, picks: list[int]) -> str:
         """Changes when the sampled images (names, sizes, modification times), the channels, the
         intensity handling or the working size change."""
-        digest = hashlib.sha1(f"channels={self.channels};count={len(self)};intensity={self.intensity};"
-                              f"window={self.window};long_side={self.long_side}".encode())
+        digest = hashlib.sha1(
+            f"channels={self.channels};count={len(self)};intensity={self.intensity};"
+            f"window={self.window};long_side={self.long_side}".encode()
+        )
         for index in picks:
             path = self.image_path(index)
             try:
                 stat = path.stat()
-                digest.update(f"|{self.image_names[index]}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                digest.update(
+                    f"|{self.image_names[index]}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+                )
             except OSError:
                 digest.update(f"|{self.image_names[index]}:missing".encode())
         return digest.hexdigest()
@@ -306,9 +378,18 @@ class FolderDataset(SegmentationSource):
         result = self.compute_stats(picks)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(cache, {"fingerprint": fingerprint, "root": str(self.root.resolve()),
-                                      "split": self.split, "images": len(picks), "channels": self.channels,
-                                      "mean": result[0], "std": result[1]})
+            write_json_atomic(
+                cache,
+                {
+                    "fingerprint": fingerprint,
+                    "root": str(self.root.resolve()),
+                    "split": self.split,
+                    "images": len(picks),
+                    "channels": self.channels,
+                    "mean": result[0],
+                    "std": result[1],
+                },
+            )
         except OSError:
             pass  # no writable cache directory: the statistics are still right, only recomputed next time
         return result

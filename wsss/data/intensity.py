@@ -15,18 +15,26 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-INTENSITY_MODES = ("dataset", "minmax", "window")  # also the choices of data.intensity in wsss.config
+INTENSITY_MODES = (
+    "dataset",
+    "minmax",
+    "window",
+)  # also the choices of data.intensity in wsss.config
 
 
 def check_intensity(mode: str, window: Optional[Sequence[float]] = None) -> None:
     """Raise ValueError for an unknown mode, or a window that ``window`` mode cannot use."""
     if mode not in INTENSITY_MODES:
-        raise ValueError(f"unknown intensity mode {mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
+        raise ValueError(
+            f"unknown intensity mode {mode!r}; choose one of {', '.join(INTENSITY_MODES)}"
+        )
     if mode == "window" and (window is None or len(window) != 2 or not window[0] < window[1]):
         raise ValueError(f"intensity=window needs window=[low, high] with low < high, got {window}")
 
 
-def scale_intensity(image: np.ndarray, mode: str, window: Optional[Sequence[float]] = None) -> np.ndarray:
+def scale_intensity(
+    image: np.ndarray, mode: str, window: Optional[Sequence[float]] = None
+) -> np.ndarray:
     """Map a float32 HxWxC image in raw units to the units of ``mode`` (see the module docstring)."""
     check_intensity(mode, window)
     if mode == "dataset":

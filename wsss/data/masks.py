@@ -23,7 +23,7 @@ def voc_palette() -> list[int]:
             b |= ((c >> 2) & 1) << (7 - bit)
             c >>= 3
         palette.extend((r, g, b))
-    palette[IGNORE_INDEX * 3: IGNORE_INDEX * 3 + 3] = [224, 224, 192]
+    palette[IGNORE_INDEX * 3 : IGNORE_INDEX * 3 + 3] = [224, 224, 192]
     return palette
 
 

@@ -69,7 +69,9 @@ def check_files(source, split: str) -> list[str]:
         return []
     problems = []
     mask_path = getattr(source, "mask_path", None)
-    for index in tqdm(range(len(source)), desc=f"pre-flight {split}", unit="file", leave=False, disable=None):
+    for index in tqdm(
+        range(len(source)), desc=f"pre-flight {split}", unit="file", leave=False, disable=None
+    ):
         image = Path(source.image_path(index))
         problem = _problem(image, "image")
         if problem:
@@ -81,8 +83,10 @@ def check_files(source, split: str) -> list[str]:
         mask = Path(mask)
         problem = _problem(mask, "mask")
         if problem is None and header_size(mask) != header_size(image):
-            problem = (f"{mask}: mask is {header_size(mask)} (h, w) but its image {image.name} is "
-                       f"{header_size(image)}")
+            problem = (
+                f"{mask}: mask is {header_size(mask)} (h, w) but its image {image.name} is "
+                f"{header_size(image)}"
+            )
         if problem:
             problems.append(problem)
     return problems
@@ -90,9 +94,13 @@ def check_files(source, split: str) -> list[str]:
 
 def preflight(sources: dict[str, object], limit: int = 20) -> None:
     """Raise DataError naming the bad files (the first ``limit``) of the given splits."""
-    problems = [problem for split, source in sources.items() for problem in check_files(source, split)]
+    problems = [
+        problem for split, source in sources.items() for problem in check_files(source, split)
+    ]
     if problems:
         shown = "\n  ".join(problems[:limit])
         more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-        raise DataError(f"{len(problems)} bad file(s) before any work; fix or remove them (wsss data-check "
-                        f"lists everything):\n  {shown}{more}")
+        raise DataError(
+            f"{len(problems)} bad file(s) before any work; fix or remove them (wsss data-check "
+            f"lists everything):\n  {shown}{more}"
+        )

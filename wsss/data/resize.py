@@ -30,16 +30,27 @@ def restore_size(values: Array, orig_size: Sequence[int] | torch.Tensor) -> Arra
     if tuple(values.shape[-2:]) == (height, width):
         return values
     if values.ndim not in (2, 3, 4):
-        raise ValueError(f"restore_size: expected (H, W), (C, H, W) or (B, C, H, W), got shape {tuple(values.shape)}")
+        raise ValueError(
+            f"restore_size: expected (H, W), (C, H, W) or (B, C, H, W), got shape {tuple(values.shape)}"
+        )
     is_numpy = isinstance(values, np.ndarray)
     tensor = torch.from_numpy(np.ascontiguousarray(values)) if is_numpy else values
     dtype = tensor.dtype
     batch = tensor.reshape(-1, 1, *tensor.shape[-2:]) if tensor.ndim != 4 else tensor
     if dtype.is_floating_point:
         shrinks = height < tensor.shape[-2] or width < tensor.shape[-1]
-        out = F.interpolate(batch.float(), size=(height, width), mode="bilinear", align_corners=False,
-                            antialias=shrinks).to(dtype)
+        out = F.interpolate(
+            batch.float(),
+            size=(height, width),
+            mode="bilinear",
+            align_corners=False,
+            antialias=shrinks,
+        ).to(dtype)
     else:
-        out = F.interpolate(batch.float(), size=(height, width), mode="nearest-exact").round().to(dtype)
+        out = (
+            F.interpolate(batch.float(), size=(height, width), mode="nearest-exact")
+            .round()
+            .to(dtype)
+        )
     out = out.reshape(*tensor.shape[:-2], height, width)
     return out.numpy() if is_numpy else out

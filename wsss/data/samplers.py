@@ -33,20 +33,31 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
     shuffle: a fresh permutation of (seed, epoch) each epoch; otherwise the data set order.
     epoch_source: where the epoch is read when an epoch's iterator is made (the Trainer's
     epoch). Lightning also calls ``set_epoch``, but a DataLoader with workers makes the
-    first iterator of a resumed fit before that call, which would replay epoch 0's order. drop_last: drop the incomplete last global batch.
+    first iterator of a resumed fit before that call, which would replay epoch 0's order.
+    drop_last: drop the incomplete last global batch.
     The share of a global batch of ``batch_size`` items is ``batch_size // world_size`` items;
     ``batch_size`` must divide evenly. An incomplete last batch (without drop_last) is padded
     by repeating its first items so every process gets the same number of items.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = True, rank: int = 0, world_size: int = 1,
-                 epoch_source: Optional[Callable[[], int]] = None) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch_source: Optional[Callable[[], int]] = None,
+    ) -> None:
         if num_items < 1:
             raise ValueError("cannot sample from an empty data set")
         if batch_size % world_size:
-            raise ValueError(f"data.batch_size={batch_size} is the global batch and must divide evenly "
-                             f"over {world_size} processes; use a multiple of {world_size}")
+            raise ValueError(
+                f"data.batch_size={batch_size} is the global batch and must divide evenly "
+                f"over {world_size} processes; use a multiple of {world_size}"
+            )
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
         # never drop everything: a data set smaller than one batch is one (padded) batch
@@ -67,7 +78,9 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
         """Positions (into the epoch's order) of this process's items, batch by batch."""
         per_rank = self.batch_size // self.world_size
         full, rest = divmod(self.num_items, self.batch_size)
-        head = torch.arange(full * self.batch_size).view(full, self.world_size, per_rank)[:, self.rank]
+        head = torch.arange(full * self.batch_size).view(full, self.world_size, per_rank)[
+            :, self.rank
+        ]
         head = head.flatten()
         if rest == 0 or self.drop_last:
             return head

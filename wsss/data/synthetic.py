@@ -31,7 +31,12 @@ from wsss.label_maps import IGNORE_INDEX
 
 SYNTHETIC_CLASSES = ["disc", "square", "triangle", "boat"]
 CLASS_TEXTURE = {"disc": "rings", "square": "checks", "triangle": "stripes", "boat": "planks"}
-CLASS_HUE = {"disc": 0.0, "square": 0.33, "triangle": 0.77, "boat": 0.15}  # red, green, violet, yellow
+CLASS_HUE = {
+    "disc": 0.0,
+    "square": 0.33,
+    "triangle": 0.77,
+    "boat": 0.15,
+}  # red, green, violet, yellow
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 _MIN_VISIBLE_PIXELS = 24
 # geometry as fractions of the image side
@@ -47,8 +52,9 @@ def split_code(split: str) -> int:
     return _SPLIT_CODES.get(split, zlib.crc32(split.encode()) % 1000 + 10)
 
 
-def render_labelled(render: Callable[[str], tuple[np.ndarray, np.ndarray]], split: str,
-                    num_foreground: int) -> tuple[np.ndarray, np.ndarray]:
+def render_labelled(
+    render: Callable[[str], tuple[np.ndarray, np.ndarray]], split: str, num_foreground: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``render(split)``, redrawn deterministically under the keys ``split#1``, ``split#2``, ...
     until its mask holds at least one foreground class (an image must carry a label)."""
     image, mask = render(split)
@@ -92,8 +98,9 @@ def texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: float, angle: flo
     raise ValueError(kind)
 
 
-def shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float,
-               angle: float) -> np.ndarray:
+def shape_mask(
+    kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float
+) -> np.ndarray:
     """Boolean mask of one shape of "radius" ``r`` centred at (cy, cx), rotated by ``angle``."""
     dy, dx = yy - cy, xx - cx
     if kind == "disc":
@@ -123,7 +130,12 @@ def boat_hull(dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
 def boat_rig(dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
     """Thin mast plus a triangular sail above the deck of an upright boat."""
     mast = (dy < 0) & (dy >= -1.1 * r) & (np.abs(dx + 0.1 * r) <= 0.07 * r)
-    sail = (dy < -0.1 * r) & (dy >= -1.0 * r) & (dx >= -0.03 * r) & (dx <= 0.6 * r * (dy + 1.0 * r) / (0.9 * r))
+    sail = (
+        (dy < -0.1 * r)
+        & (dy >= -1.0 * r)
+        & (dx >= -0.03 * r)
+        & (dx <= 0.6 * r * (dy + 1.0 * r) / (0.9 * r))
+    )
     return mast | sail
 
 
@@ -131,7 +143,9 @@ def random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(20, 235, size=3).astype(np.float32)
 
 
-def contrasting_colours(rng: np.random.Generator, min_distance: float = 120.0) -> tuple[np.ndarray, np.ndarray]:
+def contrasting_colours(
+    rng: np.random.Generator, min_distance: float = 120.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Two random colours at least ``min_distance`` apart (L1 over RGB), for a visible pattern."""
     first, second = random_colour(rng), random_colour(rng)
     while np.abs(first - second).sum() < min_distance:
@@ -139,17 +153,25 @@ def contrasting_colours(rng: np.random.Generator, min_distance: float = 120.0) -
     return first, second
 
 
-def tinted_colours(rng: np.random.Generator, hue: float, spread: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+def tinted_colours(
+    rng: np.random.Generator, hue: float, spread: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
     """A light and a dark colour within ``spread`` of ``hue`` (0..1, as in HSV): the hue hints at
     the class, the light/dark contrast shows the texture."""
     h = (hue + rng.uniform(-spread, spread)) % 1.0
     light = colorsys.hsv_to_rgb(h, rng.uniform(0.45, 0.9), rng.uniform(0.8, 1.0))
-    dark = colorsys.hsv_to_rgb((h + rng.uniform(-0.03, 0.03)) % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.25, 0.5))
+    dark = colorsys.hsv_to_rgb(
+        (h + rng.uniform(-0.03, 0.03)) % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.25, 0.5)
+    )
     return np.float32(light) * 255, np.float32(dark) * 255
 
 
-def paint_pattern(image: np.ndarray, region: np.ndarray, pattern: np.ndarray,
-                  colours: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def paint_pattern(
+    image: np.ndarray,
+    region: np.ndarray,
+    pattern: np.ndarray,
+    colours: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
     """``image`` with ``region`` painted in ``colours[0]`` where ``pattern`` is on, else ``colours[1]``."""
     painted = np.where(pattern[..., None] > 0, colours[0], colours[1])
     return np.where(region[..., None], painted, image)
@@ -161,24 +183,36 @@ def smooth_background(rng: np.random.Generator, height: int, width: int) -> np.n
     return cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
-def water_region(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, top: float) -> np.ndarray:
+def water_region(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, top: float
+) -> np.ndarray:
     """Everything below a wavy waterline around row ``top``."""
     width = xx.shape[1]
-    wave = top + 0.03 * width * np.sin(xx * 2 * np.pi / rng.uniform(0.2, 0.4) / width + rng.uniform(0, 6))
+    wave = top + 0.03 * width * np.sin(
+        xx * 2 * np.pi / rng.uniform(0.2, 0.4) / width + rng.uniform(0, 6)
+    )
     return yy >= wave
 
 
-def paint_water(rng: np.random.Generator, image: np.ndarray, water: np.ndarray, yy: np.ndarray,
-                xx: np.ndarray) -> np.ndarray:
+def paint_water(
+    rng: np.random.Generator, image: np.ndarray, water: np.ndarray, yy: np.ndarray, xx: np.ndarray
+) -> np.ndarray:
     """Blue water with horizontal ripples: a background texture of its own (the context confound)."""
     ripple = (np.sin(yy * 2 * np.pi / 5 + 0.4 * np.sin(xx / 6)) > 0.6).astype(np.float32)[..., None]
     base = np.array([rng.uniform(10, 60), rng.uniform(60, 140), rng.uniform(140, 230)], np.float32)
     return np.where(water[..., None], base * (0.85 + 0.3 * ripple), image)
 
 
-def paint_clutter(rng: np.random.Generator, image: np.ndarray, yy: np.ndarray, xx: np.ndarray,
-                  kinds: Sequence[str], count: tuple[int, int], radius: tuple[float, float],
-                  period: tuple[float, float]) -> np.ndarray:
+def paint_clutter(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    kinds: Sequence[str],
+    count: tuple[int, int],
+    radius: tuple[float, float],
+    period: tuple[float, float],
+) -> np.ndarray:
     """Small elliptic fragments of the given textures (radius and period in pixels) at random places."""
     height, width = yy.shape
     for _ in range(int(rng.integers(count[0], count[1] + 1))):
@@ -223,9 +257,16 @@ def render_sample(seed: int, split: str, index: int, size: int) -> tuple[np.ndar
 
     # clutter: small, finely textured fragments of every texture but the boat's
     clutter_kinds = [CLASS_TEXTURE[k] for k in SYNTHETIC_CLASSES if k != "boat"]
-    image = paint_clutter(rng, image, yy, xx, clutter_kinds, (2, 6),
-                          (size * _CLUTTER_RADIUS[0], size * _CLUTTER_RADIUS[1]),
-                          (size * _CLUTTER_PERIOD[0], size * _CLUTTER_PERIOD[1]))
+    image = paint_clutter(
+        rng,
+        image,
+        yy,
+        xx,
+        clutter_kinds,
+        (2, 6),
+        (size * _CLUTTER_RADIUS[0], size * _CLUTTER_RADIUS[1]),
+        (size * _CLUTTER_PERIOD[0], size * _CLUTTER_PERIOD[1]),
+    )
 
     # objects, drawn in order so later ones occlude earlier ones
     for cls in classes:
@@ -239,7 +280,9 @@ def render_sample(seed: int, split: str, index: int, size: int) -> tuple[np.ndar
         cx = rng.uniform(r * 0.8, size - r * 0.8)
         shape = shape_mask(kind, yy, xx, cy, cx, r, angle)
         period = size * rng.uniform(*_OBJECT_PERIOD)
-        pattern = texture(CLASS_TEXTURE[kind], yy - cy, xx - cx, period, angle + rng.uniform(-0.3, 0.3))
+        pattern = texture(
+            CLASS_TEXTURE[kind], yy - cy, xx - cx, period, angle + rng.uniform(-0.3, 0.3)
+        )
         colours = tinted_colours(rng, CLASS_HUE[kind], 0.05)
         image = paint_pattern(image, shape, pattern, colours)
         if kind == "boat":  # a plain mast and sail over the textured hull
@@ -256,8 +299,14 @@ class SyntheticSegmentation(SegmentationSource):
 
     class_names = SYNTHETIC_CLASSES
 
-    def __init__(self, split: str = "train", num_images: int = 400, image_size: int = 128,
-                 seed: int = 0, **kwargs) -> None:
+    def __init__(
+        self,
+        split: str = "train",
+        num_images: int = 400,
+        image_size: int = 128,
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.split = split
         self.num_images = num_images
@@ -275,7 +324,14 @@ class SyntheticSegmentation(SegmentationSource):
     def load_raw(self, index: int) -> RawSample:
         if not 0 <= index < self.num_images:
             raise IndexError(index)
-        image, mask = render_labelled(lambda key: render_sample(self.seed, key, index, self.image_size),
-                                      self.split, len(self.class_names))
-        return RawSample(id=self._ids[index], image=image, labels=labels_from_mask(mask, len(self.class_names)),
-                         mask=mask)
+        image, mask = render_labelled(
+            lambda key: render_sample(self.seed, key, index, self.image_size),
+            self.split,
+            len(self.class_names),
+        )
+        return RawSample(
+            id=self._ids[index],
+            image=image,
+            labels=labels_from_mask(mask, len(self.class_names)),
+            mask=mask,
+        )

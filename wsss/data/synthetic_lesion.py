@@ -39,23 +39,32 @@ def _tissue(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     side = max(height, width)
     image = np.full((height, width), rng.uniform(16000, 30000), np.float32)
     image += rng.uniform(1200, 2500) * _smooth_field(rng, height, width, 4)  # shading
-    image += rng.uniform(600, 1400) * _smooth_field(rng, height, width, int(rng.integers(10, 18)))  # mottling
+    image += rng.uniform(600, 1400) * _smooth_field(
+        rng, height, width, int(rng.integers(10, 18))
+    )  # mottling
     for _ in range(int(rng.integers(2, 4))):  # fibrous gratings, each fading in and out
         angle, period = rng.uniform(0, np.pi), side * rng.uniform(0.03, 0.08)
-        wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period + rng.uniform(0, 6.3))
-        image += rng.uniform(300, 900) * wave * np.clip(_smooth_field(rng, height, width, 3) + 0.3, 0, 1)
+        wave = np.sin(
+            (xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period + rng.uniform(0, 6.3)
+        )
+        image += (
+            rng.uniform(300, 900) * wave * np.clip(_smooth_field(rng, height, width, 3) + 0.3, 0, 1)
+        )
     for _ in range(int(rng.integers(1, 4))):  # vessels: thin bright meandering curves
         vertical = rng.random() < 0.5
         along, across = (yy, xx) if vertical else (xx, yy)
         extent = width if vertical else height
         centre = rng.uniform(0.1, 0.9) * extent + rng.uniform(0.03, 0.1) * extent * np.sin(
-            along * 2 * np.pi / (side * rng.uniform(0.4, 1.2)) + rng.uniform(0, 6.3))
+            along * 2 * np.pi / (side * rng.uniform(0.4, 1.2)) + rng.uniform(0, 6.3)
+        )
         thickness = rng.uniform(0.8, 1.8)
         image += rng.uniform(1500, 3500) * np.exp(-0.5 * ((across - centre) / thickness) ** 2)
     return image
 
 
-def _lesion_shape(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, side: int) -> np.ndarray:
+def _lesion_shape(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, side: int
+) -> np.ndarray:
     """A blob with an irregular border: radius modulated by a few random harmonics of the angle."""
     height, width = yy.shape
     radius = side * rng.uniform(0.06, 0.2)
@@ -69,7 +78,9 @@ def _lesion_shape(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, side
     return np.hypot(dy, dx) <= radius * border
 
 
-def _calcification_shape(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, side: int) -> np.ndarray:
+def _calcification_shape(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, side: int
+) -> np.ndarray:
     """A cluster of 4-10 small specks within a small region."""
     height, width = yy.shape
     spread = side * rng.uniform(0.04, 0.08)
@@ -81,8 +92,15 @@ def _calcification_shape(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarra
     return shape
 
 
-def render_lesion_sample(seed: int, split: str, index: int, height: int, width: int,
-                         negative_fraction: float = 0.3, findings: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def render_lesion_sample(
+    seed: int,
+    split: str,
+    index: int,
+    height: int,
+    width: int,
+    negative_fraction: float = 0.3,
+    findings: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
     """One image (float32 HxWx1 holding integers 0..65535) and its mask (uint8 class indices)."""
     if findings not in (1, 2):
         raise ValueError(f"findings must be 1 or 2, got {findings}")
@@ -94,7 +112,9 @@ def render_lesion_sample(seed: int, split: str, index: int, height: int, width: 
 
     present: list[int] = []
     if rng.random() >= negative_fraction:
-        present = [1] if findings == 1 else [[1], [2], [1, 2]][int(rng.choice(3, p=[0.4, 0.3, 0.3]))]
+        present = (
+            [1] if findings == 1 else [[1], [2], [1, 2]][int(rng.choice(3, p=[0.4, 0.3, 0.3]))]
+        )
     if 1 in present:
         for _ in range(1 if rng.random() < 0.7 else 2):
             shape = _lesion_shape(rng, yy, xx, side)
@@ -118,8 +138,16 @@ class SyntheticLesion(SegmentationSource):
     allows_negatives = True
     has_labels = True
 
-    def __init__(self, split: str = "train", num_images: int = 200, image_size: int = 128, seed: int = 0,
-                 negative_fraction: float = 0.3, findings: int = 1, **kwargs) -> None:
+    def __init__(
+        self,
+        split: str = "train",
+        num_images: int = 200,
+        image_size: int = 128,
+        seed: int = 0,
+        negative_fraction: float = 0.3,
+        findings: int = 1,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if findings not in (1, 2):
             raise ValueError(f"findings must be 1 or 2, got {findings}")
@@ -143,6 +171,13 @@ class SyntheticLesion(SegmentationSource):
     def load_raw(self, index: int) -> RawSample:
         if not 0 <= index < self.num_images:
             raise IndexError(index)
-        image, mask = render_lesion_sample(self.seed, self.split, index, self.image_size, self.image_size,
-                                           self.negative_fraction, self.findings)
+        image, mask = render_lesion_sample(
+            self.seed,
+            self.split,
+            index,
+            self.image_size,
+            self.image_size,
+            self.negative_fraction,
+            self.findings,
+        )
         return RawSample(self._ids[index], image, labels_from_mask(mask, self.findings), mask)

@@ -25,8 +25,25 @@ from wsss.data.base import RawSample, SegmentationSource, labels_from_mask
 from wsss.data.imageio import DataError, check_mask, read_image, read_mask
 
 VOC_CLASSES = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
 ]
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -40,10 +57,15 @@ class VOCSegmentation(SegmentationSource):
 
     class_names = VOC_CLASSES
 
-    def __init__(self, root: str | Path, split: str,
-                 transform: Optional[Callable[..., dict[str, Any]]] = None,
-                 mean: Optional[list[float]] = None, std: Optional[list[float]] = None,
-                 channels: int = 3) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Optional[Callable[..., dict[str, Any]]] = None,
+        mean: Optional[list[float]] = None,
+        std: Optional[list[float]] = None,
+        channels: int = 3,
+    ) -> None:
         super().__init__(transform=transform, mean=mean, std=std, channels=channels)
         self.root = Path(root)
         self.split = split
@@ -51,41 +73,57 @@ class VOCSegmentation(SegmentationSource):
         self.split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         self._ids = self._read_split()
         self.image_root = self.root / "JPEGImages"
-        self.mask_root = self.root / ("SegmentationClassAug" if split == AUG_SPLIT else "SegmentationClass")
+        self.mask_root = self.root / (
+            "SegmentationClassAug" if split == AUG_SPLIT else "SegmentationClass"
+        )
         # A split without any mask (the VOC test split) is allowed: it has neither masks nor labels.
         # Otherwise every id needs its mask, and a missing one is reported when the item is loaded.
         self.has_masks = self.mask_root.is_dir() and any(
-            (self.mask_root / f"{sample_id}.png").is_file() for sample_id in self._ids)
+            (self.mask_root / f"{sample_id}.png").is_file() for sample_id in self._ids
+        )
         if split == AUG_SPLIT and not self.has_masks:
-            raise DataError(f"{self.mask_root}: the train_aug split needs the SBD-derived masks in "
-                            f"SegmentationClassAug/ (usually from SegmentationClassAug.zip, unzipped into "
-                            f"the VOC2012 folder) and none of its ids has one there; {PREPARE_HINT}")
+            raise DataError(
+                f"{self.mask_root}: the train_aug split needs the SBD-derived masks in "
+                f"SegmentationClassAug/ (usually from SegmentationClassAug.zip, unzipped into "
+                f"the VOC2012 folder) and none of its ids has one there; {PREPARE_HINT}"
+            )
         # image labels come from the masks: without masks, an image carries no known label
         self.has_labels = self.has_masks
 
     def _check_root(self) -> None:
         if not self.root.is_dir():
-            raise DataError(f"{self.root}: VOC root folder does not exist; data.root must point at "
-                            f"VOCdevkit/VOC2012 (the VOC2012 trainval archive from the Pascal VOC site); "
-                            f"{PREPARE_HINT}")
+            raise DataError(
+                f"{self.root}: VOC root folder does not exist; data.root must point at "
+                f"VOCdevkit/VOC2012 (the VOC2012 trainval archive from the Pascal VOC site); "
+                f"{PREPARE_HINT}"
+            )
         if not (self.root / "JPEGImages").is_dir():
             nested = self.root / "VOC2012"
-            hint = (f"it looks like VOCdevkit: use {nested}" if (nested / "JPEGImages").is_dir()
-                    else "data.root must point at VOCdevkit/VOC2012")
-            raise DataError(f"{self.root}: not a VOC2012 folder (no JPEGImages/ inside); {hint}; {PREPARE_HINT}")
+            hint = (
+                f"it looks like VOCdevkit: use {nested}"
+                if (nested / "JPEGImages").is_dir()
+                else "data.root must point at VOCdevkit/VOC2012"
+            )
+            raise DataError(
+                f"{self.root}: not a VOC2012 folder (no JPEGImages/ inside); {hint}; {PREPARE_HINT}"
+            )
 
     def _read_split(self) -> list[str]:
         if not self.split_file.is_file():
             folder = self.split_file.parent
             present = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
             listed = ", ".join(present) if present else "none"
-            raise DataError(f"{self.split_file}: split file for split {self.split!r} is missing "
-                            f"(split files present in {folder}: {listed}); pick one of those or "
-                            f"{PREPARE_HINT} (it writes train_aug.txt)")
+            raise DataError(
+                f"{self.split_file}: split file for split {self.split!r} is missing "
+                f"(split files present in {folder}: {listed}); pick one of those or "
+                f"{PREPARE_HINT} (it writes train_aug.txt)"
+            )
         ids = [line.split()[0] for line in self.split_file.read_text().splitlines() if line.strip()]
         if not ids:
-            raise DataError(f"{self.split_file}: the split file lists no image ids; restore it from the VOC2012 "
-                            f"archive or {PREPARE_HINT}")
+            raise DataError(
+                f"{self.split_file}: the split file lists no image ids; restore it from the VOC2012 "
+                f"archive or {PREPARE_HINT}"
+            )
         return ids
 
     @property

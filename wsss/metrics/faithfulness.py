@@ -25,16 +25,24 @@ def _prepare(images: Tensor, maps: Tensor, targets: Tensor) -> tuple[Tensor, Ten
     maps = maps.unsqueeze(1) if maps.dim() == 3 else maps
     if maps.shape[:2] != targets.shape:
         raise ValueError(f"maps {tuple(maps.shape)} and targets {tuple(targets.shape)} disagree")
-    maps = F.interpolate(maps.float(), size=images.shape[-2:], mode="bilinear",
-                         align_corners=False) if maps.shape[-2:] != images.shape[-2:] else maps.float()
+    maps = (
+        F.interpolate(maps.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if maps.shape[-2:] != images.shape[-2:]
+        else maps.float()
+    )
     low = maps.amin((-2, -1), keepdim=True)
     high = maps.amax((-2, -1), keepdim=True)
     return (maps - low) / (high - low).clamp(min=1e-12), targets.to(images.device, torch.long)
 
 
 @torch.no_grad()
-def class_scores(model: nn.Module, images: Tensor, targets: Tensor, normalize: Normalize = None,
-                 activation: str = "softmax") -> Tensor:
+def class_scores(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    normalize: Normalize = None,
+    activation: str = "softmax",
+) -> Tensor:
     """Probability of each target class, (B, K), for raw images (B, C, H, W)."""
     targets = targets.unsqueeze(1) if targets.dim() == 1 else targets
     logits = model(normalize(images) if normalize is not None else images).float()
@@ -47,8 +55,14 @@ def class_scores(model: nn.Module, images: Tensor, targets: Tensor, normalize: N
     return probs.gather(1, targets.to(probs.device, torch.long))
 
 
-def _masked_scores(model: nn.Module, images: Tensor, masks: Tensor, targets: Tensor,
-                   normalize: Normalize, activation: str) -> Tensor:
+def _masked_scores(
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    targets: Tensor,
+    normalize: Normalize,
+    activation: str,
+) -> Tensor:
     """Scores of target k on image b masked by masks[b, k]: (B, K)."""
     b, k = targets.shape
     masked = (images.unsqueeze(1) * masks.unsqueeze(2)).flatten(0, 1)  # (B*K, C, H, W)
@@ -56,9 +70,15 @@ def _masked_scores(model: nn.Module, images: Tensor, masks: Tensor, targets: Ten
     return scores.view(b, k)
 
 
-def average_drop_increase(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
-                          normalize: Normalize = None, activation: str = "softmax",
-                          protocol: str = "gradcampp") -> dict[str, float]:
+def average_drop_increase(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    normalize: Normalize = None,
+    activation: str = "softmax",
+    protocol: str = "gradcampp",
+) -> dict[str, float]:
     """Average Drop and Average Increase, in percent.
 
     protocol="gradcampp" (Chattopadhay et al.): the image times the whole soft map;
@@ -78,23 +98,34 @@ def average_drop_increase(model: nn.Module, images: Tensor, maps: Tensor, target
     o = _masked_scores(model, images, maps, targets, normalize, activation)
     drop = (y - o).clamp(min=0) / y.clamp(min=1e-12)
     if protocol == "gradcampp":
-        return {"drop": 100.0 * float(drop.mean()), "increase": 100.0 * float((o > y).float().mean())}
+        return {
+            "drop": 100.0 * float(drop.mean()),
+            "increase": 100.0 * float((o > y).float().mean()),
+        }
     dropped = (y - o) > 0
     count = int(dropped.sum())
-    return {"drop": 100.0 * float(drop.sum()) / count if count else 0.0,
-            "increase": 100.0 * (1.0 - float(dropped.float().mean()))}
+    return {
+        "drop": 100.0 * float(drop.sum()) / count if count else 0.0,
+        "increase": 100.0 * (1.0 - float(dropped.float().mean())),
+    }
 
 
 def _blur(images: Tensor, sigma: float = 5.0) -> Tensor:
     radius = int(3 * sigma)
     x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-x.pow(2) / (2 * sigma ** 2))
+    kernel = torch.exp(-x.pow(2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     c = images.shape[1]
-    out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="replicate"),
-                   kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"),
-                    kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    out = F.conv2d(
+        F.pad(images, (radius, radius, 0, 0), mode="replicate"),
+        kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1),
+        groups=c,
+    )
+    return F.conv2d(
+        F.pad(out, (0, 0, radius, radius), mode="replicate"),
+        kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1),
+        groups=c,
+    )
 
 
 def _baseline(images: Tensor, baseline: str | Tensor) -> Tensor:
@@ -113,8 +144,9 @@ def _salience_rank(maps: Tensor) -> Tensor:
     """(B, K, H, W) rank of each pixel in its map, 0 for the most salient; ties keep pixel order."""
     h, w = maps.shape[-2:]
     order = maps.flatten(-2).argsort(dim=-1, descending=True, stable=True)  # (B, K, HW)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(h * w, device=order.device)
-                                            .expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(h * w, device=order.device).expand_as(order)
+    )
     return rank.view(maps.shape)
 
 
@@ -124,10 +156,17 @@ def _trapezoid_area(curve: Tensor) -> Tensor:
     return (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) / steps
 
 
-def insertion_deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
-                           normalize: Normalize = None, activation: str = "softmax",
-                           steps: int = 16, mode: str = "deletion",
-                           baseline: str | Tensor | None = None) -> Tensor:
+def insertion_deletion_auc(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    normalize: Normalize = None,
+    activation: str = "softmax",
+    steps: int = 16,
+    mode: str = "deletion",
+    baseline: str | Tensor | None = None,
+) -> Tensor:
     """Area under the score curve while pixels are deleted (or inserted) in map order.
 
     deletion: start from the image, replace the most salient pixels by the baseline (default
@@ -140,15 +179,17 @@ def insertion_deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targe
     maps, targets = _prepare(images, maps, targets)
     b, k = targets.shape
     h, w = images.shape[-2:]
-    base = _baseline(images, baseline if baseline is not None else
-                     ("zero" if mode == "deletion" else "blur"))
+    base = _baseline(
+        images, baseline if baseline is not None else ("zero" if mode == "deletion" else "blur")
+    )
     rank = _salience_rank(maps)
     curve = []
     for i in range(steps + 1):
         revealed = (rank < round(i * h * w / steps)).float()  # the top pixels, (B, K, H, W)
         keep = 1.0 - revealed if mode == "deletion" else revealed
-        mixed = (images.unsqueeze(1) * keep.unsqueeze(2)
-                 + base.unsqueeze(1) * (1.0 - keep.unsqueeze(2))).flatten(0, 1)
+        mixed = (
+            images.unsqueeze(1) * keep.unsqueeze(2) + base.unsqueeze(1) * (1.0 - keep.unsqueeze(2))
+        ).flatten(0, 1)
         scores = class_scores(model, mixed, targets.reshape(-1, 1), normalize, activation)
         curve.append(scores.view(b, k))
     return _trapezoid_area(torch.stack(curve, -1))
@@ -162,9 +203,15 @@ def insertion_deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targe
 # VOC VGG-16, 0.819. docs/benchmarks.md ("Libra-CAM") gives the reasoning.
 
 
-def libra_scores(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
-                 normalize: Normalize = None, activation: str = "softmax",
-                 steps: int = 10) -> dict[str, Tensor]:
+def libra_scores(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    normalize: Normalize = None,
+    activation: str = "softmax",
+    steps: int = 10,
+) -> dict[str, Tensor]:
     """Per (image, class) terms of the five Libra-CAM metrics, each (B, K) float.
 
     With y = s_t(x) and o = s_t(x ⊙ M) (the whole soft map M, min–max normalised, as in the
@@ -187,15 +234,32 @@ def libra_scores(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
     h, w = images.shape[-2:]
     y = class_scores(model, images, targets, normalize, activation)
     rank = _salience_rank(maps)
-    curve = torch.stack([
-        _masked_scores(model, images, maps * (rank < round(i * h * w / steps)), targets, normalize,
-                       activation)
-        for i in range(steps + 1)], -1)  # (B, K, steps + 1)
+    curve = torch.stack(
+        [
+            _masked_scores(
+                model,
+                images,
+                maps * (rank < round(i * h * w / steps)),
+                targets,
+                normalize,
+                activation,
+            )
+            for i in range(steps + 1)
+        ],
+        -1,
+    )  # (B, K, steps + 1)
     auc = _trapezoid_area(curve)
     o = curve[..., -1]
     ratio = (o - y) / y.clamp(min=1e-12)
-    return {"auc": auc, "increase": ratio.clamp(min=0), "drop": (-ratio).clamp(min=0),
-            "increased": (o > y).float(), "dropped": (o < y).float(), "score": y, "masked": o}
+    return {
+        "auc": auc,
+        "increase": ratio.clamp(min=0),
+        "drop": (-ratio).clamp(min=0),
+        "increased": (o > y).float(),
+        "dropped": (o < y).float(),
+        "score": y,
+        "masked": o,
+    }
 
 
 LIBRA_METRICS = {"auc": "auc", "api": "increase", "apd": "drop", "ir": "increased", "dr": "dropped"}
@@ -211,9 +275,15 @@ def libra_summary(scores: dict[str, Tensor], select: Tensor | None = None) -> di
     return out
 
 
-def libra_metrics(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
-                  normalize: Normalize = None, activation: str = "softmax",
-                  steps: int = 10) -> dict[str, float]:
+def libra_metrics(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    normalize: Normalize = None,
+    activation: str = "softmax",
+    steps: int = 10,
+) -> dict[str, float]:
     """The five Libra-CAM metrics (``libra_scores`` averaged): auc↑, api↑, apd↓, ir↑, dr↓."""
     return libra_summary(libra_scores(model, images, maps, targets, normalize, activation, steps))
 

@@ -46,11 +46,15 @@ def scores_from_confusion(matrix: Tensor) -> dict[str, Any]:
 
     foreground = present.clone()
     foreground[0] = False
-    return {"miou": mean(iou, present), "per_class_iou": _nan_to_none(iou),
-            "dice": mean(dice, foreground), "per_class_dice": _nan_to_none(dice),
-            "pixel_accuracy": float(hits.sum() / truth.sum()) if truth.sum() > 0 else float("nan"),
-            "mean_class_accuracy": mean(recall, present),
-            "absent_classes": (~present).nonzero().flatten().tolist()}
+    return {
+        "miou": mean(iou, present),
+        "per_class_iou": _nan_to_none(iou),
+        "dice": mean(dice, foreground),
+        "per_class_dice": _nan_to_none(dice),
+        "pixel_accuracy": float(hits.sum() / truth.sum()) if truth.sum() > 0 else float("nan"),
+        "mean_class_accuracy": mean(recall, present),
+        "absent_classes": (~present).nonzero().flatten().tolist(),
+    }
 
 
 class SegmentationScores(Metric):
@@ -67,23 +71,36 @@ class SegmentationScores(Metric):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.add_state("confusion", default=torch.zeros(num_classes, num_classes, dtype=torch.long),
-                       dist_reduce_fx="sum")
+        self.add_state(
+            "confusion",
+            default=torch.zeros(num_classes, num_classes, dtype=torch.long),
+            dist_reduce_fx="sum",
+        )
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """preds, target: (B, H, W) class indices; target ``ignore_index`` is left out."""
         if preds.shape != target.shape:
-            raise ValueError(f"prediction {tuple(preds.shape)} and target {tuple(target.shape)} "
-                             f"differ in shape")
-        preds, target = preds.to(self.confusion.device).long(), target.to(self.confusion.device).long()
+            raise ValueError(
+                f"prediction {tuple(preds.shape)} and target {tuple(target.shape)} differ in shape"
+            )
+        preds, target = (
+            preds.to(self.confusion.device).long(),
+            target.to(self.confusion.device).long(),
+        )
         keep = target != self.ignore_index
         preds, target = preds[keep], target[keep]
         c = self.num_classes
-        if preds.numel() and (int(preds.min()) < 0 or int(preds.max()) >= c or int(target.min()) < 0
-                              or int(target.max()) >= c):
-            raise ValueError(f"class indices must lie in 0..{c - 1} (target {self.ignore_index} = "
-                             f"ignore), got predictions {sorted(set(preds.unique().tolist()))[:8]} "
-                             f"and targets {sorted(set(target.unique().tolist()))[:8]}")
+        if preds.numel() and (
+            int(preds.min()) < 0
+            or int(preds.max()) >= c
+            or int(target.min()) < 0
+            or int(target.max()) >= c
+        ):
+            raise ValueError(
+                f"class indices must lie in 0..{c - 1} (target {self.ignore_index} = "
+                f"ignore), got predictions {sorted(set(preds.unique().tolist()))[:8]} "
+                f"and targets {sorted(set(target.unique().tolist()))[:8]}"
+            )
         self.confusion += torch.bincount(target * c + preds, minlength=c * c).view(c, c)
 
     def compute(self) -> dict[str, Any]:
@@ -111,8 +128,10 @@ class MultiLabelScores(Metric):
     def update(self, probs: Tensor, labels: Tensor) -> None:
         """probs: (B, C) sigmoid scores; labels: (B, C) multi-hot."""
         if probs.shape != labels.shape or probs.dim() != 2 or probs.shape[1] != self.num_labels:
-            raise ValueError(f"probs and labels must both be (B, {self.num_labels}), got "
-                             f"{tuple(probs.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"probs and labels must both be (B, {self.num_labels}), got "
+                f"{tuple(probs.shape)} and {tuple(labels.shape)}"
+            )
         self.probs.append(probs.detach().float())
         self.labels.append(labels.detach().long())
 
@@ -123,14 +142,24 @@ class MultiLabelScores(Metric):
         predicted = probs >= self.threshold
         hits = (predicted & (labels > 0)).sum(0).double()
         f1 = 2 * hits / (predicted.sum(0) + positives).double().clamp(min=1)
-        ap = [float(binary_average_precision(probs[:, c], labels[:, c])) if positives[c] > 0 else None
-              for c in range(self.num_labels)]
+        ap = [
+            float(binary_average_precision(probs[:, c], labels[:, c])) if positives[c] > 0 else None
+            for c in range(self.num_labels)
+        ]
         present = [c for c in range(self.num_labels) if positives[c] > 0]
-        mean = (lambda values: float(sum(values) / len(values)) if values else float("nan"))
-        return {"mAP": mean([ap[c] for c in present]), "f1": mean([float(f1[c]) for c in present]),
-                "per_class_ap": ap, "per_class_f1": [float(f1[c]) if positives[c] > 0 else None
-                                                     for c in range(self.num_labels)],
-                "absent_classes": [c for c in range(self.num_labels) if positives[c] == 0]}
+
+        def mean(values):
+            return float(sum(values) / len(values)) if values else float("nan")
+
+        return {
+            "mAP": mean([ap[c] for c in present]),
+            "f1": mean([float(f1[c]) for c in present]),
+            "per_class_ap": ap,
+            "per_class_f1": [
+                float(f1[c]) if positives[c] > 0 else None for c in range(self.num_labels)
+            ],
+            "absent_classes": [c for c in range(self.num_labels) if positives[c] == 0],
+        }
 
 
 def _cat(values: Tensor | list[Tensor]) -> Tensor:

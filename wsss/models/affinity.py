@@ -63,27 +63,41 @@ class AffinityNetwork(nn.Module):
     """Backbone levels -> per-level 1x1 conv + GroupNorm + ReLU -> upsampled to the feature grid
     -> concatenated -> 1x1 conv -> (B, embed_dim, ceil(H/stride), ceil(W/stride)) embedding."""
 
-    def __init__(self, backbone: nn.Module, layers: Sequence[str] = DEFAULT_LAYERS, stride: int = 4,
-                 hidden: int = 64, embed_dim: int = 64, freeze_backbone: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layers: Sequence[str] = DEFAULT_LAYERS,
+        stride: int = 4,
+        hidden: int = 64,
+        embed_dim: int = 64,
+        freeze_backbone: bool = True,
+    ) -> None:
         super().__init__()
         names = dict(backbone.named_modules())
         missing = [name for name in layers if name not in names]
         if missing:
-            raise ValueError(f"backbone has no layer(s) {missing}; its top-level layers are "
-                             f"{[n for n, _ in backbone.named_children()]}")
+            raise ValueError(
+                f"backbone has no layer(s) {missing}; its top-level layers are "
+                f"{[n for n, _ in backbone.named_children()]}"
+            )
         self.layers = list(layers)
         self.stride = stride
         self.freeze_backbone = freeze_backbone
-        self.features = create_feature_extractor(copy.deepcopy(backbone).eval(),
-                                                 return_nodes={name: name for name in self.layers})
+        self.features = create_feature_extractor(
+            copy.deepcopy(backbone).eval(), return_nodes={name: name for name in self.layers}
+        )
         in_channels = _first_conv(backbone).in_channels
         with torch.no_grad():
             probe = self.features(torch.zeros(1, in_channels, 64, 64))
         widths = [probe[name].shape[1] for name in self.layers]
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, hidden, 1, bias=False), nn.GroupNorm(max(1, hidden // 16), hidden),
-                          nn.ReLU(inplace=True))
-            for width in widths)
+            nn.Sequential(
+                nn.Conv2d(width, hidden, 1, bias=False),
+                nn.GroupNorm(max(1, hidden // 16), hidden),
+                nn.ReLU(inplace=True),
+            )
+            for width in widths
+        )
         self.fuse = nn.Conv2d(hidden * len(widths), embed_dim, 1)
         if freeze_backbone:
             self.features.requires_grad_(False)
@@ -100,8 +114,12 @@ class AffinityNetwork(nn.Module):
         size = self.grid_size(*images.shape[-2:])
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             feats = self.features(images)
-        levels = [F.interpolate(branch(feats[name].float()), size=size, mode="bilinear", align_corners=False)
-                  for name, branch in zip(self.layers, self.branches)]
+        levels = [
+            F.interpolate(
+                branch(feats[name].float()), size=size, mode="bilinear", align_corners=False
+            )
+            for name, branch in zip(self.layers, self.branches)
+        ]
         return self.fuse(torch.cat(levels, 1))
 
 
@@ -117,11 +135,24 @@ class AffinityModule(L.LightningModule):
     Load a checkpoint with ``AffinityModule.load_from_checkpoint(path, backbone=...)``.
     """
 
-    def __init__(self, backbone: nn.Module, layers: Sequence[str] = DEFAULT_LAYERS, stride: int = 4,
-                 radius: int = 5, hidden: int = 64, embed_dim: int = 64, freeze_backbone: bool = False,
-                 lr: float = 1e-3, backbone_lr_mult: float = 0.1, weight_decay: float = 1e-4,
-                 momentum: float = 0.9, optimizer: str = "adamw", schedule: str = "poly",
-                 beta: float = 8.0, steps: int = 256) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layers: Sequence[str] = DEFAULT_LAYERS,
+        stride: int = 4,
+        radius: int = 5,
+        hidden: int = 64,
+        embed_dim: int = 64,
+        freeze_backbone: bool = False,
+        lr: float = 1e-3,
+        backbone_lr_mult: float = 0.1,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        optimizer: str = "adamw",
+        schedule: str = "poly",
+        beta: float = 8.0,
+        steps: int = 256,
+    ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of adamw, sgd")
@@ -140,8 +171,10 @@ class AffinityModule(L.LightningModule):
         affinity = self.affinities(batch["image"])
         labels = affinity_labels(batch["mask"], self.hparams.radius, self.hparams.stride)
         if labels["neg"].shape[-2:] != affinity.shape[-2:]:
-            raise ValueError(f"mask {tuple(batch['mask'].shape)} and image {tuple(batch['image'].shape)} "
-                             f"must have the same size")
+            raise ValueError(
+                f"mask {tuple(batch['mask'].shape)} and image {tuple(batch['image'].shape)} "
+                f"must have the same size"
+            )
         return affinity_loss(affinity, labels), affinity, labels
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -171,13 +204,20 @@ class AffinityModule(L.LightningModule):
         head = [p for n, p in self.net.named_parameters() if not n.startswith("features.")]
         groups = [{"params": head, "lr": hp.lr}]
         if not hp.freeze_backbone:
-            groups.append({"params": list(self.net.features.parameters()), "lr": hp.lr * hp.backbone_lr_mult})
+            groups.append(
+                {"params": list(self.net.features.parameters()), "lr": hp.lr * hp.backbone_lr_mult}
+            )
         return optimizer_with_schedule(self, groups)
 
 
-def propagate(module_or_affinities: Union[AffinityModule, Affinities], scores: Tensor,
-              images: Optional[Tensor] = None, valid: Optional[Tensor] = None,
-              beta: Optional[float] = None, steps: Optional[int] = None) -> Tensor:
+def propagate(
+    module_or_affinities: Union[AffinityModule, Affinities],
+    scores: Tensor,
+    images: Optional[Tensor] = None,
+    valid: Optional[Tensor] = None,
+    beta: Optional[float] = None,
+    steps: Optional[int] = None,
+) -> Tensor:
     """Random-walk refinement of (B, C, H, W) image-resolution distributions (background
     included) with the affinities of ``images`` (computed here by the module) or given ones.
     beta / steps default to the module's hyperparameters (8 and 256 without a module)."""
@@ -190,5 +230,10 @@ def propagate(module_or_affinities: Union[AffinityModule, Affinities], scores: T
         affinities = module_or_affinities.predict_affinity(images)
     else:
         affinities = module_or_affinities
-    return random_walk_refine(scores, affinities, valid=valid, beta=8.0 if beta is None else beta,
-                              steps=256 if steps is None else steps)
+    return random_walk_refine(
+        scores,
+        affinities,
+        valid=valid,
+        beta=8.0 if beta is None else beta,
+        steps=256 if steps is None else steps,
+    )

@@ -30,8 +30,18 @@ import torchvision
 from torch import nn
 
 _MLP_HEADS = ("vgg", "alexnet", "mobilenet_v3")
-_POOL_DOWNSAMPLING = ("vgg", "alexnet", "squeezenet", "densenet", "convnext", "googlenet",
-                      "inception", "vit", "swin", "maxvit")
+_POOL_DOWNSAMPLING = (
+    "vgg",
+    "alexnet",
+    "squeezenet",
+    "densenet",
+    "convnext",
+    "googlenet",
+    "inception",
+    "vit",
+    "swin",
+    "maxvit",
+)
 _NOT_CNNS = ("vit", "swin", "maxvit")
 _BODIES = ("features", "trunk_output", "layers")  # the module holding the stages, per family
 
@@ -47,8 +57,10 @@ def check_backbone(name: str) -> None:
     if name not in available_backbones():
         close = difflib.get_close_matches(name, available_backbones(), n=3)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ValueError(f"{name!r} is not a torchvision classification model{hint} "
-                         "(see torchvision.models.list_models(module=torchvision.models))")
+        raise ValueError(
+            f"{name!r} is not a torchvision classification model{hint} "
+            "(see torchvision.models.list_models(module=torchvision.models))"
+        )
 
 
 def family_of(name: str) -> str:
@@ -79,16 +91,23 @@ def _family_kwargs(name: str) -> dict[str, Any]:
     return {}
 
 
-def build_backbone(backbone: str, num_classes: int, pretrained: bool = False, output_stride: int = 32,
-                   in_channels: int = 3) -> nn.Module:
+def build_backbone(
+    backbone: str,
+    num_classes: int,
+    pretrained: bool = False,
+    output_stride: int = 32,
+    in_channels: int = 3,
+) -> nn.Module:
     """A torchvision classifier with a GAP + linear head over `num_classes` (see module doc)."""
     check_backbone(backbone)
     if output_stride not in (16, 32):
         raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
     if output_stride == 16 and not supports_output_stride_16(backbone):
-        raise ValueError(f"output stride 16 is not available for {backbone}: its last "
-                         "downsampling is a pooling or an even-kernel convolution, which dilation "
-                         "cannot replace; use output_stride=32")
+        raise ValueError(
+            f"output stride 16 is not available for {backbone}: its last "
+            "downsampling is a pooling or an even-kernel convolution, which dilation "
+            "cannot replace; use output_stride=32"
+        )
     weights = _weights_enum(backbone) if pretrained else None
     kwargs = _family_kwargs(backbone)
     resnet = family_of(backbone) == "resnet"
@@ -103,7 +122,8 @@ def build_backbone(backbone: str, num_classes: int, pretrained: bool = False, ou
         raise RuntimeError(
             f"could not load ImageNet weights for {backbone} ({exc}). torchvision looks for them in "
             f"{torch.hub.get_dir()}/checkpoints (set TORCH_HOME to move it) and downloads them when "
-            f"online. Copy the file there, or run without: classifier.pretrained=false") from exc
+            f"online. Copy the file there, or run without: classifier.pretrained=false"
+        ) from exc
     if output_stride == 16:
         if basic_block:
             _dilate_basic_layer4(model)
@@ -134,10 +154,14 @@ def _conv_resolutions(model: nn.Module, size: int = 64) -> dict[str, tuple[int, 
     def record(path: str):
         def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
             seen.setdefault(path, (args[0].shape[-2], out.shape[-2]))
+
         return hook
 
-    handles = [module.register_forward_hook(record(path)) for path, module in model.named_modules()
-               if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
+    handles = [
+        module.register_forward_hook(record(path))
+        for path, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
+    ]
     modes = {m: m.training for m in model.modules()}
     try:
         first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -164,8 +188,10 @@ def dilate_last_stage(model: nn.Module) -> None:
     for path in downsampling:
         module = modules[path]
         if not isinstance(module, nn.Conv2d) or any(k % 2 == 0 for k in module.kernel_size):
-            raise ValueError(f"cannot dilate {path} ({type(module).__name__}, kernel "
-                             f"{getattr(module, 'kernel_size', '?')}) for output stride 16")
+            raise ValueError(
+                f"cannot dilate {path} ({type(module).__name__}, kernel "
+                f"{getattr(module, 'kernel_size', '?')}) for output stride 16"
+            )
         module.stride = (1, 1)
         _dilate(module, 2)
     for path in after:
@@ -199,23 +225,41 @@ def replace_head(model: nn.Module, name: str, num_classes: int) -> None:
         model.classifier = nn.Linear(model.classifier[0].in_features, num_classes)
     elif family == "squeezenet":
         channels = model.classifier[1].in_channels  # its 1x1 conv head reads the features
-        model.classifier = nn.Sequential(nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
-                                         nn.Linear(channels, num_classes))
+        model.classifier = nn.Sequential(
+            nn.Dropout(0.5),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(1),
+            nn.Linear(channels, num_classes),
+        )
     else:
         path, last = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
         parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr,
-                nn.Linear(last.in_features, num_classes))
+        setattr(
+            model.get_submodule(parent) if parent else model,
+            attr,
+            nn.Linear(last.in_features, num_classes),
+        )
 
 
 def set_input_channels(model: nn.Module, in_channels: int) -> None:
     """Replace the first conv by one taking `in_channels` (its weights averaged over the old
     input channels, so pretrained filters still respond to intensity)."""
     path, old = next((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d))
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                    old.dilation, old.groups, old.bias is not None, old.padding_mode)
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        old.dilation,
+        old.groups,
+        old.bias is not None,
+        old.padding_mode,
+    )
     with torch.no_grad():
-        new.weight.copy_(old.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
+        new.weight.copy_(
+            old.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels
+        )
         if old.bias is not None:
             new.bias.copy_(old.bias)
     parent, _, attr = path.rpartition(".")
@@ -245,27 +289,41 @@ def default_cam_layers(name: str) -> tuple[str, ...]:
     check_backbone(name)
     family = family_of(name)
     if family in _NOT_CNNS:
-        raise ValueError(f"no default cam.layers for {name}: it is not a CNN (its blocks do not "
-                         "give (B, C, h, w) feature maps); set cam.layers explicitly")
+        raise ValueError(
+            f"no default cam.layers for {name}: it is not a CNN (its blocks do not "
+            "give (B, C, h, w) feature maps); set cam.layers explicitly"
+        )
     if family == "resnet":
         return ("layer2", "layer3", "layer4")
     model = _probe_model(name)
     if family == "vgg":
-        pools = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+        pools = [
+            f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)
+        ]
         return tuple(pools[-3:])
     device = next(model.parameters()).device
     size = 299 if family == "inception" else 224
-    body = next((getattr(model, b) for b in _BODIES if isinstance(getattr(model, b, None), nn.Sequential)),
-                None)
-    prefix = next((f"{b}." for b in _BODIES if getattr(model, b, None) is body), "") if body is not None else ""
-    candidates = dict(body.named_children()) if body is not None else {
-        n: m for n, m in model.named_children() if not isinstance(m, (nn.Linear, nn.Dropout))}
+    body = next(
+        (getattr(model, b) for b in _BODIES if isinstance(getattr(model, b, None), nn.Sequential)),
+        None,
+    )
+    prefix = (
+        next((f"{b}." for b in _BODIES if getattr(model, b, None) is body), "")
+        if body is not None
+        else ""
+    )
+    candidates = (
+        dict(body.named_children())
+        if body is not None
+        else {n: m for n, m in model.named_children() if not isinstance(m, (nn.Linear, nn.Dropout))}
+    )
     heights: dict[str, int] = {}
 
     def record(name: str):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             is_map = isinstance(out, torch.Tensor) and out.dim() == 4
             heights.setdefault(name, out.shape[-2] if is_map else 0)
+
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in candidates.items()]
@@ -290,5 +348,7 @@ def check_cam_layers(name: str, layers: list[str]) -> None:
         if layer != "input" and layer not in modules:
             close = difflib.get_close_matches(layer, modules, n=3)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ValueError(f"{layer!r} is not a module of {name}{hint} (default layers for "
-                             f"{name}: {list(default_cam_layers(name)) if family_of(name) not in _NOT_CNNS else 'none'})")
+            raise ValueError(
+                f"{layer!r} is not a module of {name}{hint} (default layers for "
+                f"{name}: {list(default_cam_layers(name)) if family_of(name) not in _NOT_CNNS else 'none'})"
+            )

@@ -28,23 +28,43 @@ class CalibrationModule(PseudoMaskModule):
     """Fused maps of the present classes (as the pseudo-masks use them), then the classifier's
     confidence on masked copies. Run with ``Trainer(inference_mode=False)``."""
 
-    def __init__(self, model: nn.Module, grid: Sequence[float], min_confidence: float = 0.0,
-                 max_batch: int = 64, **pseudo_options: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        grid: Sequence[float],
+        min_confidence: float = 0.0,
+        max_batch: int = 64,
+        **pseudo_options: Any,
+    ) -> None:
         super().__init__(model, **pseudo_options)
         self.grid = [float(g) for g in grid]
         self.min_confidence = float(min_confidence)
         self.max_batch = max_batch
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
         """One row per valid (image, class) slot: ``keep`` / ``delete`` (S, T), ``base`` and
         ``class_index`` (S,). Slots under ``min_confidence`` keep NaN answers (no query)."""
         images = batch["image"]
         maps = self.fused_maps(images, batch["labels"], batch.get("size"))
-        keep, delete, base = masked_confidences(self.model, images, maps["fused"], maps["targets"], maps["valid"],
-                                                self.grid, self.max_batch, self.min_confidence)
+        keep, delete, base = masked_confidences(
+            self.model,
+            images,
+            maps["fused"],
+            maps["targets"],
+            maps["valid"],
+            self.grid,
+            self.max_batch,
+            self.min_confidence,
+        )
         valid = maps["valid"]
-        return {"keep": keep[valid], "delete": delete[valid], "base": base[valid],
-                "class_index": maps["targets"][valid]}
+        return {
+            "keep": keep[valid],
+            "delete": delete[valid],
+            "base": base[valid],
+            "class_index": maps["targets"][valid],
+        }
 
 
 class ConfidenceCollector(BasePredictionWriter):
@@ -56,22 +76,37 @@ class ConfidenceCollector(BasePredictionWriter):
         self.directory = Path(directory)
         self.parts: dict[str, list[Tensor]] = {key: [] for key in CONFIDENCE_KEYS}
 
-    def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: dict[str, Tensor],
-                           batch_indices: Optional[list[int]], batch: dict[str, Any], batch_idx: int,
-                           dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: dict[str, Tensor],
+        batch_indices: Optional[list[int]],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         for key in CONFIDENCE_KEYS:
-            self.parts[key].append(prediction[key].detach().float().cpu() if key != "class_index"
-                                   else prediction[key].detach().long().cpu())
+            self.parts[key].append(
+                prediction[key].detach().float().cpu()
+                if key != "class_index"
+                else prediction[key].detach().long().cpu()
+            )
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        merged = {key: torch.cat(values) if values else torch.empty(0) for key, values in self.parts.items()}
+        merged = {
+            key: torch.cat(values) if values else torch.empty(0)
+            for key, values in self.parts.items()
+        }
         with atomic_path(self.directory / f"rank_{trainer.global_rank}.pt") as tmp:
             torch.save(merged, tmp)
 
 
 def merge_confidences(directory: Path) -> dict[str, Tensor]:
     """Every process's answers from ``ConfidenceCollector`` files, concatenated."""
-    parts = [torch.load(path, weights_only=True) for path in sorted(Path(directory).glob("rank_*.pt"))]
+    parts = [
+        torch.load(path, weights_only=True) for path in sorted(Path(directory).glob("rank_*.pt"))
+    ]
     if not parts:
         raise FileNotFoundError(f"no calibration results in {directory}")
     merged = {}

@@ -20,11 +20,23 @@ from wsss.models.common import check_finite_loss, optimizer_with_schedule
 class ClassifierModule(L.LightningModule):
     """Multi-label BCE classifier; validation reports mAP and F1 at 0.5 over the classes present."""
 
-    def __init__(self, num_classes: int, backbone: str = "resnet18", pretrained: bool = False,
-                 output_stride: int = 32, in_channels: int = 3, lr: float = 0.01,
-                 backbone_lr_mult: float = 0.1, weight_decay: float = 1e-4, momentum: float = 0.9,
-                 schedule: str = "poly", optimizer: str = "sgd", class_names: Optional[list[str]] = None,
-                 mean: Optional[list[float]] = None, std: Optional[list[float]] = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        output_stride: int = 32,
+        in_channels: int = 3,
+        lr: float = 0.01,
+        backbone_lr_mult: float = 0.1,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        schedule: str = "poly",
+        optimizer: str = "sgd",
+        class_names: Optional[list[str]] = None,
+        mean: Optional[list[float]] = None,
+        std: Optional[list[float]] = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_backbone(backbone, num_classes, pretrained, output_stride, in_channels)
@@ -59,13 +71,21 @@ class ClassifierModule(L.LightningModule):
         self.val_scores.reset()
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
         self.log_dict({"val/mAP": scores["mAP"], "val/f1": scores["f1"]}, prog_bar=True)
-        self.log_dict({f"val/ap_{name}": ap for name, ap in zip(names, scores["per_class_ap"]) if ap is not None})
+        self.log_dict(
+            {
+                f"val/ap_{name}": ap
+                for name, ap in zip(names, scores["per_class_ap"])
+                if ap is not None
+            }
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         head = head_of(self.model)
         head_ids = {id(p) for p in head.parameters()}
         backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
-        groups = [{"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
-                  {"params": list(head.parameters()), "lr": hp.lr}]
+        groups = [
+            {"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
+            {"params": list(head.parameters()), "lr": hp.lr},
+        ]
         return optimizer_with_schedule(self, groups)

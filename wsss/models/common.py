@@ -35,7 +35,8 @@ def check_finite_loss(module: L.LightningModule, loss: Tensor) -> None:
     raise NonFiniteLossError(
         f"non-finite loss ({value}) at step {module.global_step}; learning rate(s) {lr}; last finite "
         f"loss {last}. Lower the learning rate (e.g. classifier.lr / segmenter.lr) or use "
-        f"trainer.precision=32-true; no checkpoint of these weights was written")
+        f"trainer.precision=32-true; no checkpoint of these weights was written"
+    )
 
 
 class RNGStateCallback(L.Callback):
@@ -46,27 +47,44 @@ class RNGStateCallback(L.Callback):
 
     KEY = "wsss_rng_states"
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         name, keys, position, has_gauss, gauss = np.random.get_state()
         # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
-        numpy_state = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
-                       "position": int(position), "has_gauss": int(has_gauss), "gauss": float(gauss)}
-        states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state,
-                                  "python": random.getstate()}
+        numpy_state = {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        }
+        states: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": numpy_state,
+            "python": random.getstate(),
+        }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             states["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint[self.KEY] = states
 
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         states = checkpoint.get(self.KEY)
         if states is None:  # a checkpoint from before RNG states were kept
             return
         torch.set_rng_state(states["torch"])
         n = states["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
-                             n["gauss"]))
+        np.random.set_state(
+            (
+                n["name"],
+                n["keys"].numpy().astype(np.uint32),
+                n["position"],
+                n["has_gauss"],
+                n["gauss"],
+            )
+        )
         random.setstate(states["python"])
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
@@ -90,17 +108,22 @@ def lr_lambda(schedule: str, total_steps: int | Callable[[], int]) -> Callable[[
     if schedule == "poly":
         return lambda step: 1.0 if step == 0 else max(0.0, 1.0 - step / total()) ** 0.9
     if schedule == "cosine":
-        return lambda step: 1.0 if step == 0 else (
-            0.5 * (1.0 + math.cos(math.pi * min(step, total()) / total())))
+        return lambda step: (
+            1.0 if step == 0 else (0.5 * (1.0 + math.cos(math.pi * min(step, total()) / total())))
+        )
     return lambda step: 1.0
 
 
 def planned_steps(module: L.LightningModule) -> Callable[[], int]:
     """The optimizer steps of the whole fit, asked of the trainer only when first needed."""
-    return lambda: int(module.trainer.estimated_stepping_batches) if module._trainer is not None else 1
+    return lambda: (
+        int(module.trainer.estimated_stepping_batches) if module._trainer is not None else 1
+    )
 
 
-def optimizer_with_schedule(module: L.LightningModule, groups: list[dict[str, Any]]) -> dict[str, Any]:
+def optimizer_with_schedule(
+    module: L.LightningModule, groups: list[dict[str, Any]]
+) -> dict[str, Any]:
     """``configure_optimizers``'s answer for parameter ``groups`` (each with its own ``lr``):
     AdamW or SGD with momentum by ``hparams.optimizer``, weight decay ``hparams.weight_decay``,
     and the ``hparams.schedule`` multiplier stepped every optimizer step."""
@@ -108,6 +131,10 @@ def optimizer_with_schedule(module: L.LightningModule, groups: list[dict[str, An
     if hp.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
     else:
-        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.schedule, planned_steps(module)))
+        optimizer = torch.optim.SGD(
+            groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(hp.schedule, planned_steps(module))
+    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

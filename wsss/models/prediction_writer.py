@@ -25,14 +25,23 @@ class SegmentationWriter(BasePredictionWriter):
         self.folders = {"pred": Path(out_dir), **{k: Path(v) for k, v in (extra or {}).items()}}
         self.written = 0
 
-    def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: dict[str, torch.Tensor],
-                           batch_indices: Optional[list[int]], batch: dict[str, Any], batch_idx: int,
-                           dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: dict[str, torch.Tensor],
+        batch_indices: Optional[list[int]],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i])
             original = batch["orig_size"][i] if "orig_size" in batch else (h, w)
             for key, folder in self.folders.items():
                 if key in prediction:
-                    label_map = restore_size(prediction[key][i, :h, :w].to(torch.uint8).cpu(), original)
+                    label_map = restore_size(
+                        prediction[key][i, :h, :w].to(torch.uint8).cpu(), original
+                    )
                     write_label_png(folder / f"{sample_id}.png", label_map.numpy())
             self.written += 1

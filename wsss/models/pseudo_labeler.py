@@ -50,13 +50,25 @@ def present_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
 class PseudoMaskModule(L.LightningModule):
     """Classifier -> fused maps -> label maps. Run with ``Trainer(inference_mode=False)``."""
 
-    def __init__(self, model: nn.Module, method: str = "relevance", layers: Sequence[str] = ("layer4",),
-                 preset: str = "default", layer_weights: Optional[Sequence[float]] = None,
-                 scales: Sequence[float] = (1.0,), flip: bool = False, normalize: str = "centred",
-                 thresholds: Optional[Tensor] = None, seed_threshold: float = 0.25,
-                 ignore_band: float = 0.0, refine: str = "none", refine_options: Optional[dict[str, Any]] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                 library: Optional[ReferenceLibrary] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "relevance",
+        layers: Sequence[str] = ("layer4",),
+        preset: str = "default",
+        layer_weights: Optional[Sequence[float]] = None,
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+        normalize: str = "centred",
+        thresholds: Optional[Tensor] = None,
+        seed_threshold: float = 0.25,
+        ignore_band: float = 0.0,
+        refine: str = "none",
+        refine_options: Optional[dict[str, Any]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        library: Optional[ReferenceLibrary] = None,
+    ) -> None:
         super().__init__()
         self.model = model.eval()
         self.method = method
@@ -64,7 +76,9 @@ class PseudoMaskModule(L.LightningModule):
         self.options: dict[str, Any] = {"preset": preset} if method == "relevance" else {}
         if method == "libra":
             if library is None:
-                raise ValueError("method='libra' needs library= (a ReferenceLibrary built from the training split)")
+                raise ValueError(
+                    "method='libra' needs library= (a ReferenceLibrary built from the training split)"
+                )
             self.options["library"] = library
         self.layer_weights = list(layer_weights) if layer_weights is not None else None
         self.scales = list(scales)
@@ -96,7 +110,9 @@ class PseudoMaskModule(L.LightningModule):
         self.model.eval()  # BatchNorm statistics stay frozen whatever Lightning asks
         return self
 
-    def fused_maps(self, images: Tensor, labels: Tensor, sizes: Optional[Tensor] = None) -> dict[str, Any]:
+    def fused_maps(
+        self, images: Tensor, labels: Tensor, sizes: Optional[Tensor] = None
+    ) -> dict[str, Any]:
         """Maps of the present classes: per layer and fused, (B, K, H, W) each in [0, 1].
 
         sizes: (B, 2) true (h, w) of images padded to a common canvas (``batch["size"]``). Each
@@ -115,30 +131,53 @@ class PseudoMaskModule(L.LightningModule):
                 canvas[index, :, :h, :w] = m
         fused = fuse_layers(per_layer, (height, width), self.layer_weights)
         mask = valid[:, :, None, None].float()
-        return {"targets": targets, "valid": valid, "fused": fused * mask,
-                "layers": {name: m * mask for name, m in per_layer.items()}}
+        return {
+            "targets": targets,
+            "valid": valid,
+            "fused": fused * mask,
+            "layers": {name: m * mask for name, m in per_layer.items()},
+        }
 
     def _layer_maps(self, images: Tensor, targets: Tensor, present: Tensor) -> dict[str, Tensor]:
         """Normalised per-layer maps at the images' size, aggregated over scales and flips."""
         kwargs = {"present": present} if METHODS[self.method].takes_present else {}
         with build_cam(self.method, self.model, self.layers, **self.options) as cam:
-            return aggregate_scales(cam, images, self.scales, self.flip, targets=targets,
-                                    normalize=self.normalize, **kwargs)
+            return aggregate_scales(
+                cam,
+                images,
+                self.scales,
+                self.flip,
+                targets=targets,
+                normalize=self.normalize,
+                **kwargs,
+            )
 
     @staticmethod
-    def _size_groups(sizes: Optional[Tensor], batch: int, canvas: tuple[int, int]
-                     ) -> list[tuple[Tensor, tuple[int, int]]]:
+    def _size_groups(
+        sizes: Optional[Tensor], batch: int, canvas: tuple[int, int]
+    ) -> list[tuple[Tensor, tuple[int, int]]]:
         """[(indices, (h, w))] of the images sharing each true size; one group without sizes."""
         if sizes is None:
             return [(torch.arange(batch), canvas)]
         sizes = sizes.cpu().long()
-        if sizes.shape != (batch, 2) or bool((sizes <= 0).any()) or bool((sizes > torch.tensor(canvas)).any()):
-            raise ValueError(f"sizes must be (B, 2) = ({batch}, 2) true sizes within the canvas {canvas}, "
-                             f"got {sizes.tolist()}")
+        if (
+            sizes.shape != (batch, 2)
+            or bool((sizes <= 0).any())
+            or bool((sizes > torch.tensor(canvas)).any())
+        ):
+            raise ValueError(
+                f"sizes must be (B, 2) = ({batch}, 2) true sizes within the canvas {canvas}, "
+                f"got {sizes.tolist()}"
+            )
         unique = sorted({(int(h), int(w)) for h, w in sizes.tolist()})
-        return [(((sizes[:, 0] == h) & (sizes[:, 1] == w)).nonzero().flatten(), (h, w)) for h, w in unique]
+        return [
+            (((sizes[:, 0] == h) & (sizes[:, 1] == w)).nonzero().flatten(), (h, w))
+            for h, w in unique
+        ]
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any]:
         """Seeds (fixed threshold, no band), then the calibrated distribution over {background,
         present classes}, refined in the image (``refine``: par or crf; the learned affinity
         walk is a stage of its own), labelled, and its uncertain pixels set to 255: those whose
@@ -157,10 +196,23 @@ class PseudoMaskModule(L.LightningModule):
             labels = distribution_labels(distribution, classes, valid)
             return ignore_uncertain(labels, distribution, margin=band, pixel_mask=inside)
 
-        out = {"seeds": seeds, "fused": fused, "layers": maps["layers"], "targets": targets, "valid": valid}
+        out = {
+            "seeds": seeds,
+            "fused": fused,
+            "layers": maps["layers"],
+            "targets": targets,
+            "valid": valid,
+        }
         if self.refine in IMAGE_REFINEMENTS:
-            refined = refine_scores(self.refine, probs, images, valid=inside, mean=self.mean, std=self.std,
-                                    **self.refine_options)
+            refined = refine_scores(
+                self.refine,
+                probs,
+                images,
+                valid=inside,
+                mean=self.mean,
+                std=self.std,
+                **self.refine_options,
+            )
             out.update(calibrated=labelled(probs), pseudo=labelled(refined))
         else:
             out["pseudo"] = labelled(probs)
@@ -176,16 +228,25 @@ class PseudoMaskWriter(BasePredictionWriter):
     grid as ``<out>/.panels/<id>.pt`` by whichever process meets them, and kept: files, so the
     grid shows the same images whether the stage was resumed, spawned or sharded."""
 
-    def __init__(self, out_dir: Path, save_maps: bool = False, panel_ids: Sequence[str] = ()) -> None:
+    def __init__(
+        self, out_dir: Path, save_maps: bool = False, panel_ids: Sequence[str] = ()
+    ) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
         self.save_maps = save_maps
         self.panel_ids = set(panel_ids)
         self.written = 0
 
-    def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: dict[str, Any],
-                           batch_indices: Optional[list[int]], batch: dict[str, Any], batch_idx: int,
-                           dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: dict[str, Any],
+        batch_indices: Optional[list[int]],
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i])
             original = batch["orig_size"][i] if "orig_size" in batch else (h, w)
@@ -194,32 +255,50 @@ class PseudoMaskWriter(BasePredictionWriter):
                 """Cropped to the image, at the size of its file (data.image_size resizes)."""
                 return restore_size(values[..., :h, :w].cpu(), original).numpy()
 
-            write_label_png(self.out_dir / SEED_DIR / f"{sample_id}.png", file_size(prediction["seeds"][i]))
+            write_label_png(
+                self.out_dir / SEED_DIR / f"{sample_id}.png", file_size(prediction["seeds"][i])
+            )
             if "calibrated" in prediction:
-                write_label_png(self.out_dir / CALIBRATED_DIR / f"{sample_id}.png",
-                                file_size(prediction["calibrated"][i]))
+                write_label_png(
+                    self.out_dir / CALIBRATED_DIR / f"{sample_id}.png",
+                    file_size(prediction["calibrated"][i]),
+                )
             if self.save_maps:
                 keep = prediction["valid"][i].cpu()
                 with atomic_path(self.out_dir / MAP_DIR / f"{sample_id}.npz") as tmp:
                     with open(tmp, "wb") as handle:
                         np.savez_compressed(
-                            handle, maps=file_size(prediction["fused"][i, keep].float()).astype(np.float16),
-                            classes=(prediction["targets"][i, keep] + 1).cpu().numpy())
+                            handle,
+                            maps=file_size(prediction["fused"][i, keep].float()).astype(np.float16),
+                            classes=(prediction["targets"][i, keep] + 1).cpu().numpy(),
+                        )
             if sample_id in self.panel_ids:
                 with atomic_path(self.out_dir / PANEL_DIR / f"{sample_id}.pt") as tmp:
-                    torch.save(self._panel_item(batch, prediction, i, h, w, pl_module.mean, pl_module.std), tmp)
+                    torch.save(
+                        self._panel_item(batch, prediction, i, h, w, pl_module.mean, pl_module.std),
+                        tmp,
+                    )
             # the pseudo-mask goes last: its presence marks the image as done
             write_label_png(self.out_dir / f"{sample_id}.png", file_size(prediction["pseudo"][i]))
             self.written += 1
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
         """Each rank reports how many images it wrote (the stage checks the shares add up)."""
-        write_json_atomic(self.out_dir / RANK_DIR / f"rank_{trainer.global_rank}.json",
-                          {"rank": trainer.global_rank, "written": self.written})
+        write_json_atomic(
+            self.out_dir / RANK_DIR / f"rank_{trainer.global_rank}.json",
+            {"rank": trainer.global_rank, "written": self.written},
+        )
 
     @staticmethod
-    def _panel_item(batch: dict[str, Any], prediction: dict[str, Any], i: int, h: int, w: int,
-                    mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> dict[str, Any]:
+    def _panel_item(
+        batch: dict[str, Any],
+        prediction: dict[str, Any],
+        i: int,
+        h: int,
+        w: int,
+        mean: Optional[Sequence[float]],
+        std: Optional[Sequence[float]],
+    ) -> dict[str, Any]:
         """What the panel grid shows of one sample: the image (as displayed, uint8), every present
         class's map per layer and fused, the seed and pseudo-mask, and the ground truth if any."""
         valid = prediction["valid"][i].cpu()
@@ -230,7 +309,9 @@ class PseudoMaskWriter(BasePredictionWriter):
             "layers": {k: v[i, valid, :h, :w].cpu() for k, v in prediction["layers"].items()},
             "fused": prediction["fused"][i, valid, :h, :w].cpu(),
             "seeds": prediction["seeds"][i, :h, :w].cpu(),
-            "calibrated": prediction["calibrated"][i, :h, :w].cpu() if "calibrated" in prediction else None,
+            "calibrated": prediction["calibrated"][i, :h, :w].cpu()
+            if "calibrated" in prediction
+            else None,
             "pseudo": prediction["pseudo"][i, :h, :w].cpu(),
             "mask": batch["mask"][i, :h, :w].cpu() if "mask" in batch else None,
         }

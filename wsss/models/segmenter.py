@@ -25,18 +25,26 @@ from wsss.viz import denormalise
 STRIDE = 32  # smp encoders downsample by 32: inputs are padded to a multiple of it
 
 
-def build_network(arch: str, encoder: str, num_classes: int, in_channels: int = 3,
-                  pretrained: bool = False) -> nn.Module:
+def build_network(
+    arch: str, encoder: str, num_classes: int, in_channels: int = 3, pretrained: bool = False
+) -> nn.Module:
     try:
-        return smp.create_model(arch, encoder_name=encoder, encoder_weights="imagenet" if pretrained else None,
-                                in_channels=in_channels, classes=num_classes)
+        return smp.create_model(
+            arch,
+            encoder_name=encoder,
+            encoder_weights="imagenet" if pretrained else None,
+            in_channels=in_channels,
+            classes=num_classes,
+        )
     except (OSError, RuntimeError, ValueError) as exc:
         if not pretrained:
             raise
-        raise RuntimeError(f"could not load ImageNet weights for the {encoder} encoder ({exc}). They are "
-                           f"downloaded when online into the Hugging Face cache (HF_HOME, default "
-                           f"~/.cache/huggingface); pre-populate the cache, or run without: "
-                           f"segmenter.pretrained=false") from exc
+        raise RuntimeError(
+            f"could not load ImageNet weights for the {encoder} encoder ({exc}). They are "
+            f"downloaded when online into the Hugging Face cache (HF_HOME, default "
+            f"~/.cache/huggingface); pre-populate the cache, or run without: "
+            f"segmenter.pretrained=false"
+        ) from exc
 
 
 class SegmenterLoss(nn.Module):
@@ -49,7 +57,11 @@ class SegmenterLoss(nn.Module):
         if kind not in ("ce", "ce_dice"):
             raise ValueError(f"segmenter loss {kind!r}: expected ce or ce_dice")
         self.cross_entropy = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-        self.dice = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX) if kind == "ce_dice" else None
+        self.dice = (
+            smp.losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
+            if kind == "ce_dice"
+            else None
+        )
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         loss = self.cross_entropy(logits, mask)
@@ -60,12 +72,26 @@ class SegmenterModule(L.LightningModule):
     """smp network + CE (or CE + Dice), 255 ignored, SGD or AdamW with a per-step schedule;
     validation mIoU and per-class IoU."""
 
-    def __init__(self, num_classes: int, arch: str = "DeepLabV3Plus", encoder: str = "resnet18",
-                 pretrained: bool = False, in_channels: int = 3, lr: float = 0.01, weight_decay: float = 1e-4,
-                 momentum: float = 0.9, optimizer: str = "sgd", schedule: str = "poly", loss: str = "ce",
-                 eval_scales: Sequence[float] = (1.0,), eval_flip: bool = False,
-                 class_names: Optional[list[str]] = None, mean: Optional[list[float]] = None,
-                 std: Optional[list[float]] = None, num_panels: int = 4) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "DeepLabV3Plus",
+        encoder: str = "resnet18",
+        pretrained: bool = False,
+        in_channels: int = 3,
+        lr: float = 0.01,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        optimizer: str = "sgd",
+        schedule: str = "poly",
+        loss: str = "ce",
+        eval_scales: Sequence[float] = (1.0,),
+        eval_flip: bool = False,
+        class_names: Optional[list[str]] = None,
+        mean: Optional[list[float]] = None,
+        std: Optional[list[float]] = None,
+        num_panels: int = 4,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = build_network(arch, encoder, num_classes, in_channels, pretrained)
@@ -87,13 +113,20 @@ class SegmenterModule(L.LightningModule):
         size = images.shape[-2:]
         total = None
         for scale in self.hparams.eval_scales:
-            scaled = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                               align_corners=False)
-            variants = [(scaled, False)] + ([(scaled.flip(-1), True)] if self.hparams.eval_flip else [])
+            scaled = (
+                images
+                if scale == 1.0
+                else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            )
+            variants = [(scaled, False)] + (
+                [(scaled.flip(-1), True)] if self.hparams.eval_flip else []
+            )
             for inputs, flipped in variants:
                 logits = self(inputs)
                 logits = logits.flip(-1) if flipped else logits
-                probs = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).softmax(1)
+                probs = F.interpolate(
+                    logits.float(), size=size, mode="bilinear", align_corners=False
+                ).softmax(1)
                 total = probs if total is None else total + probs
         return total / total.sum(1, keepdim=True)
 
@@ -120,8 +153,13 @@ class SegmenterModule(L.LightningModule):
         for i in range(len(preds)):
             if len(self._panels) < self.hparams.num_panels:
                 h, w = (int(v) for v in batch["size"][i]) if "size" in batch else preds.shape[-2:]
-                self._panels.append((batch["image"][i, :, :h, :w].cpu(), preds[i, :h, :w].cpu(),
-                                     batch["mask"][i, :h, :w].cpu()))
+                self._panels.append(
+                    (
+                        batch["image"][i, :, :h, :w].cpu(),
+                        preds[i, :h, :w].cpu(),
+                        batch["mask"][i, :h, :w].cpu(),
+                    )
+                )
 
     def on_validation_epoch_end(self) -> None:
         """mIoU, Dice and per-class IoU over the whole val split (synced over processes), as
@@ -129,28 +167,47 @@ class SegmenterModule(L.LightningModule):
         self._log_panels()
         with warnings.catch_warnings():  # a split without masks updates nothing: a valid state here
             warnings.filterwarnings("ignore", message=".*called before the ``update`` method.*")
-            scores = self.val_scores.compute()  # synced across processes: every rank takes the same branch
+            scores = (
+                self.val_scores.compute()
+            )  # synced across processes: every rank takes the same branch
         self.val_scores.reset()
         if math.isnan(scores["miou"]):  # no ground-truth pixel in the whole split: nothing to score
             return
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
         self.log_dict({"val/miou": scores["miou"]}, prog_bar=True)
-        self.log_dict({f"val/{key}": scores[key] for key in ("pixel_accuracy", "mean_class_accuracy", "dice")
-                       if not math.isnan(scores[key])})
-        self.log_dict({f"val/iou_{name}": iou for name, iou in zip(names, scores["per_class_iou"])
-                       if iou is not None})
+        self.log_dict(
+            {
+                f"val/{key}": scores[key]
+                for key in ("pixel_accuracy", "mean_class_accuracy", "dice")
+                if not math.isnan(scores[key])
+            }
+        )
+        self.log_dict(
+            {
+                f"val/iou_{name}": iou
+                for name, iou in zip(names, scores["per_class_iou"])
+                if iou is not None
+            }
+        )
 
     def _log_panels(self) -> None:
         """The first validation images with prediction and ground truth as wandb mask overlays."""
         if not self._panels or not self.trainer.is_global_zero:
             return
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
-        items = [{"image": denormalise(img, self.hparams.mean, self.hparams.std), "caption": f"val image {i}",
-                  "masks": {"prediction": pred.numpy(), "ground_truth": gt.numpy()}}
-                 for i, (img, pred, gt) in enumerate(self._panels)]
+        items = [
+            {
+                "image": denormalise(img, self.hparams.mean, self.hparams.std),
+                "caption": f"val image {i}",
+                "masks": {"prediction": pred.numpy(), "ground_truth": gt.numpy()},
+            }
+            for i, (img, pred, gt) in enumerate(self._panels)
+        ]
         tracking.log_mask_overlays(self.logger, "val/overlays", items, names, step=self.global_step)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
         """``pred``: the argmax of the (multi-scale, flip) probabilities; with ``eval_crf`` set
         (by the evaluation stage) also ``pred_crf``: the same probabilities after a dense CRF
         on the image, as VOC papers report it."""
@@ -158,9 +215,17 @@ class SegmenterModule(L.LightningModule):
         out = {"pred": probs.argmax(1)}
         if getattr(self, "eval_crf", False):
             inside = pixel_mask(batch.get("size"), *probs.shape[-2:], device=probs.device)
-            out["pred_crf"] = refine_scores("crf", probs, batch["image"], valid=inside, mean=self.hparams.mean,
-                                            std=self.hparams.std).argmax(1)
+            out["pred_crf"] = refine_scores(
+                "crf",
+                probs,
+                batch["image"],
+                valid=inside,
+                mean=self.hparams.mean,
+                std=self.hparams.std,
+            ).argmax(1)
         return out
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return optimizer_with_schedule(self, [{"params": list(self.parameters()), "lr": self.hparams.lr}])
+        return optimizer_with_schedule(
+            self, [{"params": list(self.parameters()), "lr": self.hparams.lr}]
+        )

@@ -31,8 +31,12 @@ def neighbour_offsets(radius: int) -> tuple[tuple[int, int], ...]:
     radius 5 gives 34 offsets (68 neighbours), the AffinityNet / IRN setting."""
     if radius < 2:
         raise ValueError(f"radius must be >= 2 (radius 1 has no neighbour), got {radius}")
-    return tuple((dy, dx) for dy in range(radius) for dx in range(-radius + 1, radius)
-                 if (dy > 0 or dx > 0) and dy * dy + dx * dx < radius * radius)
+    return tuple(
+        (dy, dx)
+        for dy in range(radius)
+        for dx in range(-radius + 1, radius)
+        if (dy > 0 or dx > 0) and dy * dy + dx * dx < radius * radius
+    )
 
 
 def downsample_labels(labels: Tensor, stride: int) -> Tensor:
@@ -70,7 +74,11 @@ def affinity_labels(seeds: Tensor, radius: int, stride: int = 1) -> dict[str, Te
     here = cells[:, None].expand_as(partner)
     known = (here != IGNORE_INDEX) & (partner != IGNORE_INDEX)
     same = known & (here == partner)
-    return {"bg_pos": same & (here == 0), "fg_pos": same & (here != 0), "neg": known & (here != partner)}
+    return {
+        "bg_pos": same & (here == 0),
+        "fg_pos": same & (here != 0),
+        "neg": known & (here != partner),
+    }
 
 
 def pairwise_affinity(embeddings: Tensor, radius: int) -> Tensor:

@@ -28,7 +28,9 @@ FALLBACKS = ("shrink", "global")
 def _grid(grid: Sequence[float], device: torch.device) -> Tensor:
     taus = torch.as_tensor(list(grid), dtype=torch.float32, device=device)
     if taus.dim() != 1 or taus.numel() == 0 or not bool(taus.isfinite().all()):
-        raise ValueError(f"the threshold grid must be a non-empty list of finite numbers, got {list(grid)}")
+        raise ValueError(
+            f"the threshold grid must be a non-empty list of finite numbers, got {list(grid)}"
+        )
     return taus
 
 
@@ -43,7 +45,9 @@ class _EvalMode:
     running statistics on masked images."""
 
     def __init__(self, model: Callable[[Tensor], Tensor]) -> None:
-        self.modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+        self.modes = (
+            [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+        )
 
     def __enter__(self) -> None:
         for module, _ in self.modes:
@@ -55,9 +59,16 @@ class _EvalMode:
 
 
 @torch.no_grad()
-def masked_confidences(model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor,
-                       class_index: Tensor, valid: Tensor, grid: Sequence[float],
-                       max_batch: int = 64, min_confidence: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def masked_confidences(
+    model: Callable[[Tensor], Tensor],
+    images: Tensor,
+    maps: Tensor,
+    class_index: Tensor,
+    valid: Tensor,
+    grid: Sequence[float],
+    max_batch: int = 64,
+    min_confidence: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Sigmoid confidence of each slot's class on the image with its map's region kept or deleted.
 
     images: (B, Ch, H, W) normalised; maps: (B, K, H, W) in [0, 1]; class_index: (B, K) index
@@ -73,14 +84,20 @@ def masked_confidences(model: Callable[[Tensor], Tensor], images: Tensor, maps: 
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     if images.dim() != 4 or maps.dim() != 4:
-        raise ValueError(f"images and maps must be 4-D, got {tuple(images.shape)} and {tuple(maps.shape)}")
+        raise ValueError(
+            f"images and maps must be 4-D, got {tuple(images.shape)} and {tuple(maps.shape)}"
+        )
     b, k = class_index.shape
     if maps.shape[:2] != (b, k) or valid.shape != (b, k) or images.shape[0] != b:
-        raise ValueError(f"maps (B, K, H, W), class_index and valid (B, K) disagree: {tuple(maps.shape)}, "
-                         f"{tuple(class_index.shape)}, {tuple(valid.shape)}, images {tuple(images.shape)}")
+        raise ValueError(
+            f"maps (B, K, H, W), class_index and valid (B, K) disagree: {tuple(maps.shape)}, "
+            f"{tuple(class_index.shape)}, {tuple(valid.shape)}, images {tuple(images.shape)}"
+        )
     if maps.shape[-2:] != images.shape[-2:]:
-        raise ValueError(f"maps are {tuple(maps.shape[-2:])} but images are {tuple(images.shape[-2:])}: "
-                         "upsample the maps first")
+        raise ValueError(
+            f"maps are {tuple(maps.shape[-2:])} but images are {tuple(images.shape[-2:])}: "
+            "upsample the maps first"
+        )
     device = images.device
     taus = _grid(grid, device)
     t = taus.numel()
@@ -90,7 +107,7 @@ def masked_confidences(model: Callable[[Tensor], Tensor], images: Tensor, maps: 
     nan = float("nan")
 
     with _EvalMode(model):
-        logits = torch.cat([model(images[i:i + max_batch]) for i in range(0, b, max_batch)])
+        logits = torch.cat([model(images[i : i + max_batch]) for i in range(0, b, max_batch)])
         num_classes = logits.shape[1]
         if bool(((index < 0) | (index >= num_classes)).any()):
             raise ValueError(f"class_index of a valid slot is outside the {num_classes} logits")
@@ -117,8 +134,15 @@ def masked_confidences(model: Callable[[Tensor], Tensor], images: Tensor, maps: 
     return keep, drop, base
 
 
-def choose_thresholds(keep: Tensor, delete: Tensor, base: Tensor, grid: Sequence[float],
-                      objective: str, rho: float = 0.9, delta: float = 0.3) -> Tensor:
+def choose_thresholds(
+    keep: Tensor,
+    delete: Tensor,
+    base: Tensor,
+    grid: Sequence[float],
+    objective: str,
+    rho: float = 0.9,
+    delta: float = 0.3,
+) -> Tensor:
     """One threshold per (image, slot) from the masked confidences: (B, K), NaN for invalid slots
     (NaN ``base``).
 
@@ -135,15 +159,27 @@ def choose_thresholds(keep: Tensor, delete: Tensor, base: Tensor, grid: Sequence
     """
     _check_objective(objective)
     taus = _grid(grid, keep.device)
-    if keep.shape != delete.shape or keep.shape[:-1] != base.shape or keep.shape[-1] != taus.numel():
-        raise ValueError(f"keep/delete must be (B, K, T={taus.numel()}) and base (B, K), got "
-                         f"{tuple(keep.shape)}, {tuple(delete.shape)}, {tuple(base.shape)}")
+    if (
+        keep.shape != delete.shape
+        or keep.shape[:-1] != base.shape
+        or keep.shape[-1] != taus.numel()
+    ):
+        raise ValueError(
+            f"keep/delete must be (B, K, T={taus.numel()}) and base (B, K), got "
+            f"{tuple(keep.shape)}, {tuple(delete.shape)}, {tuple(base.shape)}"
+        )
     invalid = base.isnan()
     if objective in ("area", "delete"):
         # NaN compares False
-        ok = keep >= rho * base[..., None] if objective == "area" else delete <= delta * base[..., None]
+        ok = (
+            keep >= rho * base[..., None]
+            if objective == "area"
+            else delete <= delta * base[..., None]
+        )
         largest = torch.where(ok, taus, float("-inf")).amax(-1)
-        fallback = taus.min() if objective == "area" else torch.tensor(float("nan"), device=taus.device)
+        fallback = (
+            taus.min() if objective == "area" else torch.tensor(float("nan"), device=taus.device)
+        )
         chosen = torch.where(ok.any(-1), largest, fallback)
     else:
         score = (keep - base[..., None]).clamp(min=0) if objective == "increase" else keep - delete
@@ -153,7 +189,9 @@ def choose_thresholds(keep: Tensor, delete: Tensor, base: Tensor, grid: Sequence
     return chosen.masked_fill(invalid, float("nan"))
 
 
-def aggregate_thresholds(per_slot: Tensor, class_index: Tensor, num_classes: int, default: float) -> Tensor:
+def aggregate_thresholds(
+    per_slot: Tensor, class_index: Tensor, num_classes: int, default: float
+) -> Tensor:
     """Per-class median of the chosen thresholds, (num_classes,) on the CPU.
 
     NaNs are dropped; classes without a value get ``default``. The median is the lower median
@@ -161,11 +199,15 @@ def aggregate_thresholds(per_slot: Tensor, class_index: Tensor, num_classes: int
     """
     per_slot, class_index = per_slot.flatten().float().cpu(), class_index.flatten().long().cpu()
     if per_slot.shape != class_index.shape:
-        raise ValueError(f"per_slot and class_index differ in size: {per_slot.numel()} vs {class_index.numel()}")
+        raise ValueError(
+            f"per_slot and class_index differ in size: {per_slot.numel()} vs {class_index.numel()}"
+        )
     seen = ~per_slot.isnan()
     per_slot, class_index = per_slot[seen], class_index[seen]
     if per_slot.numel() and (int(class_index.min()) < 0 or int(class_index.max()) >= num_classes):
-        raise ValueError(f"class_index must lie in 0..{num_classes - 1}, got {sorted(set(class_index.tolist()))}")
+        raise ValueError(
+            f"class_index must lie in 0..{num_classes - 1}, got {sorted(set(class_index.tolist()))}"
+        )
     out = torch.full((num_classes,), float(default))
     for c in class_index.unique().tolist():
         out[c] = per_slot[class_index == c].median()
@@ -176,13 +218,24 @@ class ThresholdCalibrator:
     """Collects one threshold per (image, present class) over batches, then aggregates them per
     class (``compute``) or over everything (``global_threshold``). Stored on the CPU."""
 
-    def __init__(self, grid: Sequence[float], objective: str = "delete", rho: float = 0.9,
-                 num_classes: int = 1, default: float = 0.25, max_batch: int = 64,
-                 min_confidence: float = 0.0, delta: float = 0.3, fallback: str = "global",
-                 shrinkage: float = 0.0) -> None:
+    def __init__(
+        self,
+        grid: Sequence[float],
+        objective: str = "delete",
+        rho: float = 0.9,
+        num_classes: int = 1,
+        default: float = 0.25,
+        max_batch: int = 64,
+        min_confidence: float = 0.0,
+        delta: float = 0.3,
+        fallback: str = "global",
+        shrinkage: float = 0.0,
+    ) -> None:
         _check_objective(objective)
         if fallback not in FALLBACKS:
-            raise ValueError(f"unknown calibration fallback {fallback!r}; choose one of {FALLBACKS}")
+            raise ValueError(
+                f"unknown calibration fallback {fallback!r}; choose one of {FALLBACKS}"
+            )
         if shrinkage < 0:
             raise ValueError(f"shrinkage is a number of pseudo-pairs >= 0, got {shrinkage}")
         self.fallback, self.shrinkage = fallback, float(shrinkage)
@@ -198,19 +251,29 @@ class ThresholdCalibrator:
         self._thresholds: list[Tensor] = []
         self._classes: list[Tensor] = []
 
-    def update(self, model: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor,
-               class_index: Tensor, valid: Tensor) -> Tensor:
+    def update(
+        self,
+        model: Callable[[Tensor], Tensor],
+        images: Tensor,
+        maps: Tensor,
+        class_index: Tensor,
+        valid: Tensor,
+    ) -> Tensor:
         """Score one batch (see ``masked_confidences``); returns its (B, K) chosen thresholds, NaN
         where the slot is invalid or its confidence is under ``min_confidence``."""
-        keep, delete, base = masked_confidences(model, images, maps, class_index, valid, self.grid,
-                                                self.max_batch, self.min_confidence)
+        keep, delete, base = masked_confidences(
+            model, images, maps, class_index, valid, self.grid, self.max_batch, self.min_confidence
+        )
         return self.update_from_confidences(keep, delete, base, class_index, valid)
 
-    def update_from_confidences(self, keep: Tensor, delete: Tensor, base: Tensor, class_index: Tensor,
-                                valid: Tensor) -> Tensor:
+    def update_from_confidences(
+        self, keep: Tensor, delete: Tensor, base: Tensor, class_index: Tensor, valid: Tensor
+    ) -> Tensor:
         """As ``update``, from the output of ``masked_confidences`` (one set of queries can feed
         calibrators with different objectives)."""
-        chosen = choose_thresholds(keep, delete, base, self.grid, self.objective, self.rho, self.delta)
+        chosen = choose_thresholds(
+            keep, delete, base, self.grid, self.objective, self.rho, self.delta
+        )
         valid = valid.to(chosen.device, torch.bool)
         confident = valid & (base >= self.min_confidence)
         self.skipped += int((valid & ~confident).sum())
@@ -232,7 +295,9 @@ class ThresholdCalibrator:
         if not self._thresholds:
             return torch.full((self.num_classes,), self.default)
         fill = self.global_threshold() if self.fallback == "global" else self.default
-        medians = aggregate_thresholds(torch.cat(self._thresholds), torch.cat(self._classes), self.num_classes, fill)
+        medians = aggregate_thresholds(
+            torch.cat(self._thresholds), torch.cat(self._classes), self.num_classes, fill
+        )
         if self.fallback == "global" or self.shrinkage == 0:
             return medians
         pairs = torch.tensor(self.pairs_per_class(), dtype=torch.float32)
@@ -246,7 +311,9 @@ class ThresholdCalibrator:
             if count == 0:
                 out.append("global" if self.fallback == "global" else "fixed")
             else:
-                out.append("shrunk" if self.fallback == "shrink" and self.shrinkage > 0 else "calibrated")
+                out.append(
+                    "shrunk" if self.fallback == "shrink" and self.shrinkage > 0 else "calibrated"
+                )
         return out
 
     def pairs_per_class(self) -> list[int]:
@@ -254,7 +321,9 @@ class ThresholdCalibrator:
         if not self._classes:
             return [0] * self.num_classes
         answered = ~torch.cat(self._thresholds).isnan()
-        return torch.bincount(torch.cat(self._classes)[answered].long(), minlength=self.num_classes).tolist()
+        return torch.bincount(
+            torch.cat(self._classes)[answered].long(), minlength=self.num_classes
+        ).tolist()
 
     def global_threshold(self) -> float:
         """Median over all scored (image, class) pairs; ``default`` before any."""

@@ -9,15 +9,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wsss.pseudo.pixels import as_pixel_mask, check_scores
 from wsss.images import denormalise
+from wsss.pseudo.pixels import as_pixel_mask, check_scores
 
 CRF_MISSING = "dense CRF needs the optional extra: pip install -e '.[crf]' (pydensecrf2)"
 
 
-def crf_probabilities(image: np.ndarray, label_probs: np.ndarray, iterations: int = 5,
-                      gaussian_sxy: float = 3, gaussian_compat: float = 3, bilateral_sxy: float = 50,
-                      bilateral_srgb: float = 13, bilateral_compat: float = 10) -> np.ndarray:
+def crf_probabilities(
+    image: np.ndarray,
+    label_probs: np.ndarray,
+    iterations: int = 5,
+    gaussian_sxy: float = 3,
+    gaussian_compat: float = 3,
+    bilateral_sxy: float = 50,
+    bilateral_srgb: float = 13,
+    bilateral_compat: float = 10,
+) -> np.ndarray:
     """Mean-field marginals (L, H, W) of a fully connected CRF (Krähenbühl & Koltun, 2011).
 
     image: HxWx3 uint8 colours (HxW or HxWx1 grey images are repeated to three channels);
@@ -36,8 +43,10 @@ def crf_probabilities(image: np.ndarray, label_probs: np.ndarray, iterations: in
     image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
     probs = np.asarray(label_probs, dtype=np.float32)
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"label_probs must be (L, H, W) with (H, W) = {image.shape[:2]}, "
-                         f"got shape {probs.shape}")
+        raise ValueError(
+            f"label_probs must be (L, H, W) with (H, W) = {image.shape[:2]}, "
+            f"got shape {probs.shape}"
+        )
     num_labels, height, width = probs.shape
     probs = np.clip(np.nan_to_num(probs, nan=0.0), 1e-5, None)
     probs = probs / probs.sum(0, keepdims=True)
@@ -45,9 +54,15 @@ def crf_probabilities(image: np.ndarray, label_probs: np.ndarray, iterations: in
     model = dcrf.DenseCRF2D(width, height, num_labels)
     model.setUnaryEnergy(unary)
     model.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-    model.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, compat=bilateral_compat,
-                               rgbim=np.ascontiguousarray(image, dtype=np.uint8))
-    return np.asarray(model.inference(iterations), dtype=np.float32).reshape(num_labels, height, width)
+    model.addPairwiseBilateral(
+        sxy=bilateral_sxy,
+        srgb=bilateral_srgb,
+        compat=bilateral_compat,
+        rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+    )
+    return np.asarray(model.inference(iterations), dtype=np.float32).reshape(
+        num_labels, height, width
+    )
 
 
 def dense_crf(image: np.ndarray, label_probs: np.ndarray, iterations: int = 5) -> np.ndarray:
@@ -55,7 +70,9 @@ def dense_crf(image: np.ndarray, label_probs: np.ndarray, iterations: int = 5) -
     return crf_probabilities(image, label_probs, iterations).argmax(0)
 
 
-def crf(scores: Tensor, colours: Sequence[np.ndarray], iterations: int = 5, **pairwise: float) -> Tensor:
+def crf(
+    scores: Tensor, colours: Sequence[np.ndarray], iterations: int = 5, **pairwise: float
+) -> Tensor:
     """The dense CRF over a batch: (B, C, H, W) scores -> (B, C, H, W) marginals, on the scores'
     device. colours: B HxWx3 uint8 images, each of its image's true size (at the top left of a
     padded canvas); pixels outside them keep their scores. ``pairwise``: the keyword parameters
@@ -70,9 +87,14 @@ def crf(scores: Tensor, colours: Sequence[np.ndarray], iterations: int = 5, **pa
     return out
 
 
-def crf_refine(scores: Tensor, images: Tensor, valid: Optional[Tensor] = None,
-               mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-               **options: float) -> Tensor:
+def crf_refine(
+    scores: Tensor,
+    images: Tensor,
+    valid: Optional[Tensor] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    **options: float,
+) -> Tensor:
     """The dense CRF on normalised (B, C, H, W) images: each image's true part (the bounding box of
     its ``valid`` pixels) is de-normalised with ``mean`` / ``std`` to the 0..255 colours the CRF's
     bilateral term reads. ``options``: ``iterations`` and the pairwise parameters of ``crf``."""
@@ -82,5 +104,5 @@ def crf_refine(scores: Tensor, images: Tensor, valid: Optional[Tensor] = None,
         rows, cols = mask[i].any(1).nonzero(), mask[i].any(0).nonzero()
         h = int(rows.max()) + 1 if len(rows) else 0
         w = int(cols.max()) + 1 if len(cols) else 0
-        colours.append(denormalise(images[i, :, :max(h, 1), :max(w, 1)].cpu(), mean, std))
+        colours.append(denormalise(images[i, :, : max(h, 1), : max(w, 1)].cpu(), mean, std))
     return crf(scores, colours, iterations=int(options.pop("iterations", 5)), **options)

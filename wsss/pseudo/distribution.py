@@ -14,8 +14,9 @@ from wsss.label_maps import IGNORE_INDEX
 from wsss.pseudo.labels import slot_thresholds
 
 
-def slot_distribution(fused: Tensor, valid: Tensor, thresholds: Tensor | float,
-                      background: float = 0.5) -> Tensor:
+def slot_distribution(
+    fused: Tensor, valid: Tensor, thresholds: Tensor | float, background: float = 0.5
+) -> Tensor:
     """(B, 1+K, H, W) distribution over {background, slots} from fused slot maps.
 
     fused: (B, K, H, W) in [0, 1]; valid: (B, K) real slots; thresholds: scalar or (B, K) per-slot
@@ -25,11 +26,15 @@ def slot_distribution(fused: Tensor, valid: Tensor, thresholds: Tensor | float,
     refinement ``none`` the labels do not change; a slot's score grows with its margin.
     """
     if fused.dim() != 4 or valid.shape != fused.shape[:2]:
-        raise ValueError(f"fused must be (B, K, H, W) and valid (B, K), got {tuple(fused.shape)} "
-                         f"and {tuple(valid.shape)}")
+        raise ValueError(
+            f"fused must be (B, K, H, W) and valid (B, K), got {tuple(fused.shape)} "
+            f"and {tuple(valid.shape)}"
+        )
     t = slot_thresholds(thresholds, valid.shape, fused.device)
     slots = (background + fused.float() - t[:, :, None, None]).clamp_min(0)
-    slots = torch.nan_to_num(slots, nan=0.0) * valid.to(fused.device, torch.float32)[:, :, None, None]
+    slots = (
+        torch.nan_to_num(slots, nan=0.0) * valid.to(fused.device, torch.float32)[:, :, None, None]
+    )
     scores = torch.cat([torch.full_like(slots[:, :1], background), slots], 1)
     return scores / scores.sum(1, keepdim=True)
 
@@ -39,8 +44,10 @@ def distribution_labels(probs: Tensor, classes: Tensor, valid: Tensor) -> Tensor
     valid slots, channel k+1 mapped to mask value ``classes[:, k]``; ties go to the lower channel."""
     b, c = probs.shape[:2]
     if classes.shape != (b, c - 1) or valid.shape != (b, c - 1):
-        raise ValueError(f"classes and valid must be (B, K) = {(b, c - 1)} for {c} channels, got "
-                         f"{tuple(classes.shape)} and {tuple(valid.shape)}")
+        raise ValueError(
+            f"classes and valid must be (B, K) = {(b, c - 1)} for {c} channels, got "
+            f"{tuple(classes.shape)} and {tuple(valid.shape)}"
+        )
     keep = torch.cat([valid.new_ones(b, 1), valid], 1).to(probs.device, torch.bool)
     choice = probs.float().masked_fill(~keep[:, :, None, None], float("-inf")).argmax(1)
     lookup = torch.cat([classes.new_zeros(b, 1), classes], 1).to(probs.device, torch.long)
@@ -56,8 +63,13 @@ def top2_margin(probs: Tensor) -> Tensor:
     return top[:, 0] - top[:, 1]
 
 
-def ignore_uncertain(labels: Tensor, probs: Tensor, margin: Optional[float] = None,
-                     quantile: Optional[float] = None, pixel_mask: Optional[Tensor] = None) -> Tensor:
+def ignore_uncertain(
+    labels: Tensor,
+    probs: Tensor,
+    margin: Optional[float] = None,
+    quantile: Optional[float] = None,
+    pixel_mask: Optional[Tensor] = None,
+) -> Tensor:
     """Labels with the uncertain pixels set to 255, chosen from the refined scores alone.
 
     A pixel is uncertain when the margin between its two best classes (``top2_margin`` of the
@@ -79,8 +91,11 @@ def ignore_uncertain(labels: Tensor, probs: Tensor, margin: Optional[float] = No
         raise ValueError(f"margin must be >= 0, got {margin}")
     gaps = top2_margin(probs)
     b = gaps.shape[0]
-    inside = (torch.ones_like(gaps, dtype=torch.bool) if pixel_mask is None
-              else pixel_mask.to(gaps.device, torch.bool).expand_as(gaps))
+    inside = (
+        torch.ones_like(gaps, dtype=torch.bool)
+        if pixel_mask is None
+        else pixel_mask.to(gaps.device, torch.bool).expand_as(gaps)
+    )
     band = gaps.new_full((b,), math.inf if margin is None else float(margin))
     if quantile is not None:
         for i in range(b):

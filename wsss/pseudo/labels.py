@@ -20,13 +20,20 @@ def slot_thresholds(thresholds: Tensor | float, shape: torch.Size, device: torch
     if t.numel() == 1:
         return t.reshape(()).expand(shape)
     if t.shape != shape:
-        raise ValueError(f"thresholds must be a scalar or one value per slot {tuple(shape)}, "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"thresholds must be a scalar or one value per slot {tuple(shape)}, "
+            f"got shape {tuple(t.shape)}"
+        )
     return t
 
 
-def scores_to_labels(scores: Tensor, classes: Tensor, valid: Tensor, thresholds: Tensor | float,
-                     ignore_band: float = 0.0) -> Tensor:
+def scores_to_labels(
+    scores: Tensor,
+    classes: Tensor,
+    valid: Tensor,
+    thresholds: Tensor | float,
+    ignore_band: float = 0.0,
+) -> Tensor:
     """Label maps (B, H, W) uint8 from per-slot class scores.
 
     scores: (B, K, H, W) in [0, 1], one slot per present class; classes: (B, K) mask value of
@@ -42,8 +49,10 @@ def scores_to_labels(scores: Tensor, classes: Tensor, valid: Tensor, thresholds:
         raise ValueError(f"scores must be (B, K, H, W), got shape {tuple(scores.shape)}")
     b, k, h, w = scores.shape
     if classes.shape != (b, k) or valid.shape != (b, k):
-        raise ValueError(f"classes and valid must be (B, K) = {(b, k)}, got "
-                         f"{tuple(classes.shape)} and {tuple(valid.shape)}")
+        raise ValueError(
+            f"classes and valid must be (B, K) = {(b, k)}, got "
+            f"{tuple(classes.shape)} and {tuple(valid.shape)}"
+        )
     if ignore_band < 0:
         raise ValueError(f"ignore_band must be >= 0, got {ignore_band}")
     device = scores.device
@@ -53,8 +62,10 @@ def scores_to_labels(scores: Tensor, classes: Tensor, valid: Tensor, thresholds:
         return torch.zeros((b, h, w), dtype=torch.uint8, device=device)
     chosen = classes[valid]
     if chosen.numel() and (int(chosen.min()) < 1 or int(chosen.max()) >= IGNORE_INDEX):
-        raise ValueError(f"classes of valid slots must be mask values 1..{IGNORE_INDEX - 1}, "
-                         f"got {sorted(set(chosen.tolist()))}")
+        raise ValueError(
+            f"classes of valid slots must be mask values 1..{IGNORE_INDEX - 1}, "
+            f"got {sorted(set(chosen.tolist()))}"
+        )
     margins = scores.float() - slot_thresholds(thresholds, classes.shape, device)[:, :, None, None]
     margins = margins.masked_fill(~valid[:, :, None, None] | margins.isnan(), float("-inf"))
     best, slot = margins.max(dim=1)  # (B, H, W); ties go to the first slot

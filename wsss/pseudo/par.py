@@ -23,9 +23,13 @@ def par_offsets(dilations: Sequence[int] = PAR_DILATIONS) -> list[tuple[int, int
     return [(dy * d, dx * d) for d in dilations for dy, dx in _EIGHT]
 
 
-def par_affinity(images: Tensor, valid: Optional[Tensor] = None,
-                 dilations: Sequence[int] = PAR_DILATIONS, colour_scale: float = 0.3,
-                 position_weight: float = 0.01) -> Tensor:
+def par_affinity(
+    images: Tensor,
+    valid: Optional[Tensor] = None,
+    dilations: Sequence[int] = PAR_DILATIONS,
+    colour_scale: float = 0.3,
+    position_weight: float = 0.01,
+) -> Tensor:
     """(B, N, H, W) weights of each pixel's N = 8 * len(dilations) neighbours (``par_offsets``),
     summing to 1 over the valid ones (0 for neighbours outside the image or ``valid``).
 
@@ -42,7 +46,9 @@ def par_affinity(images: Tensor, valid: Optional[Tensor] = None,
     offsets = par_offsets(dilations)
     pad = max(dilations)
     mask = as_pixel_mask(valid, images)
-    img = _standardise(images.float(), mask) * mask  # the weights do not change; fewer rounding errors
+    img = (
+        _standardise(images.float(), mask) * mask
+    )  # the weights do not change; fewer rounding errors
     img_pad, mask_pad = F.pad(img, [pad] * 4), F.pad(mask, [pad] * 4)
     present = torch.cat([shifted(mask_pad, dy, dx, pad, h, w) for dy, dx in offsets], 1) * mask
     # local colour spread over the valid neighbours (population standard deviation)
@@ -60,7 +66,7 @@ def par_affinity(images: Tensor, valid: Optional[Tensor] = None,
         logits[:, k] = diff.square_().mean(1).neg_()
     colour = torch.softmax(logits.masked_fill_(present == 0, float("-inf")), 1)
     distance = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], device=img.device)
-    position = torch.softmax(-(distance / (distance.std() + 1e-8) / colour_scale) ** 2, 0)
+    position = torch.softmax(-((distance / (distance.std() + 1e-8) / colour_scale) ** 2), 0)
     position = position[None, :, None, None] * present
     position = position / position.sum(1, keepdim=True).clamp_min(1e-12)
     colour = colour.masked_fill_(count == 0, 0.0)  # no valid neighbour: all 0 (softmax gave NaN)
@@ -75,9 +81,15 @@ def _standardise(images: Tensor, mask: Tensor) -> Tensor:
     return (images - mean) / (var.sqrt() + 1e-8)
 
 
-def par(scores: Tensor, images: Tensor, valid: Optional[Tensor] = None,
-        dilations: Sequence[int] = PAR_DILATIONS, iterations: int = 10, colour_scale: float = 0.3,
-        position_weight: float = 0.01) -> Tensor:
+def par(
+    scores: Tensor,
+    images: Tensor,
+    valid: Optional[Tensor] = None,
+    dilations: Sequence[int] = PAR_DILATIONS,
+    iterations: int = 10,
+    colour_scale: float = 0.3,
+    position_weight: float = 0.01,
+) -> Tensor:
     """Pixel-adaptive refinement: ``iterations`` times, each pixel's scores become the weighted
     mean of its neighbours' (weights from ``par_affinity``).
 
@@ -90,8 +102,10 @@ def par(scores: Tensor, images: Tensor, valid: Optional[Tensor] = None,
     check_scores(scores)
     check_scores(images, "images")
     if scores.shape[0] != images.shape[0] or scores.shape[-2:] != images.shape[-2:]:
-        raise ValueError(f"scores {tuple(scores.shape)} and images {tuple(images.shape)} must share "
-                         f"batch size and (H, W); resize the scores to the images first")
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and images {tuple(images.shape)} must share "
+            f"batch size and (H, W); resize the scores to the images first"
+        )
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     weights = par_affinity(images, valid, dilations, colour_scale, position_weight)
@@ -103,6 +117,6 @@ def par(scores: Tensor, images: Tensor, valid: Optional[Tensor] = None,
         padded = F.pad(x, [pad] * 4)
         out = x * keep
         for k, (dy, dx) in enumerate(offsets):
-            out.addcmul_(weights[:, k:k + 1], shifted(padded, dy, dx, pad, h, w))
+            out.addcmul_(weights[:, k : k + 1], shifted(padded, dy, dx, pad, h, w))
         x = out
     return x

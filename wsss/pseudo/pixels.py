@@ -15,8 +15,9 @@ def check_scores(scores: Tensor, name: str = "scores") -> None:
         raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(scores.shape)}")
 
 
-def pixel_mask(sizes: Optional[Tensor], height: int, width: int,
-               device: torch.device | str = "cpu") -> Tensor:
+def pixel_mask(
+    sizes: Optional[Tensor], height: int, width: int, device: torch.device | str = "cpu"
+) -> Tensor:
     """(B, H, W) bool, True inside each image's true (h, w) at the top left of a padded canvas
     (``batch["size"]`` from ``pad_collate``); without sizes, (1, H, W) all True."""
     if sizes is None:
@@ -44,4 +45,4 @@ def as_pixel_mask(valid: Optional[Tensor], like: Tensor) -> Tensor:
 
 def shifted(padded: Tensor, dy: int, dx: int, pad: int, height: int, width: int) -> Tensor:
     """The values at (y + dy, x + dx) for every (y, x), from a tensor zero-padded by ``pad``."""
-    return padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+    return padded[..., pad + dy : pad + dy + height, pad + dx : pad + dx + width]

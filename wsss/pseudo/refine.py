@@ -22,10 +22,20 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from wsss.pseudo.affinity_pairs import (Affinities, affinity_labels, downsample_labels, neighbour_offsets,
-                                        pairwise_affinity)
+from wsss.pseudo.affinity_pairs import (
+    Affinities,
+    affinity_labels,
+    downsample_labels,
+    neighbour_offsets,
+    pairwise_affinity,
+)
 from wsss.pseudo.crf import CRF_MISSING, crf, crf_probabilities, crf_refine, dense_crf
-from wsss.pseudo.distribution import distribution_labels, ignore_uncertain, slot_distribution, top2_margin
+from wsss.pseudo.distribution import (
+    distribution_labels,
+    ignore_uncertain,
+    slot_distribution,
+    top2_margin,
+)
 from wsss.pseudo.par import PAR_DILATIONS, par, par_affinity, par_offsets
 from wsss.pseudo.pixels import check_scores, pixel_mask
 from wsss.pseudo.walk import random_walk, random_walk_refine, transition_weights, walk_offsets
@@ -34,25 +44,55 @@ REFINE_METHODS = ("none", "crf", "par", "affinity")
 """The ``pseudo.refine`` choices, in the order the config lists them."""
 
 __all__ = [
-    "CRF_MISSING", "PAR_DILATIONS", "REFINE_METHODS", "Affinities", "affinity_labels", "check_refine_method",
-    "crf", "crf_probabilities", "crf_refine", "dense_crf", "distribution_labels", "downsample_labels",
-    "ignore_uncertain", "neighbour_offsets", "pairwise_affinity", "par", "par_affinity", "par_offsets",
-    "pixel_mask", "random_walk", "random_walk_refine", "refine_scores", "slot_distribution", "top2_margin",
-    "transition_weights", "walk_offsets",
+    "CRF_MISSING",
+    "PAR_DILATIONS",
+    "REFINE_METHODS",
+    "Affinities",
+    "affinity_labels",
+    "check_refine_method",
+    "crf",
+    "crf_probabilities",
+    "crf_refine",
+    "dense_crf",
+    "distribution_labels",
+    "downsample_labels",
+    "ignore_uncertain",
+    "neighbour_offsets",
+    "pairwise_affinity",
+    "par",
+    "par_affinity",
+    "par_offsets",
+    "pixel_mask",
+    "random_walk",
+    "random_walk_refine",
+    "refine_scores",
+    "slot_distribution",
+    "top2_margin",
+    "transition_weights",
+    "walk_offsets",
 ]
 
 
 def check_refine_method(method: str) -> str:
     """``method`` if it is one of REFINE_METHODS, else a ValueError listing the choices."""
     if method not in REFINE_METHODS:
-        raise ValueError(f"unknown refinement {method!r}; choose one of {', '.join(REFINE_METHODS)}")
+        raise ValueError(
+            f"unknown refinement {method!r}; choose one of {', '.join(REFINE_METHODS)}"
+        )
     return method
 
 
-def refine_scores(method: str, scores: Tensor, images: Optional[Tensor] = None, *,
-                  valid: Optional[Tensor] = None, mean: Optional[Sequence[float]] = None,
-                  std: Optional[Sequence[float]] = None, affinities: Optional[Affinities] = None,
-                  **options: float) -> Tensor:
+def refine_scores(
+    method: str,
+    scores: Tensor,
+    images: Optional[Tensor] = None,
+    *,
+    valid: Optional[Tensor] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    affinities: Optional[Affinities] = None,
+    **options: float,
+) -> Tensor:
     """Refine (B, C, H, W) per-pixel distributions (background in channel 0) with ``method``.
 
     images: (B, 3 or 1, H, W) as the classifier saw them (normalised); ``mean`` / ``std`` undo
@@ -68,7 +108,9 @@ def refine_scores(method: str, scores: Tensor, images: Optional[Tensor] = None, 
         return scores.float()
     if method == "affinity":
         if affinities is None:
-            raise ValueError("refinement 'affinity' needs affinities from AffinityModule.predict_affinity")
+            raise ValueError(
+                "refinement 'affinity' needs affinities from AffinityModule.predict_affinity"
+            )
         return random_walk_refine(scores, affinities, valid=valid, **options)
     if images is None:
         raise ValueError(f"refinement {method!r} needs the images")

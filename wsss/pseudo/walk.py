@@ -21,8 +21,9 @@ def walk_offsets(radius: int) -> tuple[tuple[int, int], ...]:
     return ((0, 0),) + half + tuple((-dy, -dx) for dy, dx in half)
 
 
-def transition_weights(affinity: Tensor, radius: int, beta: float = 8.0,
-                       valid: Optional[Tensor] = None) -> Tensor:
+def transition_weights(
+    affinity: Tensor, radius: int, beta: float = 8.0, valid: Optional[Tensor] = None
+) -> Tensor:
     """(B, 2K+1, h, w) rows of the random walk's transition matrix in sparse neighbour form:
     channel j holds T[p, p + walk_offsets(radius)[j]] at cell p.
 
@@ -44,14 +45,25 @@ def transition_weights(affinity: Tensor, radius: int, beta: float = 8.0,
     partner = torch.cat([shifted(mask_pad, dy, dx, pad, h, w) for dy, dx in offsets], 1)
     forward = affinity.float().clamp(0, 1) ** beta * mask * partner  # A(p, p + o)
     padded = F.pad(forward, [pad] * 4)
-    backward = torch.stack([shifted(padded[:, i], -dy, -dx, pad, h, w)  # A(p - o, p)
-                            for i, (dy, dx) in enumerate(offsets)], 1)
+    backward = torch.stack(
+        [
+            shifted(padded[:, i], -dy, -dx, pad, h, w)  # A(p - o, p)
+            for i, (dy, dx) in enumerate(offsets)
+        ],
+        1,
+    )
     weights = torch.cat([torch.ones_like(mask), forward, backward], 1)
     return weights / weights.sum(1, keepdim=True)
 
 
-def random_walk(scores: Tensor, affinity: Tensor, radius: int, beta: float = 8.0, steps: int = 256,
-                valid: Optional[Tensor] = None) -> Tensor:
+def random_walk(
+    scores: Tensor,
+    affinity: Tensor,
+    radius: int,
+    beta: float = 8.0,
+    steps: int = 256,
+    valid: Optional[Tensor] = None,
+) -> Tensor:
     """Diffuse (B, C, h, w) scores ``steps`` times with the transition matrix of
     ``transition_weights``: x <- T x, each cell's scores becoming the weighted mean of its own and
     its neighbours'. T's rows are distributions, so a distribution per cell stays one; identity
@@ -63,8 +75,10 @@ def random_walk(scores: Tensor, affinity: Tensor, radius: int, beta: float = 8.0
     """
     check_scores(scores)
     if scores.shape[0] != affinity.shape[0] or scores.shape[-2:] != affinity.shape[-2:]:
-        raise ValueError(f"scores {tuple(scores.shape)} and affinity {tuple(affinity.shape)} must "
-                         f"share batch size and grid (h, w)")
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and affinity {tuple(affinity.shape)} must "
+            f"share batch size and grid (h, w)"
+        )
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     weights = transition_weights(affinity, radius, beta, valid)
@@ -77,13 +91,18 @@ def random_walk(scores: Tensor, affinity: Tensor, radius: int, beta: float = 8.0
         out = x * weights[:, :1]
         for j in range(1, len(offsets)):
             dy, dx = offsets[j]
-            out.addcmul_(weights[:, j:j + 1], shifted(padded, dy, dx, pad, h, w))
+            out.addcmul_(weights[:, j : j + 1], shifted(padded, dy, dx, pad, h, w))
         x = out
     return x
 
 
-def random_walk_refine(scores: Tensor, affinities: Affinities, valid: Optional[Tensor] = None,
-                       beta: float = 8.0, steps: int = 256) -> Tensor:
+def random_walk_refine(
+    scores: Tensor,
+    affinities: Affinities,
+    valid: Optional[Tensor] = None,
+    beta: float = 8.0,
+    steps: int = 256,
+) -> Tensor:
     """The random walk on image-resolution scores: (B, C, H, W) scores are averaged into the
     affinities' feature grid (over ``valid`` pixels only), walked, and upsampled back
     (bilinear). Pixels outside ``valid`` (B, H, W) keep their scores."""
@@ -92,8 +111,10 @@ def random_walk_refine(scores: Tensor, affinities: Affinities, valid: Optional[T
     stride, values = affinities.stride, affinities.values
     h, w = values.shape[-2:]
     if (h, w) != (-(-height // stride), -(-width // stride)):
-        raise ValueError(f"affinity grid {(h, w)} does not match scores of size {(height, width)} "
-                         f"at stride {stride} (expected ceil(H/stride), ceil(W/stride))")
+        raise ValueError(
+            f"affinity grid {(h, w)} does not match scores of size {(height, width)} "
+            f"at stride {stride} (expected ceil(H/stride), ceil(W/stride))"
+        )
     mask = as_pixel_mask(valid, scores)
     pad = (0, w * stride - width, 0, h * stride - height)
     total = F.avg_pool2d(F.pad(scores.float() * mask, pad), stride)

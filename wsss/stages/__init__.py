@@ -16,12 +16,21 @@ from wsss.stages.registry import STAGES
 
 # public name -> the module of this package that defines it
 _EXPORTS = {
-    "StageError": "records", "check_stage_folders": "records", "preflight_data": "records",
-    "read_stage": "records", "save_config": "records", "stage_dir": "records",
-    "load_classifier": "classifier", "train_classifier": "classifier",
-    "make_pseudo_masks": "pseudo_masks", "train_affinity": "affinity",
-    "load_segmenter": "segmenter", "train_segmenter": "segmenter", "evaluate": "evaluation",
-    "build_report": "report", "write_report": "report",
+    "StageError": "records",
+    "check_stage_folders": "records",
+    "preflight_data": "records",
+    "read_stage": "records",
+    "save_config": "records",
+    "stage_dir": "records",
+    "load_classifier": "classifier",
+    "train_classifier": "classifier",
+    "make_pseudo_masks": "pseudo_masks",
+    "train_affinity": "affinity",
+    "load_segmenter": "segmenter",
+    "train_segmenter": "segmenter",
+    "evaluate": "evaluation",
+    "build_report": "report",
+    "write_report": "report",
 }
 
 

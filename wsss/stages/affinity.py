@@ -46,8 +46,12 @@ def train_affinity(cfg: Config) -> dict[str, Any]:
     if cfg.pseudo.refine != "affinity":
         echo(f"[wsss] affinity: not used (pseudo.refine={cfg.pseudo.refine})")
         return {"skipped": True, "not_used": True}
-    return run_stage(cfg, "affinity", lambda logger: _run(cfg, logger),
-                     recorder=lambda logger, record: log_checkpoint(cfg, "affinity", logger))
+    return run_stage(
+        cfg,
+        "affinity",
+        lambda logger: _run(cfg, logger),
+        recorder=lambda logger, record: log_checkpoint(cfg, "affinity", logger),
+    )
 
 
 def refined_mask_dir(cfg: Config) -> Path:
@@ -63,8 +67,10 @@ def feature_levels(model: torch.nn.Module, cfg: Config) -> list[str]:
 def _pseudo_record(cfg: Config) -> dict[str, Any]:
     record = read_stage(cfg, "pseudo_masks")
     if record is None or record.get("status") != "done":
-        raise StageError(f"the affinity stage learns from the pseudo-masks, but {stage_dir(cfg, 'pseudo_masks')} "
-                         f"is not complete; run `wsss make-pseudo-masks` first")
+        raise StageError(
+            f"the affinity stage learns from the pseudo-masks, but {stage_dir(cfg, 'pseudo_masks')} "
+            f"is not complete; run `wsss make-pseudo-masks` first"
+        )
     return record
 
 
@@ -75,16 +81,29 @@ def _run(cfg: Config, logger: Any) -> dict[str, Any]:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = StageDataModule(cfg, "segmenter", train_masks=stage_dir(cfg, "pseudo_masks"))
     backbone = classifier.export()
-    module = AffinityModule(backbone, layers=feature_levels(backbone, cfg), stride=a.stride, radius=a.radius,
-                            freeze_backbone=a.freeze_backbone, lr=a.lr, backbone_lr_mult=a.backbone_lr_mult,
-                            beta=a.beta, steps=a.steps)
+    module = AffinityModule(
+        backbone,
+        layers=feature_levels(backbone, cfg),
+        stride=a.stride,
+        radius=a.radius,
+        freeze_backbone=a.freeze_backbone,
+        lr=a.lr,
+        backbone_lr_mult=a.backbone_lr_mult,
+        beta=a.beta,
+        steps=a.steps,
+    )
     # validated on nothing: the val split's masks are ground truth, which the stage must not see
     with warnings.catch_warnings():
         # the backbone's BatchNorm stays in eval mode by design (the classifier's statistics)
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-        results = fit_stage(cfg, "affinity", module, datamodule, a.max_epochs, logger, limit_val_batches=0)
-    trained = AffinityModule.load_from_checkpoint(stage_dir(cfg, "affinity") / "last.ckpt",
-                                                  backbone=classifier.export(), map_location="cpu")
+        warnings.filterwarnings(
+            "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training"
+        )
+        results = fit_stage(
+            cfg, "affinity", module, datamodule, a.max_epochs, logger, limit_val_batches=0
+        )
+    trained = AffinityModule.load_from_checkpoint(
+        stage_dir(cfg, "affinity") / "last.ckpt", backbone=classifier.export(), map_location="cpu"
+    )
     results.update(_propagate(cfg, classifier, trained, record["thresholds"], logger))
     return results
 
@@ -94,25 +113,35 @@ class AffinityRefiner(L.LightningModule):
     calibrated distribution, diffused by the random walk over the image's affinities, labelled,
     uncertain pixels set to 255 (two best classes within ``ignore_band``)."""
 
-    def __init__(self, affinity, maps_dir: Path, thresholds: dict[int, float], ignore_band: float) -> None:
+    def __init__(
+        self, affinity, maps_dir: Path, thresholds: dict[int, float], ignore_band: float
+    ) -> None:
         super().__init__()
         self.affinity = affinity.eval()
         self.maps_dir = Path(maps_dir)
         self.thresholds = thresholds  # mask value -> threshold
         self.ignore_band = ignore_band
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
         canvas = batch["image"].shape[-2:]
         preds = torch.zeros((len(batch["id"]), *canvas), dtype=torch.uint8, device=self.device)
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i])
-            saved = np.load(self.maps_dir / f"{sample_id}.npz")  # at the file's size: back to the image's
-            maps = restore_size(torch.from_numpy(saved["maps"].astype(np.float32)), (h, w))[None].to(self.device)
+            saved = np.load(
+                self.maps_dir / f"{sample_id}.npz"
+            )  # at the file's size: back to the image's
+            maps = restore_size(torch.from_numpy(saved["maps"].astype(np.float32)), (h, w))[
+                None
+            ].to(self.device)
             classes = torch.from_numpy(saved["classes"].astype(np.int64))[None].to(self.device)
             valid = torch.ones_like(classes, dtype=torch.bool)
-            per_slot = torch.tensor([[self.thresholds[int(c)] for c in classes[0]]], device=self.device)
+            per_slot = torch.tensor(
+                [[self.thresholds[int(c)] for c in classes[0]]], device=self.device
+            )
             probs = slot_distribution(maps, valid, per_slot)
-            refined = propagate(self.affinity, probs, images=batch["image"][i:i + 1, :, :h, :w])
+            refined = propagate(self.affinity, probs, images=batch["image"][i : i + 1, :, :h, :w])
             labels = distribution_labels(refined, classes, valid)
             if self.ignore_band > 0:
                 labels = ignore_uncertain(labels, refined, margin=self.ignore_band)
@@ -132,19 +161,30 @@ def _done(directory: Path, ids: list[str]) -> set[str]:
     return done
 
 
-def _propagate(cfg: Config, classifier, trained, thresholds: dict[str, Any], logger: Any) -> dict[str, Any]:
+def _propagate(
+    cfg: Config, classifier, trained, thresholds: dict[str, Any], logger: Any
+) -> dict[str, Any]:
     """Refined masks for every training image not written yet, then their scores (rank zero)."""
     names = list(classifier.hparams.class_names)
     per_class = {i + 1: float(thresholds["per_class"][n]) for i, n in enumerate(names)}
-    refiner = AffinityRefiner(trained, stage_dir(cfg, "pseudo_masks") / MAP_DIR, per_class, cfg.pseudo.ignore_band)
-    dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std)
+    refiner = AffinityRefiner(
+        trained, stage_dir(cfg, "pseudo_masks") / MAP_DIR, per_class, cfg.pseudo.ignore_band
+    )
+    dataset = build_source(
+        cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
+    )
     out_dir = refined_mask_dir(cfg)
-    todo = [i for i, sample_id in enumerate(dataset.ids) if sample_id not in _done(out_dir, dataset.ids)]
+    todo = [
+        i for i, sample_id in enumerate(dataset.ids) if sample_id not in _done(out_dir, dataset.ids)
+    ]
     barrier()
     if todo:
         trainer = make_trainer(cfg, 1, logger, [SegmentationWriter(out_dir)])
-        trainer.predict(refiner, dataloaders=make_loader(Subset(dataset, todo), cfg, cfg.cam.batch_size),
-                        return_predictions=False)
+        trainer.predict(
+            refiner,
+            dataloaders=make_loader(Subset(dataset, todo), cfg, cfg.cam.batch_size),
+            return_predictions=False,
+        )
     barrier()
     if not is_global_zero():
         return {}
@@ -158,7 +198,8 @@ def affinity_masks(cfg: Config) -> Path:
     """The refined masks of a finished affinity stage, for the segmenter."""
     record = read_stage(cfg, "affinity")
     if record is None or record.get("status") != "done":
-        raise StageError(f"pseudo.refine=affinity but {stage_dir(cfg, 'affinity')} is not complete; run "
-                         f"`wsss train-affinity` first")
+        raise StageError(
+            f"pseudo.refine=affinity but {stage_dir(cfg, 'affinity')} is not complete; run "
+            f"`wsss train-affinity` first"
+        )
     return refined_mask_dir(cfg)
-

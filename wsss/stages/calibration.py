@@ -21,11 +21,11 @@ from wsss.cam import LibrarySettings, ReferenceLibrary, library_for
 from wsss.cam.libra import model_fingerprint
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
+from wsss.distributed import barrier, is_global_zero
 from wsss.io import atomic_path, read_json, write_json_atomic
 from wsss.models.calibration import CalibrationModule, ConfidenceCollector, merge_confidences
 from wsss.models.pseudo_labeler import IMAGE_REFINEMENTS
 from wsss.pseudo.calibrate import ThresholdCalibrator
-from wsss.distributed import barrier, is_global_zero
 from wsss.stages.records import StageError
 from wsss.stages.trainer import make_trainer, stage_device
 
@@ -37,18 +37,33 @@ def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, An
     """The PseudoMaskModule keywords the config and the classifier define (thresholds aside);
     ``library``: the Libra-CAM reference library (``reference_library``) when cam.method=libra."""
     c, p = cfg.cam, cfg.pseudo
-    refine = p.refine if p.refine in IMAGE_REFINEMENTS else "none"  # the affinity walk is a stage of its own
+    refine = (
+        p.refine if p.refine in IMAGE_REFINEMENTS else "none"
+    )  # the affinity walk is a stage of its own
     options = {"iterations": p.par_iterations} if refine == "par" else {}
-    return dict(method=c.method, layers=c.layers, preset=c.preset, layer_weights=c.layer_weights,
-                scales=c.scales, flip=c.flip, normalize=c.normalize, seed_threshold=p.threshold,
-                ignore_band=p.ignore_band, refine=refine, refine_options=options,
-                mean=classifier.hparams.mean, std=classifier.hparams.std, library=library)
+    return dict(
+        method=c.method,
+        layers=c.layers,
+        preset=c.preset,
+        layer_weights=c.layer_weights,
+        scales=c.scales,
+        flip=c.flip,
+        normalize=c.normalize,
+        seed_threshold=p.threshold,
+        ignore_band=p.ignore_band,
+        refine=refine,
+        refine_options=options,
+        mean=classifier.hparams.mean,
+        std=classifier.hparams.std,
+        library=library,
+    )
 
 
 def library_settings(cfg: Config) -> LibrarySettings:
     """The Libra-CAM library settings the config defines (cam.layers, cam.libra_*)."""
-    return LibrarySettings(layers=tuple(cfg.cam.layers), references=cfg.cam.libra_references,
-                           bound=cfg.cam.libra_bound)
+    return LibrarySettings(
+        layers=tuple(cfg.cam.layers), references=cfg.cam.libra_references, bound=cfg.cam.libra_bound
+    )
 
 
 def reference_library(cfg: Config, classifier, out_dir: Path) -> Optional[ReferenceLibrary]:
@@ -63,24 +78,37 @@ def reference_library(cfg: Config, classifier, out_dir: Path) -> Optional[Refere
     if is_global_zero():
         stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
         model = copy.deepcopy(classifier.export()).eval().to(stage_device(cfg))
-        dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean,
-                               std=classifier.hparams.std)
-        library, built = library_for(model, lambda: make_loader(dataset, cfg, cfg.cam.batch_size),
-                                     library_settings(cfg), model_fingerprint(classifier.export()), stored,
-                                     progress=True)
+        dataset = build_source(
+            cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
+        )
+        library, built = library_for(
+            model,
+            lambda: make_loader(dataset, cfg, cfg.cam.batch_size),
+            library_settings(cfg),
+            model_fingerprint(classifier.export()),
+            stored,
+            progress=True,
+        )
         library = library.to("cpu")
         if built:
             with atomic_path(path) as tmp:
                 torch.save(library.state_dict(), tmp)
     barrier()  # every process checks the same library, so none is left waiting when it is unusable
     if library is None:
-        library = ReferenceLibrary.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    empty = [name for name, count in zip(classifier.hparams.class_names, library.counts.tolist())
-             if count == 0]
+        library = ReferenceLibrary.from_state_dict(
+            torch.load(path, map_location="cpu", weights_only=True)
+        )
+    empty = [
+        name
+        for name, count in zip(classifier.hparams.class_names, library.counts.tolist())
+        if count == 0
+    ]
     if empty:
-        raise StageError(f"cam.method=libra: no training image scored below cam.libra_bound="
-                         f"{cfg.cam.libra_bound} for {empty}, so these classes have no references; "
-                         "raise cam.libra_bound or train the classifier longer")
+        raise StageError(
+            f"cam.method=libra: no training image scored below cam.libra_bound="
+            f"{cfg.cam.libra_bound} for {empty}, so these classes have no references; "
+            "raise cam.libra_bound or train the classifier longer"
+        )
     return library
 
 
@@ -90,28 +118,48 @@ def calibration_subset(cfg: Config, dataset) -> Subset:
     return Subset(dataset, order[: min(cfg.pseudo.calibration_images, len(dataset))].tolist())
 
 
-def thresholds_from_confidences(cfg: Config, names: list[str], confidences: dict[str, torch.Tensor],
-                                images: int) -> dict[str, Any]:
+def thresholds_from_confidences(
+    cfg: Config, names: list[str], confidences: dict[str, torch.Tensor], images: int
+) -> dict[str, Any]:
     """Per-class thresholds (thresholds.json) from every process's masked-query answers."""
     p = cfg.pseudo
-    calibrator = ThresholdCalibrator(p.grid, p.objective, p.rho, len(names), p.threshold,
-                                     min_confidence=p.min_confidence, delta=p.delta, fallback=p.fallback,
-                                     shrinkage=p.shrinkage)
+    calibrator = ThresholdCalibrator(
+        p.grid,
+        p.objective,
+        p.rho,
+        len(names),
+        p.threshold,
+        min_confidence=p.min_confidence,
+        delta=p.delta,
+        fallback=p.fallback,
+        shrinkage=p.shrinkage,
+    )
     if confidences["base"].numel():
         base = confidences["base"][:, None]  # one slot per row: (S, 1)
-        calibrator.update_from_confidences(confidences["keep"][:, None], confidences["delete"][:, None],
-                                           base, confidences["class_index"][:, None],
-                                           torch.ones_like(base, dtype=torch.bool))
+        calibrator.update_from_confidences(
+            confidences["keep"][:, None],
+            confidences["delete"][:, None],
+            base,
+            confidences["class_index"][:, None],
+            torch.ones_like(base, dtype=torch.bool),
+        )
     per_class = calibrator.compute()
-    return {"method": "libra", "objective": p.objective, "global": round(calibrator.global_threshold(), 4),
-            "per_class": {n: round(float(t), 4) for n, t in zip(names, per_class)},
-            "images": images, "pairs": dict(zip(names, calibrator.pairs_per_class())),
-            "sources": dict(zip(names, calibrator.sources())), "fallback": p.fallback,
-            "low_confidence_pairs": calibrator.skipped}
+    return {
+        "method": "libra",
+        "objective": p.objective,
+        "global": round(calibrator.global_threshold(), 4),
+        "per_class": {n: round(float(t), 4) for n, t in zip(names, per_class)},
+        "images": images,
+        "pairs": dict(zip(names, calibrator.pairs_per_class())),
+        "sources": dict(zip(names, calibrator.sources())),
+        "fallback": p.fallback,
+        "low_confidence_pairs": calibrator.skipped,
+    }
 
 
-def calibrate_thresholds(cfg: Config, classifier, out_dir: Path,
-                         library: Optional[ReferenceLibrary] = None) -> dict[str, Any]:
+def calibrate_thresholds(
+    cfg: Config, classifier, out_dir: Path, library: Optional[ReferenceLibrary] = None
+) -> dict[str, Any]:
     """thresholds.json: reused when an earlier attempt wrote it, otherwise calibrated (or fixed)."""
     path = out_dir / "thresholds.json"
     if path.is_file():  # calibrated before an interruption: reuse, don't redo
@@ -119,21 +167,32 @@ def calibrate_thresholds(cfg: Config, classifier, out_dir: Path,
     names = list(classifier.hparams.class_names)
     p = cfg.pseudo
     if p.calibration == "fixed":
-        thresholds = {"method": "fixed", "objective": None, "global": p.threshold,
-                      "per_class": {n: p.threshold for n in names}, "images": 0}
+        thresholds = {
+            "method": "fixed",
+            "objective": None,
+            "global": p.threshold,
+            "per_class": {n: p.threshold for n in names},
+            "images": 0,
+        }
         if is_global_zero():
             write_json_atomic(path, thresholds)
         barrier()
         return thresholds
-    dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean,
-                           std=classifier.hparams.std)
+    dataset = build_source(
+        cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
+    )
     subset = calibration_subset(cfg, dataset)
     shards = out_dir / CALIBRATION_DIR
-    module = CalibrationModule(classifier.export(), grid=p.grid, min_confidence=p.min_confidence,
-                               **pseudo_module_options(cfg, classifier, library))
+    module = CalibrationModule(
+        classifier.export(),
+        grid=p.grid,
+        min_confidence=p.min_confidence,
+        **pseudo_module_options(cfg, classifier, library),
+    )
     trainer = make_trainer(cfg, 1, False, [ConfidenceCollector(shards)], inference_mode=False)
-    trainer.predict(module, dataloaders=make_loader(subset, cfg, cfg.cam.batch_size),
-                    return_predictions=False)
+    trainer.predict(
+        module, dataloaders=make_loader(subset, cfg, cfg.cam.batch_size), return_predictions=False
+    )
     barrier()
     if is_global_zero():
         thresholds = thresholds_from_confidences(cfg, names, merge_confidences(shards), len(subset))

@@ -16,8 +16,12 @@ from wsss.tracking import log_table
 
 def train_classifier(cfg: Config) -> dict[str, Any]:
     """Stage 1: the multi-label classifier on image-level labels."""
-    return run_stage(cfg, "classifier", lambda logger: _train(cfg, logger),
-                     recorder=lambda logger, record: _record(cfg, logger, record))
+    return run_stage(
+        cfg,
+        "classifier",
+        lambda logger: _train(cfg, logger),
+        recorder=lambda logger, record: _record(cfg, logger, record),
+    )
 
 
 def _train(cfg: Config, logger: Any) -> dict[str, Any]:
@@ -25,18 +29,32 @@ def _train(cfg: Config, logger: Any) -> dict[str, Any]:
     datamodule = StageDataModule(cfg, "classifier")
     c = cfg.classifier
     module = ClassifierModule(
-        num_classes=datamodule.num_foreground, backbone=c.backbone, pretrained=c.pretrained,
-        output_stride=c.output_stride, in_channels=cfg.data.channels, lr=c.lr,
-        backbone_lr_mult=c.backbone_lr_mult, weight_decay=c.weight_decay, momentum=c.momentum,
-        schedule=c.schedule, optimizer=c.optimizer, class_names=datamodule.train_set.class_names,
-        mean=datamodule.mean, std=datamodule.std)
+        num_classes=datamodule.num_foreground,
+        backbone=c.backbone,
+        pretrained=c.pretrained,
+        output_stride=c.output_stride,
+        in_channels=cfg.data.channels,
+        lr=c.lr,
+        backbone_lr_mult=c.backbone_lr_mult,
+        weight_decay=c.weight_decay,
+        momentum=c.momentum,
+        schedule=c.schedule,
+        optimizer=c.optimizer,
+        class_names=datamodule.train_set.class_names,
+        mean=datamodule.mean,
+        std=datamodule.std,
+    )
     return fit_stage(cfg, "classifier", module, datamodule, c.max_epochs, logger)
 
 
 def _record(cfg: Config, logger: Any, record: dict[str, Any]) -> None:
     """Per-class average precision on the val split as a table, and the checkpoint."""
     metrics = record.get("metrics") or {}
-    rows = [[key[len("val/ap_"):], value] for key, value in metrics.items() if key.startswith("val/ap_")]
+    rows = [
+        [key[len("val/ap_") :], value]
+        for key, value in metrics.items()
+        if key.startswith("val/ap_")
+    ]
     log_table(logger, "classifier/per_class_ap", ["class", "average precision"], rows)
     log_checkpoint(cfg, "classifier", logger)
 

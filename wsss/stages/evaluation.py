@@ -22,7 +22,9 @@ from wsss.tracking import log_mask_overlays, log_table
 from wsss.viz import denormalise
 
 
-def _predict_split(cfg: Config, module, split: str, out_dir: Path, logger: Any = False) -> Optional[dict[str, Any]]:
+def _predict_split(
+    cfg: Config, module, split: str, out_dir: Path, logger: Any = False
+) -> Optional[dict[str, Any]]:
     """Write the split's predictions (and, with ``segmenter.eval_crf``, their CRF-refined form
     in ``<split>_crf``); their scores (rank zero, where ground truth exists), the CRF's under
     ``crf_`` keys."""
@@ -39,26 +41,41 @@ def _predict_split(cfg: Config, module, split: str, out_dir: Path, logger: Any =
         return None
     scores = score_mask_dir(dataset, out_dir)
     if module.eval_crf:
-        scores.update({f"crf_{k}": v for k, v in score_mask_dir(dataset, crf_dir).items() if k != "ignore_fraction"})
+        scores.update(
+            {
+                f"crf_{k}": v
+                for k, v in score_mask_dir(dataset, crf_dir).items()
+                if k != "ignore_fraction"
+            }
+        )
     return scores if scores.get("miou") is not None else None
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Stage 4: segmenter scores on the val split; predictions of val (and test) as palette PNGs."""
-    return run_stage(cfg, "evaluation", lambda logger: _evaluate(cfg, logger),
-                     recorder=lambda logger, record: _record(cfg, logger, record))
+    return run_stage(
+        cfg,
+        "evaluation",
+        lambda logger: _evaluate(cfg, logger),
+        recorder=lambda logger, record: _record(cfg, logger, record),
+    )
 
 
 def _evaluate(cfg: Config, logger: Any) -> dict[str, Any]:
     module = load_segmenter(cfg)
     # test-time augmentation is evaluation's choice, not part of the trained segmenter
-    module.hparams.eval_scales, module.hparams.eval_flip = cfg.segmenter.eval_scales, cfg.segmenter.eval_flip
+    module.hparams.eval_scales, module.hparams.eval_flip = (
+        cfg.segmenter.eval_scales,
+        cfg.segmenter.eval_flip,
+    )
     module.eval_crf = cfg.segmenter.eval_crf
     directory = stage_dir(cfg, "evaluation")
     results: dict[str, Any] = {"class_names": list(module.hparams.class_names or [])}
     scores = _predict_split(cfg, module, cfg.data.val_split, directory / cfg.data.val_split, logger)
     if scores is not None:
-        results.update(split=cfg.data.val_split, **{k: v for k, v in scores.items() if k != "ignore_fraction"})
+        results.update(
+            split=cfg.data.val_split, **{k: v for k, v in scores.items() if k != "ignore_fraction"}
+        )
     if cfg.data.test_split:
         _predict_split(cfg, module, cfg.data.test_split, directory / cfg.data.test_split, logger)
         results["test_predictions"] = str(directory / cfg.data.test_split)
@@ -69,9 +86,15 @@ def _record(cfg: Config, logger: Any, record: dict[str, Any], overlays: int = 8)
     """Per-class IoU / Dice as a table, and the first val predictions over their images."""
     names = record.get("class_names") or []
     iou, dice = record.get("per_class_iou") or [], record.get("per_class_dice") or []
-    log_table(logger, "evaluation/per_class", ["class", "IoU", "Dice"],
-              [[name, iou[c] if c < len(iou) else None, dice[c] if c < len(dice) else None]
-               for c, name in enumerate(names)])
+    log_table(
+        logger,
+        "evaluation/per_class",
+        ["class", "IoU", "Dice"],
+        [
+            [name, iou[c] if c < len(iou) else None, dice[c] if c < len(dice) else None]
+            for c, name in enumerate(names)
+        ],
+    )
     source = build_source(cfg, cfg.data.val_split)
     directory = stage_dir(cfg, "evaluation") / cfg.data.val_split
     items = []

@@ -31,22 +31,39 @@ from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import DataError, read_mask
 from wsss.distributed import barrier, is_global_zero
 from wsss.io import read_json, write_json_atomic
-from wsss.models.pseudo_labeler import (CALIBRATED_DIR, IMAGE_REFINEMENTS, PANEL_DIR, RANK_DIR, SEED_DIR,
-                                        PseudoMaskModule, PseudoMaskWriter)
+from wsss.models.pseudo_labeler import (
+    CALIBRATED_DIR,
+    IMAGE_REFINEMENTS,
+    PANEL_DIR,
+    RANK_DIR,
+    SEED_DIR,
+    PseudoMaskModule,
+    PseudoMaskWriter,
+)
 from wsss.stages.calibration import (  # noqa: F401 (LIBRARY_FILE re-exported beside the stage)
-    LIBRARY_FILE, calibrate_thresholds, pseudo_module_options, reference_library)
+    LIBRARY_FILE,
+    calibrate_thresholds,
+    pseudo_module_options,
+    reference_library,
+)
 from wsss.stages.classifier import load_classifier
 from wsss.stages.records import StageError, run_stage, stage_dir, stage_hashes
 from wsss.stages.scoring import score_mask_dir
 from wsss.stages.trainer import make_trainer
 from wsss.tracking import log_artifact, log_images, log_mask_overlays, log_table
-from wsss.viz import (pseudo_panel_grid, save_png)
+from wsss.viz import pseudo_panel_grid, save_png
+
 
 def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
     """Stage 2: calibrated Relevance-CAM pseudo-masks for the training split."""
-    return run_stage(cfg, "pseudo_masks",
-                     lambda logger: run_pseudo_stage(cfg, load_classifier(cfg), stage_dir(cfg, "pseudo_masks"), logger),
-                     recorder=lambda logger, record: record_pseudo_stage(cfg, logger, record))
+    return run_stage(
+        cfg,
+        "pseudo_masks",
+        lambda logger: run_pseudo_stage(
+            cfg, load_classifier(cfg), stage_dir(cfg, "pseudo_masks"), logger
+        ),
+        recorder=lambda logger, record: record_pseudo_stage(cfg, logger, record),
+    )
 
 
 def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
@@ -59,8 +76,11 @@ def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
 
 def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = None, library=None):
     """The pseudo-mask LightningModule around the trained classifier's network."""
-    return PseudoMaskModule(classifier.export(), thresholds=thresholds,
-                            **pseudo_module_options(cfg, classifier, library))
+    return PseudoMaskModule(
+        classifier.export(),
+        thresholds=thresholds,
+        **pseudo_module_options(cfg, classifier, library),
+    )
 
 
 def _done_ids(directories: list[Path], ids: list[str]) -> set[str]:
@@ -94,7 +114,9 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False
     per_class = torch.tensor([thresholds["per_class"][n] for n in names])
     module = pseudo_module(cfg, classifier, per_class, library)
 
-    dataset = build_source(cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std)
+    dataset = build_source(
+        cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
+    )
     steps = mask_steps(cfg, out_dir)
     done = _done_ids(list(steps.values()), dataset.ids)
     todo = [i for i, sample_id in enumerate(dataset.ids) if sample_id not in done]
@@ -106,34 +128,52 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False
     started = time.perf_counter()
     if todo:
         trainer = make_trainer(cfg, 1, logger, [writer], inference_mode=False)
-        trainer.predict(module, dataloaders=make_loader(Subset(dataset, todo), cfg, cfg.cam.batch_size),
-                        return_predictions=False)
+        trainer.predict(
+            module,
+            dataloaders=make_loader(Subset(dataset, todo), cfg, cfg.cam.batch_size),
+            return_predictions=False,
+        )
         if trainer.interrupted:
-            raise StageError("pseudo-mask stage interrupted; run the same command again to "
-                             "finish the remaining images")
+            raise StageError(
+                "pseudo-mask stage interrupted; run the same command again to "
+                "finish the remaining images"
+            )
     barrier()
     seconds = time.perf_counter() - started
     if not is_global_zero():
         return {}
     results: dict[str, Any] = {
-        "count": len(dataset), "written_now": len(todo), "images_per_second": round(len(todo) / max(seconds, 1e-9), 2),
-        "thresholds": thresholds, "class_names": ["background", *names],
-        "rank_counts": _collect_rank_counts(out_dir / RANK_DIR)}
+        "count": len(dataset),
+        "written_now": len(todo),
+        "images_per_second": round(len(todo) / max(seconds, 1e-9), 2),
+        "thresholds": thresholds,
+        "class_names": ["background", *names],
+        "rank_counts": _collect_rank_counts(out_dir / RANK_DIR),
+    }
     for step, directory in steps.items():
         results.update(_step_scores(step, score_mask_dir(dataset, directory)))
     final = "refined" if "refined" in steps else "pseudo"
     results["ignore_fraction"] = results[f"{final}_ignore_fraction"]
     if cfg.pseudo.score_split and cfg.pseudo.score_split != cfg.data.train_split:
         results["scored_on"] = _scores_on_split(cfg, dataset, out_dir, cfg.pseudo.score_split)
-    panels = [torch.load(out_dir / PANEL_DIR / f"{i}.pt", weights_only=False) for i in shown
-              if (out_dir / PANEL_DIR / f"{i}.pt").is_file()]
+    panels = [
+        torch.load(out_dir / PANEL_DIR / f"{i}.pt", weights_only=False)
+        for i in shown
+        if (out_dir / PANEL_DIR / f"{i}.pt").is_file()
+    ]
     results["panel_ids"] = [item["id"] for item in panels]
     if panels:
         grid = pseudo_panel_grid(panels, cfg.cam.layers, ["background", *names])
         save_png(out_dir / "panels.png", grid)
-    write_json_atomic(out_dir / "manifest.json", {"config_hash": stage_hashes(cfg)["pseudo_masks"],
-                                                  "count": len(dataset), "thresholds": thresholds,
-                                                  "complete": True})
+    write_json_atomic(
+        out_dir / "manifest.json",
+        {
+            "config_hash": stage_hashes(cfg)["pseudo_masks"],
+            "count": len(dataset),
+            "thresholds": thresholds,
+            "complete": True,
+        },
+    )
     return results
 
 
@@ -177,12 +217,25 @@ def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> Non
     thresholds = record.get("thresholds") or {}
     pairs = thresholds.get("pairs") or {}
     sources = thresholds.get("sources") or {}
-    log_table(logger, "pseudo/thresholds", ["class", "threshold", "calibration pairs", "source"],
-              [[name, value, pairs.get(name), sources.get(name, thresholds.get("method"))]
-               for name, value in (thresholds.get("per_class") or {}).items()])
+    log_table(
+        logger,
+        "pseudo/thresholds",
+        ["class", "threshold", "calibration pairs", "source"],
+        [
+            [name, value, pairs.get(name), sources.get(name, thresholds.get("method"))]
+            for name, value in (thresholds.get("per_class") or {}).items()
+        ],
+    )
     steps = [step for step in ("seed", "pseudo", "refined") if record.get(f"{step}_per_class_iou")]
-    log_table(logger, "pseudo/per_class_iou", ["class", *steps],
-              [[name, *[record[f"{step}_per_class_iou"][c] for step in steps]] for c, name in enumerate(names)])
+    log_table(
+        logger,
+        "pseudo/per_class_iou",
+        ["class", *steps],
+        [
+            [name, *[record[f"{step}_per_class_iou"][c] for step in steps]]
+            for c, name in enumerate(names)
+        ],
+    )
     items = []
     for sample_id in record.get("panel_ids") or []:
         item = torch.load(out_dir / PANEL_DIR / f"{sample_id}.pt", weights_only=False)
@@ -195,9 +248,14 @@ def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> Non
     log_mask_overlays(logger, "pseudo/overlays", items, names)
     if (out_dir / "panels.png").is_file():
         log_images(logger, "pseudo/panels", [np.asarray(Image.open(out_dir / "panels.png"))])
-    log_artifact(logger, f"{cfg.run.name}-pseudo-masks", "dataset",
-                 files=[out_dir / "manifest.json", out_dir / "thresholds.json"], references=[out_dir],
-                 max_objects=3 * int(record.get("count", 0)) + 1000)
+    log_artifact(
+        logger,
+        f"{cfg.run.name}-pseudo-masks",
+        "dataset",
+        files=[out_dir / "manifest.json", out_dir / "thresholds.json"],
+        references=[out_dir],
+        max_objects=3 * int(record.get("count", 0)) + 1000,
+    )
 
 
 def _collect_rank_counts(directory: Path) -> dict[str, int]:
@@ -209,5 +267,3 @@ def _collect_rank_counts(directory: Path) -> dict[str, int]:
     if directory.is_dir():
         directory.rmdir()
     return counts
-
-

@@ -30,7 +30,9 @@ class StageError(RuntimeError):
     """A stage cannot run as asked; the message says why and what to do."""
 
 
-def config_hash(cfg: Config, groups: Sequence[str], unread: Sequence[str] = (), extra: Any = None) -> str:
+def config_hash(
+    cfg: Config, groups: Sequence[str], unread: Sequence[str] = (), extra: Any = None
+) -> str:
     """Hash of the config ``groups`` a stage depends on, less the ``unread`` keys, and ``extra``."""
     payload: dict[str, Any] = {}
     for group in groups:
@@ -51,7 +53,9 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     as itself, one with several as their list."""
     hashes: dict[str, str] = {}
     for stage in registry.REGISTRY:
-        parts = [_value(cfg, item) if "." in item else hashes[item] for item in stage.inputs_for(cfg)]
+        parts = [
+            _value(cfg, item) if "." in item else hashes[item] for item in stage.inputs_for(cfg)
+        ]
         extra = parts[0] if len(parts) == 1 else parts
         hashes[stage.name] = config_hash(cfg, stage.groups, stage.unread, extra)
     return hashes
@@ -84,8 +88,10 @@ def conflicting_record(cfg: Config, stage: str) -> Optional[str]:
         return None
     if record.get("status") != "done" and not _has_outputs(directory):
         return None
-    return (f"{directory} was made with a different config (hash {record.get('config_hash')}, now "
-            f"{wanted}). Redo it with run.overwrite=true, or pick another run.name")
+    return (
+        f"{directory} was made with a different config (hash {record.get('config_hash')}, now "
+        f"{wanted}). Redo it with run.overwrite=true, or pick another run.name"
+    )
 
 
 def check_stage_folders(cfg: Config, stages: Sequence[str]) -> None:
@@ -108,7 +114,9 @@ def preflight_data(cfg: Config, stages: Sequence[str]) -> None:
         record = read_stage(cfg, stage)
         if record is not None and record.get("status") == "done" and not cfg.run.overwrite:
             continue
-        splits.update({names[role]: None for role in registry.stage_named(stage).splits if names[role]})
+        splits.update(
+            {names[role]: None for role in registry.stage_named(stage).splits if names[role]}
+        )
     if splits:
         preflight({split: build_source(cfg, split) for split in splits})
 
@@ -136,17 +144,31 @@ def begin_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
     if is_global_zero():
         directory.mkdir(parents=True, exist_ok=True)
         earlier = float((record or {}).get("seconds", 0.0))  # spent by interrupted attempts
-        write_json_atomic(directory / "stage.json", {"stage": stage, "config_hash": wanted,
-                                                     "status": "running", "seconds": round(earlier, 2)})
+        write_json_atomic(
+            directory / "stage.json",
+            {
+                "stage": stage,
+                "config_hash": wanted,
+                "status": "running",
+                "seconds": round(earlier, 2),
+            },
+        )
     barrier()
     return None
 
 
-def finish_stage(cfg: Config, stage: str, results: dict[str, Any], seconds: float) -> dict[str, Any]:
+def finish_stage(
+    cfg: Config, stage: str, results: dict[str, Any], seconds: float
+) -> dict[str, Any]:
     """Mark the stage done with its results; ``seconds`` of this attempt add to earlier ones."""
     earlier = float((read_stage(cfg, stage) or {}).get("seconds", 0.0))
-    record = {"stage": stage, "config_hash": stage_hashes(cfg)[stage], "status": "done",
-              "seconds": round(earlier + seconds, 2), **results}
+    record = {
+        "stage": stage,
+        "config_hash": stage_hashes(cfg)[stage],
+        "status": "done",
+        "seconds": round(earlier + seconds, 2),
+        **results,
+    }
     barrier()  # everyone has read the earlier time
     if is_global_zero():
         write_json_atomic(stage_dir(cfg, stage) / "stage.json", record)
@@ -172,8 +194,12 @@ def key_figure(stage: str, record: dict[str, Any]) -> str:
     return f"{key.split('/')[-1]} {100 * value:.1f}%" if isinstance(value, (int, float)) else ""
 
 
-def run_stage(cfg: Config, stage: str, body: Callable[[Any], dict[str, Any]],
-              recorder: Optional[Recorder] = None) -> dict[str, Any]:
+def run_stage(
+    cfg: Config,
+    stage: str,
+    body: Callable[[Any], dict[str, Any]],
+    recorder: Optional[Recorder] = None,
+) -> dict[str, Any]:
     """Skip a finished stage, or run ``body(logger)`` and record its results and time (over
     attempts). The stage's logger lives for the whole stage: ``body`` trains or predicts with
     it, then global rank zero logs the stage's numbers (``log_summary``) and whatever
@@ -193,7 +219,9 @@ def run_stage(cfg: Config, stage: str, body: Callable[[Any], dict[str, Any]],
             raise
         record = finish_stage(cfg, stage, results, time.perf_counter() - started)
         if is_global_zero():
-            log_summary(logger, {key: value for key, value in record.items() if key != "config_hash"})
+            log_summary(
+                logger, {key: value for key, value in record.items() if key != "config_hash"}
+            )
             if recorder is not None:
                 recorder(logger, record)
     finally:

@@ -19,8 +19,13 @@ if TYPE_CHECKING:
 StageFunction = Callable[["Config"], dict[str, Any]]
 
 # what changes a trained network; not the devices or the strategy (the global batch is fixed)
-TRAINING = ("run.seed", "trainer.precision", "trainer.deterministic", "trainer.gradient_clip_val",
-            "trainer.accumulate_grad_batches")
+TRAINING = (
+    "run.seed",
+    "trainer.precision",
+    "trainer.deterministic",
+    "trainer.gradient_clip_val",
+    "trainer.accumulate_grad_batches",
+)
 # data keys no stage's result depends on: how batches load, and the split only evaluation reads
 DATA_NOT_READ = ("data.num_workers", "data.test_split")
 # test-time augmentation is evaluation's choice, not part of the trained segmenter
@@ -46,7 +51,9 @@ class Stage:
     inputs: Union[tuple[str, ...], Callable[[Config], tuple[str, ...]]] = ()
     splits: tuple[str, ...] = ()  # the data splits it reads, by role: train, val, test
     key_figure: tuple[Optional[str], Optional[str]] = (None, None)  # (record group or None, key)
-    optional: bool = False  # runs only when the config asks for it (in brackets in `wsss run --help`)
+    optional: bool = (
+        False  # runs only when the config asks for it (in brackets in `wsss run --help`)
+    )
     folder: str = ""  # its folder in the run directory; empty: the stage's name
 
     def __post_init__(self) -> None:
@@ -82,32 +89,60 @@ def _segmenter_inputs(cfg: Config) -> tuple[str, ...]:
 
 
 REGISTRY: tuple[Stage, ...] = (
-    Stage("classifier", command="train-classifier",
-          help="train the multi-label classifier on image-level labels",
-          run=_imported("wsss.stages.classifier:train_classifier"),
-          groups=("data", "classifier"), unread=DATA_NOT_READ, inputs=TRAINING, splits=("train", "val"),
-          key_figure=("metrics", "val/mAP")),
-    Stage("pseudo_masks", command="make-pseudo-masks",
-          help="write Relevance-CAM pseudo-masks for the training split",
-          run=_imported("wsss.stages.pseudo_masks:make_pseudo_masks"),
-          # how many maps a batch holds and how many panels are drawn change no mask
-          groups=("cam", "pseudo"), unread=("cam.batch_size", "pseudo.num_panels"), inputs=("classifier",),
-          splits=("train",), key_figure=(None, "pseudo_miou")),
-    Stage("affinity", command="train-affinity",
-          help="with pseudo.refine=affinity: learn inter-pixel affinities, write random-walk refined masks",
-          run=_imported("wsss.stages.affinity:train_affinity"),
-          groups=("affinity",), inputs=("pseudo_masks", *TRAINING), splits=("train",),
-          key_figure=(None, "refined_miou"), optional=True),
-    Stage("segmenter", command="train-segmenter",
-          help="train the segmentation network on the masks segmenter.masks names",
-          run=_imported("wsss.stages.segmenter:train_segmenter"),
-          groups=("data", "segmenter"), unread=(*DATA_NOT_READ, *TEST_TIME), inputs=_segmenter_inputs,
-          splits=("train", "val"), key_figure=("metrics", "val/miou")),
-    Stage("evaluation", command="evaluate",
-          help="segmenter mIoU on the val split; predictions as palette PNGs",
-          run=_imported("wsss.stages.evaluation:evaluate"),
-          inputs=("segmenter", *TEST_TIME, "data.val_split", "data.test_split"), splits=("val", "test"),
-          key_figure=(None, "miou")),
+    Stage(
+        "classifier",
+        command="train-classifier",
+        help="train the multi-label classifier on image-level labels",
+        run=_imported("wsss.stages.classifier:train_classifier"),
+        groups=("data", "classifier"),
+        unread=DATA_NOT_READ,
+        inputs=TRAINING,
+        splits=("train", "val"),
+        key_figure=("metrics", "val/mAP"),
+    ),
+    Stage(
+        "pseudo_masks",
+        command="make-pseudo-masks",
+        help="write Relevance-CAM pseudo-masks for the training split",
+        run=_imported("wsss.stages.pseudo_masks:make_pseudo_masks"),
+        # how many maps a batch holds and how many panels are drawn change no mask
+        groups=("cam", "pseudo"),
+        unread=("cam.batch_size", "pseudo.num_panels"),
+        inputs=("classifier",),
+        splits=("train",),
+        key_figure=(None, "pseudo_miou"),
+    ),
+    Stage(
+        "affinity",
+        command="train-affinity",
+        help="with pseudo.refine=affinity: learn inter-pixel affinities, write random-walk refined masks",
+        run=_imported("wsss.stages.affinity:train_affinity"),
+        groups=("affinity",),
+        inputs=("pseudo_masks", *TRAINING),
+        splits=("train",),
+        key_figure=(None, "refined_miou"),
+        optional=True,
+    ),
+    Stage(
+        "segmenter",
+        command="train-segmenter",
+        help="train the segmentation network on the masks segmenter.masks names",
+        run=_imported("wsss.stages.segmenter:train_segmenter"),
+        groups=("data", "segmenter"),
+        unread=(*DATA_NOT_READ, *TEST_TIME),
+        inputs=_segmenter_inputs,
+        splits=("train", "val"),
+        key_figure=("metrics", "val/miou"),
+    ),
+    Stage(
+        "evaluation",
+        command="evaluate",
+        help="segmenter mIoU on the val split; predictions as palette PNGs",
+        run=_imported("wsss.stages.evaluation:evaluate"),
+        inputs=("segmenter", *TEST_TIME, "data.val_split", "data.test_split"),
+        splits=("val", "test"),
+        key_figure=(None, "miou"),
+    ),
 )
 
 STAGES = tuple(stage.name for stage in REGISTRY)
@@ -118,4 +153,6 @@ def stage_named(name: str) -> Stage:
     for stage in REGISTRY:
         if stage.name == name:
             return stage
-    raise KeyError(f"no stage {name!r}; the stages are {', '.join(stage.name for stage in REGISTRY)}")
+    raise KeyError(
+        f"no stage {name!r}; the stages are {', '.join(stage.name for stage in REGISTRY)}"
+    )

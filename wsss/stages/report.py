@@ -17,7 +17,9 @@ from wsss.tracking import close_logger, log_artifact, log_summary, make_logger, 
 STEPS = ("seed", "pseudo", "refined")  # the pseudo-mask stage's scored steps, in order
 
 
-def _named(values: Optional[list[Optional[float]]], names: list[str]) -> Optional[dict[str, Optional[float]]]:
+def _named(
+    values: Optional[list[Optional[float]]], names: list[str]
+) -> Optional[dict[str, Optional[float]]]:
     if values is None:
         return None
     return {name: None if v is None else round(float(v), 4) for name, v in zip(names, values)}
@@ -31,15 +33,22 @@ def _reference(cfg: Config) -> Optional[dict[str, Any]]:
     if not path.is_file():
         return {"run": cfg.run.reference, "missing": True}
     other = read_json(path)
-    return {"run": cfg.run.reference, "seg_miou": other.get("seg_miou"), "dice": other.get("dice"),
-            "segmenter_masks": other.get("segmenter_masks")}
+    return {
+        "run": cfg.run.reference,
+        "seg_miou": other.get("seg_miou"),
+        "dice": other.get("dice"),
+        "segmenter_masks": other.get("segmenter_masks"),
+    }
 
 
 def build_report(cfg: Config) -> dict[str, Any]:
     """report.json: the headline numbers of every finished stage (docs/DESIGN.md contract)."""
     records = {stage.name: read_stage(cfg, stage.name) or {} for stage in registry.REGISTRY}
     # the refined step comes from the pseudo stage (par / crf) or the affinity stage
-    pseudo = {**{k: v for k, v in records["affinity"].items() if k.startswith("refined_")}, **records["pseudo_masks"]}
+    pseudo = {
+        **{k: v for k, v in records["affinity"].items() if k.startswith("refined_")},
+        **records["pseudo_masks"],
+    }
     evaluation = records["evaluation"]
     names = evaluation.get("class_names") or pseudo.get("class_names") or []
     report: dict[str, Any] = {
@@ -62,12 +71,19 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "stage_seconds": {stage: record.get("seconds") for stage, record in records.items()},
         "segmenter_masks": records["segmenter"].get("masks"),
         "class_names": names,
-        "absent_classes": {"segmenter": [names[c] for c in evaluation.get("absent_classes") or [] if c < len(names)],
-                           "pseudo": [names[c] for c in pseudo.get("pseudo_absent_classes") or [] if c < len(names)]},
+        "absent_classes": {
+            "segmenter": [
+                names[c] for c in evaluation.get("absent_classes") or [] if c < len(names)
+            ],
+            "pseudo": [
+                names[c] for c in pseudo.get("pseudo_absent_classes") or [] if c < len(names)
+            ],
+        },
         "scored_on": pseudo.get("scored_on"),
         "reference": _reference(cfg),
         "panels": str(stage_dir(cfg, "pseudo_masks") / "panels.png")
-        if (stage_dir(cfg, "pseudo_masks") / "panels.png").is_file() else None,
+        if (stage_dir(cfg, "pseudo_masks") / "panels.png").is_file()
+        else None,
         "wandb_runs": run_paths(cfg) if cfg.logger.kind == "wandb" else None,
     }
     for step in STEPS:
@@ -89,9 +105,12 @@ def _foreground_table(report: dict[str, Any]) -> list[str]:
     """Dice and IoU of each foreground class (finding) and their means: what medical
     segmentation reports first, before the background-inclusive mIoU."""
     names = [n for n in (report.get("class_names") or [])[1:]]
-    columns = [("pseudo-mask Dice", report.get("pseudo_per_class_dice")),
-               ("pseudo-mask IoU", report.get("pseudo_per_class_iou")),
-               ("segmenter Dice", report.get("per_class_dice")), ("segmenter IoU", report.get("per_class_iou"))]
+    columns = [
+        ("pseudo-mask Dice", report.get("pseudo_per_class_dice")),
+        ("pseudo-mask IoU", report.get("pseudo_per_class_iou")),
+        ("segmenter Dice", report.get("per_class_dice")),
+        ("segmenter IoU", report.get("per_class_iou")),
+    ]
     columns = [(title, table) for title, table in columns if table]
     if not names or not columns:
         return []
@@ -100,8 +119,12 @@ def _foreground_table(report: dict[str, Any]) -> list[str]:
         values = [table.get(n) for n in names if table.get(n) is not None]
         return sum(values) / len(values) if values else None
 
-    lines = ["## Findings (foreground classes)", "", "| finding | " + " | ".join(t for t, _ in columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = [
+        "## Findings (foreground classes)",
+        "",
+        "| finding | " + " | ".join(t for t, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     lines += [f"| {n} | " + " | ".join(_pct(t.get(n)) for _, t in columns) + " |" for n in names]
     lines += ["| **mean** | " + " | ".join(_pct(mean(t)) for _, t in columns) + " |", ""]
     return lines
@@ -109,35 +132,78 @@ def _foreground_table(report: dict[str, Any]) -> list[str]:
 
 def _summary_table(report: dict[str, Any]) -> list[str]:
     classifier = report.get("classifier") or {}
-    rows = [("classifier (val split)", f"mAP {_pct(classifier.get('val/mAP'))}, F1 {_pct(classifier.get('val/f1'))}",
-             "", "", "")]
-    labels = {"seed": "seeds (fixed threshold, train split)", "pseudo": "pseudo-masks (calibrated, train split)",
-              "refined": "refined pseudo-masks (train split)"}
+    rows = [
+        (
+            "classifier (val split)",
+            f"mAP {_pct(classifier.get('val/mAP'))}, F1 {_pct(classifier.get('val/f1'))}",
+            "",
+            "",
+            "",
+        )
+    ]
+    labels = {
+        "seed": "seeds (fixed threshold, train split)",
+        "pseudo": "pseudo-masks (calibrated, train split)",
+        "refined": "refined pseudo-masks (train split)",
+    }
     for step in STEPS:
         if step == "refined" and report.get("refined_miou") is None:
             continue
-        rows.append((labels[step], _pct(report.get(f"{step}_miou")), _pct(report.get(f"{step}_dice")),
-                     _pct(report.get(f"{step}_pixel_accuracy")), _pct(report.get(f"{step}_mean_class_accuracy"))))
-    rows.append((f"segmenter on `{report.get('segmenter_masks')}` masks (val split)", _pct(report.get("seg_miou")),
-                 _pct(report.get("dice")), _pct(report.get("seg_pixel_accuracy")),
-                 _pct(report.get("seg_mean_class_accuracy"))))
+        rows.append(
+            (
+                labels[step],
+                _pct(report.get(f"{step}_miou")),
+                _pct(report.get(f"{step}_dice")),
+                _pct(report.get(f"{step}_pixel_accuracy")),
+                _pct(report.get(f"{step}_mean_class_accuracy")),
+            )
+        )
+    rows.append(
+        (
+            f"segmenter on `{report.get('segmenter_masks')}` masks (val split)",
+            _pct(report.get("seg_miou")),
+            _pct(report.get("dice")),
+            _pct(report.get("seg_pixel_accuracy")),
+            _pct(report.get("seg_mean_class_accuracy")),
+        )
+    )
     if report.get("seg_miou_crf") is not None:
-        rows.append(("segmenter + dense CRF (val split)", _pct(report.get("seg_miou_crf")), "", "", ""))
+        rows.append(
+            ("segmenter + dense CRF (val split)", _pct(report.get("seg_miou_crf")), "", "", "")
+        )
     reference = report.get("reference")
     if reference and not reference.get("missing"):
-        ratio = (report["seg_miou"] / reference["seg_miou"]) if report.get("seg_miou") and reference.get("seg_miou") \
+        ratio = (
+            (report["seg_miou"] / reference["seg_miou"])
+            if report.get("seg_miou") and reference.get("seg_miou")
             else None
-        rows.append((f"ground-truth reference: `{reference['run']}`", _pct(reference.get("seg_miou")),
-                     _pct(reference.get("dice")), "", ""))
-        rows.append(("segmenter / reference", "n/a" if ratio is None else f"{ratio:.2f}", "", "", ""))
-    lines = ["| step | mIoU (%) | Dice (%) | pixel acc. (%) | mean class acc. (%) |", "|---|---|---|---|---|"]
+        )
+        rows.append(
+            (
+                f"ground-truth reference: `{reference['run']}`",
+                _pct(reference.get("seg_miou")),
+                _pct(reference.get("dice")),
+                "",
+                "",
+            )
+        )
+        rows.append(
+            ("segmenter / reference", "n/a" if ratio is None else f"{ratio:.2f}", "", "", "")
+        )
+    lines = [
+        "| step | mIoU (%) | Dice (%) | pixel acc. (%) | mean class acc. (%) |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return lines
 
 
-SOURCE_NOTES = {"fixed": "fallback: no calibration pair, the fixed threshold (pseudo.threshold)",
-                "global": "fallback: no calibration pair, the global median",
-                "shrunk": "calibrated, shrunk toward the fixed threshold (pseudo.shrinkage)", "calibrated": ""}
+SOURCE_NOTES = {
+    "fixed": "fallback: no calibration pair, the fixed threshold (pseudo.threshold)",
+    "global": "fallback: no calibration pair, the global median",
+    "shrunk": "calibrated, shrunk toward the fixed threshold (pseudo.shrinkage)",
+    "calibrated": "",
+}
 
 
 def _source_note(thresholds: dict[str, Any], name: str) -> str:
@@ -151,54 +217,88 @@ def _source_note(thresholds: dict[str, Any], name: str) -> str:
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: the summary table first, then per-class tables, thresholds (fallbacks marked),
     the ignored share, stage times and where to look next (panels, wandb runs)."""
-    lines = [f"# wsss report: {report['run']}", "",
-             f"data `{report['data']}`, CAM method `{report['cam_method']}`. Scores count only the classes "
-             f"present in each split's ground truth; Dice is the mean over foreground classes.", ""]
+    lines = [
+        f"# wsss report: {report['run']}",
+        "",
+        f"data `{report['data']}`, CAM method `{report['cam_method']}`. Scores count only the classes "
+        f"present in each split's ground truth; Dice is the mean over foreground classes.",
+        "",
+    ]
     if report.get("data") in MEDICAL_SOURCES:
         lines += _foreground_table(report)
     lines += _summary_table(report) + [""]
     scored_on = report.get("scored_on")
     if scored_on:
-        lines += [f"On the `{scored_on['split']}` split ({scored_on['images']} images, as published tables report "
-                  f"them): seeds {_pct(scored_on.get('seed_miou'))}, pseudo-masks "
-                  f"{_pct(scored_on.get('pseudo_miou'))} mIoU.", ""]
+        lines += [
+            f"On the `{scored_on['split']}` split ({scored_on['images']} images, as published tables report "
+            f"them): seeds {_pct(scored_on.get('seed_miou'))}, pseudo-masks "
+            f"{_pct(scored_on.get('pseudo_miou'))} mIoU.",
+            "",
+        ]
     names = report.get("class_names") or []
-    columns = [(f"{step} IoU", report.get(f"{step}_per_class_iou")) for step in STEPS] + \
-        [("segmenter IoU", report.get("per_class_iou")), ("segmenter Dice", report.get("per_class_dice"))]
+    columns = [(f"{step} IoU", report.get(f"{step}_per_class_iou")) for step in STEPS] + [
+        ("segmenter IoU", report.get("per_class_iou")),
+        ("segmenter Dice", report.get("per_class_dice")),
+    ]
     columns = [(title, table) for title, table in columns if table]
     if names and columns:
-        lines += ["## Per-class scores (%)", "", "| class | " + " | ".join(t for t, _ in columns) + " |",
-                  "|---|" + "---|" * len(columns)]
-        lines += [f"| {name} | " + " | ".join(_pct(table.get(name)) for _, table in columns) + " |" for name in names]
+        lines += [
+            "## Per-class scores (%)",
+            "",
+            "| class | " + " | ".join(t for t, _ in columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        lines += [
+            f"| {name} | " + " | ".join(_pct(table.get(name)) for _, table in columns) + " |"
+            for name in names
+        ]
         absent = report.get("absent_classes") or {}
         for where, missing in absent.items():
             if missing:
-                lines.append(f"\nLeft out of the {where} means (no ground-truth pixel in the split): "
-                             f"{', '.join(missing)}.")
+                lines.append(
+                    f"\nLeft out of the {where} means (no ground-truth pixel in the split): "
+                    f"{', '.join(missing)}."
+                )
         lines.append("")
     thresholds = report.get("thresholds") or {}
     if thresholds:
-        lines += ["## Thresholds", "", f"method `{thresholds.get('method')}`, objective "
-                  f"`{thresholds.get('objective')}`, global {thresholds.get('global')}", ""]
+        lines += [
+            "## Thresholds",
+            "",
+            f"method `{thresholds.get('method')}`, objective "
+            f"`{thresholds.get('objective')}`, global {thresholds.get('global')}",
+            "",
+        ]
         per_class = thresholds.get("per_class") or {}
         pairs = thresholds.get("pairs") or {}
         if per_class:
             lines += ["| class | threshold | calibration pairs | |", "|---|---|---|---|"]
             for name, value in per_class.items():
-                lines.append(f"| {name} | {value:.3f} | {pairs.get(name, 'n/a')} | "
-                             f"{_source_note(thresholds, name)} |")
+                lines.append(
+                    f"| {name} | {value:.3f} | {pairs.get(name, 'n/a')} | "
+                    f"{_source_note(thresholds, name)} |"
+                )
             if thresholds.get("low_confidence_pairs"):
-                lines.append(f"\n{thresholds['low_confidence_pairs']} (image, class) pairs left out: the "
-                             f"classifier scored them under pseudo.min_confidence on the whole image.")
+                lines.append(
+                    f"\n{thresholds['low_confidence_pairs']} (image, class) pairs left out: the "
+                    f"classifier scored them under pseudo.min_confidence on the whole image."
+                )
             lines.append("")
-    lines += [f"Ignored pixels (255) in the pseudo-masks: {_pct(report.get('ignore_fraction'))} %.", ""]
+    lines += [
+        f"Ignored pixels (255) in the pseudo-masks: {_pct(report.get('ignore_fraction'))} %.",
+        "",
+    ]
     lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v if v is not None else 'n/a'} |" for k, v in report["stage_seconds"].items()]
+    lines += [
+        f"| {k} | {v if v is not None else 'n/a'} |" for k, v in report["stage_seconds"].items()
+    ]
     lines += ["", "## Where to look", ""]
     if report.get("panels"):
-        lines.append(f"- [panels.png]({Path(report['panels']).relative_to(Path(report['panels']).parents[1])}): "
-                     f"per sample and present class, the maps of each layer and fused, the seeds and "
-                     f"pseudo-mask over the image, the ground truth, and a colour legend.")
+        lines.append(
+            f"- [panels.png]({Path(report['panels']).relative_to(Path(report['panels']).parents[1])}): "
+            f"per sample and present class, the maps of each layer and fused, the seeds and "
+            f"pseudo-mask over the image, the ground truth, and a colour legend."
+        )
     for stage, paths in (report.get("wandb_runs") or {}).items():
         if paths:
             lines.append(f"- wandb `{stage}`: {paths} (upload with `wandb sync <folder>`)")
@@ -223,7 +323,9 @@ def _track_report(cfg: Config, report: dict[str, Any]) -> None:
     if not logger:
         return
     try:
-        log_summary(logger, {k: v for k, v in report.items() if k not in ("thresholds", "wandb_runs")})
+        log_summary(
+            logger, {k: v for k, v in report.items() if k not in ("thresholds", "wandb_runs")}
+        )
         files = [cfg.run_dir / "report.json", cfg.run_dir / "report.md"]
         if report.get("panels"):
             files.append(Path(report["panels"]))

@@ -31,7 +31,9 @@ def score_mask_dir(source, directory: Path) -> dict[str, Any]:
         total += pred.size
         if raw.mask is not None:
             scored = np.where(pred == 255, 0, pred)
-            scores.update(torch.from_numpy(scored).long()[None], torch.from_numpy(raw.mask).long()[None])
+            scores.update(
+                torch.from_numpy(scored).long()[None], torch.from_numpy(raw.mask).long()[None]
+            )
     result: dict[str, Any] = {"ignore_fraction": round(ignored / max(1, total), 4)}
     if source.has_masks:
         result.update(scores.compute())

@@ -27,16 +27,20 @@ def segmenter_masks(cfg: Config) -> Optional[Path]:
     if source == "pseudo_masks":
         record = read_stage(cfg, "pseudo_masks")
         if record is None or record.get("status") != "done":
-            raise StageError(f"segmenter.masks=pseudo but {stage_dir(cfg, 'pseudo_masks')} is not "
-                             f"complete; run `wsss make-pseudo-masks` first, or train on "
-                             f"segmenter.masks=ground_truth")
+            raise StageError(
+                f"segmenter.masks=pseudo but {stage_dir(cfg, 'pseudo_masks')} is not "
+                f"complete; run `wsss make-pseudo-masks` first, or train on "
+                f"segmenter.masks=ground_truth"
+            )
         return stage_dir(cfg, "pseudo_masks")
     if cfg.segmenter.masks == "ground_truth":
         return None
     path = Path(cfg.segmenter.masks)
     if not path.is_dir():
-        raise StageError(f"segmenter.masks: {path} is not a directory; use pseudo, ground_truth "
-                         f"or a directory of palette PNGs named <id>.png")
+        raise StageError(
+            f"segmenter.masks: {path} is not a directory; use pseudo, ground_truth "
+            f"or a directory of palette PNGs named <id>.png"
+        )
     return path
 
 
@@ -46,8 +50,9 @@ def check_mask_dir(source, directory: Path, limit: int = 20) -> None:
     missing = [i for i in source.ids if not (directory / f"{i}.png").is_file()]
     problems += [f"{i}: {directory / (i + '.png')} is missing" for i in missing]
     missing_set = set(missing)
-    for index, sample_id in enumerate(tqdm(source.ids, desc=f"checking masks in {directory}",
-                                           leave=False)):
+    for index, sample_id in enumerate(
+        tqdm(source.ids, desc=f"checking masks in {directory}", leave=False)
+    ):
         if sample_id in missing_set:
             continue
         try:
@@ -57,15 +62,21 @@ def check_mask_dir(source, directory: Path, limit: int = 20) -> None:
     if problems:
         shown = "\n  ".join(problems[:limit])
         more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-        raise DataError(f"mask directory {directory}: {len(problems)} bad or missing mask(s) out of "
-                        f"{len(source)}:\n  {shown}{more}")
+        raise DataError(
+            f"mask directory {directory}: {len(problems)} bad or missing mask(s) out of "
+            f"{len(source)}:\n  {shown}{more}"
+        )
 
 
 def train_segmenter(cfg: Config) -> dict[str, Any]:
     """Stage 3: the segmentation network on the masks that ``segmenter.masks`` names."""
     masks = segmenter_masks(cfg)
-    return run_stage(cfg, "segmenter", lambda logger: _train(cfg, masks, logger),
-                     recorder=lambda logger, record: log_checkpoint(cfg, "segmenter", logger))
+    return run_stage(
+        cfg,
+        "segmenter",
+        lambda logger: _train(cfg, masks, logger),
+        recorder=lambda logger, record: log_checkpoint(cfg, "segmenter", logger),
+    )
 
 
 def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
@@ -77,12 +88,24 @@ def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
         check_mask_dir(plain, masks)
     s = cfg.segmenter
     module = SegmenterModule(
-        num_classes=datamodule.num_foreground + 1, arch=s.arch, encoder=s.encoder,
-        pretrained=s.pretrained, in_channels=cfg.data.channels, lr=s.lr, weight_decay=s.weight_decay,
-        momentum=s.momentum, optimizer=s.optimizer, schedule=s.schedule, loss=s.loss,
-        eval_scales=s.eval_scales, eval_flip=s.eval_flip,
-        class_names=datamodule.train_set.all_class_names, mean=datamodule.mean, std=datamodule.std,
-        num_panels=cfg.logger.num_panels)
+        num_classes=datamodule.num_foreground + 1,
+        arch=s.arch,
+        encoder=s.encoder,
+        pretrained=s.pretrained,
+        in_channels=cfg.data.channels,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        momentum=s.momentum,
+        optimizer=s.optimizer,
+        schedule=s.schedule,
+        loss=s.loss,
+        eval_scales=s.eval_scales,
+        eval_flip=s.eval_flip,
+        class_names=datamodule.train_set.all_class_names,
+        mean=datamodule.mean,
+        std=datamodule.std,
+        num_panels=cfg.logger.num_panels,
+    )
     results = fit_stage(cfg, "segmenter", module, datamodule, s.max_epochs, logger)
     results["masks"] = str(masks) if masks is not None else "ground_truth"
     return results

@@ -4,10 +4,26 @@
 
 from wsss.images import denormalise
 from wsss.viz.overlays import heatmap, mask_overlay, overlay
-from wsss.viz.panels import (annotate, blank_like, color_legend, panel_grid, pseudo_panel_grid, save_png,
-                             stack_rows)
+from wsss.viz.panels import (
+    annotate,
+    blank_like,
+    color_legend,
+    panel_grid,
+    pseudo_panel_grid,
+    save_png,
+    stack_rows,
+)
 
 __all__ = [
-    "annotate", "blank_like", "color_legend", "denormalise", "heatmap", "mask_overlay", "overlay",
-    "panel_grid", "pseudo_panel_grid", "save_png", "stack_rows",
+    "annotate",
+    "blank_like",
+    "color_legend",
+    "denormalise",
+    "heatmap",
+    "mask_overlay",
+    "overlay",
+    "panel_grid",
+    "pseudo_panel_grid",
+    "save_png",
+    "stack_rows",
 ]

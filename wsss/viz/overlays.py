@@ -3,7 +3,6 @@ image."""
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from wsss.data.masks import colorize

@@ -15,14 +15,18 @@ from wsss.label_maps import IGNORE_INDEX
 from wsss.viz.overlays import heatmap, mask_overlay, overlay
 
 
-def panel_grid(rows: list[list[np.ndarray]], column_titles: Optional[list[str]] = None,
-               gap: int = 2) -> np.ndarray:
+def panel_grid(
+    rows: list[list[np.ndarray]], column_titles: Optional[list[str]] = None, gap: int = 2
+) -> np.ndarray:
     """Tile rows of HxWx3 uint8 images (resized to the first tile) with optional column titles."""
     tile_h, tile_w = rows[0][0].shape[:2]
     columns = max(len(r) for r in rows)
     title_h = 14 if column_titles else 0
-    canvas = Image.new("RGB", (columns * (tile_w + gap) - gap, title_h + len(rows) * (tile_h + gap) - gap),
-                       (255, 255, 255))
+    canvas = Image.new(
+        "RGB",
+        (columns * (tile_w + gap) - gap, title_h + len(rows) * (tile_h + gap) - gap),
+        (255, 255, 255),
+    )
     draw = ImageDraw.Draw(canvas)
     for c, title in enumerate(column_titles or []):
         draw.text((c * (tile_w + gap) + 2, 1), title[: max(4, tile_w // 6)], fill=(0, 0, 0))
@@ -51,7 +55,9 @@ def blank_like(tile: np.ndarray) -> np.ndarray:
     return np.full_like(tile, 255)
 
 
-def color_legend(names: Sequence[str], colors: np.ndarray, width: int, swatch: int = 10) -> np.ndarray:
+def color_legend(
+    names: Sequence[str], colors: np.ndarray, width: int, swatch: int = 10
+) -> np.ndarray:
     """A white strip, ``width`` pixels wide, with one colour swatch and its name per entry,
     wrapped over as many lines as needed."""
     entries = [(name, tuple(int(c) for c in color)) for name, color in zip(names, colors)]
@@ -84,7 +90,7 @@ def stack_rows(*images: np.ndarray, gap: int = 2) -> np.ndarray:
     canvas = np.full((height, width, 3), 255, np.uint8)
     y = 0
     for image in images:
-        canvas[y:y + image.shape[0], :image.shape[1]] = image
+        canvas[y : y + image.shape[0], : image.shape[1]] = image
         y += image.shape[0] + gap
     return canvas
 
@@ -95,7 +101,9 @@ def save_png(path: str | Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def pseudo_panel_grid(panels: list[dict[str, Any]], layers: list[str], class_names: list[str]) -> np.ndarray:
+def pseudo_panel_grid(
+    panels: list[dict[str, Any]], layers: list[str], class_names: list[str]
+) -> np.ndarray:
     """One row per (sample, present class): the image, that class's map at each layer and fused
     (the class named in each heatmap), then, on the sample's first row, the seeds, the calibrated
     and (after refinement) the refined masks over the image at 50 %, the final mask and the
@@ -105,17 +113,25 @@ def pseudo_panel_grid(panels: list[dict[str, Any]], layers: list[str], class_nam
     rows = []
     for item in panels:
         image = item["display"]
-        truth = (colorize(item["mask"].numpy()) if item["mask"] is not None
-                 else annotate(blank_like(image), "none"))
+        truth = (
+            colorize(item["mask"].numpy())
+            if item["mask"] is not None
+            else annotate(blank_like(image), "none")
+        )
         steps = [item["seeds"]] + ([item["calibrated"]] if refined else []) + [item["pseudo"]]
         masks = [mask_overlay(image, step.numpy()) for step in steps]
         masks += [colorize(item["pseudo"].numpy()), truth]
         classes = item["classes"]
         for k, label in enumerate(classes or [None]):
             name = class_names[label] if label is not None else "no class"
-            maps = [item["layers"][n][k] for n in layers] + [item["fused"][k]] if label is not None else []
-            heat = [annotate(overlay(image, heatmap(m.numpy())), name) for m in maps] or \
-                [annotate(blank_like(image), name)] * (len(layers) + 1)
+            maps = (
+                [item["layers"][n][k] for n in layers] + [item["fused"][k]]
+                if label is not None
+                else []
+            )
+            heat = [annotate(overlay(image, heatmap(m.numpy())), name) for m in maps] or [
+                annotate(blank_like(image), name)
+            ] * (len(layers) + 1)
             first = annotate(image, str(item["id"])) if k == 0 else blank_like(image)
             rows.append([first, *heat, *(masks if k == 0 else [blank_like(image)] * len(masks))])
     steps = ["seeds", "calibrated", "refined"] if refined else ["seeds", "pseudo"]

@@ -44,13 +44,41 @@ one backward per batch shared by all classes and layers.
 """
 
 from wsss.cam.libra.cam import LibraCAM
-from wsss.cam.libra.filter import (ACTIVATIONS, CALIBRATION_CUTS, calibrate_percentile, check_activation,
-                                   filter_and_average, keep_references, masked_score_changes, probabilities)
-from wsss.cam.libra.library import (DTYPES, LibrarySettings, ReferenceLibrary, build_library, device_of,
-                                    library_for, model_fingerprint)
+from wsss.cam.libra.filter import (
+    ACTIVATIONS,
+    CALIBRATION_CUTS,
+    calibrate_percentile,
+    check_activation,
+    filter_and_average,
+    keep_references,
+    masked_score_changes,
+    probabilities,
+)
+from wsss.cam.libra.library import (
+    DTYPES,
+    LibrarySettings,
+    ReferenceLibrary,
+    build_library,
+    device_of,
+    library_for,
+    model_fingerprint,
+)
 
 __all__ = [
-    "ACTIVATIONS", "CALIBRATION_CUTS", "DTYPES", "LibraCAM", "LibrarySettings", "ReferenceLibrary",
-    "build_library", "calibrate_percentile", "check_activation", "device_of", "filter_and_average",
-    "keep_references", "library_for", "masked_score_changes", "model_fingerprint", "probabilities",
+    "ACTIVATIONS",
+    "CALIBRATION_CUTS",
+    "DTYPES",
+    "LibraCAM",
+    "LibrarySettings",
+    "ReferenceLibrary",
+    "build_library",
+    "calibrate_percentile",
+    "check_activation",
+    "device_of",
+    "filter_and_average",
+    "keep_references",
+    "library_for",
+    "masked_score_changes",
+    "model_fingerprint",
+    "probabilities",
 ]

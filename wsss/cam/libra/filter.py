@@ -52,9 +52,16 @@ def keep_references(delta: Tensor, valid: Tensor | None = None) -> Tensor:
 
 
 @torch.no_grad()
-def masked_score_changes(model: nn.Module, images: Tensor, masks: Tensor, targets: Tensor,
-                         base: Tensor, valid: Tensor | None = None, activation: str = "sigmoid",
-                         chunk: int = 64) -> Tensor:
+def masked_score_changes(
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    targets: Tensor,
+    base: Tensor,
+    valid: Tensor | None = None,
+    activation: str = "sigmoid",
+    chunk: int = 64,
+) -> Tensor:
     """Δ[b, k, n] = s_t(images[b] ⊙ masks[b, k, n]) − base[b, k] for t = targets[b, k].
 
     images: (B, ch, H, W), already normalised (masking fades to the mean colour); masks
@@ -69,7 +76,7 @@ def masked_score_changes(model: nn.Module, images: Tensor, masks: Tensor, target
     delta = torch.zeros(b, k, n, device=images.device)
     rows = valid.nonzero()  # (P, 3): image, slot, candidate
     for start in range(0, rows.shape[0], chunk):
-        bi, ki, ni = rows[start:start + chunk].unbind(1)
+        bi, ki, ni = rows[start : start + chunk].unbind(1)
         mask = masks[bi, ki, ni].unsqueeze(1).float()
         if mask.shape[-2:] != images.shape[-2:]:
             mask = F.interpolate(mask, size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -79,9 +86,16 @@ def masked_score_changes(model: nn.Module, images: Tensor, masks: Tensor, target
     return delta
 
 
-def filter_and_average(model: nn.Module, images: Tensor, candidates: Tensor, targets: Tensor,
-                       base: Tensor, valid: Tensor | None = None, activation: str = "sigmoid",
-                       chunk: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+def filter_and_average(
+    model: nn.Module,
+    images: Tensor,
+    candidates: Tensor,
+    targets: Tensor,
+    base: Tensor,
+    valid: Tensor | None = None,
+    activation: str = "sigmoid",
+    chunk: int = 64,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Libra's filter on any candidate maps: (B, K, N, h, w) in [0, 1] -> (mean of the kept maps
     (B, K, h, w), keep (B, K, N), Δ (B, K, N)). Used on the references' base maps, and usable on
     other candidates (e.g. several layers' maps, to choose among them by the classifier's own scores)."""
@@ -93,9 +107,17 @@ def filter_and_average(model: nn.Module, images: Tensor, candidates: Tensor, tar
 
 
 @torch.no_grad()
-def calibrate_percentile(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, base: Tensor,
-                         valid: Tensor | None = None, activation: str = "sigmoid", chunk: int = 64,
-                         cuts: Sequence[float] = CALIBRATION_CUTS) -> Tensor:
+def calibrate_percentile(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    base: Tensor,
+    valid: Tensor | None = None,
+    activation: str = "sigmoid",
+    chunk: int = 64,
+    cuts: Sequence[float] = CALIBRATION_CUTS,
+) -> Tensor:
     """Libra's per-image calibration with the off-by-one fixed: for each cut q, the lowest
     ⌊q·N⌋ pixels of the map (upsampled to the input) are zeroed, the rest keep their soft values;
     the cut with the largest max(0, s_t(x ⊙ M_q) − s_t(x)) (the first on ties) is returned.
@@ -107,10 +129,16 @@ def calibrate_percentile(model: nn.Module, images: Tensor, maps: Tensor, targets
     b, k = maps.shape[:2]
     pixels = size[0] * size[1]
     order = maps.flatten(-2).argsort(dim=-1, stable=True)  # ascending
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(pixels, device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(pixels, device=order.device).expand_as(order)
+    )
     rank = rank.view(b, k, *size)
-    cut_maps = torch.stack([maps * (rank >= math.floor(q * pixels + 1e-9)) for q in cuts], 2)  # (B, K, Q, H, W)
+    cut_maps = torch.stack(
+        [maps * (rank >= math.floor(q * pixels + 1e-9)) for q in cuts], 2
+    )  # (B, K, Q, H, W)
     slot_valid = None if valid is None else valid[..., None].expand(b, k, len(cuts))
-    delta = masked_score_changes(model, images, cut_maps, targets, base, slot_valid, activation, chunk)
+    delta = masked_score_changes(
+        model, images, cut_maps, targets, base, slot_valid, activation, chunk
+    )
     best = delta.clamp(min=0).argmax(-1)  # first maximum
     return cut_maps.gather(2, best[:, :, None, None, None].expand(b, k, 1, *size)).squeeze(2)

@@ -42,7 +42,9 @@ class LibrarySettings:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", (self.layers,) if isinstance(self.layers, str) else tuple(self.layers))
+        object.__setattr__(
+            self, "layers", (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+        )
         if not self.layers:
             raise ValueError("LibrarySettings needs at least one layer")
         if self.references < 1:
@@ -54,8 +56,13 @@ class LibrarySettings:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "references": self.references, "bound": self.bound,
-                "activation": self.activation, "dtype": self.dtype}
+        return {
+            "layers": list(self.layers),
+            "references": self.references,
+            "bound": self.bound,
+            "activation": self.activation,
+            "dtype": self.dtype,
+        }
 
 
 class ReferenceLibrary:
@@ -67,16 +74,24 @@ class ReferenceLibrary:
     ``spec`` is the LibrarySettings, ``settings`` its dict (what ``state_dict()`` stores).
     """
 
-    def __init__(self, settings: LibrarySettings, activations: Mapping[str, Tensor], scores: Tensor,
-                 indices: Tensor, classifier_hash: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: LibrarySettings,
+        activations: Mapping[str, Tensor],
+        scores: Tensor,
+        indices: Tensor,
+        classifier_hash: str | None = None,
+    ) -> None:
         missing = [layer for layer in settings.layers if layer not in activations]
         if missing:
             raise ValueError(f"library activations lack the layers {missing}")
         shape = tuple(scores.shape)
         for layer in settings.layers:
             if tuple(activations[layer].shape[:2]) != shape or activations[layer].dim() != 5:
-                raise ValueError(f"library layer {layer!r}: activations {tuple(activations[layer].shape)} "
-                                 f"do not match scores {shape} as (C, R, ch, h, w)")
+                raise ValueError(
+                    f"library layer {layer!r}: activations {tuple(activations[layer].shape)} "
+                    f"do not match scores {shape} as (C, R, ch, h, w)"
+                )
         if tuple(indices.shape) != shape:
             raise ValueError(f"library indices {tuple(indices.shape)} do not match scores {shape}")
         self.spec = settings
@@ -103,28 +118,45 @@ class ReferenceLibrary:
         return torch.isfinite(self.scores).sum(1)
 
     def to(self, device: torch.device | str) -> ReferenceLibrary:
-        return ReferenceLibrary(self.spec, {k: v.to(device) for k, v in self.activations.items()},
-                                self.scores.to(device), self.indices.to(device), self.classifier_hash)
+        return ReferenceLibrary(
+            self.spec,
+            {k: v.to(device) for k, v in self.activations.items()},
+            self.scores.to(device),
+            self.indices.to(device),
+            self.classifier_hash,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors on the CPU plus settings: ``torch.save`` it, ``from_state_dict`` it back."""
-        return {"settings": self.settings, "classifier_hash": self.classifier_hash,
-                "scores": self.scores.cpu(), "indices": self.indices.cpu(),
-                "activations": {k: v.cpu() for k, v in self.activations.items()}}
+        return {
+            "settings": self.settings,
+            "classifier_hash": self.classifier_hash,
+            "scores": self.scores.cpu(),
+            "indices": self.indices.cpu(),
+            "activations": {k: v.cpu() for k, v in self.activations.items()},
+        }
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any], device: torch.device | str = "cpu") -> ReferenceLibrary:
+    def from_state_dict(
+        cls, state: Mapping[str, Any], device: torch.device | str = "cpu"
+    ) -> ReferenceLibrary:
         settings = dict(state["settings"])
         settings["layers"] = tuple(settings["layers"])
-        return cls(LibrarySettings(**settings), {k: v.to(device) for k, v in state["activations"].items()},
-                   state["scores"].to(device), state["indices"].to(device), state.get("classifier_hash"))
+        return cls(
+            LibrarySettings(**settings),
+            {k: v.to(device) for k, v in state["activations"].items()},
+            state["scores"].to(device),
+            state["indices"].to(device),
+            state.get("classifier_hash"),
+        )
 
     def matches(self, settings: LibrarySettings, classifier_hash: str | None) -> bool:
         """Whether this library was built with these settings for this classifier."""
         return self.settings == settings.as_dict() and self.classifier_hash == classifier_hash
 
-    def references(self, cls: int, size: tuple[int, int], layer: str, dtype: torch.dtype = torch.float32
-                   ) -> Tensor:
+    def references(
+        self, cls: int, size: tuple[int, int], layer: str, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """Class `cls`'s found references at `layer`, (n, ch, *size), resized bilinearly if needed."""
         refs = self.activations[layer][cls, : int(self.counts[cls])].to(dtype)
         if tuple(refs.shape[-2:]) != tuple(size) and refs.shape[0] > 0:
@@ -139,7 +171,9 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()[:16]
 
 
@@ -178,7 +212,9 @@ class _LibraryBuilder:
         self.activations: dict[str, Tensor] = {}
         self.seen = 0
 
-    def add(self, acts: Mapping[str, Tensor], scores: Tensor, labels: Tensor, positions: Tensor) -> None:
+    def add(
+        self, acts: Mapping[str, Tensor], scores: Tensor, labels: Tensor, positions: Tensor
+    ) -> None:
         """acts: {layer: (n, ch, h, w)}; scores (n, C); labels (n, C) multi-hot; positions (n,)."""
         n, c = scores.shape
         r = self.settings.references
@@ -186,12 +222,18 @@ class _LibraryBuilder:
             self.scores = torch.full((c, r), float("inf"), device=self.device)
             self.indices = torch.full((c, r), -1, dtype=torch.long, device=self.device)
             for layer, a in acts.items():
-                self.activations[layer] = torch.zeros(c, r, *a.shape[1:], dtype=self.dtype, device=self.device)
+                self.activations[layer] = torch.zeros(
+                    c, r, *a.shape[1:], dtype=self.dtype, device=self.device
+                )
         elif scores.shape[1] != self.scores.shape[0]:
-            raise ValueError(f"the classifier gave {scores.shape[1]} scores, earlier batches {self.scores.shape[0]}")
+            raise ValueError(
+                f"the classifier gave {scores.shape[1]} scores, earlier batches {self.scores.shape[0]}"
+            )
         if labels.shape != scores.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must be (B, C) multi-hot with C = {c} "
-                             f"(the classifier's outputs)")
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must be (B, C) multi-hot with C = {c} "
+                f"(the classifier's outputs)"
+            )
         candidate = (labels.to(self.device) < 0.5) & (scores < self.settings.bound)
         if not bool(candidate.any()):
             return
@@ -220,19 +262,31 @@ class _LibraryBuilder:
         if self.scores is None:
             raise ValueError("the reference library got no images")
         # by score, then by position (empty slots, +inf and -1, go last)
-        by_position = torch.sort(torch.where(self.indices < 0, self.seen, self.indices), dim=1, stable=True).indices
+        by_position = torch.sort(
+            torch.where(self.indices < 0, self.seen, self.indices), dim=1, stable=True
+        ).indices
         scores = self.scores.gather(1, by_position)
         order = by_position.gather(1, torch.sort(scores, dim=1, stable=True).indices)
         acts = {}
         for layer, a in self.activations.items():
             acts[layer] = a[torch.arange(a.shape[0], device=a.device)[:, None], order]
-        return ReferenceLibrary(self.settings, acts, self.scores.gather(1, order), self.indices.gather(1, order),
-                                classifier_hash)
+        return ReferenceLibrary(
+            self.settings,
+            acts,
+            self.scores.gather(1, order),
+            self.indices.gather(1, order),
+            classifier_hash,
+        )
 
 
 @torch.no_grad()
-def build_library(model: nn.Module, batches: Iterable[Any], settings: LibrarySettings,
-                  classifier_hash: str | None = None, progress: bool = False) -> ReferenceLibrary:
+def build_library(
+    model: nn.Module,
+    batches: Iterable[Any],
+    settings: LibrarySettings,
+    classifier_hash: str | None = None,
+    progress: bool = False,
+) -> ReferenceLibrary:
     """One pass over `batches` ((images, multi-hot labels) pairs, or data-module dicts with
     "image", "labels" and optionally "size" for padded canvases) collecting, per class, the R
     images the classifier scores lowest among those labelled without the class and scored below
@@ -250,15 +304,21 @@ def build_library(model: nn.Module, batches: Iterable[Any], settings: LibrarySet
         for index, group in _size_groups(images.to(device), sizes):
             logits, acts = record_layers(model, modules, group, keep_graph=False)
             scores = probabilities(logits, settings.activation)
-            builder.add(acts, scores, labels[index.to(labels.device)], builder.seen + index.to(device))
+            builder.add(
+                acts, scores, labels[index.to(labels.device)], builder.seen + index.to(device)
+            )
         builder.seen += images.shape[0]
     return builder.finish(classifier_hash)
 
 
-def library_for(model: nn.Module, batches: Callable[[], Iterable[Any]] | Iterable[Any],
-                settings: LibrarySettings, classifier_hash: str | None,
-                stored: Mapping[str, Any] | None = None, progress: bool = False
-                ) -> tuple[ReferenceLibrary, bool]:
+def library_for(
+    model: nn.Module,
+    batches: Callable[[], Iterable[Any]] | Iterable[Any],
+    settings: LibrarySettings,
+    classifier_hash: str | None,
+    stored: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> tuple[ReferenceLibrary, bool]:
     """The stored library (a ``state_dict()``) when it was built with `settings` for
     `classifier_hash`, else a new one from `batches` (a callable is only called when building).
     Returns (library on the model's device, whether it was built)."""

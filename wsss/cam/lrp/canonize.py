@@ -46,14 +46,20 @@ class BatchNormFold:
         return weight, shift if bias is None else bias * scale + shift
 
 
-def batchnorm_folds(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> dict[fx.Node, BatchNormFold]:
+def batchnorm_folds(
+    nodes: list[fx.Node], modules: dict[str, nn.Module]
+) -> dict[fx.Node, BatchNormFold]:
     """conv node -> its fold, for every conv module whose only user is a BatchNorm module."""
     folds = {}
     for n in nodes:
         if n.op != "call_module" or not isinstance(modules[n.target], CONVS):
             continue
         users = list(n.users)
-        if len(users) == 1 and users[0].op == "call_module" and \
-                isinstance(modules[users[0].target], BATCHNORMS) and users[0].args[0] is n:
+        if (
+            len(users) == 1
+            and users[0].op == "call_module"
+            and isinstance(modules[users[0].target], BATCHNORMS)
+            and users[0].args[0] is n
+        ):
             folds[n] = BatchNormFold(modules[users[0].target], users[0])
     return folds

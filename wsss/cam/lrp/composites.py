@@ -82,8 +82,10 @@ class LRPConfig:
     def updated(self, **options: Any) -> "LRPConfig":
         unknown = set(options) - set(self.__dataclass_fields__)
         if unknown:
-            raise TypeError(f"unknown RelevanceCAM option(s) {sorted(unknown)}; "
-                            f"valid: {sorted(self.__dataclass_fields__)}")
+            raise TypeError(
+                f"unknown RelevanceCAM option(s) {sorted(unknown)}; "
+                f"valid: {sorted(self.__dataclass_fields__)}"
+            )
         return replace(self, **options)
 
     def rule_for(self, layer: LayerInfo) -> Rule:
@@ -104,8 +106,9 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {tuple(choices)}")
 
 
-def box_rule(mean: Sequence[float], std: Sequence[float],
-             value_range: tuple[float, float] = (0.0, 1.0)) -> Rule:
+def box_rule(
+    mean: Sequence[float], std: Sequence[float], value_range: tuple[float, float] = (0.0, 1.0)
+) -> Rule:
     """The z^B rule with the bounds of normalised images: (value_range - mean) / std per channel.
 
     E.g. RelevanceCAM(model, ["input"], input=box_rule(mean, std)) for pixel-level heatmaps of
@@ -118,25 +121,60 @@ def box_rule(mean: Sequence[float], std: Sequence[float],
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The official Relevance-CAM code, exactly: its start vector, z+ everywhere, BN as identity.
-    "reference": dict(conv=Rule("zplus", bias=2.0), linear=Rule("zplus", bias=0.0),
-                      batchnorm="identity", residual="signed", start="clrp", weights="sum"),
+    "reference": dict(
+        conv=Rule("zplus", bias=2.0),
+        linear=Rule("zplus", bias=0.0),
+        batchnorm="identity",
+        residual="signed",
+        start="clrp",
+        weights="sum",
+    ),
     # Plain LRP-z⁺: one-hot start, conservative everywhere on bias-free nets.
-    "lrp": dict(conv=Rule("zplus", bias=0.0), linear=Rule("zplus", bias=0.0),
-                batchnorm="identity", residual="signed", start="lrp", weights="sum"),
+    "lrp": dict(
+        conv=Rule("zplus", bias=0.0),
+        linear=Rule("zplus", bias=0.0),
+        batchnorm="identity",
+        residual="signed",
+        start="lrp",
+        weights="sum",
+    ),
     # Stable variants: BN folded into the conv, residual split by positive parts, contrast only
     # against absent classes, bias ignored (conservative).
-    "stable": dict(conv=Rule("zplus", bias=0.0), linear=Rule("zplus", bias=0.0),
-                   batchnorm="fold", residual="positive", start="clrp_absent", weights="sum"),
-    "stable_gamma": dict(conv=Rule("gamma", gamma=0.25, bias=0.0), linear=Rule("zplus", bias=0.0),
-                         batchnorm="fold", residual="positive", start="clrp_absent",
-                         weights="sum"),
-    "sglrp": dict(conv=Rule("zplus", bias=0.0), linear=Rule("zplus", bias=0.0),
-                  batchnorm="fold", residual="positive", start="sglrp", weights="sum"),
+    "stable": dict(
+        conv=Rule("zplus", bias=0.0),
+        linear=Rule("zplus", bias=0.0),
+        batchnorm="fold",
+        residual="positive",
+        start="clrp_absent",
+        weights="sum",
+    ),
+    "stable_gamma": dict(
+        conv=Rule("gamma", gamma=0.25, bias=0.0),
+        linear=Rule("zplus", bias=0.0),
+        batchnorm="fold",
+        residual="positive",
+        start="clrp_absent",
+        weights="sum",
+    ),
+    "sglrp": dict(
+        conv=Rule("zplus", bias=0.0),
+        linear=Rule("zplus", bias=0.0),
+        batchnorm="fold",
+        residual="positive",
+        start="sglrp",
+        weights="sum",
+    ),
     # Layered composite: γ low, z⁺ in the middle, ε at the head, z^B at the input.
-    "epsilon_gamma_box": dict(conv=Rule("zplus", bias=0.0), lower=Rule("gamma", gamma=0.25, bias=1.0),
-                              linear=Rule("epsilon", epsilon=1e-6, bias=1.0), input=Rule("zb"),
-                              batchnorm="fold", residual="positive", start="clrp_absent",
-                              weights="sum"),
+    "epsilon_gamma_box": dict(
+        conv=Rule("zplus", bias=0.0),
+        lower=Rule("gamma", gamma=0.25, bias=1.0),
+        linear=Rule("epsilon", epsilon=1e-6, bias=1.0),
+        input=Rule("zb"),
+        batchnorm="fold",
+        residual="positive",
+        start="clrp_absent",
+        weights="sum",
+    ),
 }
 # The project's default, chosen by measurement (docs/benchmarks.md): the reference rules with
 # the residual split by positive parts (same seed IoU as "reference" on the synthetic toy, and no
@@ -154,5 +192,7 @@ def list_presets() -> dict[str, LRPConfig]:
 def preset_config(preset: str = DEFAULT_PRESET, **options: Any) -> LRPConfig:
     """The LRPConfig of a named preset, with keyword options overriding its fields."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown Relevance-CAM preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(
+            f"unknown Relevance-CAM preset {preset!r}; choose one of {sorted(PRESETS)}"
+        )
     return LRPConfig(**PRESETS[preset]).updated(**options)

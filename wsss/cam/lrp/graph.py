@@ -21,16 +21,51 @@ from torch import Tensor, fx, nn
 
 from wsss.cam.lrp.canonize import CONVS, BatchNormFold, batchnorm_folds
 from wsss.cam.lrp.composites import LayerInfo, LRPConfig
-from wsss.cam.lrp.ops import (FUNCTIONAL_LAYERS, NodeContext, OpRule, Part, Shape, Step, UnsupportedOp,
-                              node_rule, registry_version)
+from wsss.cam.lrp.ops import (
+    FUNCTIONAL_LAYERS,
+    NodeContext,
+    OpRule,
+    Part,
+    Shape,
+    Step,
+    UnsupportedOp,
+    node_rule,
+    registry_version,
+)
 from wsss.cam.lrp.rules import compute_dtype
-from wsss.cam.lrp.tracing import INPUT_LAYER, TracedModel, evaluate_node, head_after, mutated_argument, trace
+from wsss.cam.lrp.tracing import (
+    INPUT_LAYER,
+    TracedModel,
+    evaluate_node,
+    head_after,
+    mutated_argument,
+    trace,
+)
 
-__all__ = ["INPUT_LAYER", "RelevanceGraph", "TracedModel", "evaluate_node", "head_after", "relevance_graph",
-           "trace"]
+__all__ = [
+    "INPUT_LAYER",
+    "RelevanceGraph",
+    "TracedModel",
+    "evaluate_node",
+    "head_after",
+    "relevance_graph",
+    "trace",
+]
 _MULTI_OUTPUT = {torch.chunk, torch.split, "chunk", "split"}
-_SHAPE_ONLY = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "expand_as",
-               "contiguous", torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze}
+_SHAPE_ONLY = {
+    "view",
+    "reshape",
+    "flatten",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "expand_as",
+    "contiguous",
+    torch.flatten,
+    torch.reshape,
+    torch.unsqueeze,
+    torch.squeeze,
+}
 
 
 def _target_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -64,7 +99,8 @@ class RelevanceGraph:
             below[n] = any(i in capture_set or below[i] for i in n.all_input_nodes)
         # the canonizer pass: which BatchNorm is folded into which conv, decided once
         self._folds: dict[fx.Node, BatchNormFold] = (
-            batchnorm_folds(nodes, t.modules) if config.batchnorm == "fold" else {})
+            batchnorm_folds(nodes, t.modules) if config.batchnorm == "fold" else {}
+        )
         self._layer_infos = self._linear_layers(nodes)
 
         self.steps: dict[fx.Node, Step] = {}
@@ -77,9 +113,11 @@ class RelevanceGraph:
             reached.update(s for s in step.sources if isinstance(s, fx.Node))
         for layer, node in self.captures.items():
             if node not in reached:
-                raise ValueError(f"no relevance reaches {layer!r}: it is not on a path from the "
-                                 "input to the logits that relevance follows (e.g. inside a "
-                                 "squeeze-excitation gate, which is held constant)")
+                raise ValueError(
+                    f"no relevance reaches {layer!r}: it is not on a path from the "
+                    "input to the logits that relevance follows (e.g. inside a "
+                    "squeeze-excitation gate, which is held constant)"
+                )
         self._useful = set(self.steps) | capture_set
         self.order = [n for n in reversed(nodes) if n in self._useful]
         self._build_recorder(nodes)
@@ -90,7 +128,8 @@ class RelevanceGraph:
         derived: dict[fx.Node, bool] = {}
         for n in nodes:
             derived[n] = n.op == "placeholder" or (
-                n.op != "get_attr" and any(derived[i] for i in n.all_input_nodes))
+                n.op != "get_attr" and any(derived[i] for i in n.all_input_nodes)
+            )
         return derived
 
     def is_signal(self, value: Any) -> bool:
@@ -108,28 +147,39 @@ class RelevanceGraph:
         return False
 
     def is_multi_output(self, value: Any) -> bool:
-        return isinstance(value, fx.Node) and value.op in ("call_function", "call_method") and \
-            value.target in _MULTI_OUTPUT
+        return (
+            isinstance(value, fx.Node)
+            and value.op in ("call_function", "call_method")
+            and value.target in _MULTI_OUTPUT
+        )
 
     def _linear_layers(self, nodes: list[fx.Node]) -> dict[fx.Node, LayerInfo]:
         """Conv / Linear nodes (modules, or F.linear / F.conv*d inside a module) with their
         position and whether they read the image."""
         t = self.traced
-        linear = [n for n in nodes if (n.op == "call_module" and isinstance(
-            t.modules[n.target], CONVS + (nn.Linear,))) or (
-            n.op == "call_function" and n.target in FUNCTIONAL_LAYERS)]
+        linear = [
+            n
+            for n in nodes
+            if (n.op == "call_module" and isinstance(t.modules[n.target], CONVS + (nn.Linear,)))
+            or (n.op == "call_function" and n.target in FUNCTIONAL_LAYERS)
+        ]
         reads_image: dict[fx.Node, bool] = {}
         for n in nodes:
             reads_image[n] = n.op == "placeholder" or (
-                n not in linear and any(reads_image[i] for i in n.all_input_nodes))
+                n not in linear and any(reads_image[i] for i in n.all_input_nodes)
+            )
         infos = {}
         for i, n in enumerate(linear):
             path, _ = t.owner(n)
             module = t.modules[path] if path in t.modules else t.model
             is_conv = isinstance(module, CONVS) or n.target in FUNCTIONAL_LAYERS[1:]
-            infos[n] = LayerInfo(path, module, "conv" if is_conv else "linear",
-                                 any(reads_image[a] for a in n.all_input_nodes if self._derived[a]),
-                                 i / max(1, len(linear)))
+            infos[n] = LayerInfo(
+                path,
+                module,
+                "conv" if is_conv else "linear",
+                any(reads_image[a] for a in n.all_input_nodes if self._derived[a]),
+                i / max(1, len(linear)),
+            )
         return infos
 
     def _plan(self, node: fx.Node) -> Step:
@@ -139,10 +189,17 @@ class RelevanceGraph:
             raise self._unsupported(node, None)
         path, _ = t.owner(node)
         info = self._layer_infos.get(node)
-        ctx = NodeContext(node, t.modules.get(node.target) if node.op == "call_module" else None,
-                          path, self.config, self.is_signal, self.is_gate, self.is_multi_output,
-                          layer_rule=self.config.rule_for(info) if info is not None else None,
-                          fold=self._folds.get(node))
+        ctx = NodeContext(
+            node,
+            t.modules.get(node.target) if node.op == "call_module" else None,
+            path,
+            self.config,
+            self.is_signal,
+            self.is_gate,
+            self.is_multi_output,
+            layer_rule=self.config.rule_for(info) if info is not None else None,
+            fold=self._folds.get(node),
+        )
         try:
             return rule.plan(ctx)
         except UnsupportedOp as exc:
@@ -165,7 +222,8 @@ class RelevanceGraph:
             "It lies between the logits and a requested layer. Request only layers above it, or "
             f"register a rule: wsss.cam.register_rule({key}, rule), or register_handler("
             f"{kind.__qualname__}, rule) to make the whole module one node; rule is 'identity', "
-            "'gate' or fn(module, input, output, relevance) -> input relevance.")
+            "'gate' or fn(module, input, output, relevance) -> input relevance."
+        )
 
     # ---------------------------------------------------------------------------- recording
 
@@ -257,8 +315,11 @@ class RelevanceGraph:
         missing = [layers for node, layers in wanted.items() if node not in captured]
         if missing:
             raise RuntimeError(f"no relevance reached {missing}")
-        return {layer: (r if r.dtype == dtype else r.to(dtype))
-                for node, r in captured.items() for layer in wanted[node]}
+        return {
+            layer: (r if r.dtype == dtype else r.to(dtype))
+            for node, r in captured.items()
+            for layer in wanted[node]
+        }
 
 
 def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, out: Any) -> None:
@@ -282,8 +343,11 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]]" = weakref.Wea
 
 def relevance_graph(model: nn.Module, layers: list[str], config: LRPConfig) -> RelevanceGraph:
     """The model's RelevanceGraph for these layers and composite, built once and reused."""
-    structure = (tuple((name, id(m)) for name, m in model.named_modules()),
-                 tuple(id(t) for t in model.parameters()), tuple(id(t) for t in model.buffers()))
+    structure = (
+        tuple((name, id(m)) for name, m in model.named_modules()),
+        tuple(id(t) for t in model.parameters()),
+        tuple(id(t) for t in model.buffers()),
+    )
     entry = _PLANS.get(model)
     if entry is None or entry[0] != structure:
         entry = _PLANS[model] = (structure, {})

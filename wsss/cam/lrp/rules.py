@@ -58,7 +58,9 @@ class Rule:
         if self.kind not in RULE_KINDS:
             raise ValueError(f"unknown LRP rule {self.kind!r}; choose one of {RULE_KINDS}")
         if self.kind == "alphabeta" and abs(self.alpha - self.beta - 1.0) > 1e-6:
-            raise ValueError(f"alphabeta rule needs alpha - beta = 1, got {self.alpha}, {self.beta}")
+            raise ValueError(
+                f"alphabeta rule needs alpha - beta = 1, got {self.alpha}, {self.beta}"
+            )
         for name in ("low", "high"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -133,8 +135,15 @@ def _split_input(x: Tensor) -> tuple[Tensor, Tensor | None]:
     return x, None
 
 
-def _paired(layer: LinearMap, xp: Tensor, xn: Tensor | None, r: Tensor, z: Tensor,
-            w_pos_in: Tensor, w_neg_in: Tensor) -> Tensor:
+def _paired(
+    layer: LinearMap,
+    xp: Tensor,
+    xn: Tensor | None,
+    r: Tensor,
+    z: Tensor,
+    w_pos_in: Tensor,
+    w_neg_in: Tensor,
+) -> Tensor:
     """x⁺⊙Aᵀ(R⊘Z) + x⁻⊙Bᵀ(R⊘Z), where A acts on x⁺ and B on x⁻ in the forward."""
     s = mul_per_image(r, safe_inverse(z))
     out = mul_per_image(layer.backward(s, w_pos_in), xp)
@@ -143,8 +152,9 @@ def _paired(layer: LinearMap, xp: Tensor, xn: Tensor | None, r: Tensor, z: Tenso
     return out
 
 
-def _paired_z(layer: LinearMap, xp: Tensor, xn: Tensor | None, w_pos_in: Tensor,
-              w_neg_in: Tensor) -> Tensor:
+def _paired_z(
+    layer: LinearMap, xp: Tensor, xn: Tensor | None, w_pos_in: Tensor, w_neg_in: Tensor
+) -> Tensor:
     z = layer.forward(xp, w_pos_in)
     return z if xn is None else z + layer.forward(xn, w_neg_in)
 
@@ -162,12 +172,14 @@ def alphabeta(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | No
     xp, xn = _split_input(x)
     wp, wn = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
     b = layer.bias
-    z = layer.with_bias(_paired_z(layer, xp, xn, wp, wn), rule.bias,
-                        None if b is None else b.clamp(min=0))
+    z = layer.with_bias(
+        _paired_z(layer, xp, xn, wp, wn), rule.bias, None if b is None else b.clamp(min=0)
+    )
     out = rule.alpha * _paired(layer, xp, xn, r, z, wp, wn)
     if rule.beta != 0:
-        z = layer.with_bias(_paired_z(layer, xp, xn, wn, wp), rule.bias,
-                            None if b is None else b.clamp(max=0))
+        z = layer.with_bias(
+            _paired_z(layer, xp, xn, wn, wp), rule.bias, None if b is None else b.clamp(max=0)
+        )
         out = out - rule.beta * _paired(layer, xp, xn, r, z, wn, wp)
     return out
 
@@ -191,8 +203,9 @@ def gamma(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | None) 
     b = layer.bias
     out = None
     for mask, w_on_pos, w_on_neg, b_mod in (
-            (y > 0, w_up, w_down, None if b is None else b + rule.gamma * b.clamp(min=0)),
-            (y < 0, w_down, w_up, None if b is None else b + rule.gamma * b.clamp(max=0))):
+        (y > 0, w_up, w_down, None if b is None else b + rule.gamma * b.clamp(min=0)),
+        (y < 0, w_down, w_up, None if b is None else b + rule.gamma * b.clamp(max=0)),
+    ):
         if not bool(mask.any()):
             continue
         z = layer.with_bias(_paired_z(layer, xp, xn, w_on_pos, w_on_neg), rule.bias, b_mod)
@@ -226,8 +239,11 @@ def zbox(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | None) -
     wp, wn = w.clamp(min=0), w.clamp(max=0)
     z = layer.forward(x, w) - layer.forward(low, wp) - layer.forward(high, wn)
     s = mul_per_image(r, safe_inverse(z))
-    return (mul_per_image(layer.backward(s, w), x) - mul_per_image(layer.backward(s, wp), low)
-            - mul_per_image(layer.backward(s, wn), high))
+    return (
+        mul_per_image(layer.backward(s, w), x)
+        - mul_per_image(layer.backward(s, wp), low)
+        - mul_per_image(layer.backward(s, wn), high)
+    )
 
 
 def _shared_share(layer: LinearMap, x: Tensor, r: Tensor, w: Tensor) -> Tensor:
@@ -249,11 +265,19 @@ def wsquare(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | None
 
 
 RULE_FUNCTIONS: dict[str, Callable[[Rule, LinearMap, Tensor, Tensor, Tensor | None], Tensor]] = {
-    "zplus": zplus, "alphabeta": alphabeta, "epsilon": epsilon, "gamma": gamma, "zb": zbox,
-    "flat": flat, "wsquare": wsquare}
+    "zplus": zplus,
+    "alphabeta": alphabeta,
+    "epsilon": epsilon,
+    "gamma": gamma,
+    "zb": zbox,
+    "flat": flat,
+    "wsquare": wsquare,
+}
 
 
-def propagate(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
+def propagate(
+    rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | None = None
+) -> Tensor:
     """Relevance r (B*K, out...) at the layer's output -> relevance (B*K, in...) at its input x.
 
     y is the layer's output (B, out...), used by the sign-aware gamma rule (computed if None).

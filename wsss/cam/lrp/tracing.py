@@ -40,12 +40,14 @@ class PathTracer(fx.Tracer):
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
-                    ) -> Any:
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
+    ) -> Any:
         out = super().call_module(m, forward, args, kwargs)
         path = self.path_of_module(m)
         self.module_outputs.setdefault(path, []).append(
-            out.node if isinstance(out, fx.Proxy) else None)
+            out.node if isinstance(out, fx.Proxy) else None
+        )
         return out
 
 
@@ -88,15 +90,23 @@ class TracedModel:
             return self.placeholder
         if layer == "" or layer not in self.modules:
             sample = [n for n in self.modules if n][:12]
-            raise ValueError(f"model has no module named {layer!r}; names look like {sample} "
-                             f"(or {INPUT_LAYER!r} for the image)")
+            raise ValueError(
+                f"model has no module named {layer!r}; names look like {sample} "
+                f"(or {INPUT_LAYER!r} for the image)"
+            )
         outputs = self.module_outputs.get(layer, [])
         if len(outputs) != 1 or outputs[0] is None:
-            why = ("never called in the forward" if not outputs else
-                   "called several times in the forward (e.g. a shared ReLU)" if len(outputs) > 1
-                   else "its output is not a single tensor")
-            raise ValueError(f"cannot capture relevance at {layer!r}: the module is {why}; "
-                             "request its parent or a neighbouring module")
+            why = (
+                "never called in the forward"
+                if not outputs
+                else "called several times in the forward (e.g. a shared ReLU)"
+                if len(outputs) > 1
+                else "its output is not a single tensor"
+            )
+            raise ValueError(
+                f"cannot capture relevance at {layer!r}: the module is {why}; "
+                "request its parent or a neighbouring module"
+            )
         return outputs[0]
 
 
@@ -111,7 +121,8 @@ def trace(model: nn.Module) -> TracedModel:
         raise RuntimeError(
             f"RelevanceCAM could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
             f"{exc}). The forward must not branch on tensor values; a module that does can be made "
-            "a single node with wsss.cam.register_rule(ModuleType, rule).") from exc
+            "a single node with wsss.cam.register_rule(ModuleType, rule)."
+        ) from exc
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -121,11 +132,20 @@ def trace(model: nn.Module) -> TracedModel:
     output = next(n for n in graph.nodes if n.op == "output")
     logits = output.args[0]
     if not isinstance(logits, fx.Node):
-        raise ValueError("RelevanceCAM needs a model that returns one logits tensor, got "
-                         f"{type(logits).__name__}")
+        raise ValueError(
+            "RelevanceCAM needs a model that returns one logits tensor, got "
+            f"{type(logits).__name__}"
+        )
     modules = {name: m for name, m in model.named_modules() if name}
-    return TracedModel(weakref.ref(model), type(model), graph, modules, tracer.module_outputs,
-                       placeholders[0], logits)
+    return TracedModel(
+        weakref.ref(model),
+        type(model),
+        graph,
+        modules,
+        tracer.module_outputs,
+        placeholders[0],
+        logits,
+    )
 
 
 def mutated_argument(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
@@ -136,10 +156,15 @@ def mutated_argument(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | 
     if node.op == "call_module":
         inplace = bool(getattr(modules[node.target], "inplace", False))
     else:
-        inplace = bool(node.kwargs.get("inplace", False)) or (
-            name.endswith("_") and not name.endswith("__")) or (
-            node.op == "call_function" and name.startswith("i") and name[1:] in (
-                "add", "sub", "mul", "truediv"))
+        inplace = (
+            bool(node.kwargs.get("inplace", False))
+            or (name.endswith("_") and not name.endswith("__"))
+            or (
+                node.op == "call_function"
+                and name.startswith("i")
+                and name[1:] in ("add", "sub", "mul", "truediv")
+            )
+        )
     return node.args[0] if inplace else None
 
 
@@ -173,7 +198,7 @@ def head_after(traced: TracedModel, layer: str) -> tuple[fx.Node, list[fx.Node]]
     nodes = list(traced.graph.nodes)
     downstream = {start}
     head = []
-    for n in nodes[nodes.index(start) + 1:]:
+    for n in nodes[nodes.index(start) + 1 :]:
         if any(i in downstream for i in n.all_input_nodes):
             downstream.add(n)
             head.append(n)
@@ -187,11 +212,14 @@ def head_after(traced: TracedModel, layer: str) -> tuple[fx.Node, list[fx.Node]]
     derived: dict[fx.Node, bool] = {}
     for n in nodes:
         derived[n] = n.op == "placeholder" or (
-            n.op != "get_attr" and any(derived[i] for i in n.all_input_nodes))
+            n.op != "get_attr" and any(derived[i] for i in n.all_input_nodes)
+        )
     inside = set(head) | {start}
     for n in head:
         outside = [i.name for i in n.all_input_nodes if i not in inside and derived[i]]
         if outside:
-            raise ValueError(f"the head after {layer!r} also reads {outside} (computed before it), "
-                             "so the logits are not a function of that layer alone")
+            raise ValueError(
+                f"the head after {layer!r} also reads {outside} (computed before it), "
+                "so the logits are not a function of that layer alone"
+            )
     return start, head

@@ -28,28 +28,96 @@ Built-in rules (relevance R is (B*K, ...), recorded values (B, ...)):
   channel shuffle: relevance moved back to where the values came from.
 """
 
-from wsss.cam.lrp.ops.arithmetic import plan_add, plan_div, plan_mul, plan_sub, residual_split
 from wsss.cam.lrp.canonize import BATCHNORMS, CONVS, batchnorm_affine
+from wsss.cam.lrp.ops.arithmetic import plan_add, plan_div, plan_mul, plan_sub, residual_split
 from wsss.cam.lrp.ops.builtins import ACTIVATIONS, GATES, IDENTITIES, NORMS, register_builtins
 from wsss.cam.lrp.ops.common import first_signal, plan_custom, plan_pass, reduce_to
-from wsss.cam.lrp.ops.layers import (FUNCTIONAL_LAYERS, conv_map, linear_map, plan_conv,
-                                     plan_functional_layer, plan_linear)
-from wsss.cam.lrp.ops.pooling import (plan_adaptive_avg_pool, plan_adaptive_max_pool, plan_avg_pool,
-                                      plan_max_pool, plan_mean)
-from wsss.cam.lrp.ops.registry import (module_rule, node_rule, register_handler, register_rule,
-                                       registry_for, registry_version, unregister_rule)
-from wsss.cam.lrp.ops.shapes import (plan_cat, plan_channel_shuffle, plan_chunk, plan_getitem, plan_permute,
-                                     plan_reshape, plan_split, plan_transpose)
+from wsss.cam.lrp.ops.layers import (
+    FUNCTIONAL_LAYERS,
+    conv_map,
+    linear_map,
+    plan_conv,
+    plan_functional_layer,
+    plan_linear,
+)
+from wsss.cam.lrp.ops.pooling import (
+    plan_adaptive_avg_pool,
+    plan_adaptive_max_pool,
+    plan_avg_pool,
+    plan_max_pool,
+    plan_mean,
+)
+from wsss.cam.lrp.ops.registry import (
+    module_rule,
+    node_rule,
+    register_handler,
+    register_rule,
+    registry_for,
+    registry_version,
+    unregister_rule,
+)
+from wsss.cam.lrp.ops.shapes import (
+    plan_cat,
+    plan_channel_shuffle,
+    plan_chunk,
+    plan_getitem,
+    plan_permute,
+    plan_reshape,
+    plan_split,
+    plan_transpose,
+)
 from wsss.cam.lrp.ops.types import NodeContext, OpRule, Part, Shape, Step, UnsupportedOp
 
 register_builtins()
 
 __all__ = [
-    "ACTIVATIONS", "BATCHNORMS", "CONVS", "FUNCTIONAL_LAYERS", "GATES", "IDENTITIES", "NORMS", "NodeContext",
-    "OpRule", "Part", "Shape", "Step", "UnsupportedOp", "batchnorm_affine", "conv_map", "first_signal", "linear_map", "module_rule",
-    "node_rule", "plan_adaptive_avg_pool", "plan_adaptive_max_pool", "plan_add", "plan_avg_pool", "plan_cat",
-    "plan_channel_shuffle", "plan_chunk", "plan_conv", "plan_custom", "plan_div", "plan_functional_layer",
-    "plan_getitem", "plan_linear", "plan_max_pool", "plan_mean", "plan_mul", "plan_pass", "plan_permute",
-    "plan_reshape", "plan_split", "plan_sub", "plan_transpose", "reduce_to", "register_builtins",
-    "register_handler", "register_rule", "registry_for", "registry_version", "residual_split", "unregister_rule",
+    "ACTIVATIONS",
+    "BATCHNORMS",
+    "CONVS",
+    "FUNCTIONAL_LAYERS",
+    "GATES",
+    "IDENTITIES",
+    "NORMS",
+    "NodeContext",
+    "OpRule",
+    "Part",
+    "Shape",
+    "Step",
+    "UnsupportedOp",
+    "batchnorm_affine",
+    "conv_map",
+    "first_signal",
+    "linear_map",
+    "module_rule",
+    "node_rule",
+    "plan_adaptive_avg_pool",
+    "plan_adaptive_max_pool",
+    "plan_add",
+    "plan_avg_pool",
+    "plan_cat",
+    "plan_channel_shuffle",
+    "plan_chunk",
+    "plan_conv",
+    "plan_custom",
+    "plan_div",
+    "plan_functional_layer",
+    "plan_getitem",
+    "plan_linear",
+    "plan_max_pool",
+    "plan_mean",
+    "plan_mul",
+    "plan_pass",
+    "plan_permute",
+    "plan_reshape",
+    "plan_split",
+    "plan_sub",
+    "plan_transpose",
+    "reduce_to",
+    "register_builtins",
+    "register_handler",
+    "register_rule",
+    "registry_for",
+    "registry_version",
+    "residual_split",
+    "unregister_rule",
 ]

@@ -57,8 +57,10 @@ def plan_mul(ctx: NodeContext) -> Step:
     if len(signals) == 2:
         gates = [ctx.is_gate(v) for v in (a, b)]
         if gates.count(True) != 1:
-            raise UnsupportedOp("it multiplies two signals, neither (or both) of them a gate "
-                                "(an output of sigmoid / hardsigmoid / softmax)")
+            raise UnsupportedOp(
+                "it multiplies two signals, neither (or both) of them a gate "
+                "(an output of sigmoid / hardsigmoid / softmax)"
+            )
         gated = b if gates[0] else a
         return Step((gated,), (Shape(gated),), lambda r, v: [reduce_to(r, v[0])])
     if not signals:

@@ -10,20 +10,46 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from wsss.cam.lrp.canonize import BATCHNORMS, CONVS
 from wsss.cam.lrp.ops.arithmetic import plan_add, plan_div, plan_mul, plan_sub
 from wsss.cam.lrp.ops.common import plan_pass
-from wsss.cam.lrp.canonize import BATCHNORMS, CONVS
 from wsss.cam.lrp.ops.layers import FUNCTIONAL_LAYERS, plan_conv, plan_functional_layer, plan_linear
-from wsss.cam.lrp.ops.pooling import (plan_adaptive_avg_pool, plan_adaptive_max_pool, plan_avg_pool,
-                                      plan_max_pool, plan_mean)
+from wsss.cam.lrp.ops.pooling import (
+    plan_adaptive_avg_pool,
+    plan_adaptive_max_pool,
+    plan_avg_pool,
+    plan_max_pool,
+    plan_mean,
+)
 from wsss.cam.lrp.ops.registry import registry_for
-from wsss.cam.lrp.ops.shapes import (plan_cat, plan_channel_shuffle, plan_chunk, plan_getitem, plan_permute,
-                                     plan_reshape, plan_split, plan_transpose)
+from wsss.cam.lrp.ops.shapes import (
+    plan_cat,
+    plan_channel_shuffle,
+    plan_chunk,
+    plan_getitem,
+    plan_permute,
+    plan_reshape,
+    plan_split,
+    plan_transpose,
+)
 from wsss.cam.lrp.ops.types import NodeContext, OpRule, Step
 
-
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU,
-               nn.GELU, nn.Hardswish, nn.Mish, nn.Hardtanh, nn.Softplus, nn.Tanh)
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Tanh,
+)
 GATES = (nn.Sigmoid, nn.Hardsigmoid)
 IDENTITIES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm)
@@ -32,8 +58,9 @@ NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.Lo
 def register_builtins() -> None:
     """Fill the registry with the rules of every torch op the engine knows."""
 
-    def add(targets: Sequence[Any], plan: Callable[[NodeContext], Step], kind: str,
-            gate: bool = False) -> None:
+    def add(
+        targets: Sequence[Any], plan: Callable[[NodeContext], Step], kind: str, gate: bool = False
+    ) -> None:
         for target in targets:
             registry_for(target)[target] = OpRule(plan, gate, kind)
 
@@ -45,17 +72,72 @@ def register_builtins() -> None:
     add(NORMS, plan_pass, "other")
     add(ACTIVATIONS, plan_pass, elementwise)
     add(GATES, plan_pass, elementwise, gate=True)
-    add([F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.silu, F.gelu, F.hardswish,
-         F.mish, F.hardtanh, F.softplus, torch.tanh, F.tanh, torch.relu_, F.relu_,
-         "relu", "relu_", "tanh", "clamp_min", "clamp_min_"], plan_pass, elementwise)
-    add([torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.softmax, F.softmax,
-         "sigmoid", "softmax", "sigmoid_"], plan_pass, elementwise, gate=True)
-    add([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-         torchvision.ops.stochastic_depth, F.batch_norm, "contiguous", "clone", "float", "to",
-         "type_as"], plan_pass, linear)
+    add(
+        [
+            F.relu,
+            torch.relu,
+            F.relu6,
+            F.leaky_relu,
+            F.elu,
+            F.selu,
+            F.silu,
+            F.gelu,
+            F.hardswish,
+            F.mish,
+            F.hardtanh,
+            F.softplus,
+            torch.tanh,
+            F.tanh,
+            torch.relu_,
+            F.relu_,
+            "relu",
+            "relu_",
+            "tanh",
+            "clamp_min",
+            "clamp_min_",
+        ],
+        plan_pass,
+        elementwise,
+    )
+    add(
+        [
+            torch.sigmoid,
+            F.sigmoid,
+            F.hardsigmoid,
+            torch.softmax,
+            F.softmax,
+            "sigmoid",
+            "softmax",
+            "sigmoid_",
+        ],
+        plan_pass,
+        elementwise,
+        gate=True,
+    )
+    add(
+        [
+            F.dropout,
+            F.dropout1d,
+            F.dropout2d,
+            F.dropout3d,
+            F.alpha_dropout,
+            torchvision.ops.stochastic_depth,
+            F.batch_norm,
+            "contiguous",
+            "clone",
+            "float",
+            "to",
+            "type_as",
+        ],
+        plan_pass,
+        linear,
+    )
     add([F.layer_norm, F.group_norm], plan_pass, "other")
-    add([operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"], plan_add,
-        linear)
+    add(
+        [operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"],
+        plan_add,
+        linear,
+    )
     add([operator.sub, operator.isub, torch.sub, "sub", "sub_"], plan_sub, linear)
     add([operator.mul, operator.imul, torch.mul, "mul", "mul_"], plan_mul, linear)
     add([operator.truediv, operator.itruediv, torch.div, "div", "div_"], plan_div, linear)
@@ -63,16 +145,31 @@ def register_builtins() -> None:
     add([torch.chunk, "chunk"], plan_chunk, linear)
     add([torch.split, "split"], plan_split, linear)
     add([operator.getitem], plan_getitem, linear)
-    add([nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
-         "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten", "view_as",
-         "reshape_as"], plan_reshape, linear)
+    add(
+        [
+            nn.Flatten,
+            nn.Unflatten,
+            torch.flatten,
+            torch.reshape,
+            torch.squeeze,
+            torch.unsqueeze,
+            "flatten",
+            "view",
+            "reshape",
+            "squeeze",
+            "unsqueeze",
+            "unflatten",
+            "view_as",
+            "reshape_as",
+        ],
+        plan_reshape,
+        linear,
+    )
     add([torch.permute, "permute"], plan_permute, linear)
     add([torch.transpose, torch.swapaxes, "transpose", "swapaxes"], plan_transpose, linear)
-    add([nn.ChannelShuffle, torch.channel_shuffle, F.channel_shuffle], plan_channel_shuffle,
-        linear)
+    add([nn.ChannelShuffle, torch.channel_shuffle, F.channel_shuffle], plan_channel_shuffle, linear)
     add([nn.MaxPool2d, F.max_pool2d, torch.max_pool2d], plan_max_pool, "maxpool")
     add([nn.AdaptiveMaxPool2d, F.adaptive_max_pool2d], plan_adaptive_max_pool, "maxpool")
     add([nn.AvgPool2d, F.avg_pool2d], plan_avg_pool, linear)
     add([nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d], plan_adaptive_avg_pool, linear)
     add([torch.mean, "mean"], plan_mean, linear)
-

@@ -27,8 +27,10 @@ def reduce_to(r: Tensor, shape: Sequence[int]) -> Tensor:
     if tuple(r.shape[1:]) == tuple(shape[1:]):
         return r
     if len(shape) != r.dim():
-        raise RuntimeError(f"cannot return relevance of shape {tuple(r.shape)} to an operand of "
-                           f"shape {tuple(shape)} (broadcast over the batch dimension)")
+        raise RuntimeError(
+            f"cannot return relevance of shape {tuple(r.shape)} to an operand of "
+            f"shape {tuple(shape)} (broadcast over the batch dimension)"
+        )
     dims = [i for i in range(1, r.dim()) if shape[i] == 1 and r.shape[i] != 1]
     return r.sum(dims, keepdim=True) if dims else r
 

@@ -12,9 +12,11 @@ from torch.nn import grad as nn_grad
 from wsss.cam.lrp.ops.types import NodeContext, Step, UnsupportedOp
 from wsss.cam.lrp.rules import LinearMap, as_compute, propagate
 
-
-_CONV_FUNCTIONS = {1: (F.conv1d, nn_grad.conv1d_input), 2: (F.conv2d, nn_grad.conv2d_input),
-                   3: (F.conv3d, nn_grad.conv3d_input)}
+_CONV_FUNCTIONS = {
+    1: (F.conv1d, nn_grad.conv1d_input),
+    2: (F.conv2d, nn_grad.conv2d_input),
+    3: (F.conv3d, nn_grad.conv3d_input),
+}
 
 
 def _conv_padding(conv: nn.Module) -> tuple[int, ...]:
@@ -32,8 +34,9 @@ def _conv_padding(conv: nn.Module) -> tuple[int, ...]:
     return tuple(conv.padding)
 
 
-def conv_map(conv: nn.Module, x_shape: Sequence[int], weight: Tensor, bias: Tensor | None
-             ) -> LinearMap:
+def conv_map(
+    conv: nn.Module, x_shape: Sequence[int], weight: Tensor, bias: Tensor | None
+) -> LinearMap:
     """A ConvNd as a LinearMap (stride, padding, dilation and groups respected)."""
     n = len(conv.kernel_size)
     fwd, input_grad = _CONV_FUNCTIONS[n]
@@ -105,8 +108,15 @@ def _ntuple(value: Any, n: int) -> tuple:
 class _ConvParams:
     """A functional conv's arguments, shaped like the nn.ConvNd attributes conv_map reads."""
 
-    def __init__(self, n: int, weight_shape: Sequence[int], stride: Any, padding: Any,
-                 dilation: Any, groups: int):
+    def __init__(
+        self,
+        n: int,
+        weight_shape: Sequence[int],
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        groups: int,
+    ):
         self.kernel_size = tuple(weight_shape[2:])
         self.stride, self.dilation = _ntuple(stride, n), _ntuple(dilation, n)
         self.padding = padding if isinstance(padding, str) else _ntuple(padding, n)
@@ -133,13 +143,22 @@ def plan_functional_layer(ctx: NodeContext) -> Step:
         y = as_compute(values[-1], r.dtype) if rule.kind == "gamma" else None
         if conv_dims is None:
             return [propagate(rule, linear_map(w, b), x, r, y)]
-        params = _ConvParams(conv_dims, w.shape, args["stride"], args["padding"],
-                             args["dilation"], args["groups"])
+        params = _ConvParams(
+            conv_dims, w.shape, args["stride"], args["padding"], args["dilation"], args["groups"]
+        )
         return [propagate(rule, conv_map(params, x.shape, w, b), x, r, y)]
 
     if conv_dims is not None:  # fails early on uneven 'same' padding
-        _conv_padding(_ConvParams(conv_dims, (0, 0) + (3,) * conv_dims, args["stride"],
-                                  args["padding"], args["dilation"], args["groups"]))
+        _conv_padding(
+            _ConvParams(
+                conv_dims,
+                (0, 0) + (3,) * conv_dims,
+                args["stride"],
+                args["padding"],
+                args["dilation"],
+                args["groups"],
+            )
+        )
     return Step((x_node,), tuple(reads), backward)
 
 

@@ -32,17 +32,31 @@ def _pool_params(ctx: NodeContext, names: Sequence[str], **defaults: Any) -> dic
 
 def plan_max_pool(ctx: NodeContext) -> Step:
     x = ctx.signal(ctx.args[0])
-    p = _pool_params(ctx, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-                     stride=None, padding=0, dilation=1, ceil_mode=False)
-    if (ctx.module is not None and not isinstance(ctx.module, nn.MaxPool2d)) or \
-            (ctx.module is None and ctx.node.kwargs.get("return_indices", False)):
+    p = _pool_params(
+        ctx,
+        ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+        stride=None,
+        padding=0,
+        dilation=1,
+        ceil_mode=False,
+    )
+    if (ctx.module is not None and not isinstance(ctx.module, nn.MaxPool2d)) or (
+        ctx.module is None and ctx.node.kwargs.get("return_indices", False)
+    ):
         raise UnsupportedOp("only 2-d max pooling without returned indices")
     stride = p.get("stride") or p["kernel_size"]
 
     def backward(r: Tensor, values: list[Any]) -> list[Tensor]:
         x, y = values
-        _, index = F.max_pool2d(x, p["kernel_size"], stride, p["padding"], p["dilation"],
-                                p["ceil_mode"], return_indices=True)
+        _, index = F.max_pool2d(
+            x,
+            p["kernel_size"],
+            stride,
+            p["padding"],
+            p["dilation"],
+            p["ceil_mode"],
+            return_indices=True,
+        )
         return [_winner_take_all(r, x, y, index)]
 
     return Step((x,), (x, ctx.node), backward)
@@ -60,8 +74,12 @@ def plan_adaptive_max_pool(ctx: NodeContext) -> Step:
     return Step((x,), (x, ctx.node), backward)
 
 
-def _zplus_pool(r: Tensor, x: Tensor, pool: Callable[[Tensor], Tensor],
-                transpose: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def _zplus_pool(
+    r: Tensor,
+    x: Tensor,
+    pool: Callable[[Tensor], Tensor],
+    transpose: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
     """z⁺ through a pooling P with non-negative weights, by the sign of each output.
 
     Where the output Px >= 0: R_in = x⁺ ⊙ Pᵀ(R ⊘ Px⁺) (the official rule: for non-negative
@@ -83,23 +101,45 @@ def plan_avg_pool(ctx: NodeContext) -> Step:
     x = ctx.signal(ctx.args[0])
     if ctx.module is not None and not isinstance(ctx.module, nn.AvgPool2d):
         raise UnsupportedOp("only 2-d average pooling")
-    p = _pool_params(ctx, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                           "divisor_override"), stride=None, padding=0, ceil_mode=False,
-                     count_include_pad=True, divisor_override=None)
+    p = _pool_params(
+        ctx,
+        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+        stride=None,
+        padding=0,
+        ceil_mode=False,
+        count_include_pad=True,
+        divisor_override=None,
+    )
     kernel = as_pair(p["kernel_size"])
     stride = as_pair(p["stride"] or p["kernel_size"])
     padding = as_pair(p["padding"])
 
     def pool(v: Tensor) -> Tensor:
-        return F.avg_pool2d(v, kernel, stride, padding, p["ceil_mode"], p["count_include_pad"],
-                            p["divisor_override"])
+        return F.avg_pool2d(
+            v,
+            kernel,
+            stride,
+            padding,
+            p["ceil_mode"],
+            p["count_include_pad"],
+            p["divisor_override"],
+        )
 
     def transpose(s: Tensor, like: Tensor) -> Tensor:
-        return torch.ops.aten.avg_pool2d_backward(s, like, kernel, stride, padding, p["ceil_mode"],
-                                                  p["count_include_pad"], p["divisor_override"])
+        return torch.ops.aten.avg_pool2d_backward(
+            s,
+            like,
+            kernel,
+            stride,
+            padding,
+            p["ceil_mode"],
+            p["count_include_pad"],
+            p["divisor_override"],
+        )
 
-    return Step((x,), (x,), lambda r, v: [_zplus_pool(r, as_compute(v[0], r.dtype), pool,
-                                                      transpose)])
+    return Step(
+        (x,), (x,), lambda r, v: [_zplus_pool(r, as_compute(v[0], r.dtype), pool, transpose)]
+    )
 
 
 def plan_adaptive_avg_pool(ctx: NodeContext) -> Step:
@@ -110,12 +150,19 @@ def plan_adaptive_avg_pool(ctx: NodeContext) -> Step:
 
     def backward(r: Tensor, values: list[Any]) -> list[Tensor]:
         x = as_compute(values[0], r.dtype)
-        out = tuple(int(x.shape[-2 + i]) if s is None else int(s)
-                    for i, s in enumerate(as_pair(size)))
+        out = tuple(
+            int(x.shape[-2 + i]) if s is None else int(s) for i, s in enumerate(as_pair(size))
+        )
         if out == (1, 1):
             return [_zplus_mean(r, x, (-2, -1), keepdim=True)]
-        return [_zplus_pool(r, x, lambda v: F.adaptive_avg_pool2d(v, out),
-                            torch.ops.aten._adaptive_avg_pool2d_backward)]
+        return [
+            _zplus_pool(
+                r,
+                x,
+                lambda v: F.adaptive_avg_pool2d(v, out),
+                torch.ops.aten._adaptive_avg_pool2d_backward,
+            )
+        ]
 
     return Step((x,), (x,), backward)
 

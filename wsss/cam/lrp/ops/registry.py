@@ -10,7 +10,6 @@ from torch import fx, nn
 from wsss.cam.lrp.ops.common import plan_custom, plan_pass
 from wsss.cam.lrp.ops.types import OpRule
 
-
 _MODULE_RULES: dict[type, OpRule] = {}
 _FUNCTION_RULES: dict[Any, OpRule] = {}
 _METHOD_RULES: dict[str, OpRule] = {}
@@ -56,8 +55,9 @@ def register_rule(target: Any, rule: Any) -> None:
     elif callable(rule):
         registry[target] = OpRule(lambda ctx: plan_custom(ctx, rule))
     else:
-        raise TypeError("rule must be 'identity', 'gate', fn(module, input, output, relevance) "
-                        "or an OpRule")
+        raise TypeError(
+            "rule must be 'identity', 'gate', fn(module, input, output, relevance) or an OpRule"
+        )
 
 
 def unregister_rule(target: Any) -> None:

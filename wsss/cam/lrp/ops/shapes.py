@@ -69,8 +69,9 @@ def plan_chunk(ctx: NodeContext) -> Step:
 
 
 def plan_split(ctx: NodeContext) -> Step:
-    return _plan_pieces(ctx, "split", ("input", "split_size_or_sections", "dim"),
-                        "split_size_or_sections")
+    return _plan_pieces(
+        ctx, "split", ("input", "split_size_or_sections", "dim"), "split_size_or_sections"
+    )
 
 
 def plan_getitem(ctx: NodeContext) -> Step:
@@ -82,8 +83,10 @@ def plan_getitem(ctx: NodeContext) -> Step:
     ctx.signal(source)
     idx = index if isinstance(index, tuple) else (index,)
     if not idx or idx[0] != slice(None) or not all(isinstance(i, (int, slice)) for i in idx):
-        raise UnsupportedOp(f"tensor indexing {index!r} (supported: integers and slices, the "
-                            "batch dimension kept whole)")
+        raise UnsupportedOp(
+            f"tensor indexing {index!r} (supported: integers and slices, the "
+            "batch dimension kept whole)"
+        )
 
     def backward(r: Tensor, values: list[Any]) -> list[Tensor]:
         full = r.new_zeros(r.shape[0], *values[0][1:])
@@ -105,9 +108,11 @@ def plan_reshape(ctx: NodeContext) -> Step:
     def backward(r: Tensor, shapes: list[Any]) -> list[Tensor]:
         in_shape, out_shape = shapes
         if in_shape[0] != out_shape[0]:
-            raise RuntimeError(f"RelevanceCAM: node {ctx.node.name!r} ({ctx.path}) reshapes "
-                               f"{tuple(in_shape)} to {tuple(out_shape)}, mixing the batch "
-                               "dimension with others")
+            raise RuntimeError(
+                f"RelevanceCAM: node {ctx.node.name!r} ({ctx.path}) reshapes "
+                f"{tuple(in_shape)} to {tuple(out_shape)}, mixing the batch "
+                "dimension with others"
+            )
         return [r.reshape(r.shape[0], *in_shape[1:])]
 
     return Step((x,), (Shape(x), Shape(ctx.node)), backward)

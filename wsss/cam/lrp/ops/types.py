@@ -84,8 +84,9 @@ class OpRule:
     "elementwise" (a nonlinearity per element: the rescale rule), "maxpool", or "other".
     """
 
-    def __init__(self, plan: Callable[[NodeContext], Step], gate: bool = False,
-                 kind: str = "other"):
+    def __init__(
+        self, plan: Callable[[NodeContext], Step], gate: bool = False, kind: str = "other"
+    ):
         self._plan = plan
         self.gate = gate
         self.kind = kind
