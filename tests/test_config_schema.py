@@ -10,7 +10,7 @@ import torch
 
 from wsss.cam import CAM_METHODS, NORMALIZATIONS
 from wsss.config import SEGMENTER_ARCHITECTURES, Config, ConfigError, Range, load_config
-from wsss.config.schema import interval
+from wsss.config.fields import interval
 from wsss.models.segmenter import build_network
 from wsss.pseudo.calibrate import OBJECTIVES
 from wsss.pseudo.refine import REFINE_METHODS

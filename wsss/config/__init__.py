@@ -4,6 +4,7 @@ whole config checked before any work starts (``checks``)."""
 
 from wsss.config.checks import check_config, check_ranges
 from wsss.config.coercion import closest
+from wsss.config.fields import ConfigError, Range
 from wsss.config.loading import (
     RENAMED,
     config_from_dict,
@@ -15,21 +16,19 @@ from wsss.config.schema import (
     CAM_METHODS,
     INTENSITY_MODES,
     MAP_NORMALIZATIONS,
-    SEGMENTER_ARCHITECTURES,
     SYNTHETIC_IMAGE_SIZE,
     AffinityConfig,
     CamConfig,
     ClassifierConfig,
     Config,
-    ConfigError,
     DataConfig,
     LoggerConfig,
     PseudoConfig,
-    Range,
     RunConfig,
     SegmenterConfig,
     TrainerConfig,
 )
+from wsss.config.training import SEGMENTER_ARCHITECTURES
 
 __all__ = [
     "AffinityConfig",

@@ -12,7 +12,8 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from wsss.cam import PRESETS
 from wsss.config.coercion import closest
-from wsss.config.schema import Config, ConfigError, DataConfig
+from wsss.config.fields import ConfigError
+from wsss.config.schema import Config, DataConfig
 from wsss.models import backbones
 
 

@@ -8,7 +8,7 @@ import types
 import typing
 from typing import Any, Union
 
-from wsss.config.schema import ConfigError
+from wsss.config.fields import ConfigError
 
 
 def describe_type(tp: Any) -> str:

@@ -12,7 +12,8 @@ import yaml
 
 from wsss.config.checks import check_config
 from wsss.config.coercion import closest, coerce, describe_type
-from wsss.config.schema import Config, ConfigError
+from wsss.config.fields import ConfigError
+from wsss.config.schema import Config
 
 RENAMED = {"pseudo.crf": "pseudo.crf was replaced by pseudo.refine=crf (or par / affinity / none)"}
 
