@@ -105,7 +105,14 @@ def test_ddp_two_processes_write_every_id_once(trained, tmp_path):
     assert ids == sorted(build_source(cfg, "train").ids)
     shares = result["rank_counts"]
     assert len(shares) == 2 and all(n > 0 for n in shares.values()) and sum(shares.values()) == 12
-    assert digest(out) == digest(trained / "default" / "pseudo_masks")
+    reference = trained / "default" / "pseudo_masks"
+    masks = {k: v for k, v in digest(out).items() if not k.startswith("confidence/")}
+    assert masks == {k: v for k, v in digest(reference).items() if not k.startswith("confidence/")}
+    # confidences are 8-bit levels of a float margin: the two processes batch images otherwise,
+    # which moves the last bits of the maps and so, rarely, a level by one
+    for path in sorted((reference / "confidence").glob("syn_*.png")):
+        ours = np.array(Image.open(out / "confidence" / path.name), dtype=np.int16)
+        assert np.abs(ours - np.array(Image.open(path), dtype=np.int16)).max() <= 1
 
 
 @pytest.mark.slow

@@ -471,6 +471,10 @@ def test_affinity_stage_refines_resumes_and_feeds_the_segmenter(
     assert record["epochs"] == 2 and record["refined_written_now"] == 12
     ids = build_source(cfg, "train").ids
     assert sorted(p.stem for p in (directory / "masks").glob("*.png")) == sorted(ids)
+    # each refined mask has its confidence beside it, at the mask's size
+    for i in ids:
+        levels = read_mask(directory / "masks" / "confidence" / f"{i}.png")
+        assert levels.shape == read_mask(directory / "masks" / f"{i}.png").shape
     pseudo_dir = tmp_path / "default" / "pseudo_masks"
     differs = sum(
         int(

@@ -11,6 +11,7 @@ import segmentation_models_pytorch as smp
 
 from wsss.config.fields import (
     AT_LEAST_ONE,
+    NOT_NEGATIVE,
     Range,
     backbone_lr_mult_option,
     choice,
@@ -99,6 +100,12 @@ class SegmenterConfig:
         help="ce: cross-entropy; ce_dice: cross-entropy + multiclass "
         "soft Dice (small classes learn sooner); 255 ignored by "
         "both",
+    )
+    confidence_power: float = option(
+        0.0,
+        "weigh each pixel's cross-entropy by its pseudo-mask confidence (the top-two margin the "
+        "pseudo-mask stage stores beside each mask) to this power; 0: every pixel counts alike",
+        check=NOT_NEGATIVE,
     )
     masks: str = option(
         "pseudo", "training masks: pseudo | ground_truth | a directory of palette PNGs"

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from wsss.data.imageio import DataError, check_mask, read_mask
 from wsss.data.intensity import check_intensity, scale_intensity
-from wsss.data.masks import voc_palette
+from wsss.data.masks import CONFIDENCE_DIR, voc_palette
 from wsss.data.transforms import resize_transform
 
 
@@ -34,6 +34,7 @@ class RawSample:
     orig_size: Optional[tuple[int, int]] = (
         None  # (H, W) of the image file; set by SegmentationSource.load
     )
+    confidence: Optional[np.ndarray] = None  # uint8 HxW beside an override mask, 255 = certain
 
 
 def labels_from_mask(mask: np.ndarray, num_foreground: int) -> np.ndarray:
@@ -77,6 +78,7 @@ class SegmentationSource(Dataset):
         self._mean = mean
         self._std = std
         self.mask_override: Optional[Path] = None
+        self.confidence_dir: Optional[Path] = None
 
     # -- to implement
     @property
@@ -116,9 +118,14 @@ class SegmentationSource(Dataset):
             )
         return self._mean, self._std
 
-    def use_masks_from(self, directory: str | Path | None) -> None:
-        """Read masks from ``directory/<id>.png`` instead of the data set's own (pseudo-masks)."""
+    def use_masks_from(self, directory: str | Path | None, confidence: bool = False) -> None:
+        """Read masks from ``directory/<id>.png`` instead of the data set's own (pseudo-masks);
+        with ``confidence``, also each mask's per-pixel confidence from
+        ``directory/confidence/<id>.png``, augmented with the mask (item ``confidence``)."""
         self.mask_override = Path(directory) if directory is not None else None
+        self.confidence_dir = (
+            self.mask_override / CONFIDENCE_DIR if confidence and self.mask_override else None
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -134,8 +141,29 @@ class SegmentationSource(Dataset):
             mask = read_mask(path)
             check_mask(mask, self.num_classes, path, sample.orig_size)
             sample.mask = mask
+        if self.confidence_dir is not None:
+            sample.confidence = self._read_confidence(sample.id, sample.orig_size)
+            sample.image, (sample.mask, sample.confidence) = self.resize_with(
+                sample.image, [sample.mask, sample.confidence]
+            )
+            return sample
         sample.image, sample.mask = self.resize(sample.image, sample.mask)
         return sample
+
+    def _read_confidence(self, sample_id: str, image_hw: tuple[int, int]) -> np.ndarray:
+        path = self.confidence_dir / f"{sample_id}.png"
+        if not path.is_file():
+            raise DataError(
+                f"{path}: confidence map is missing; the pseudo-mask stage writes one beside each "
+                f"mask (rerun it), or train with segmenter.confidence_power=0"
+            )
+        levels = read_mask(path)
+        if tuple(levels.shape) != tuple(image_hw):
+            raise DataError(
+                f"{path}: confidence map is {levels.shape[0]}x{levels.shape[1]}, the image is "
+                f"{image_hw[0]}x{image_hw[1]}; rerun the pseudo-mask stage"
+            )
+        return levels
 
     def prepare_image(self, image: np.ndarray, sample_id: str) -> np.ndarray:
         """Raw units -> ``data.intensity`` units, with the model's channel count."""
@@ -151,6 +179,15 @@ class SegmentationSource(Dataset):
             return self._resize(image=image)["image"], None
         out = self._resize(image=image, mask=mask)
         return out["image"], out["mask"]
+
+    def resize_with(
+        self, image: np.ndarray, masks: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``resize`` for an image and several masks (nearest), e.g. a mask and its confidence."""
+        if self._resize is None:
+            return image, masks
+        out = self._resize(image=image, masks=masks)
+        return out["image"], list(out["masks"])
 
     def raw_image(self, index: int) -> np.ndarray:
         """The image of ``load_raw`` alone; sources that can skip reading the mask override this."""
@@ -198,9 +235,12 @@ class SegmentationSource(Dataset):
         if seed is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
         sample = self.load(index)
-        image, mask = sample.image, sample.mask
+        image, mask, confidence = sample.image, sample.mask, sample.confidence
         if self.transform is not None:
-            if mask is not None:
+            if confidence is not None:  # augmented as a second mask, with the same draw
+                out = self.transform(image=image, mask=mask, masks=[confidence])
+                image, mask, confidence = out["image"], out["mask"], out["masks"][0]
+            elif mask is not None:
                 out = self.transform(image=image, mask=mask)
                 image, mask = out["image"], out["mask"]
             else:
@@ -215,6 +255,8 @@ class SegmentationSource(Dataset):
         }
         if mask is not None:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        if confidence is not None:
+            item["confidence"] = torch.from_numpy(np.ascontiguousarray(confidence))
         return item
 
     def fill_value(self) -> tuple[float, ...]:

@@ -117,6 +117,21 @@ def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
                 for item in items
             ]
         )
+    if all("confidence" in item for item in items):  # padding has no confidence
+        batch["confidence"] = torch.stack(
+            [
+                F.pad(
+                    item["confidence"],
+                    (
+                        0,
+                        width - item["confidence"].shape[1],
+                        0,
+                        height - item["confidence"].shape[0],
+                    ),
+                )
+                for item in items
+            ]
+        )
     return batch
 
 
@@ -161,7 +176,13 @@ class StageDataModule(L.LightningDataModule):
     measured on the original pixels), padded per batch.
     """
 
-    def __init__(self, cfg: Config, stage: str, train_masks: Optional[Path | str] = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        stage: str,
+        train_masks: Optional[Path | str] = None,
+        confidence: bool = False,
+    ) -> None:
         super().__init__()
         if stage not in ("classifier", "segmenter"):
             raise ValueError(f"unknown stage {stage!r}")
@@ -173,7 +194,7 @@ class StageDataModule(L.LightningDataModule):
         augment = train_transform(cfg.data.crop_size, fill, seed=cfg.run.seed)
         self.train_set = build_source(cfg, cfg.data.train_split, augment, self.mean, self.std)
         if train_masks is not None:
-            self.train_set.use_masks_from(train_masks)
+            self.train_set.use_masks_from(train_masks, confidence=confidence)
         val_transform = eval_transform(cfg.data.crop_size, fill) if stage == "classifier" else None
         self.val_set = build_source(cfg, cfg.data.val_split, val_transform, self.mean, self.std)
 

@@ -45,3 +45,18 @@ def write_label_png(path: str | Path, label_map: np.ndarray) -> None:
     img.putpalette(_PALETTE)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+CONFIDENCE_DIR = "confidence"  # beside a mask folder: <dir>/confidence/<id>.png
+
+
+def write_confidence_png(path: str | Path, levels: np.ndarray) -> None:
+    """Write an HxW uint8 confidence map (255 = certain) as a grayscale PNG, atomically: the
+    per-pixel weight the segmenter may give to the mask of the same name."""
+    levels = np.asarray(levels)
+    if levels.ndim != 2 or levels.dtype != np.uint8:
+        raise ValueError(
+            f"{path}: confidence must be a 2-D uint8 array, got {levels.dtype} {levels.shape}"
+        )
+    with atomic_path(path) as tmp:
+        Image.fromarray(levels, mode="L").save(tmp, format="PNG")

@@ -20,10 +20,15 @@ from torch import Tensor, nn
 
 from wsss.cam import ReferenceLibrary, aggregate_scales, build_cam, fuse_layers
 from wsss.cam.methods import METHODS
-from wsss.data.masks import write_label_png
+from wsss.data.masks import CONFIDENCE_DIR, write_confidence_png, write_label_png
 from wsss.data.resize import restore_size
 from wsss.io import atomic_path, write_json_atomic
-from wsss.pseudo.distribution import distribution_labels, ignore_uncertain, slot_distribution
+from wsss.pseudo.distribution import (
+    confidence_levels,
+    distribution_labels,
+    ignore_uncertain,
+    slot_distribution,
+)
 from wsss.pseudo.labels import scores_to_labels
 from wsss.pseudo.pixels import pixel_mask
 from wsss.pseudo.refine import check_refine_method, refine_scores
@@ -182,7 +187,9 @@ class PseudoMaskModule(L.LightningModule):
         present classes}, refined in the image (``refine``: par or crf; the learned affinity
         walk is a stage of its own), labelled, and its uncertain pixels set to 255: those whose
         two best classes are within ``ignore_band`` of each other. Without refinement the labels
-        are ``scores_to_labels``'s; with it, ``calibrated`` holds the unrefined masks too."""
+        are ``scores_to_labels``'s; with it, ``calibrated`` holds the unrefined masks too.
+        ``confidence`` is each pixel's top-two margin of the final distribution (uint8), the
+        weight a confidence-weighted segmenter loss gives the pixel."""
         images = batch["image"]
         maps = self.fused_maps(images, batch["labels"], batch.get("size"))
         targets, valid, fused = maps["targets"], maps["valid"], maps["fused"]
@@ -214,13 +221,16 @@ class PseudoMaskModule(L.LightningModule):
                 **self.refine_options,
             )
             out.update(calibrated=labelled(probs), pseudo=labelled(refined))
+            out["confidence"] = confidence_levels(refined)
         else:
             out["pseudo"] = labelled(probs)
+            out["confidence"] = confidence_levels(probs)
         return out
 
 
 class PseudoMaskWriter(BasePredictionWriter):
-    """Writes ``<out>/<id>.png`` (pseudo-mask), ``<out>/seeds/<id>.png`` and optionally
+    """Writes ``<out>/<id>.png`` (pseudo-mask), ``<out>/seeds/<id>.png``,
+    ``<out>/confidence/<id>.png`` (the mask's per-pixel confidence, 0..255) and optionally
     ``<out>/maps/<id>.npz`` (fused float16 maps + class indices), each atomically and at the size
     of the image file (``batch["orig_size"]``: data.image_size may have resized it). Each DDP
     process writes its own share and, when predict ends, how many it wrote
@@ -278,6 +288,10 @@ class PseudoMaskWriter(BasePredictionWriter):
                         self._panel_item(batch, prediction, i, h, w, pl_module.mean, pl_module.std),
                         tmp,
                     )
+            write_confidence_png(
+                self.out_dir / CONFIDENCE_DIR / f"{sample_id}.png",
+                file_size(prediction["confidence"][i]),
+            )
             # the pseudo-mask goes last: its presence marks the image as done
             write_label_png(self.out_dir / f"{sample_id}.png", file_size(prediction["pseudo"][i]))
             self.written += 1

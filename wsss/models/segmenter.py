@@ -47,15 +47,32 @@ def build_network(
         ) from exc
 
 
+def confidence_weighted_cross_entropy(
+    logits: Tensor, mask: Tensor, confidence: Tensor, power: float
+) -> Tensor:
+    """Cross-entropy in which each pixel counts by its mask's confidence: weight c^power with
+    c = confidence / 255, averaged as sum(w * ce) / sum(w) over the pixels not labelled 255.
+    Power 0 gives every labelled pixel weight 1: plain cross-entropy. A batch whose weights are
+    all zero contributes zero, not a NaN."""
+    per_pixel = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX, reduction="none")
+    weight = (confidence.to(per_pixel.dtype) / 255.0).pow(power) * (mask != IGNORE_INDEX)
+    return (weight * per_pixel).sum() / weight.sum().clamp_min(1e-12)
+
+
 class SegmenterLoss(nn.Module):
     """Cross-entropy, plus (``ce_dice``) smp's multiclass soft Dice; pixels labelled 255 count in
     neither. Dice weighs every class present in the batch equally, whatever its pixel share,
-    so thin and small classes are learnt in the first epochs rather than after the large ones."""
+    so thin and small classes are learnt in the first epochs rather than after the large ones.
+    With ``confidence_power`` > 0 and a confidence map, the cross-entropy weighs each pixel by
+    its pseudo-mask's confidence (``confidence_weighted_cross_entropy``); Dice stays unweighted."""
 
-    def __init__(self, kind: str = "ce") -> None:
+    def __init__(self, kind: str = "ce", confidence_power: float = 0.0) -> None:
         super().__init__()
         if kind not in ("ce", "ce_dice"):
             raise ValueError(f"segmenter loss {kind!r}: expected ce or ce_dice")
+        if confidence_power < 0:
+            raise ValueError(f"confidence_power must be >= 0, got {confidence_power}")
+        self.confidence_power = float(confidence_power)
         self.cross_entropy = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.dice = (
             smp.losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
@@ -63,8 +80,18 @@ class SegmenterLoss(nn.Module):
             else None
         )
 
-    def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
-        loss = self.cross_entropy(logits, mask)
+    def forward(self, logits: Tensor, mask: Tensor, confidence: Optional[Tensor] = None) -> Tensor:
+        if self.confidence_power > 0 and confidence is None:
+            raise ValueError(
+                "the confidence-weighted loss needs each mask's confidence map "
+                "(batch['confidence']); train on pseudo-masks or set segmenter.confidence_power=0"
+            )
+        if self.confidence_power > 0:
+            loss = confidence_weighted_cross_entropy(
+                logits, mask, confidence, self.confidence_power
+            )
+        else:
+            loss = self.cross_entropy(logits, mask)
         return loss if self.dice is None else loss + self.dice(logits, mask)
 
 
@@ -85,6 +112,7 @@ class SegmenterModule(L.LightningModule):
         optimizer: str = "sgd",
         schedule: str = "poly",
         loss: str = "ce",
+        confidence_power: float = 0.0,
         eval_scales: Sequence[float] = (1.0,),
         eval_flip: bool = False,
         class_names: Optional[list[str]] = None,
@@ -95,7 +123,7 @@ class SegmenterModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_network(arch, encoder, num_classes, in_channels, pretrained)
-        self.loss_fn = SegmenterLoss(loss)
+        self.loss_fn = SegmenterLoss(loss, confidence_power)
         self.val_scores = SegmentationScores(num_classes)
         self._panels: list[tuple[Tensor, Tensor, Tensor]] = []
 
@@ -134,7 +162,7 @@ class SegmenterModule(L.LightningModule):
         logits = self(batch["image"])
         mask = batch["mask"]
         if bool((mask != IGNORE_INDEX).any()):
-            loss = self.loss_fn(logits.float(), mask)
+            loss = self.loss_fn(logits.float(), mask, batch.get("confidence"))
         else:  # an all-void batch (e.g. a crop inside an ignore band): nothing to learn, not a NaN
             loss = logits.float().sum() * 0.0
         check_finite_loss(self, loss)

@@ -63,6 +63,12 @@ def top2_margin(probs: Tensor) -> Tensor:
     return top[:, 0] - top[:, 1]
 
 
+def confidence_levels(probs: Tensor) -> Tensor:
+    """(B, H, W) uint8 confidence of each pixel's label, 0..255: ``top2_margin`` of the
+    distribution, rounded to 8 bits, the form the pseudo-mask stages store beside the masks."""
+    return (top2_margin(probs) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
 def ignore_uncertain(
     labels: Tensor,
     probs: Tensor,

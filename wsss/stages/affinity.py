@@ -26,11 +26,13 @@ from torch.utils.data import Subset
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule, build_source, make_loader
 from wsss.data.imageio import DataError, read_mask
+from wsss.data.masks import CONFIDENCE_DIR
 from wsss.data.resize import restore_size
 from wsss.distributed import barrier, echo, is_global_zero
 from wsss.models.affinity import AffinityModule, propagate
 from wsss.models.prediction_writer import SegmentationWriter
 from wsss.models.pseudo_labeler import MAP_DIR
+from wsss.pseudo.distribution import confidence_levels
 from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.stages.classifier import load_classifier
 from wsss.stages.records import StageError, read_stage, run_stage, stage_dir
@@ -111,7 +113,8 @@ def _run(cfg: Config, logger: Any) -> dict[str, Any]:
 class AffinityRefiner(L.LightningModule):
     """predict_step: each image's saved class maps (``pseudo_masks/maps/<id>.npz``) as the
     calibrated distribution, diffused by the random walk over the image's affinities, labelled,
-    uncertain pixels set to 255 (two best classes within ``ignore_band``)."""
+    uncertain pixels set to 255 (two best classes within ``ignore_band``); ``confidence``: each
+    pixel's top-two margin of the walked distribution (uint8)."""
 
     def __init__(
         self, affinity, maps_dir: Path, thresholds: dict[int, float], ignore_band: float
@@ -127,6 +130,7 @@ class AffinityRefiner(L.LightningModule):
     ) -> dict[str, Tensor]:
         canvas = batch["image"].shape[-2:]
         preds = torch.zeros((len(batch["id"]), *canvas), dtype=torch.uint8, device=self.device)
+        confidence = torch.zeros_like(preds)
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i])
             saved = np.load(
@@ -146,7 +150,8 @@ class AffinityRefiner(L.LightningModule):
             if self.ignore_band > 0:
                 labels = ignore_uncertain(labels, refined, margin=self.ignore_band)
             preds[i, :h, :w] = labels[0]
-        return {"pred": preds}
+            confidence[i, :h, :w] = confidence_levels(refined)[0]
+        return {"pred": preds, "confidence": confidence}
 
 
 def _done(directory: Path, ids: list[str]) -> set[str]:
@@ -179,7 +184,8 @@ def _propagate(
     ]
     barrier()
     if todo:
-        trainer = make_trainer(cfg, 1, logger, [SegmentationWriter(out_dir)])
+        writer = SegmentationWriter(out_dir, confidence_dir=out_dir / CONFIDENCE_DIR)
+        trainer = make_trainer(cfg, 1, logger, [writer])
         trainer.predict(
             refiner,
             dataloaders=make_loader(Subset(dataset, todo), cfg, cfg.cam.batch_size),

@@ -81,12 +81,18 @@ def train_segmenter(cfg: Config) -> dict[str, Any]:
 
 def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    datamodule = StageDataModule(cfg, "segmenter", train_masks=masks)
+    s = cfg.segmenter
+    weighted = s.confidence_power > 0
+    if weighted and masks is None:
+        raise StageError(
+            "segmenter.confidence_power > 0 weighs pseudo-masks by their confidence, but "
+            "segmenter.masks=ground_truth has none; set segmenter.confidence_power=0"
+        )
+    datamodule = StageDataModule(cfg, "segmenter", train_masks=masks, confidence=weighted)
     if masks is not None:
         plain = build_source(cfg, cfg.data.train_split, mean=datamodule.mean, std=datamodule.std)
-        plain.use_masks_from(masks)
+        plain.use_masks_from(masks, confidence=weighted)
         check_mask_dir(plain, masks)
-    s = cfg.segmenter
     module = SegmenterModule(
         num_classes=datamodule.num_foreground + 1,
         arch=s.arch,
@@ -99,6 +105,7 @@ def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
         optimizer=s.optimizer,
         schedule=s.schedule,
         loss=s.loss,
+        confidence_power=s.confidence_power,
         eval_scales=s.eval_scales,
         eval_flip=s.eval_flip,
         class_names=datamodule.train_set.all_class_names,
