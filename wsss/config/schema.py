@@ -252,6 +252,15 @@ class PseudoConfig:
         "affinity (learned inter-pixel affinity + random walk: the affinity stage)",
     )
     par_iterations: int = option(10, "par: refinement iterations", check=AT_LEAST_ONE)
+    affinity_labels: str = choice(
+        "calibrated",
+        "calibrated",
+        "par",
+        "crf",
+        help="with refine=affinity, the masks the affinities learn from: the calibrated masks, "
+        "or those masks refined in the image by par or crf (IRN learns its boundaries from "
+        "refined seeds); the random walk still starts from the calibrated maps",
+    )
     save_maps: bool = option(False, "also write fused float maps as .npz (float16)")
     num_panels: int = option(8, "samples in the panel grid")
     score_split: Optional[str] = option(

@@ -38,6 +38,7 @@ SEED_DIR = "seeds"
 CALIBRATED_DIR = "calibrated"  # the calibrated masks before in-image refinement (par / crf)
 IMAGE_REFINEMENTS = ("par", "crf")  # refinements the pseudo-mask module applies itself
 MAP_DIR = "maps"
+AFFINITY_LABEL_DIR = "affinity_labels"  # refined masks the affinity stage learns from
 RANK_DIR = ".ranks"
 PANEL_DIR = ".panels"
 
@@ -70,6 +71,7 @@ class PseudoMaskModule(L.LightningModule):
         ignore_band: float = 0.0,
         refine: str = "none",
         refine_options: Optional[dict[str, Any]] = None,
+        affinity_labels: Optional[str] = None,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         library: Optional[ReferenceLibrary] = None,
@@ -97,6 +99,11 @@ class PseudoMaskModule(L.LightningModule):
         self.ignore_band = ignore_band
         self.refine = check_refine_method(refine)
         self.refine_options = dict(refine_options or {})
+        if affinity_labels is not None and affinity_labels not in IMAGE_REFINEMENTS:
+            raise ValueError(
+                f"affinity_labels={affinity_labels!r}: expected one of {', '.join(IMAGE_REFINEMENTS)}"
+            )
+        self.affinity_labels = affinity_labels
         self.mean, self.std = mean, std
 
     def on_predict_start(self) -> None:
@@ -225,6 +232,17 @@ class PseudoMaskModule(L.LightningModule):
         else:
             out["pseudo"] = labelled(probs)
             out["confidence"] = confidence_levels(probs)
+        if self.affinity_labels is not None:
+            refined = refine_scores(
+                self.affinity_labels,
+                probs,
+                images,
+                valid=inside,
+                mean=self.mean,
+                std=self.std,
+                **self.refine_options,
+            )
+            out["affinity_labels"] = labelled(refined)
         return out
 
 
@@ -288,6 +306,11 @@ class PseudoMaskWriter(BasePredictionWriter):
                         self._panel_item(batch, prediction, i, h, w, pl_module.mean, pl_module.std),
                         tmp,
                     )
+            if "affinity_labels" in prediction:
+                write_label_png(
+                    self.out_dir / AFFINITY_LABEL_DIR / f"{sample_id}.png",
+                    file_size(prediction["affinity_labels"][i]),
+                )
             write_confidence_png(
                 self.out_dir / CONFIDENCE_DIR / f"{sample_id}.png",
                 file_size(prediction["confidence"][i]),

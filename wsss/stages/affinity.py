@@ -1,6 +1,7 @@
 """The affinity stage (``pseudo.refine=affinity``), AffinityNet / IRN style:
 
-1. an ``AffinityModule`` learns inter-pixel affinities from the calibrated pseudo-masks (pixel
+1. an ``AffinityModule`` learns inter-pixel affinities from the calibrated pseudo-masks, or
+   from those masks refined by par / crf (``pseudo.affinity_labels``) (pixel
    pairs within ``affinity.radius``: same label -> 1, different -> 0, pairs touching the ignore
    band left out), on the classifier's backbone; resumable from ``last.ckpt``;
 2. every training image's saved class maps (background included, as the calibrated
@@ -35,6 +36,7 @@ from wsss.models.pseudo_labeler import MAP_DIR
 from wsss.pseudo.distribution import confidence_levels
 from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.stages.classifier import load_classifier
+from wsss.stages.pseudo_masks import affinity_labels_dir
 from wsss.stages.records import StageError, read_stage, run_stage, stage_dir
 from wsss.stages.scoring import score_mask_dir
 from wsss.stages.trainer import fit_stage, log_checkpoint, make_trainer
@@ -66,6 +68,13 @@ def feature_levels(model: torch.nn.Module, cfg: Config) -> list[str]:
     return list(RESNET_LEVELS) if all(n in names for n in RESNET_LEVELS) else list(cfg.cam.layers)
 
 
+def affinity_training_masks(cfg: Config) -> Path:
+    """The masks the affinities learn from: the calibrated pseudo-masks, or (with
+    ``pseudo.affinity_labels``) those masks refined in the image by the pseudo-mask stage."""
+    out_dir = stage_dir(cfg, "pseudo_masks")
+    return affinity_labels_dir(cfg, out_dir) or out_dir
+
+
 def _pseudo_record(cfg: Config) -> dict[str, Any]:
     record = read_stage(cfg, "pseudo_masks")
     if record is None or record.get("status") != "done":
@@ -81,7 +90,7 @@ def _run(cfg: Config, logger: Any) -> dict[str, Any]:
     classifier = load_classifier(cfg)
     a = cfg.affinity
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    datamodule = StageDataModule(cfg, "segmenter", train_masks=stage_dir(cfg, "pseudo_masks"))
+    datamodule = StageDataModule(cfg, "segmenter", train_masks=affinity_training_masks(cfg))
     backbone = classifier.export()
     module = AffinityModule(
         backbone,

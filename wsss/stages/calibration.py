@@ -40,7 +40,11 @@ def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, An
     refine = (
         p.refine if p.refine in IMAGE_REFINEMENTS else "none"
     )  # the affinity walk is a stage of its own
-    options = {"iterations": p.par_iterations} if refine == "par" else {}
+    affinity_labels = (
+        p.affinity_labels if p.refine == "affinity" and p.affinity_labels != "calibrated" else None
+    )
+    uses_par = "par" in (refine, affinity_labels)
+    options = {"iterations": p.par_iterations} if uses_par else {}
     return dict(
         method=c.method,
         layers=c.layers,
@@ -53,6 +57,7 @@ def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, An
         ignore_band=p.ignore_band,
         refine=refine,
         refine_options=options,
+        affinity_labels=affinity_labels,
         mean=classifier.hparams.mean,
         std=classifier.hparams.std,
         library=library,

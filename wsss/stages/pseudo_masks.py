@@ -32,6 +32,7 @@ from wsss.data.imageio import DataError, read_mask
 from wsss.distributed import barrier, is_global_zero
 from wsss.io import read_json, write_json_atomic
 from wsss.models.pseudo_labeler import (
+    AFFINITY_LABEL_DIR,
     CALIBRATED_DIR,
     IMAGE_REFINEMENTS,
     PANEL_DIR,
@@ -68,10 +69,23 @@ def make_pseudo_masks(cfg: Config) -> dict[str, Any]:
 
 def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
     """Where the pseudo-mask stage writes each scored step: seeds, calibrated masks ("pseudo")
-    and, after in-image refinement, the refined masks the segmenter trains on."""
+    and, after in-image refinement, the refined masks the segmenter trains on; with
+    ``pseudo.affinity_labels`` set, the refined masks the affinity stage learns from."""
     if cfg.pseudo.refine in IMAGE_REFINEMENTS:
         return {"seed": out_dir / SEED_DIR, "pseudo": out_dir / CALIBRATED_DIR, "refined": out_dir}
-    return {"seed": out_dir / SEED_DIR, "pseudo": out_dir}
+    steps = {"seed": out_dir / SEED_DIR, "pseudo": out_dir}
+    if affinity_labels_dir(cfg, out_dir) is not None:
+        steps["affinity_labels"] = affinity_labels_dir(cfg, out_dir)
+    return steps
+
+
+def affinity_labels_dir(cfg: Config, out_dir: Path) -> Optional[Path]:
+    """The folder of the refined masks the affinity stage learns from; None where it learns from
+    the calibrated masks themselves (or the run has no affinity stage)."""
+    p = cfg.pseudo
+    if p.refine != "affinity" or p.affinity_labels == "calibrated":
+        return None
+    return out_dir / AFFINITY_LABEL_DIR
 
 
 def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = None, library=None):
