@@ -5,6 +5,7 @@ import pytest
 
 from wsss import stages
 from wsss.data.imageio import DataError
+from wsss.stages.report import write_report
 
 from conftest import digest, reuse_stage, tiny_config
 
@@ -34,6 +35,11 @@ def test_affinity_learns_from_the_par_refined_masks(tmp_path, trained_classifier
     # ... while the stage's own masks stay the calibrated ones, and both are scored
     assert digest(out, "syn_*.png") != digest(out / "affinity_labels")
     assert record["affinity_labels_miou"] is not None and record["pseudo_miou"] is not None
+    # the report shows them as a step of their own
+    report = write_report(cfg)
+    assert report["affinity_labels_miou"] == record["affinity_labels_miou"]
+    markdown = (affinity_root / "default" / "report.md").read_text()
+    assert "masks the affinities learn from" in markdown
     # the affinity stage reads them: without them it stops, naming the missing file
     missing = out / "affinity_labels" / "syn_train_00000.png"
     missing.unlink()
@@ -48,3 +54,4 @@ def test_calibrated_is_the_default_and_writes_no_extra_folder(tmp_path, trained_
     record = stages.make_pseudo_masks(cfg)
     assert not (tmp_path / "default" / "pseudo_masks" / "affinity_labels").exists()
     assert "affinity_labels_miou" not in record
+    assert write_report(cfg)["affinity_labels_miou"] is None

@@ -58,6 +58,9 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "seed_miou": pseudo.get("seed_miou"),
         "pseudo_miou": pseudo.get("pseudo_miou"),
         "refined_miou": pseudo.get("refined_miou"),
+        # with pseudo.affinity_labels: the in-image refined masks the affinity stage learnt from
+        "affinity_labels_miou": pseudo.get("affinity_labels_miou"),
+        "affinity_labels_per_class_iou": _named(pseudo.get("affinity_labels_per_class_iou"), names),
         "seg_miou": evaluation.get("miou"),
         "seg_miou_crf": evaluation.get("crf_miou"),
         "per_class_iou": _named(evaluation.get("per_class_iou"), names),
@@ -144,10 +147,11 @@ def _summary_table(report: dict[str, Any]) -> list[str]:
     labels = {
         "seed": "seeds (fixed threshold, train split)",
         "pseudo": "pseudo-masks (calibrated, train split)",
+        "affinity_labels": "masks the affinities learn from (refined in the image, train split)",
         "refined": "refined pseudo-masks (train split)",
     }
-    for step in STEPS:
-        if step == "refined" and report.get("refined_miou") is None:
+    for step in ("seed", "pseudo", "affinity_labels", "refined"):
+        if step in ("affinity_labels", "refined") and report.get(f"{step}_miou") is None:
             continue
         rows.append(
             (
