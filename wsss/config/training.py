@@ -80,6 +80,12 @@ class AffinityConfig:
         "random walk steps; scale with the square of the feature grid side (VOC 512 px: 256)",
         check=AT_LEAST_ONE,
     )
+    boundary_power: float = option(
+        0.0,
+        "boundary-aware walk (IRN): cut each pair's affinity by (1 - the strongest boundary on "
+        "its path)^this, the boundary read off the learned adjacent affinities; 0: plain walk",
+        check=NOT_NEGATIVE,
+    )
 
 
 @dataclass

@@ -217,10 +217,12 @@ def propagate(
     valid: Optional[Tensor] = None,
     beta: Optional[float] = None,
     steps: Optional[int] = None,
+    boundary_power: float = 0.0,
 ) -> Tensor:
     """Random-walk refinement of (B, C, H, W) image-resolution distributions (background
     included) with the affinities of ``images`` (computed here by the module) or given ones.
-    beta / steps default to the module's hyperparameters (8 and 256 without a module)."""
+    beta / steps default to the module's hyperparameters (8 and 256 without a module);
+    ``boundary_power`` > 0 makes the walk boundary-aware (``wsss.pseudo.boundary``)."""
     if isinstance(module_or_affinities, AffinityModule):
         if images is None:
             raise ValueError("propagate with an AffinityModule needs the images")
@@ -236,4 +238,5 @@ def propagate(
         valid=valid,
         beta=8.0 if beta is None else beta,
         steps=256 if steps is None else steps,
+        boundary_power=boundary_power,
     )

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.pseudo.affinity_pairs import Affinities, neighbour_offsets
+from wsss.pseudo.boundary import cut_by_boundaries
 from wsss.pseudo.pixels import as_pixel_mask, check_scores, shifted
 
 
@@ -102,10 +103,12 @@ def random_walk_refine(
     valid: Optional[Tensor] = None,
     beta: float = 8.0,
     steps: int = 256,
+    boundary_power: float = 0.0,
 ) -> Tensor:
     """The random walk on image-resolution scores: (B, C, H, W) scores are averaged into the
     affinities' feature grid (over ``valid`` pixels only), walked, and upsampled back
-    (bilinear). Pixels outside ``valid`` (B, H, W) keep their scores."""
+    (bilinear). Pixels outside ``valid`` (B, H, W) keep their scores. ``boundary_power`` > 0
+    first cuts each longer pair by the boundaries on its path (``cut_by_boundaries``)."""
     check_scores(scores)
     height, width = scores.shape[-2:]
     stride, values = affinities.stride, affinities.values
@@ -121,6 +124,7 @@ def random_walk_refine(
     count = F.avg_pool2d(F.pad(mask, pad), stride)
     cells = total / count.clamp_min(1e-8)
     known = (count > 0).float()
+    values = cut_by_boundaries(values, affinities.radius, boundary_power)
     walked = random_walk(cells, values, affinities.radius, beta, steps, valid=known[:, 0] > 0)
     # upsampled as a normalised convolution, so cells outside ``valid`` do not bleed in
     size = (h * stride, w * stride)

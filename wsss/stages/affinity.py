@@ -126,13 +126,19 @@ class AffinityRefiner(L.LightningModule):
     pixel's top-two margin of the walked distribution (uint8)."""
 
     def __init__(
-        self, affinity, maps_dir: Path, thresholds: dict[int, float], ignore_band: float
+        self,
+        affinity,
+        maps_dir: Path,
+        thresholds: dict[int, float],
+        ignore_band: float,
+        boundary_power: float = 0.0,
     ) -> None:
         super().__init__()
         self.affinity = affinity.eval()
         self.maps_dir = Path(maps_dir)
         self.thresholds = thresholds  # mask value -> threshold
         self.ignore_band = ignore_band
+        self.boundary_power = boundary_power
 
     def predict_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
@@ -154,7 +160,12 @@ class AffinityRefiner(L.LightningModule):
                 [[self.thresholds[int(c)] for c in classes[0]]], device=self.device
             )
             probs = slot_distribution(maps, valid, per_slot)
-            refined = propagate(self.affinity, probs, images=batch["image"][i : i + 1, :, :h, :w])
+            refined = propagate(
+                self.affinity,
+                probs,
+                images=batch["image"][i : i + 1, :, :h, :w],
+                boundary_power=self.boundary_power,
+            )
             labels = distribution_labels(refined, classes, valid)
             if self.ignore_band > 0:
                 labels = ignore_uncertain(labels, refined, margin=self.ignore_band)
@@ -182,7 +193,11 @@ def _propagate(
     names = list(classifier.hparams.class_names)
     per_class = {i + 1: float(thresholds["per_class"][n]) for i, n in enumerate(names)}
     refiner = AffinityRefiner(
-        trained, stage_dir(cfg, "pseudo_masks") / MAP_DIR, per_class, cfg.pseudo.ignore_band
+        trained,
+        stage_dir(cfg, "pseudo_masks") / MAP_DIR,
+        per_class,
+        cfg.pseudo.ignore_band,
+        boundary_power=cfg.affinity.boundary_power,
     )
     dataset = build_source(
         cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
