@@ -40,8 +40,9 @@ from wsss.cam.lrp.ops.shapes import (
 from wsss.cam.lrp.ops.stacks import plan_getitem_or_slot, plan_permute_or_stack, plan_unbind
 from wsss.cam.lrp.ops.types import NodeContext, OpRule, Step
 
-try:  # timm (a dependency of segmentation-models-pytorch) keeps this helper a leaf of fx graphs
-    from timm.layers.attention import maybe_add_mask
+# timm (a dependency of segmentation-models-pytorch) keeps this helper a leaf of fx graphs
+try:
+    from timm.layers.attention import maybe_add_mask  # optional: only when timm has it
 except ImportError:  # an older timm or none: its attention adds masks with plain `+`
     maybe_add_mask = None
 
