@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models import swin_transformer as tv_swin
 
 from wsss.cam.lrp.canonize import BATCHNORMS, CONVS
 from wsss.cam.lrp.ops.arithmetic import plan_add, plan_div, plan_mul, plan_sub
@@ -39,6 +40,7 @@ from wsss.cam.lrp.ops.shapes import (
 )
 from wsss.cam.lrp.ops.stacks import plan_getitem_or_slot, plan_permute_or_stack, plan_unbind
 from wsss.cam.lrp.ops.types import NodeContext, OpRule, Step
+from wsss.cam.lrp.ops.windows import plan_patch_merging_pad, plan_shifted_window_attention
 
 # timm (a dependency of segmentation-models-pytorch) keeps this helper a leaf of fx graphs
 try:
@@ -185,6 +187,8 @@ def register_builtins() -> None:
         "other",
     )
     add([F.scaled_dot_product_attention], plan_sdpa, "other")
+    add([tv_swin.shifted_window_attention], plan_shifted_window_attention, "other")
+    add([tv_swin._patch_merging_pad], plan_patch_merging_pad, linear)
     if maybe_add_mask is not None:
         add([maybe_add_mask], plan_additive_mask, linear)
     registry_for(nn.MultiheadAttention)[nn.MultiheadAttention] = OpRule(
