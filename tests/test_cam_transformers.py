@@ -455,3 +455,145 @@ def test_gradcam_on_tokens_is_the_reshape_transform():
         g = grads[k][0][:, 1:]
         want = torch.einsum("bc,bnc->bn", g.mean(1), a).view(2, 2, 2)
         torch.testing.assert_close(maps[:, k], want)
+
+
+# ---- Swin: a small torchvision Swin against the same kind of oracle --------------------------
+
+
+def region_ids(padded, window, shift):
+    """Which of the 3×3 regions of the padded map (split at −window and −shift) each position is
+    in: tokens of different regions must not attend to each other after the cyclic shift."""
+    rows = torch.arange(padded[0])
+    cols = torch.arange(padded[1])
+    rh = (rows >= padded[0] - window[0]).long() + (rows >= padded[0] - shift[0]).long()
+    rw = (cols >= padded[1] - window[1]).long() + (cols >= padded[1] - shift[1]).long()
+    return rh[:, None] * 3 + rw[None, :]
+
+
+def window_attention_lrp(attn, x):
+    b, h, w, c = x.shape
+    window, heads = attn.window_size, attn.num_heads
+    pad_b, pad_r = (-h) % window[0], (-w) % window[1]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    ph, pw = x.shape[1], x.shape[2]
+    shift = [0 if window[i] >= (ph, pw)[i] else attn.shift_size[i] for i in range(2)]
+    if any(shift):
+        x = torch.roll(x, (-shift[0], -shift[1]), (1, 2))
+
+    def part(t):
+        t = t.reshape(t.shape[0], ph // window[0], window[0], pw // window[1], window[1], -1)
+        return t.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], t.shape[-1])
+
+    xw = part(x)
+    qkv = zplus_linear(attn.qkv, xw)
+    q, k, v = qkv.reshape(xw.shape[0], xw.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    scores = uniform_matmul(q * (c // heads) ** -0.5, k.transpose(-2, -1))
+    shifted = scores + attn.get_relative_position_bias()
+    if any(shift):
+        ids = part(region_ids((ph, pw), window, shift)[None, :, :, None].double())[..., 0]
+        mask = torch.where(ids[:, None, :] != ids[:, :, None], -100.0, 0.0)  # (nW, T, T)
+        shifted = shifted + mask.repeat(b, 1, 1).unsqueeze(1)
+    probs = surrogate(scores, shifted).softmax(-1)  # bias and mask: constants
+    o = uniform_matmul(probs, v).transpose(1, 2).reshape(xw.shape[0], xw.shape[1], c)
+    o = zplus_linear(attn.proj, o)
+    o = o.view(b, ph // window[0], pw // window[1], window[0], window[1], c)
+    o = o.permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
+    if any(shift):
+        o = torch.roll(o, (shift[0], shift[1]), (1, 2))
+    return o[:, :h, :w]
+
+
+def swin_block_lrp(block, x):
+    x = x + window_attention_lrp(block.attn, surrogate(x, block.norm1(x)))
+    fc1, act, fc2 = block.mlp[0], block.mlp[1], block.mlp[3]
+    u = zplus_linear(fc1, surrogate(x, block.norm2(x)))
+    return x + zplus_linear(fc2, surrogate(u, act(u)))
+
+
+def swin_lrp_forward(model, x, keep):
+    f = model.features
+    h = f[0](x)  # below the lowest captured layer: plain
+    for block in f[1]:
+        h = swin_block_lrp(block, h)
+    h = keep("features.1", h)
+    h = F.pad(h, (0, 0, 0, h.shape[2] % 2, 0, h.shape[1] % 2))
+    h = torch.cat([h[:, 0::2, 0::2], h[:, 1::2, 0::2], h[:, 0::2, 1::2], h[:, 1::2, 1::2]], -1)
+    h = zplus_linear(f[2].reduction, surrogate(h, f[2].norm(h)))
+    for block in f[3]:
+        h = swin_block_lrp(block, h)
+    h = keep("features.3", h)
+    n = surrogate(h, model.norm(h)).permute(0, 3, 1, 2)
+    p = n.mean((2, 3))
+    z = torch.where(p >= 0, n.clamp(min=0).mean((2, 3)), n.clamp(max=0).mean((2, 3)))
+    return zplus_linear(model.head, surrogate(z, p))
+
+
+def tiny_swin():
+    torch.manual_seed(0)
+    model = torchvision.models.SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=8,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=[2, 2],
+        stochastic_depth_prob=0.0,
+        num_classes=C,
+    )
+    model = model.double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(3.0)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.2, 0.2)
+        for m in model.modules():
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.normal_(0, 0.5)
+    return model
+
+
+def test_small_swin_matches_autograd_oracle():
+    model = tiny_swin()
+    x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    t = torch.tensor([1, 3])
+    layers = ["features.1", "features.3"]  # 5×5 tokens (padded, shifted windows), then 3×3
+    with RelevanceCAM(model, layers, preset="lrp") as cam:
+        got = cam.relevance(x, t)
+        maps = cam(x, t)
+    kept = {}
+
+    def keep(name, tensor):
+        tensor.retain_grad()
+        kept[name] = tensor
+        return tensor
+
+    logits = swin_lrp_forward(model, x, keep)
+    torch.testing.assert_close(logits, model(x))
+    logits.backward(
+        torch.zeros_like(logits).scatter_(1, t[:, None], 1.0) / logits.gather(1, t[:, None])
+    )
+    for layer in layers:
+        want = kept[layer].detach() * kept[layer].grad
+        torch.testing.assert_close(got[layer][1][:, 0], want, rtol=1e-6, atol=1e-9)
+    assert maps["features.1"].shape == (2, 1, 5, 5)  # channels-last stage grids
+    assert maps["features.3"].shape == (2, 1, 3, 3)
+
+
+def test_swin_t_batching_and_last_stage_conservation():
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None, num_classes=C).eval()
+    layers = ["features.3", "features.5", "features.7"]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with RelevanceCAM(model, layers, preset="lrp", residual="positive") as cam:
+        rel = cam.relevance(x, T)
+        maps = cam(x, T)
+        alone = cam(x[1:], T[1, 1:])
+    last = rel["features.7"][1].flatten(2).sum(2)
+    torch.testing.assert_close(last, torch.ones_like(last), rtol=1e-4, atol=0)
+    for layer, side in zip(layers, (8, 4, 2)):
+        assert maps[layer].shape == (2, 2, side, side)
+        scale = maps[layer].abs().max()
+        assert (alone[layer][0, 0] - maps[layer][1, 1]).abs().max() <= 1e-4 * scale
