@@ -67,7 +67,9 @@ def test_default_layers_and_layer_check():
     assert default_vit_cam_layers("deit_tiny_patch16_224") == ("blocks.3", "blocks.7", "blocks.11")
     assert default_vit_cam_layers("vit_b_16") == ("blocks.3", "blocks.7", "blocks.11")
     check_vit_cam_layers("vit_b_16", ["blocks.0", "blocks.11.mlp", "input"])
-    with pytest.raises(ValueError, match="blocks.12.*did you mean blocks.1"):
+    with pytest.raises(
+        ValueError, match="blocks.12. is not a block of vit_b_16.*did you mean.*blocks.11"
+    ):
         check_vit_cam_layers("vit_b_16", ["blocks.12"])
 
 
