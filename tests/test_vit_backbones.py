@@ -18,6 +18,7 @@ from wsss.models.vit_backbones import (
     default_vit_cam_layers,
     resample_grid,
 )
+from wsss.stages import classifier as stage
 
 from conftest import tiny_args, tiny_config
 
@@ -109,3 +110,14 @@ def test_pipeline_end_to_end_with_a_tiny_vit(tmp_path):
     checkpoint = next((run / "classifier").rglob("*.ckpt"))
     hparams = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
     assert hparams["token_pool"] == "gap"  # the key reached the classifier
+
+
+def test_classifier_stage_passes_token_pool(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        stage, "fit_stage", lambda cfg, name, module, *a, **k: seen.update(m=module)
+    )
+    vit = ("classifier.backbone=deit_tiny_patch16_224", "classifier.output_stride=32")
+    for pool in ("gap", "token"):
+        stage._train(tiny_config(tmp_path, *vit, f"classifier.token_pool={pool}"), None)
+        assert seen["m"].model.token_pool == pool
