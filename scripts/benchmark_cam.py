@@ -5,7 +5,7 @@ Units (both timed here, both in the table):
   only (no weight gradients, nothing below that layer): what any gradient CAM must pay;
 - ``train_step``: a full training forward + backward (weight gradients everywhere), labelled as such.
 
-Case: a torchvision model (weights=None, 20 classes; default ResNet-50), batch 8, 224 px, three
+Case: a torchvision or timm model (weights=None, 20 classes; default ResNet-50), batch 8, 224 px, three
 layers (default: the family's default CAM layers, wsss.models.backbones.default_cam_layers).
 Each row runs in a fresh subprocess so its peak RSS (CPU) or peak CUDA memory is its own.
 Prints a markdown table; ``--sweep`` prints the ratios over batch 1 / 8 and 64 / 224 / 448 px.
@@ -15,6 +15,7 @@ resizes every map, so a time against raw maps says nothing like for like.
 
     python scripts/benchmark_cam.py                          # CPU, ResNet-50, all rows
     python scripts/benchmark_cam.py --model densenet121      # any torchvision classifier
+    python scripts/benchmark_cam.py --model deit_small_patch16_224 --layers blocks.3,blocks.7,blocks.11
     python scripts/benchmark_cam.py --threads 1 --clock process --interleave   # a busy machine
     python scripts/benchmark_cam.py --device cuda            # GPU (peak = torch.cuda.max_memory_allocated)
 """
@@ -54,7 +55,12 @@ def _setup(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model, weights=None, num_classes=20)
+    if args.model in torchvision.models.list_models(module=torchvision.models):
+        model = torchvision.models.get_model(args.model, weights=None, num_classes=20)
+    else:  # a timm model (e.g. deit_small_patch16_224); timm is only needed for those
+        import timm
+
+        model = timm.create_model(args.model, pretrained=False, num_classes=20)
     model = model.to(args.device).eval()
     images = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     targets1 = torch.randint(0, 20, (args.batch,), device=args.device)

@@ -1,4 +1,4 @@
-"""Attribution maps for CNN classifiers: Relevance-CAM and baselines (pure torch).
+"""Attribution maps for CNN and vision-transformer classifiers: Relevance-CAM and baselines (pure torch).
 
 from wsss.cam import RelevanceCAM
 with RelevanceCAM(model, layers=["layer2", "layer3", "layer4"], preset="reference") as cam:
@@ -39,6 +39,7 @@ from wsss.cam.relevance import (
     preset_config,
     start_relevance,
 )
+from wsss.cam.tokens import TokenLayout, to_grid, token_layout
 
 __all__ = [
     "CAM",
@@ -58,6 +59,7 @@ __all__ = [
     "NORMALIZATIONS",
     "PRESETS",
     "ReferenceLibrary",
+    "TokenLayout",
     "RelevanceCAM",
     "Rule",
     "aggregate_scales",
@@ -75,6 +77,8 @@ __all__ = [
     "register_rule",
     "relu_max_normalize",
     "start_relevance",
+    "to_grid",
+    "token_layout",
     "unregister_rule",
     "upsample",
 ]

@@ -14,19 +14,33 @@ from torch import Tensor, nn
 
 from wsss.cam.core import HookedCAM, stacked_gradients, targets_2d
 from wsss.cam.lrp.rules import compute_dtype
+from wsss.cam.tokens import TokenLayout, to_grid, token_layout
 
 
 class GradientCAM(HookedCAM):
-    """Methods built from d logit_t / dA at each layer; subclasses combine A and the gradients."""
+    """Methods built from d logit_t / dA at each layer; subclasses combine A and the gradients.
+
+    Transformer tokens (B, N, C) are reshaped to the patch grid (B, C, h, w), prefix tokens
+    dropped, before combining (pytorch-grad-cam's reshape transform); `tokens` gives the layout,
+    read from the model by default (see wsss.cam.tokens).
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: list[str] | str, tokens: TokenLayout | None = None
+    ):
+        super().__init__(model, layers)
+        self.tokens = tokens if tokens is not None else token_layout(model)
 
     def __call__(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         targets = targets_2d(targets, images)
         _, acts, grads = self.target_gradients(images, targets)
         out = {}
+        hw = tuple(images.shape[-2:])
         for i, layer in enumerate(self.layers):
             dtype = compute_dtype(acts[layer])
-            a = acts[layer].detach().to(dtype)
-            out[layer] = self.combine(a, stacked_gradients(grads, i, dtype))  # g: (B, K, C, h, w)
+            a = to_grid(acts[layer].detach().to(dtype), hw, self.tokens)
+            g = to_grid(stacked_gradients(grads, i, dtype), hw, self.tokens, lead=2)
+            out[layer] = self.combine(a, g)  # g: (B, K, C, h, w)
         return out
 
     def combine(self, a: Tensor, g: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ image; the input layers use the composite's `input` rule, z^B by default: see `b
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from wsss.cam.lrp.composites import DEFAULT_PRESET, PRESETS, list_presets, prese
 from wsss.cam.lrp.graph import relevance_graph
 from wsss.cam.lrp.rules import as_compute, compute_dtype
 from wsss.cam.lrp.tracing import INPUT_LAYER
+from wsss.cam.tokens import TokenLayout, to_grid, token_layout
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -63,7 +65,7 @@ def start_relevance(
 
 
 class RelevanceCAM(LayerCAM):
-    """Relevance-CAM for any traceable CNN (torchvision, timm, plain nn.Sequential, ...).
+    """Relevance-CAM for any traceable CNN or vision transformer (torchvision, timm, ...).
 
     with RelevanceCAM(model, layers=["layer2", "layer3", "layer4"], preset="reference") as cam:
         maps = cam(images, targets)          # {layer: (B, K, h, w)} raw maps
@@ -76,6 +78,10 @@ class RelevanceCAM(LayerCAM):
     per model, layers and options, and rebuilt when a module is replaced); an op without an LRP
     rule between the logits and a requested layer fails here, naming it. No hooks are added, so
     the model is left untouched. Put the model in eval mode, on its device, first.
+
+    Transformer layers that output (B, N, C) tokens (or Swin's (B, H, W, C) grids) give maps on
+    the (h, w) patch grid, the prefix tokens dropped from the map (their relevance still counts
+    in α); `tokens` gives the layout, read from the model by default (see wsss.cam.tokens).
     """
 
     def __init__(
@@ -83,9 +89,12 @@ class RelevanceCAM(LayerCAM):
         model: nn.Module,
         layers: list[str] | str,
         preset: str = DEFAULT_PRESET,
+        *,
+        tokens: TokenLayout | None = None,
         **options: Any,
     ):
         super().__init__(model, layers)
+        self.tokens = tokens if tokens is not None else token_layout(model)
         self.config = preset_config(preset, **options)
         self.graph = relevance_graph(model, self.layers, self.config)
 
@@ -99,7 +108,9 @@ class RelevanceCAM(LayerCAM):
         activations, relevance, batch = self._run(images, targets, present)
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             return {
-                layer: self._map(layer, activations[layer], relevance.pop(layer), batch)
+                layer: self._map(
+                    layer, activations[layer], relevance.pop(layer), batch, images.shape[-2:]
+                )
                 for layer in self.layers
             }
 
@@ -133,16 +144,23 @@ class RelevanceCAM(LayerCAM):
             relevance = self.graph.sweep(r.reshape(b * k, -1), values)
         return activations, relevance, b
 
-    def _map(self, layer: str, activation: Tensor, relevance: Tensor, batch: int) -> Tensor:
+    def _map(
+        self, layer: str, activation: Tensor, relevance: Tensor, batch: int, image_hw: Any
+    ) -> Tensor:
         a = as_compute(activation, relevance.dtype)
         r = relevance.view(batch, -1, *a.shape[1:])
         if layer == INPUT_LAYER and layer not in self.graph.traced.modules:
             return r.sum(2)  # the pixel-level heatmap: relevance summed over input channels
-        if a.dim() != 4:
+        tokens = a.dim() == 3 or (a.dim() == 4 and self.tokens.channels_last)
+        if a.dim() != 4 and not tokens:
             raise ValueError(
-                f"Relevance-CAM needs (B, C, h, w) activations at {layer!r}, got {tuple(a.shape)}"
+                f"Relevance-CAM needs (B, C, h, w) activations or (B, N, C) tokens at {layer!r}, "
+                f"got {tuple(a.shape)}"
             )
-        alpha = r.sum((-2, -1))
+        # α sums over every position (for tokens: the prefix tokens too); the map shows the grid
+        positions = tuple(range(2, r.dim() - 1)) if tokens else (-2, -1)
+        alpha = r.sum(positions)
         if self.config.weights == "mean":
-            alpha = alpha / (a.shape[-2] * a.shape[-1])
-        return torch.einsum("bkc,bchw->bkhw", alpha, a)
+            alpha = alpha / math.prod(r.shape[d] for d in positions)
+        grid = to_grid(a, tuple(image_hw), self.tokens) if tokens else a
+        return torch.einsum("bkc,bchw->bkhw", alpha, grid)

@@ -14,7 +14,7 @@ from wsss.cam import PRESETS
 from wsss.config.coercion import closest
 from wsss.config.fields import ConfigError
 from wsss.config.schema import Config, DataConfig
-from wsss.models import backbones
+from wsss.models import backbones, vit_backbones
 
 
 def check_config(cfg: Config) -> None:
@@ -43,6 +43,9 @@ def _check_backbone(cfg: Config) -> None:
     """The backbone exists in torchvision, allows the output stride, and has the CAM layers
     (filled in with the family's default when unset)."""
     name = cfg.classifier.backbone
+    if vit_backbones.is_vit_backbone(name):
+        _check_vit_backbone(cfg)
+        return
     try:
         backbones.check_backbone(name)
     except ValueError as exc:
@@ -56,6 +59,21 @@ def _check_backbone(cfg: Config) -> None:
         if cfg.cam.layers is None:
             cfg.cam.layers = list(backbones.default_cam_layers(name))
         backbones.check_cam_layers(name, cfg.cam.layers)
+    except ValueError as exc:
+        raise ConfigError(f"cam.layers: {exc}") from None
+
+
+def _check_vit_backbone(cfg: Config) -> None:
+    """A ViT backbone: stride 32 only (its stride is the patch size), blocks as CAM layers."""
+    name = cfg.classifier.backbone
+    if cfg.classifier.output_stride != 32:
+        raise ConfigError(
+            f"classifier.output_stride: {name} is a ViT (its stride is its patch size); use 32"
+        )
+    try:
+        if cfg.cam.layers is None:
+            cfg.cam.layers = list(vit_backbones.default_vit_cam_layers(name))
+        vit_backbones.check_vit_cam_layers(name, cfg.cam.layers)
     except ValueError as exc:
         raise ConfigError(f"cam.layers: {exc}") from None
 

@@ -36,7 +36,9 @@ class ClassifierConfig:
     backbone: str = option(
         "resnet18",
         "any torchvision classification model name "
-        "(torchvision.models.list_models(module=torchvision.models))",
+        "(torchvision.models.list_models(module=torchvision.models)), or a ViT: "
+        "deit_tiny_patch16_224, deit_small_patch16_224, vit_small_patch16_224, vit_b_16, "
+        "vit_b_32, ... (wsss.models.vit_backbones.VIT_BACKBONES)",
     )
     pretrained: bool = option(
         False, "ImageNet weights from torchvision (needs network or TORCH_HOME cache)"
@@ -47,6 +49,12 @@ class ClassifierConfig:
         32,
         help="16 dilates the last stage for finer maps (ResNet, "
         "EfficientNet, MobileNet, MNASNet, RegNet, ShuffleNet)",
+    )
+    token_pool: str = choice(
+        "token",
+        "token",
+        "gap",
+        help="ViT backbones: the head reads the class token, or the mean of the patch tokens",
     )
     max_epochs: int = epochs_option(12)
     lr: float = lr_option(0.01, "head learning rate (SGD)")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from wsss.metrics import MultiLabelScores
 from wsss.models.backbones import build_backbone, head_of
 from wsss.models.common import check_finite_loss, optimizer_with_schedule
+from wsss.models.vit_backbones import build_vit_backbone, is_vit_backbone
 
 
 class ClassifierModule(L.LightningModule):
@@ -36,10 +37,18 @@ class ClassifierModule(L.LightningModule):
         class_names: Optional[list[str]] = None,
         mean: Optional[list[float]] = None,
         std: Optional[list[float]] = None,
+        token_pool: str = "token",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_backbone(backbone, num_classes, pretrained, output_stride, in_channels)
+        if is_vit_backbone(backbone):
+            self.model = build_vit_backbone(
+                backbone, num_classes, pretrained, token_pool, in_channels
+            )
+        else:
+            self.model = build_backbone(
+                backbone, num_classes, pretrained, output_stride, in_channels
+            )
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.val_scores = MultiLabelScores(num_classes, threshold=0.5)
 

@@ -43,6 +43,7 @@ def _train(cfg: Config, logger: Any) -> dict[str, Any]:
         class_names=datamodule.train_set.class_names,
         mean=datamodule.mean,
         std=datamodule.std,
+        token_pool=c.token_pool,
     )
     return fit_stage(cfg, "classifier", module, datamodule, c.max_epochs, logger)
 

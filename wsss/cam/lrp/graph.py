@@ -68,6 +68,13 @@ _SHAPE_ONLY = {
 }
 
 
+def _reads_shape(node: fx.Node) -> bool:
+    """x.shape / x.size() / x.dim(): a value that depends on the image's size, not its pixels."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:2] in (("shape",), ("ndim",), ("dtype",), ("device",))
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
 def _target_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         kind = type(modules[node.target])
@@ -125,10 +132,14 @@ class RelevanceGraph:
     # ---------------------------------------------------------------------------- planning
 
     def _depends_on_input(self, nodes: list[fx.Node]) -> dict[fx.Node, bool]:
+        """Which values depend on the image. A shape read from a signal (x.shape, x.size())
+        does not: e.g. a class token expanded to the batch size is a constant."""
         derived: dict[fx.Node, bool] = {}
         for n in nodes:
-            derived[n] = n.op == "placeholder" or (
-                n.op != "get_attr" and any(derived[i] for i in n.all_input_nodes)
+            derived[n] = (n is self.traced.placeholder) or (
+                n.op not in ("get_attr", "placeholder")
+                and not _reads_shape(n)
+                and any(derived[i] for i in n.all_input_nodes)
             )
         return derived
 
@@ -147,11 +158,12 @@ class RelevanceGraph:
         return False
 
     def is_multi_output(self, value: Any) -> bool:
-        return (
-            isinstance(value, fx.Node)
-            and value.op in ("call_function", "call_method")
-            and value.target in _MULTI_OUTPUT
-        )
+        if not isinstance(value, fx.Node) or not value.op.startswith("call"):
+            return False
+        if value.op != "call_module" and value.target in _MULTI_OUTPUT:
+            return True
+        rule = node_rule(value, self.traced.modules)
+        return rule is not None and rule.multi_output
 
     def _linear_layers(self, nodes: list[fx.Node]) -> dict[fx.Node, LayerInfo]:
         """Conv / Linear nodes (modules, or F.linear / F.conv*d inside a module) with their
@@ -165,7 +177,7 @@ class RelevanceGraph:
         ]
         reads_image: dict[fx.Node, bool] = {}
         for n in nodes:
-            reads_image[n] = n.op == "placeholder" or (
+            reads_image[n] = n is t.placeholder or (
                 n not in linear and any(reads_image[i] for i in n.all_input_nodes)
             )
         infos = {}

@@ -10,6 +10,7 @@ name "input" is the image itself.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import weakref
@@ -110,13 +111,29 @@ class TracedModel:
         return outputs[0]
 
 
+def optional_arguments(model: nn.Module) -> dict[str, Any]:
+    """The forward's arguments after the first that have defaults (e.g. timm's attn_mask=None,
+    is_causal=False), at those defaults: the model is traced as a function of the image alone."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in parameters[1:]
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
 def trace(model: nn.Module) -> TracedModel:
-    """Trace the model's forward in eval mode (see the module docstring)."""
+    """Trace the model's forward in eval mode (see the module docstring), its optional
+    arguments held at their defaults."""
     modes = {m: m.training for m in model.modules()}
     tracer = PathTracer()
     try:
         model.eval()
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=optional_arguments(model) or None)
     except Exception as exc:
         raise RuntimeError(
             f"RelevanceCAM could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
@@ -126,9 +143,11 @@ def trace(model: nn.Module) -> TracedModel:
     finally:
         for m, mode in modes.items():
             m.training = mode
+    # arguments held at their defaults stay placeholders (with those defaults), after the image
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise ValueError(f"RelevanceCAM needs a model with one input, got {len(placeholders)}")
+    inputs = len(placeholders) - len(optional_arguments(model))
+    if inputs != 1:
+        raise ValueError(f"RelevanceCAM needs a model with one input, got {inputs}")
     output = next(n for n in graph.nodes if n.op == "output")
     logits = output.args[0]
     if not isinstance(logits, fx.Node):

@@ -25,7 +25,12 @@ Built-in rules (relevance R is (B*K, ...), recorded values (B, ...)):
   over dimensions: spread in proportion to the positive inputs (z⁺), or to the negative ones
   where the pooled value is negative (only possible without a ReLU before the pool);
 - flatten / view / reshape / squeeze / unsqueeze / permute / transpose / tensor indexing /
-  channel shuffle: relevance moved back to where the values came from.
+  channel shuffle: relevance moved back to where the values came from; a stack made by a
+  permute that puts the batch second (packed q, k, v), then unbind / integer slots;
+- attention (AttnLRP, attention.py): softmax by gradient × input (x ⊙ (R − s ΣR)); matmul /
+  bmm of two signals by the uniform rule (half to each factor, ε-stabilised);
+  F.scaled_dot_product_attention and nn.MultiheadAttention as single nodes composing those;
+  torchvision Swin's shifted_window_attention and patch merging as single nodes (windows.py).
 """
 
 from wsss.cam.lrp.canonize import BATCHNORMS, CONVS, batchnorm_affine

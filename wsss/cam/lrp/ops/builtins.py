@@ -9,9 +9,17 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models import swin_transformer as tv_swin
 
 from wsss.cam.lrp.canonize import BATCHNORMS, CONVS
 from wsss.cam.lrp.ops.arithmetic import plan_add, plan_div, plan_mul, plan_sub
+from wsss.cam.lrp.ops.attention import (
+    plan_additive_mask,
+    plan_matmul,
+    plan_multihead_attention,
+    plan_sdpa,
+    plan_softmax,
+)
 from wsss.cam.lrp.ops.common import plan_pass
 from wsss.cam.lrp.ops.layers import FUNCTIONAL_LAYERS, plan_conv, plan_functional_layer, plan_linear
 from wsss.cam.lrp.ops.pooling import (
@@ -26,13 +34,19 @@ from wsss.cam.lrp.ops.shapes import (
     plan_cat,
     plan_channel_shuffle,
     plan_chunk,
-    plan_getitem,
-    plan_permute,
     plan_reshape,
     plan_split,
     plan_transpose,
 )
+from wsss.cam.lrp.ops.stacks import plan_getitem_or_slot, plan_permute_or_stack, plan_unbind
 from wsss.cam.lrp.ops.types import NodeContext, OpRule, Step
+from wsss.cam.lrp.ops.windows import plan_patch_merging_pad, plan_shifted_window_attention
+
+# timm (a dependency of segmentation-models-pytorch) keeps this helper a leaf of fx graphs
+try:
+    from timm.layers.attention import maybe_add_mask  # optional: only when timm has it
+except ImportError:  # an older timm or none: its attention adds masks with plain `+`
+    maybe_add_mask = None
 
 ACTIVATIONS = (
     nn.ReLU,
@@ -104,10 +118,7 @@ def register_builtins() -> None:
             torch.sigmoid,
             F.sigmoid,
             F.hardsigmoid,
-            torch.softmax,
-            F.softmax,
             "sigmoid",
-            "softmax",
             "sigmoid_",
         ],
         plan_pass,
@@ -144,7 +155,7 @@ def register_builtins() -> None:
     add([torch.cat, torch.concat, torch.concatenate], plan_cat, linear)
     add([torch.chunk, "chunk"], plan_chunk, linear)
     add([torch.split, "split"], plan_split, linear)
-    add([operator.getitem], plan_getitem, linear)
+    add([operator.getitem], plan_getitem_or_slot, linear)
     add(
         [
             nn.Flatten,
@@ -165,7 +176,24 @@ def register_builtins() -> None:
         plan_reshape,
         linear,
     )
-    add([torch.permute, "permute"], plan_permute, linear)
+    add([torch.permute, "permute"], plan_permute_or_stack, linear)
+    for target in (torch.unbind, "unbind"):
+        registry_for(target)[target] = OpRule(plan_unbind, kind=linear, multi_output=True)
+    # attention (AttnLRP): a softmax output still gates a signal it multiplies element-wise
+    add([torch.softmax, F.softmax, "softmax", nn.Softmax], plan_softmax, "other", gate=True)
+    add(
+        [torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__"],
+        plan_matmul,
+        "other",
+    )
+    add([F.scaled_dot_product_attention], plan_sdpa, "other")
+    add([tv_swin.shifted_window_attention], plan_shifted_window_attention, "other")
+    add([tv_swin._patch_merging_pad], plan_patch_merging_pad, linear)
+    if maybe_add_mask is not None:
+        add([maybe_add_mask], plan_additive_mask, linear)
+    registry_for(nn.MultiheadAttention)[nn.MultiheadAttention] = OpRule(
+        plan_multihead_attention, multi_output=True
+    )
     add([torch.transpose, torch.swapaxes, "transpose", "swapaxes"], plan_transpose, linear)
     add([nn.ChannelShuffle, torch.channel_shuffle, F.channel_shuffle], plan_channel_shuffle, linear)
     add([nn.MaxPool2d, F.max_pool2d, torch.max_pool2d], plan_max_pool, "maxpool")

@@ -81,15 +81,22 @@ class OpRule:
 
     gate: the op's output gates another signal when multiplied with it (sigmoid-like);
     kind: how LIFT-CAM's DeepLIFT treats the op: "linear" (exact: its own transpose),
-    "elementwise" (a nonlinearity per element: the rescale rule), "maxpool", or "other".
+    "elementwise" (a nonlinearity per element: the rescale rule), "maxpool", or "other";
+    multi_output: the op returns a tuple (e.g. unbind, nn.MultiheadAttention), so relevance
+    reaches it through `getitem` as one Part per element.
     """
 
     def __init__(
-        self, plan: Callable[[NodeContext], Step], gate: bool = False, kind: str = "other"
+        self,
+        plan: Callable[[NodeContext], Step],
+        gate: bool = False,
+        kind: str = "other",
+        multi_output: bool = False,
     ):
         self._plan = plan
         self.gate = gate
         self.kind = kind
+        self.multi_output = multi_output
 
     def plan(self, ctx: NodeContext) -> Step:
         return self._plan(ctx)
