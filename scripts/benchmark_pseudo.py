@@ -155,13 +155,20 @@ def quality(args) -> None:
     num_fg = len(classifier.hparams.class_names)
     p = cfg.pseudo
     groups = [g for g in GROUPS if args.groups is None or f"{g[0]} [{g[3]}]" in args.groups]
+    all_layers = args.layers.split(",") if args.layers else ALL_LAYERS
+    if args.layers:  # another backbone's layers (e.g. a ViT's blocks) in place of layer2-4
+
+        def swap(layers: list[str]) -> list[str]:
+            return all_layers if layers == ALL_LAYERS else [all_layers[-1]]
+
+        groups = [(n, m, pre, norm, swap(a), swap(lay)) for n, m, pre, norm, a, lay in groups]
     library = None
     if any(group[1] == "libra" for group in groups):
         started = time.perf_counter()
         library = build_library(
             classifier.export().eval(),
             make_loader(dataset, cfg, cfg.cam.batch_size, shuffle=False),
-            LibrarySettings(tuple(ALL_LAYERS), args.references, args.bound),
+            LibrarySettings(tuple(all_layers), args.references, args.bound),
             progress=True,
         )
         print(
@@ -195,7 +202,7 @@ def quality(args) -> None:
         scored, seconds, forwards = collect(module, evaluation, run_cfg)
         queried, _, _ = collect(module, calibration, run_cfg)
         views = alone + (["fused"] if len(layers) > 1 else [])
-        if layers == ALL_LAYERS and normalize == "centred":
+        if layers == all_layers and normalize == "centred":
             kept = add_filtered_view(module.model, scored, layers)
             add_filtered_view(module.model, queried, layers)
             print(
@@ -301,6 +308,9 @@ def main() -> None:
         "--references", type=int, default=30, help="Libra-CAM: references per class"
     )
     parser.add_argument("--bound", type=float, default=0.1, help="Libra-CAM: reference score bound")
+    parser.add_argument(
+        "--layers", help="quality: comma-separated layers in place of layer2,layer3,layer4"
+    )
     parser.add_argument(
         "--groups",
         nargs="*",
