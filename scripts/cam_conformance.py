@@ -67,13 +67,26 @@ def build(name: str, kwargs: dict, classes: int) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=classes, **kwargs).eval()
 
 
-def stage_layers(model: torch.nn.Module, count: int = 3) -> list[str]:
-    """The module names of the last `count` feature stages timm reports."""
+def stage_layers(model: torch.nn.Module, count: int = 3, size: int = 64) -> list[str]:
+    """The module names of the last `count` feature stages timm reports whose output is one
+    (B, C, h, w) map (HRNet's stages return lists of branches)."""
     info = getattr(model, "feature_info", None) or []
-    names = [d["module"] for d in info if d.get("module")]
     modules = dict(model.named_modules())
-    names = [n for n in names if n in modules]
-    return names[-count:]
+    names = [d["module"] for d in info if d.get("module") in modules]
+    maps: dict[str, bool] = {}
+    hooks = [
+        modules[n].register_forward_hook(
+            lambda m, a, out, n=n: maps.setdefault(n, isinstance(out, torch.Tensor) and out.dim() == 4)
+        )
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n in names if maps.get(n)][-count:]
 
 
 def survey(models: list[tuple[str, dict]], methods: list[str], size: int, classes: int):

@@ -12,6 +12,7 @@ images themselves. Used by scripts/cam_conformance.py (the model-zoo table) and 
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 from dataclasses import dataclass, field
@@ -21,13 +22,18 @@ import torch
 from torch import Tensor, nn
 
 from wsss.cam.lrp.composites import PRESETS
+from wsss.cam.lrp.rules import Rule
 from wsss.cam.methods import build_cam
 from wsss.cam.relevance import start_relevance
 
-# Presets whose rules neither absorb relevance in a bias nor in an ε: total relevance must reach
-# each captured layer unchanged, up to float32 rounding and the outputs where a rule's
-# denominator is exactly 0 (dropped by the safe division).
-CONSERVATIVE_PRESETS = ("lrp", "stable", "stable_gamma", "sglrp")
+# The conservation check: plain LRP (one-hot start, bias ignored, signed residual split) with the
+# sign-aware γ rule on convs. Its total must reach each captured layer unchanged, up to float32
+# rounding and the outputs where a denominator is exactly 0. Every other preset is measured and
+# reported, not held to it: z⁺ drops outputs with only negative evidence (e.g. a depthwise
+# kernel with all weights negative on positive inputs), the positive residual split drops sums
+# whose two parts are both ≤ 0, and a bias or an ε in a denominator absorbs its share.
+CONSERVATION_CHECK = "relevance:lrp+gamma"
+CONSERVATIVE_PRESETS = ("lrp+gamma",)
 CONSERVATION_TOLERANCE = 1e-3  # of Σ|R| at the logits
 BATCH_TOLERANCE = 1e-4  # of the largest |map| value
 
@@ -73,6 +79,8 @@ def hook_count(model: nn.Module) -> int:
 def method_options(method: str, model: nn.Module, layers: list[str], images: Tensor) -> dict:
     """build_cam's (name, options) for a conformance method name."""
     name, _, preset = method.partition(":")
+    if name == "relevance" and preset == "lrp+gamma":
+        return {"preset": "lrp", "conv": Rule("gamma", gamma=0.25)}
     if name == "relevance":
         return {"preset": preset or "default"}
     if name == "libra":
@@ -123,8 +131,14 @@ def _expects_conservation(method: str) -> bool:
 def check_method(
     model: nn.Module, method: str, layers: list[str], images: Tensor, targets: Tensor
 ) -> CheckResult:
-    """Run every check of the module docstring; failures are recorded, never raised."""
+    """Run every check of the module docstring; failures are recorded, never raised.
+
+    Libra-CAM runs on a float64 copy: its keep rule thresholds differences of scores, and on
+    random weights float32 rounding (a batch of 2 against a batch of 1) flips borderline calls.
+    """
     result = CheckResult(method)
+    if method == "libra":
+        model, images = copy.deepcopy(model).double(), images.double()
     hooks_before = hook_count(model)
     try:
         options = method_options(method, model, layers, images)
@@ -171,9 +185,14 @@ def released(model_factory: Any, method: str, layers: list[str], images: Tensor)
     return ref() is None
 
 
-ALL_METHODS = tuple(f"relevance:{p}" for p in PRESETS) + ("gradcam", "gradcampp", "liftcam", "libra")
+ALL_METHODS = (
+    (CONSERVATION_CHECK,)
+    + tuple(f"relevance:{p}" for p in PRESETS)
+    + ("gradcam", "gradcampp", "liftcam", "libra")
+)
 __all__ = [
     "ALL_METHODS",
+    "CONSERVATION_CHECK",
     "CONSERVATIVE_PRESETS",
     "CheckResult",
     "batch_error",

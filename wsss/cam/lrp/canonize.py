@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -49,10 +50,16 @@ class BatchNormFold:
 def batchnorm_folds(
     nodes: list[fx.Node], modules: dict[str, nn.Module]
 ) -> dict[fx.Node, BatchNormFold]:
-    """conv node -> its fold, for every conv module whose only user is a BatchNorm module."""
+    """conv node -> its fold, for every conv (a module, or F.conv*d as in timm's weight-
+    standardised and "same"-padded convs) whose only user is a BatchNorm module (timm's
+    BatchNormAct2d included: its BatchNorm is folded, its activation passes relevance through
+    like any element-wise activation)."""
     folds = {}
     for n in nodes:
-        if n.op != "call_module" or not isinstance(modules[n.target], CONVS):
+        is_conv = (n.op == "call_module" and isinstance(modules[n.target], CONVS)) or (
+            n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d)
+        )
+        if not is_conv:
             continue
         users = list(n.users)
         if (

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torchvision
 from torch import fx, nn
 
-from wsss.cam.lrp.ops import module_rule
+from wsss.cam.lrp.ops import leaf_functions, module_rule, register_optional_rules
 
 INPUT_LAYER = "input"
 
@@ -30,7 +30,7 @@ class PathTracer(fx.Tracer):
     """fx tracer that keeps rule-carrying modules as leaves and records each module's output."""
 
     def __init__(self) -> None:
-        super().__init__(autowrap_modules=(math, torchvision.ops))
+        super().__init__(autowrap_modules=(math, torchvision.ops), autowrap_functions=leaf_functions())
         self.module_outputs: dict[str, list[Any]] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -112,6 +112,7 @@ class TracedModel:
 
 def trace(model: nn.Module) -> TracedModel:
     """Trace the model's forward in eval mode (see the module docstring)."""
+    register_optional_rules()
     modes = {m: m.training for m in model.modules()}
     tracer = PathTracer()
     try:

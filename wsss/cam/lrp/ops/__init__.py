@@ -30,7 +30,14 @@ Built-in rules (relevance R is (B*K, ...), recorded values (B, ...)):
 
 from wsss.cam.lrp.canonize import BATCHNORMS, CONVS, batchnorm_affine
 from wsss.cam.lrp.ops.arithmetic import plan_add, plan_div, plan_mul, plan_sub, residual_split
-from wsss.cam.lrp.ops.builtins import ACTIVATIONS, GATES, IDENTITIES, NORMS, register_builtins
+from wsss.cam.lrp.ops.builtins import (
+    ACTIVATIONS,
+    GATES,
+    IDENTITIES,
+    NORMS,
+    register_builtins,
+    register_optional_rules,
+)
 from wsss.cam.lrp.ops.common import first_signal, plan_custom, plan_pass, reduce_to
 from wsss.cam.lrp.ops.layers import (
     FUNCTIONAL_LAYERS,
@@ -47,7 +54,9 @@ from wsss.cam.lrp.ops.pooling import (
     plan_max_pool,
     plan_mean,
 )
+from wsss.cam.lrp.ops.padding import PAD_MODULES, PadFold, padding_folds, plan_pad
 from wsss.cam.lrp.ops.registry import (
+    leaf_functions,
     module_rule,
     node_rule,
     register_handler,
@@ -79,6 +88,8 @@ __all__ = [
     "IDENTITIES",
     "NORMS",
     "NodeContext",
+    "PAD_MODULES",
+    "PadFold",
     "OpRule",
     "Part",
     "Shape",
@@ -88,7 +99,11 @@ __all__ = [
     "conv_map",
     "first_signal",
     "linear_map",
+    "leaf_functions",
     "module_rule",
+    "padding_folds",
+    "plan_pad",
+    "register_optional_rules",
     "node_rule",
     "plan_adaptive_avg_pool",
     "plan_adaptive_max_pool",

@@ -21,7 +21,8 @@ from wsss.cam.lrp.ops.pooling import (
     plan_max_pool,
     plan_mean,
 )
-from wsss.cam.lrp.ops.registry import registry_for
+from wsss.cam.lrp.ops.padding import PAD_MODULES, plan_conv_same, plan_pad, timm_pad_functions
+from wsss.cam.lrp.ops.registry import bump_version, registry_for
 from wsss.cam.lrp.ops.shapes import (
     plan_cat,
     plan_channel_shuffle,
@@ -173,3 +174,29 @@ def register_builtins() -> None:
     add([nn.AvgPool2d, F.avg_pool2d], plan_avg_pool, linear)
     add([nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d], plan_adaptive_avg_pool, linear)
     add([torch.mean, "mean"], plan_mean, linear)
+    add(PAD_MODULES + (F.pad,), plan_pad, linear)
+
+
+_OPTIONAL_DONE: set[str] = set()
+
+
+def register_optional_rules() -> None:
+    """Rules for ops of libraries the engine does not import itself, once each is loaded: timm's
+    "same" padding (pad_same, kept one node by the tracer) and its BatchNormAct2d (BatchNorm +
+    activation as one node, so the BatchNorm can be folded into the conv before it)."""
+    import sys
+
+    if "timm" in _OPTIONAL_DONE or "timm.layers" not in sys.modules:
+        return
+    _OPTIONAL_DONE.add("timm")
+    for fn in timm_pad_functions():
+        registry_for(fn).setdefault(fn, OpRule(plan_pad, False, "linear"))
+    conv_same = getattr(sys.modules.get("timm.layers.conv2d_same"), "Conv2dSame", None)
+    if conv_same is not None:
+        registry_for(conv_same).setdefault(conv_same, OpRule(plan_conv_same, False, "linear"))
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    for name in ("BatchNormAct2d",):
+        kind = getattr(norm_act, name, None)
+        if kind is not None:
+            registry_for(kind).setdefault(kind, OpRule(plan_pass, False, "elementwise"))
+    bump_version()

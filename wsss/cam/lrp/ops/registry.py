@@ -3,6 +3,7 @@ call_module, a function for call_function, a method name for call_method)."""
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 from torch import fx, nn
@@ -18,6 +19,22 @@ _VERSION = [0]  # bumped by every (un)registration, so cached relevance plans ar
 
 def registry_version() -> int:
     return _VERSION[0]
+
+
+def bump_version() -> None:
+    """Mark every cached relevance plan as stale (the rules changed)."""
+    _VERSION[0] += 1
+
+
+def leaf_functions() -> tuple[Any, ...]:
+    """Registered plain Python functions from outside torch (e.g. timm's pad_same): the tracer
+    keeps each call as one node instead of tracing into it, so its rule applies."""
+    return tuple(
+        f
+        for f in _FUNCTION_RULES
+        if isinstance(f, types.FunctionType)
+        and not (f.__module__ or "").startswith(("torch", "operator"))
+    )
 
 
 def registry_for(target: Any) -> dict:
