@@ -74,12 +74,14 @@ def stage_layers(model: torch.nn.Module, count: int = 3, size: int = 64) -> list
     modules = dict(model.named_modules())
     names = [d["module"] for d in info if d.get("module") in modules]
     maps: dict[str, bool] = {}
-    hooks = [
-        modules[n].register_forward_hook(
-            lambda m, a, out, n=n: maps.setdefault(n, isinstance(out, torch.Tensor) and out.dim() == 4)
-        )
-        for n in names
-    ]
+
+    def probe(name: str):
+        def hook(module, args, out) -> None:
+            maps.setdefault(name, isinstance(out, torch.Tensor) and out.dim() == 4)
+
+        return hook
+
+    hooks = [modules[n].register_forward_hook(probe(n)) for n in names]
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))
@@ -129,9 +131,7 @@ def table(rows, methods: list[str]) -> str:
     ]
     for label, layers, results, free, _ in rows:
         cells = [_cell(results[m]) for m in methods]
-        lines.append(
-            f"| {label} | {', '.join(layers)} | " + " | ".join(cells) + f" | {free} |"
-        )
+        lines.append(f"| {label} | {', '.join(layers)} | " + " | ".join(cells) + f" | {free} |")
     return "\n".join(lines)
 
 

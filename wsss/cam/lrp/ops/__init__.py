@@ -47,6 +47,7 @@ from wsss.cam.lrp.ops.layers import (
     plan_functional_layer,
     plan_linear,
 )
+from wsss.cam.lrp.ops.padding import PAD_MODULES, PadFold, padding_folds, plan_pad
 from wsss.cam.lrp.ops.pooling import (
     plan_adaptive_avg_pool,
     plan_adaptive_max_pool,
@@ -54,7 +55,6 @@ from wsss.cam.lrp.ops.pooling import (
     plan_max_pool,
     plan_mean,
 )
-from wsss.cam.lrp.ops.padding import PAD_MODULES, PadFold, padding_folds, plan_pad
 from wsss.cam.lrp.ops.registry import (
     leaf_functions,
     module_rule,

@@ -14,6 +14,7 @@ from wsss.cam.lrp.canonize import BATCHNORMS, CONVS
 from wsss.cam.lrp.ops.arithmetic import plan_add, plan_div, plan_mul, plan_sub
 from wsss.cam.lrp.ops.common import plan_pass
 from wsss.cam.lrp.ops.layers import FUNCTIONAL_LAYERS, plan_conv, plan_functional_layer, plan_linear
+from wsss.cam.lrp.ops.padding import PAD_MODULES, plan_conv_same, plan_pad, timm_pad_functions
 from wsss.cam.lrp.ops.pooling import (
     plan_adaptive_avg_pool,
     plan_adaptive_max_pool,
@@ -21,8 +22,8 @@ from wsss.cam.lrp.ops.pooling import (
     plan_max_pool,
     plan_mean,
 )
-from wsss.cam.lrp.ops.padding import PAD_MODULES, plan_conv_same, plan_pad, timm_pad_functions
 from wsss.cam.lrp.ops.registry import bump_version, registry_for
+from wsss.cam.lrp.ops.resample import INTERPOLATIONS, SUMS, plan_interpolate, plan_sum
 from wsss.cam.lrp.ops.shapes import (
     plan_cat,
     plan_channel_shuffle,
@@ -175,6 +176,8 @@ def register_builtins() -> None:
     add([nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d], plan_adaptive_avg_pool, linear)
     add([torch.mean, "mean"], plan_mean, linear)
     add(PAD_MODULES + (F.pad,), plan_pad, linear)
+    add(INTERPOLATIONS, plan_interpolate, linear)
+    add(SUMS, plan_sum, linear)
 
 
 _OPTIONAL_DONE: set[str] = set()

@@ -150,7 +150,9 @@ def is_pad(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Is the node a padding op this module knows (a pad module, F.pad, timm's pad_same)?"""
     if node.op == "call_module":
         return isinstance(modules[node.target], PAD_MODULES)
-    return node.op == "call_function" and (node.target is F.pad or node.target in timm_pad_functions())
+    return node.op == "call_function" and (
+        node.target is F.pad or node.target in timm_pad_functions()
+    )
 
 
 def padding_folds(
