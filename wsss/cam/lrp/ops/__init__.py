@@ -25,7 +25,11 @@ Built-in rules (relevance R is (B*K, ...), recorded values (B, ...)):
   over dimensions: spread in proportion to the positive inputs (z⁺), or to the negative ones
   where the pooled value is negative (only possible without a ReLU before the pool);
 - flatten / view / reshape / squeeze / unsqueeze / permute / transpose / tensor indexing /
-  channel shuffle: relevance moved back to where the values came from.
+  channel shuffle: relevance moved back to where the values came from;
+- padding (pad modules, F.pad in every mode, timm's "same" pad_same and Conv2dSame): constant
+  positions dropped, copies (reflect / replicate / circular) added back onto what they copy; a
+  zero pad read only by a conv is folded into that conv's map (padding.py);
+- interpolation (nearest: copies back; linear modes: z⁺) and sums (the shares of a mean).
 """
 
 from wsss.cam.lrp.canonize import BATCHNORMS, CONVS, batchnorm_affine
