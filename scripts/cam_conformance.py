@@ -9,6 +9,7 @@ CAM layers: the last three feature stages of timm's `model.feature_info`.
 
     python scripts/cam_conformance.py                      # the whole zoo, a markdown table
     python scripts/cam_conformance.py --models resnet18,tf_efficientnet_b0 --details
+    python scripts/cam_conformance.py --torchvision        # every torchvision CNN up to 60M params
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,17 +61,53 @@ ZOO: list[tuple[str, dict]] = [
 
 
 def build(name: str, kwargs: dict, classes: int) -> torch.nn.Module:
-    import timm
-
     kwargs = dict(kwargs)
     name = kwargs.pop("name", name)
     torch.manual_seed(0)
+    if name.startswith("tv:"):
+        import torchvision
+
+        if name[3:] in ("inception_v3", "googlenet"):
+            kwargs.update(aux_logits=False, init_weights=False)
+        model = torchvision.models.get_model(name[3:], weights=None, num_classes=classes, **kwargs)
+        return model.eval()
+    import timm
+
     return timm.create_model(name, pretrained=False, num_classes=classes, **kwargs).eval()
+
+
+def torchvision_cnns(max_params: float) -> tuple[list[tuple[str, dict]], list[str]]:
+    """Every torchvision classification CNN ("tv:" + name) with at most `max_params` million
+    parameters, and the names left out for their size."""
+    import torchvision
+
+    from wsss.models.backbones import _NOT_CNNS, family_of
+
+    kept, skipped = [], []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        if family_of(name) in _NOT_CNNS:
+            continue
+        try:
+            with torch.device("meta"):  # no memory, no init
+                model = build(f"tv:{name}", {}, 6)
+        except (NotImplementedError, RuntimeError):  # RegNet computes its widths with tensors
+            if any(big in name for big in ("_16gf", "_32gf", "_128gf")):
+                skipped.append(f"tv:{name}")
+                continue
+            model = build(f"tv:{name}", {}, 6)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        (kept if params <= max_params else skipped).append(f"tv:{name}")
+    return [(n, {}) for n in kept], skipped
 
 
 def stage_layers(model: torch.nn.Module, count: int = 3, size: int = 64) -> list[str]:
     """The module names of the last `count` feature stages timm reports whose output is one
-    (B, C, h, w) map (HRNet's stages return lists of branches)."""
+    (B, C, h, w) map (HRNet's stages return lists of branches); for a torchvision model, the
+    family's default CAM layers (wsss.models.backbones.default_cam_layers)."""
+    if getattr(model, "_conformance_name", "").startswith("tv:"):
+        from wsss.models.backbones import default_cam_layers
+
+        return list(default_cam_layers(model._conformance_name[3:]))
     info = getattr(model, "feature_info", None) or []
     modules = dict(model.named_modules())
     names = [d["module"] for d in info if d.get("module") in modules]
@@ -100,13 +138,15 @@ def survey(models: list[tuple[str, dict]], methods: list[str], size: int, classe
         start = time.perf_counter()
         try:
             model = build(label, kwargs, classes)
+            model._conformance_name = label
+            layers = stage_layers(model)
         except Exception as exc:
             rows.append((label, [], {m: f"model not built: {exc}" for m in methods}, None, 0.0))
             continue
-        layers = stage_layers(model)
-        results = {m: check_method(model, m, layers, images, targets) for m in methods}
+        x = images if label != "tv:inception_v3" else F.interpolate(images, size=96)
+        results = {m: check_method(model, m, layers, x, targets) for m in methods}
         try:
-            free = released(lambda: build(label, kwargs, classes), methods[0], layers, images)
+            free = released(lambda: build(label, kwargs, classes), methods[0], layers, x)
         except Exception as exc:
             free = f"n/a ({type(exc).__name__})"
         rows.append((label, layers, results, free, time.perf_counter() - start))
@@ -160,11 +200,20 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--details", action="store_true", help="every number, per method")
+    parser.add_argument(
+        "--torchvision",
+        action="store_true",
+        help="every torchvision classification CNN instead of the timm zoo",
+    )
+    parser.add_argument("--max-params", type=float, default=60.0, help="millions (--torchvision)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     zoo = dict(ZOO)
     names = [n for n in args.models.split(",") if n] or list(zoo)
     models = [(n, zoo.get(n, {})) for n in names]
+    if args.torchvision:
+        models, skipped = torchvision_cnns(args.max_params)
+        print(f"left out (over {args.max_params:g}M parameters): {', '.join(skipped)}\n")
     methods = [m for m in args.methods.split(",") if m]
     rows = survey(models, methods, args.size, args.classes)
     print(table(rows, methods))
