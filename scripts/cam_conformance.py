@@ -160,7 +160,8 @@ def _cell(result) -> str:
     if result.passed:
         worst = max(result.conservation.values(), default=None)
         return "pass" if worst is None else f"pass ({worst:.0e})"
-    return result.reason.replace("|", "/")
+    reason = result.reason.replace("|", "/")
+    return reason if len(reason) <= 140 else reason[:137] + "..."
 
 
 def table(rows, methods: list[str]) -> str:

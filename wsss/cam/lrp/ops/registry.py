@@ -51,7 +51,8 @@ def register_rule(target: Any, rule: Any) -> None:
     """Teach RelevanceCAM how relevance crosses an op.
 
     target: a module type (its instances become single nodes of the traced graph), a function
-    (e.g. torch.roll) or a Tensor method name (e.g. "roll").
+    (e.g. torch.roll; a plain Python function from outside torch also becomes a single node, so
+    the tracer does not trace into it, e.g. timm's pad_same) or a Tensor method name (e.g. "roll").
     rule: one of
     - "identity": relevance passes through to the first input unchanged (e.g. an activation);
     - "gate": like "identity", and the op's output counts as a gate when it multiplies another
