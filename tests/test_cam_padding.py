@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.cam import PRESETS, RelevanceCAM, Rule
+from wsss.cam import PRESETS, RelevanceCAM, Rule, register_rule, unregister_rule
 from wsss.cam.lrp.ops.padding import copy_transpose, same_padding
 
 X = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
@@ -267,3 +267,37 @@ def test_untraceable_module_is_named_with_the_fix():
     message = str(info.value)
     assert "\n" not in message
     assert "in module '1'" in message and "register_rule(Gate, rule)" in message
+
+
+def crop_to_even(x):
+    """Size-dependent control flow, which torch.fx cannot trace through."""
+    if x.shape[-1] % 2:
+        return x[..., :-1, :-1]
+    return x
+
+
+def test_a_registered_python_function_becomes_one_node():
+    class Cropping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(crop_to_even(torch.relu(self.conv(x))).mean((2, 3)))
+
+    model = Cropping().eval()
+    with pytest.raises(RuntimeError, match="could not trace"):
+        RelevanceCAM(model, ["conv"])
+
+    def rule(module, x, y, r):  # the crop drops the last row and column
+        return F.pad(r, (0, 1, 0, 1))
+
+    register_rule(crop_to_even, rule)
+    try:
+        x = torch.randn(2, 3, 13, 13)
+        with RelevanceCAM(model, ["conv"], preset="lrp", **GAMMA) as cam:
+            r = cam.relevance(x, torch.tensor([0, 1]))["conv"][1]
+        assert r.shape == (2, 1, 4, 11, 11) and float(r[..., -1, :].abs().sum()) == 0.0
+    finally:
+        unregister_rule(crop_to_even)
