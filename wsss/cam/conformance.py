@@ -26,12 +26,15 @@ from wsss.cam.lrp.rules import Rule
 from wsss.cam.methods import build_cam
 from wsss.cam.relevance import start_relevance
 
-# The conservation check: plain LRP (one-hot start, bias ignored, signed residual split) with the
-# sign-aware γ rule on convs. Its total must reach each captured layer unchanged, up to float32
-# rounding and the outputs where a denominator is exactly 0. Every other preset is measured and
-# reported, not held to it: z⁺ drops outputs with only negative evidence (e.g. a depthwise
-# kernel with all weights negative on positive inputs), the positive residual split drops sums
-# whose two parts are both ≤ 0, and a bias or an ε in a denominator absorbs its share.
+# The conservation check: plain LRP (one-hot start, bias ignored) with the sign-aware γ rule on
+# convs and the residual split by absolute parts (|a| / (|a| + |b|): conserving, and never
+# amplified). Its total must reach each captured layer unchanged, up to float32 rounding and the
+# outputs where a denominator is exactly 0. Every other preset is measured and reported, not held
+# to it: z⁺ drops outputs with only negative evidence (e.g. a depthwise kernel with all weights
+# negative on positive inputs), the positive split drops sums whose two parts are both ≤ 0, the
+# signed split conserves in exact arithmetic but amplifies where the branches cancel (RepVGG's
+# 3×3 + 1×1 sums reach fractions of 1e6, and float32 then loses the total), and a bias or an ε
+# in a denominator absorbs its share.
 CONSERVATION_CHECK = "relevance:lrp+gamma"
 CONSERVATIVE_PRESETS = ("lrp+gamma",)
 CONSERVATION_TOLERANCE = 1e-3  # of Σ|R| at the logits
@@ -80,7 +83,7 @@ def method_options(method: str, model: nn.Module, layers: list[str], images: Ten
     """build_cam's (name, options) for a conformance method name."""
     name, _, preset = method.partition(":")
     if name == "relevance" and preset == "lrp+gamma":
-        return {"preset": "lrp", "conv": Rule("gamma", gamma=0.25)}
+        return {"preset": "lrp", "conv": Rule("gamma", gamma=0.25), "residual": "abs"}
     if name == "relevance":
         return {"preset": preset or "default"}
     if name == "libra":

@@ -32,6 +32,7 @@ from wsss.cam.lrp.ops.shapes import (
     plan_permute,
     plan_reshape,
     plan_split,
+    plan_stack,
     plan_transpose,
 )
 from wsss.cam.lrp.ops.types import NodeContext, OpRule, Step
@@ -144,6 +145,7 @@ def register_builtins() -> None:
     add([operator.mul, operator.imul, torch.mul, "mul", "mul_"], plan_mul, linear)
     add([operator.truediv, operator.itruediv, torch.div, "div", "div_"], plan_div, linear)
     add([torch.cat, torch.concat, torch.concatenate], plan_cat, linear)
+    add([torch.stack], plan_stack, linear)
     add([torch.chunk, "chunk"], plan_chunk, linear)
     add([torch.split, "split"], plan_split, linear)
     add([operator.getitem], plan_getitem, linear)
@@ -185,8 +187,8 @@ _OPTIONAL_DONE: set[str] = set()
 
 def register_optional_rules() -> None:
     """Rules for ops of libraries the engine does not import itself, once each is loaded: timm's
-    "same" padding (pad_same, kept one node by the tracer) and its BatchNormAct2d (BatchNorm +
-    activation as one node, so the BatchNorm can be folded into the conv before it)."""
+    "same" padding (pad_same, kept one node by the tracer; Conv2dSame, one node with the conv
+    rule and that padding folded in)."""
     import sys
 
     if "timm" in _OPTIONAL_DONE or "timm.layers" not in sys.modules:
@@ -197,9 +199,4 @@ def register_optional_rules() -> None:
     conv_same = getattr(sys.modules.get("timm.layers.conv2d_same"), "Conv2dSame", None)
     if conv_same is not None:
         registry_for(conv_same).setdefault(conv_same, OpRule(plan_conv_same, False, "linear"))
-    norm_act = sys.modules.get("timm.layers.norm_act")
-    for name in ("BatchNormAct2d",):
-        kind = getattr(norm_act, name, None)
-        if kind is not None:
-            registry_for(kind).setdefault(kind, OpRule(plan_pass, False, "elementwise"))
     bump_version()

@@ -103,15 +103,16 @@ def plan_conv(ctx: NodeContext) -> Step:
 
 
 def _output_read(ctx: NodeContext) -> tuple[fx.Node, ...]:
-    """The layer's output, for the sign-aware γ rule: after a folded BatchNorm; computed by the
-    rule instead (nothing read) when that BatchNorm also applies an activation (timm's
-    BatchNormAct2d), whose output is not the affine map's."""
+    """The layer's output, for the sign-aware γ rule: after a folded BatchNorm. When the folded
+    node's value is not the affine map's (a BatchNorm subclass made one node with its activation)
+    nothing is read, and γ computes the output from x and the folded weights."""
     if ctx.layer_rule.kind != "gamma":
         return ()
     fold = ctx.fold
     if fold is None:
         return (ctx.node,)
-    return (fold.node,) if type(fold.batchnorm) in BATCHNORMS else ()
+    affine = fold.node.op == "call_function" or type(fold.batchnorm) in BATCHNORMS
+    return (fold.node,) if affine else ()
 
 
 def plan_linear(ctx: NodeContext) -> Step:
