@@ -48,6 +48,13 @@ class BatchNormFold:
         return weight, shift if bias is None else bias * scale + shift
 
 
+def _reads_metadata(node: fx.Node) -> bool:
+    """x.ndim, x.shape, x.size(), x.dim(): reads no values (timm asserts ranks this way)."""
+    if node.op == "call_function" and node.target is getattr:
+        return True
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
 def _batchnorm_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
     """The BatchNorm module a node applies: a BatchNorm module node, or F.batch_norm called
     inside a BatchNorm subclass that torch.fx traced through (timm's BatchNormAct2d)."""
@@ -74,7 +81,7 @@ def batchnorm_folds(
         is_conv = (n.op == "call_module" and isinstance(modules[n.target], CONVS)) or (
             n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d)
         )
-        users = list(n.users)
+        users = [u for u in n.users if not _reads_metadata(u)]
         if not is_conv or len(users) != 1 or users[0].args[0] is not n:
             continue
         batchnorm = _batchnorm_of(users[0], modules)
