@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as module_lib
 
+from wsss.cam.libra import LibrarySettings, build_library
 from wsss.cam.lrp.composites import PRESETS
 from wsss.cam.lrp.rules import Rule
 from wsss.cam.methods import build_cam
@@ -59,8 +61,6 @@ class CheckResult:
 
 def hook_count(model: nn.Module) -> int:
     """Forward / backward hooks on the model's modules and torch's global module hooks."""
-    from torch.nn.modules import module as module_lib
-
     names = (
         "_forward_hooks",
         "_forward_pre_hooks",
@@ -87,8 +87,6 @@ def method_options(method: str, model: nn.Module, layers: list[str], images: Ten
     if name == "relevance":
         return {"preset": preset or "default"}
     if name == "libra":
-        from wsss.cam.libra import LibrarySettings, build_library
-
         # references: other random images of the same size, none labelled with any class
         g = torch.Generator().manual_seed(1)
         refs = torch.randn(6, *images.shape[1:], generator=g).to(images)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Callable, Sequence
 
 import torch
@@ -189,8 +190,6 @@ def register_optional_rules() -> None:
     """Rules for ops of libraries the engine does not import itself, once each is loaded: timm's
     "same" padding (pad_same, kept one node by the tracer; Conv2dSame, one node with the conv
     rule and that padding folded in)."""
-    import sys
-
     if "timm" in _OPTIONAL_DONE or "timm.layers" not in sys.modules:
         return
     _OPTIONAL_DONE.add("timm")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from wsss.cam.lrp.ops.layers import plan_conv
 from wsss.cam.lrp.ops.types import NodeContext, Shape, Step, UnsupportedOp
 
 PadAmounts = Callable[[Sequence[int]], tuple[int, ...]]
@@ -182,8 +183,6 @@ def padding_folds(
 def plan_conv_same(ctx: NodeContext) -> Step:
     """timm's Conv2dSame (a conv whose "same" padding is computed from the input size, which
     torch.fx cannot trace): one node, the conv's rule with that padding folded into its map."""
-    from wsss.cam.lrp.ops.layers import plan_conv
-
     conv = ctx.module
     amounts = _same_amounts(conv.kernel_size, conv.stride, conv.dilation)
     ctx.pad = PadFold(ctx.node, ctx.signal(ctx.args[0]), amounts)
