@@ -17,14 +17,15 @@ METHODS = [CONSERVATION_CHECK, "relevance:default", "gradcam", "liftcam", "libra
 
 # (model, its last three stages): TensorFlow "same" padding with hard-swish, an SE-gated RegNet,
 # GhostNet (channel cat of cheap ops), CSPNet (split / cat stages), a weight-standardised
-# NF-RegNet with its scaled activations, and an ECA-gated ResNet
+# NF-RegNet with its scaled activations, and MobileNet-V3 with hard-swish / hard-sigmoid gates
+# (ECA, SE, CBAM and split-attention ResNets are in the script's zoo: larger)
 ZOO = [
     ("tf_mobilenetv3_small_100", ["blocks.1", "blocks.3", "blocks.5"]),
     ("regnety_002", ["s2", "s3", "s4"]),
     ("ghostnet_050", ["blocks.3", "blocks.5", "blocks.7"]),
     ("cs3darknet_focus_s", ["stages.1", "stages.2", "stages.3"]),
     ("nf_regnet_b0", ["stages.1", "stages.2", "final_conv"]),
-    ("ecaresnet26t", ["layer2", "layer3", "layer4"]),
+    ("mobilenetv3_small_050", ["blocks.1", "blocks.3", "blocks.5"]),
 ]
 
 

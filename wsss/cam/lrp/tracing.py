@@ -34,7 +34,6 @@ class PathTracer(fx.Tracer):
             autowrap_modules=(math, torchvision.ops), autowrap_functions=leaf_functions()
         )
         self.module_outputs: dict[str, list[Any]] = {}
-        self.stack: list[nn.Module] = []  # the modules being traced into, outermost first
         self.failed_in: nn.Module | None = None  # the innermost one when tracing failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -47,15 +46,12 @@ class PathTracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
     ) -> Any:
-        self.stack.append(m)
         try:
             out = super().call_module(m, forward, args, kwargs)
         except Exception:
-            if self.failed_in is None:
+            if self.failed_in is None:  # the innermost module: its call fails first
                 self.failed_in = m
             raise
-        finally:
-            self.stack.pop()
         path = self.path_of_module(m)
         self.module_outputs.setdefault(path, []).append(
             out.node if isinstance(out, fx.Proxy) else None
