@@ -151,6 +151,7 @@ def survey(models: list[tuple[str, dict]], methods: list[str], size: int, classe
             free = f"n/a ({type(exc).__name__})"
         rows.append((label, layers, results, free, time.perf_counter() - start))
         print(f"# {label}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        print(table(rows[-1:], methods).splitlines()[-1], file=sys.stderr, flush=True)
     return rows
 
 
