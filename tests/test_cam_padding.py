@@ -301,3 +301,29 @@ def test_a_registered_python_function_becomes_one_node():
         assert r.shape == (2, 1, 4, 11, 11) and float(r[..., -1, :].abs().sum()) == 0.0
     finally:
         unregister_rule(crop_to_even)
+
+
+def test_stack_then_attention_sum_conserves_per_branch():
+    """Selective-kernel style: two branches stacked, weighted by a softmax over the branches
+    (a gate, held constant) and summed over the stack: each branch gets its own slice back."""
+
+    class SK(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.b = nn.Conv2d(3, 4, 5, padding=2, bias=False)
+            self.act_a, self.act_b = nn.ReLU(), nn.ReLU()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            branches = torch.stack([self.act_a(self.a(x)), self.act_b(self.b(x))], dim=1)
+            attn = torch.softmax(branches.sum(1).mean((2, 3), keepdim=True).unsqueeze(1), dim=1)
+            return self.fc((branches * attn).sum(1).mean((2, 3)))
+
+    model = SK().eval()
+    with RelevanceCAM(model, ["act_a", "act_b"], preset="lrp", **GAMMA) as cam:
+        rel = cam.relevance(X, T)
+    total = rel["act_a"][1].sum((2, 3, 4)) + rel["act_b"][1].sum((2, 3, 4))
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-5, atol=0)
+    assert float(rel["act_a"][1].sum()) > 0 and float(rel["act_b"][1].sum()) > 0
