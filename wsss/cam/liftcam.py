@@ -22,7 +22,11 @@ from wsss.cam.lrp.tracing import evaluate_node, head_after, trace
 
 
 class DeepLiftHead:
-    """The part of the traced model after a layer, y = F(A), with each op's DeepLIFT kind."""
+    """The part of the traced model after a layer, y = F(A), with each op's DeepLIFT kind.
+
+    Ops with no rescale rule ("other": products of two signals as in squeeze-excitation gates,
+    normalisations, stacks, reductions other than pooling) pass their ordinary gradient, as
+    Captum's DeepLift does for every op it has no rule for."""
 
     def __init__(self, traced, layer: str):
         self.traced = traced
@@ -33,13 +37,6 @@ class DeepLiftHead:
             kind = rule.kind if rule is not None else "other"
             if kind == "linear" and self._multiplies_signals(node):
                 kind = "other"
-            if kind == "other" and not self._metadata(node):
-                raise ValueError(
-                    f"LIFT-CAM at {layer!r}: the head contains graph node "
-                    f"{node.name!r} ({node.op} {node.target}), which the DeepLIFT "
-                    "rescale rule does not cover (supported: linear ops, element-"
-                    "wise activations, pooling, reshapes)"
-                )
             self.kinds[node] = kind
 
     def _multiplies_signals(self, node: fx.Node) -> bool:
@@ -50,14 +47,6 @@ class DeepLiftHead:
             return False
         inside = set(self.nodes) | {self.start}
         return sum(isinstance(a, fx.Node) and a in inside for a in node.args[:2]) == 2
-
-    def _metadata(self, node: fx.Node) -> bool:
-        """Shape queries (x.size(), x.shape) that feed reshapes: no values flow through them."""
-        return (
-            node.op == "call_method"
-            and node.target in ("size", "dim")
-            or (node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr")
-        )
 
     def run(self, a: Tensor, reference: dict[fx.Node, Any] | None) -> tuple[Tensor, dict]:
         """The logits from activation a. Without a reference: plain values (all kept). With the

@@ -9,9 +9,11 @@ while the model trains.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -46,20 +48,43 @@ class BatchNormFold:
         return weight, shift if bias is None else bias * scale + shift
 
 
+def _reads_metadata(node: fx.Node) -> bool:
+    """x.ndim, x.shape, x.size(), x.dim(): reads no values (timm asserts ranks this way)."""
+    if node.op == "call_function" and node.target is getattr:
+        return True
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
+def _batchnorm_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The BatchNorm module a node applies: a BatchNorm module node, or F.batch_norm called
+    inside a BatchNorm subclass that torch.fx traced through (timm's BatchNormAct2d)."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        return module if isinstance(module, BATCHNORMS) else None
+    if node.op == "call_function" and node.target is F.batch_norm:
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            path = re.sub(r"@\d+$", "", list(stack)[-1])
+            module = modules.get(path)
+            return module if isinstance(module, BATCHNORMS) else None
+    return None
+
+
 def batchnorm_folds(
     nodes: list[fx.Node], modules: dict[str, nn.Module]
 ) -> dict[fx.Node, BatchNormFold]:
-    """conv node -> its fold, for every conv module whose only user is a BatchNorm module."""
+    """conv node -> its fold, for every conv (a module, or F.conv*d as in timm's weight-
+    standardised and "same"-padded convs) whose only user is a BatchNorm (a module, or the
+    F.batch_norm inside timm's BatchNormAct2d, whose activation stays a node of its own)."""
     folds = {}
     for n in nodes:
-        if n.op != "call_module" or not isinstance(modules[n.target], CONVS):
+        is_conv = (n.op == "call_module" and isinstance(modules[n.target], CONVS)) or (
+            n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.conv3d)
+        )
+        users = [u for u in n.users if not _reads_metadata(u)]
+        if not is_conv or len(users) != 1 or users[0].args[0] is not n:
             continue
-        users = list(n.users)
-        if (
-            len(users) == 1
-            and users[0].op == "call_module"
-            and isinstance(modules[users[0].target], BATCHNORMS)
-            and users[0].args[0] is n
-        ):
-            folds[n] = BatchNormFold(modules[users[0].target], users[0])
+        batchnorm = _batchnorm_of(users[0], modules)
+        if batchnorm is not None:
+            folds[n] = BatchNormFold(batchnorm, users[0])
     return folds

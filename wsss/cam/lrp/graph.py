@@ -30,6 +30,8 @@ from wsss.cam.lrp.ops import (
     Step,
     UnsupportedOp,
     node_rule,
+    padding_folds,
+    register_optional_rules,
     registry_version,
 )
 from wsss.cam.lrp.rules import compute_dtype
@@ -109,6 +111,8 @@ class RelevanceGraph:
             batchnorm_folds(nodes, t.modules) if config.batchnorm == "fold" else {}
         )
         self._layer_infos = self._linear_layers(nodes)
+        # zero pads read only by a conv: padded inside the conv's map (ops/padding.py)
+        self._pad_folds = padding_folds(nodes, t.modules, self._context, capture_set)
 
         self.steps: dict[fx.Node, Step] = {}
         reached = {t.logits}
@@ -194,24 +198,28 @@ class RelevanceGraph:
             )
         return infos
 
-    def _plan(self, node: fx.Node) -> Step:
+    def _context(self, node: fx.Node) -> NodeContext:
         t = self.traced
-        rule: OpRule | None = node_rule(node, t.modules) if node.op.startswith("call") else None
-        if rule is None:
-            raise self._unsupported(node, None)
-        path, _ = t.owner(node)
         info = self._layer_infos.get(node)
-        ctx = NodeContext(
+        return NodeContext(
             node,
             t.modules.get(node.target) if node.op == "call_module" else None,
-            path,
+            t.owner(node)[0],
             self.config,
             self.is_signal,
             self.is_gate,
             self.is_multi_output,
             layer_rule=self.config.rule_for(info) if info is not None else None,
             fold=self._folds.get(node),
+            pad=getattr(self, "_pad_folds", {}).get(node),
         )
+
+    def _plan(self, node: fx.Node) -> Step:
+        t = self.traced
+        rule: OpRule | None = node_rule(node, t.modules) if node.op.startswith("call") else None
+        if rule is None:
+            raise self._unsupported(node, None)
+        ctx = self._context(node)
         try:
             return rule.plan(ctx)
         except UnsupportedOp as exc:
@@ -355,6 +363,7 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]]" = weakref.Wea
 
 def relevance_graph(model: nn.Module, layers: list[str], config: LRPConfig) -> RelevanceGraph:
     """The model's RelevanceGraph for these layers and composite, built once and reused."""
+    register_optional_rules()  # before the registry version enters the cache key
     structure = (
         tuple((name, id(m)) for name, m in model.named_modules()),
         tuple(id(t) for t in model.parameters()),

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torchvision
 from torch import fx, nn
 
-from wsss.cam.lrp.ops import module_rule
+from wsss.cam.lrp.ops import leaf_functions, module_rule, register_optional_rules
 
 INPUT_LAYER = "input"
 
@@ -31,8 +31,11 @@ class PathTracer(fx.Tracer):
     """fx tracer that keeps rule-carrying modules as leaves and records each module's output."""
 
     def __init__(self) -> None:
-        super().__init__(autowrap_modules=(math, torchvision.ops))
+        super().__init__(
+            autowrap_modules=(math, torchvision.ops), autowrap_functions=leaf_functions()
+        )
         self.module_outputs: dict[str, list[Any]] = {}
+        self.failed_in: nn.Module | None = None  # the innermost one when tracing failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_rule(m) is not None:
@@ -44,7 +47,12 @@ class PathTracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
     ) -> Any:
-        out = super().call_module(m, forward, args, kwargs)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module: its call fails first
+                self.failed_in = m
+            raise
         path = self.path_of_module(m)
         self.module_outputs.setdefault(path, []).append(
             out.node if isinstance(out, fx.Proxy) else None
@@ -129,17 +137,14 @@ def optional_arguments(model: nn.Module) -> dict[str, Any]:
 def trace(model: nn.Module) -> TracedModel:
     """Trace the model's forward in eval mode (see the module docstring), its optional
     arguments held at their defaults."""
+    register_optional_rules()
     modes = {m: m.training for m in model.modules()}
     tracer = PathTracer()
     try:
         model.eval()
         graph = tracer.trace(model, concrete_args=optional_arguments(model) or None)
     except Exception as exc:
-        raise RuntimeError(
-            f"RelevanceCAM could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
-            f"{exc}). The forward must not branch on tensor values; a module that does can be made "
-            "a single node with wsss.cam.register_rule(ModuleType, rule)."
-        ) from exc
+        raise RuntimeError(untraceable_message(model, tracer, exc)) from exc
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -164,6 +169,27 @@ def trace(model: nn.Module) -> TracedModel:
         tracer.module_outputs,
         placeholders[0],
         logits,
+    )
+
+
+def untraceable_message(model: nn.Module, tracer: PathTracer, exc: Exception) -> str:
+    """One line: which module torch.fx could not trace through, why, and what to do."""
+    where = ""
+    failed = tracer.failed_in
+    if failed is not None and failed is not model:
+        path = next((n for n, m in model.named_modules() if m is failed), "?")
+        kind = type(failed)
+        where = f" in module '{path}' ({kind.__module__}.{kind.__qualname__})"
+        fix = (
+            f"make it one node with a rule of its own: wsss.cam.register_rule({kind.__name__}, "
+            "rule), or wrap it in a module that has one"
+        )
+    else:
+        fix = "make the offending module one node with wsss.cam.register_rule(ModuleType, rule)"
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (
+        f"RelevanceCAM could not trace {type(model).__name__} with torch.fx{where} "
+        f"({type(exc).__name__}: {reason}): its forward branches on tensor values or sizes; {fix}."
     )
 
 

@@ -31,11 +31,22 @@ Built-in rules (relevance R is (B*K, ...), recorded values (B, ...)):
   bmm of two signals by the uniform rule (half to each factor, ε-stabilised);
   F.scaled_dot_product_attention and nn.MultiheadAttention as single nodes composing those;
   torchvision Swin's shifted_window_attention and patch merging as single nodes (windows.py).
+- padding (pad modules, F.pad in every mode, timm's "same" pad_same and Conv2dSame): constant
+  positions dropped, copies (reflect / replicate / circular) added back onto what they copy; a
+  zero pad read only by a conv is folded into that conv's map (padding.py);
+- interpolation (nearest: copies back; linear modes: z⁺) and sums (the shares of a mean).
 """
 
 from wsss.cam.lrp.canonize import BATCHNORMS, CONVS, batchnorm_affine
 from wsss.cam.lrp.ops.arithmetic import plan_add, plan_div, plan_mul, plan_sub, residual_split
-from wsss.cam.lrp.ops.builtins import ACTIVATIONS, GATES, IDENTITIES, NORMS, register_builtins
+from wsss.cam.lrp.ops.builtins import (
+    ACTIVATIONS,
+    GATES,
+    IDENTITIES,
+    NORMS,
+    register_builtins,
+    register_optional_rules,
+)
 from wsss.cam.lrp.ops.common import first_signal, plan_custom, plan_pass, reduce_to
 from wsss.cam.lrp.ops.layers import (
     FUNCTIONAL_LAYERS,
@@ -45,6 +56,7 @@ from wsss.cam.lrp.ops.layers import (
     plan_functional_layer,
     plan_linear,
 )
+from wsss.cam.lrp.ops.padding import PAD_MODULES, PadFold, padding_folds, plan_pad
 from wsss.cam.lrp.ops.pooling import (
     plan_adaptive_avg_pool,
     plan_adaptive_max_pool,
@@ -53,6 +65,7 @@ from wsss.cam.lrp.ops.pooling import (
     plan_mean,
 )
 from wsss.cam.lrp.ops.registry import (
+    leaf_functions,
     module_rule,
     node_rule,
     register_handler,
@@ -84,6 +97,8 @@ __all__ = [
     "IDENTITIES",
     "NORMS",
     "NodeContext",
+    "PAD_MODULES",
+    "PadFold",
     "OpRule",
     "Part",
     "Shape",
@@ -93,7 +108,11 @@ __all__ = [
     "conv_map",
     "first_signal",
     "linear_map",
+    "leaf_functions",
     "module_rule",
+    "padding_folds",
+    "plan_pad",
+    "register_optional_rules",
     "node_rule",
     "plan_adaptive_avg_pool",
     "plan_adaptive_max_pool",

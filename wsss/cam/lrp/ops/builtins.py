@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from wsss.cam.lrp.ops.attention import (
 )
 from wsss.cam.lrp.ops.common import plan_pass
 from wsss.cam.lrp.ops.layers import FUNCTIONAL_LAYERS, plan_conv, plan_functional_layer, plan_linear
+from wsss.cam.lrp.ops.padding import PAD_MODULES, plan_conv_same, plan_pad, timm_pad_functions
 from wsss.cam.lrp.ops.pooling import (
     plan_adaptive_avg_pool,
     plan_adaptive_max_pool,
@@ -29,13 +31,15 @@ from wsss.cam.lrp.ops.pooling import (
     plan_max_pool,
     plan_mean,
 )
-from wsss.cam.lrp.ops.registry import registry_for
+from wsss.cam.lrp.ops.registry import bump_version, registry_for
+from wsss.cam.lrp.ops.resample import INTERPOLATIONS, SUMS, plan_interpolate, plan_sum
 from wsss.cam.lrp.ops.shapes import (
     plan_cat,
     plan_channel_shuffle,
     plan_chunk,
     plan_reshape,
     plan_split,
+    plan_stack,
     plan_transpose,
 )
 from wsss.cam.lrp.ops.stacks import plan_getitem_or_slot, plan_permute_or_stack, plan_unbind
@@ -153,6 +157,7 @@ def register_builtins() -> None:
     add([operator.mul, operator.imul, torch.mul, "mul", "mul_"], plan_mul, linear)
     add([operator.truediv, operator.itruediv, torch.div, "div", "div_"], plan_div, linear)
     add([torch.cat, torch.concat, torch.concatenate], plan_cat, linear)
+    add([torch.stack], plan_stack, linear)
     add([torch.chunk, "chunk"], plan_chunk, linear)
     add([torch.split, "split"], plan_split, linear)
     add([operator.getitem], plan_getitem_or_slot, linear)
@@ -201,3 +206,24 @@ def register_builtins() -> None:
     add([nn.AvgPool2d, F.avg_pool2d], plan_avg_pool, linear)
     add([nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d], plan_adaptive_avg_pool, linear)
     add([torch.mean, "mean"], plan_mean, linear)
+    add(PAD_MODULES + (F.pad,), plan_pad, linear)
+    add(INTERPOLATIONS, plan_interpolate, linear)
+    add(SUMS, plan_sum, linear)
+
+
+_OPTIONAL_DONE: set[str] = set()
+
+
+def register_optional_rules() -> None:
+    """Rules for ops of libraries the engine does not import itself, once each is loaded: timm's
+    "same" padding (pad_same, kept one node by the tracer; Conv2dSame, one node with the conv
+    rule and that padding folded in)."""
+    if "timm" in _OPTIONAL_DONE or "timm.layers" not in sys.modules:
+        return
+    _OPTIONAL_DONE.add("timm")
+    for fn in timm_pad_functions():
+        registry_for(fn).setdefault(fn, OpRule(plan_pad, False, "linear"))
+    conv_same = getattr(sys.modules.get("timm.layers.conv2d_same"), "Conv2dSame", None)
+    if conv_same is not None:
+        registry_for(conv_same).setdefault(conv_same, OpRule(plan_conv_same, False, "linear"))
+    bump_version()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn import grad as nn_grad
 
+from wsss.cam.lrp.canonize import BATCHNORMS
 from wsss.cam.lrp.ops.types import NodeContext, Step, UnsupportedOp
 from wsss.cam.lrp.rules import LinearMap, as_compute, propagate
 
@@ -34,20 +35,35 @@ def _conv_padding(conv: nn.Module) -> tuple[int, ...]:
     return tuple(conv.padding)
 
 
+def _padded_shape(shape: Sequence[int], pads: Sequence[int]) -> tuple[int, ...]:
+    out = list(shape)
+    for i in range(len(pads) // 2):
+        out[-1 - i] += pads[2 * i] + pads[2 * i + 1]
+    return tuple(out)
+
+
 def conv_map(
-    conv: nn.Module, x_shape: Sequence[int], weight: Tensor, bias: Tensor | None
+    conv: nn.Module,
+    x_shape: Sequence[int],
+    weight: Tensor,
+    bias: Tensor | None,
+    pre_pad: Sequence[int] = (),
 ) -> LinearMap:
-    """A ConvNd as a LinearMap (stride, padding, dilation and groups respected)."""
+    """A ConvNd as a LinearMap (stride, padding, dilation and groups respected), after a zero
+    pad of `pre_pad` (F.pad's order) folded in: the map then reads the unpadded input."""
     n = len(conv.kernel_size)
     fwd, input_grad = _CONV_FUNCTIONS[n]
     stride, dilation, groups, padding = conv.stride, conv.dilation, conv.groups, _conv_padding(conv)
-    in_shape = tuple(x_shape[1:])
+    pre_pad = tuple(pre_pad)
+    in_shape = _padded_shape(tuple(x_shape[1:]), pre_pad)
 
     def forward(inp: Tensor, w: Tensor) -> Tensor:
+        inp = F.pad(inp, pre_pad) if any(pre_pad) else inp
         return fwd(inp, w, None, stride, padding, dilation, groups)
 
     def backward(s: Tensor, w: Tensor) -> Tensor:
-        return input_grad((s.shape[0], *in_shape), w, s, stride, padding, dilation, groups)
+        g = input_grad((s.shape[0], *in_shape), w, s, stride, padding, dilation, groups)
+        return F.pad(g, tuple(-p for p in pre_pad)) if any(pre_pad) else g
 
     return LinearMap(weight, bias, forward, backward, (1, -1) + (1,) * n)
 
@@ -69,10 +85,9 @@ def plan_conv(ctx: NodeContext) -> Step:
     if len(conv.kernel_size) not in _CONV_FUNCTIONS:
         raise UnsupportedOp(f"{len(conv.kernel_size)}-d convolution")
     _conv_padding(conv)  # fails early on uneven 'same' padding
-    rule, fold = ctx.layer_rule, ctx.fold
-    x_node = ctx.signal(ctx.args[0])
-    output_node = fold.node if fold is not None else ctx.node
-    reads = (x_node, output_node) if rule.kind == "gamma" else (x_node,)
+    rule, fold, pad = ctx.layer_rule, ctx.fold, ctx.pad
+    x_node = pad.source if pad is not None else ctx.signal(ctx.args[0])
+    reads = (x_node,) + _output_read(ctx)
 
     def backward(r: Tensor, values: list[Any]) -> list[Tensor]:
         x = as_compute(values[0], r.dtype)
@@ -81,9 +96,23 @@ def plan_conv(ctx: NodeContext) -> Step:
         if fold is not None:
             weight, bias = fold.fold_into(weight, bias)
         y = as_compute(values[1], r.dtype) if len(values) > 1 else None
-        return [propagate(rule, conv_map(conv, x.shape, weight, bias), x, r, y)]
+        pre_pad = pad.amounts(x.shape) if pad is not None else ()
+        return [propagate(rule, conv_map(conv, x.shape, weight, bias, pre_pad), x, r, y)]
 
     return Step((x_node,), reads, backward)
+
+
+def _output_read(ctx: NodeContext) -> tuple[fx.Node, ...]:
+    """The layer's output, for the sign-aware γ rule: after a folded BatchNorm. When the folded
+    node's value is not the affine map's (a BatchNorm subclass made one node with its activation)
+    nothing is read, and γ computes the output from x and the folded weights."""
+    if ctx.layer_rule.kind != "gamma":
+        return ()
+    fold = ctx.fold
+    if fold is None:
+        return (ctx.node,)
+    affine = fold.node.op == "call_function" or type(fold.batchnorm) in BATCHNORMS
+    return (fold.node,) if affine else ()
 
 
 def plan_linear(ctx: NodeContext) -> Step:
@@ -132,21 +161,28 @@ def plan_functional_layer(ctx: NodeContext) -> Step:
     x_node, weight, bias = ctx.signal(args["input"]), args["weight"], args["bias"]
     if ctx.is_signal(weight) or ctx.is_signal(bias):
         raise UnsupportedOp("its weight depends on the image")
-    rule = ctx.layer_rule
+    rule, fold, pad = ctx.layer_rule, ctx.fold, ctx.pad
+    if pad is not None:
+        x_node = pad.source
     reads = [x_node, weight] + ([bias] if isinstance(bias, fx.Node) else [])
-    if rule.kind == "gamma":
-        reads.append(ctx.node)
+    output = _output_read(ctx)
+    reads.extend(output)
 
     def backward(r: Tensor, values: list[Any]) -> list[Tensor]:
         x, w = as_compute(values[0], r.dtype), values[1].detach().to(r.dtype)
         b = values[2].detach().to(r.dtype) if isinstance(bias, fx.Node) else bias
-        y = as_compute(values[-1], r.dtype) if rule.kind == "gamma" else None
+        if isinstance(b, Tensor):
+            b = b.detach().to(r.dtype)
+        if fold is not None:
+            w, b = fold.fold_into(w, b)
+        y = as_compute(values[-1], r.dtype) if output else None
         if conv_dims is None:
             return [propagate(rule, linear_map(w, b), x, r, y)]
         params = _ConvParams(
             conv_dims, w.shape, args["stride"], args["padding"], args["dilation"], args["groups"]
         )
-        return [propagate(rule, conv_map(params, x.shape, w, b), x, r, y)]
+        pre_pad = pad.amounts(x.shape) if pad is not None else ()
+        return [propagate(rule, conv_map(params, x.shape, w, b, pre_pad), x, r, y)]
 
     if conv_dims is not None:  # fails early on uneven 'same' padding
         _conv_padding(

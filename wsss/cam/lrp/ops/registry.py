@@ -3,6 +3,7 @@ call_module, a function for call_function, a method name for call_method)."""
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 from torch import fx, nn
@@ -20,6 +21,22 @@ def registry_version() -> int:
     return _VERSION[0]
 
 
+def bump_version() -> None:
+    """Mark every cached relevance plan as stale (the rules changed)."""
+    _VERSION[0] += 1
+
+
+def leaf_functions() -> tuple[Any, ...]:
+    """Registered plain Python functions from outside torch (e.g. timm's pad_same): the tracer
+    keeps each call as one node instead of tracing into it, so its rule applies."""
+    return tuple(
+        f
+        for f in _FUNCTION_RULES
+        if isinstance(f, types.FunctionType)
+        and not (f.__module__ or "").startswith(("torch", "operator"))
+    )
+
+
 def registry_for(target: Any) -> dict:
     if isinstance(target, str):
         return _METHOD_RULES
@@ -34,7 +51,8 @@ def register_rule(target: Any, rule: Any) -> None:
     """Teach RelevanceCAM how relevance crosses an op.
 
     target: a module type (its instances become single nodes of the traced graph), a function
-    (e.g. torch.roll) or a Tensor method name (e.g. "roll").
+    (e.g. torch.roll; a plain Python function from outside torch also becomes a single node, so
+    the tracer does not trace into it, e.g. timm's pad_same) or a Tensor method name (e.g. "roll").
     rule: one of
     - "identity": relevance passes through to the first input unchanged (e.g. an activation);
     - "gate": like "identity", and the op's output counts as a gate when it multiplies another

@@ -31,6 +31,23 @@ def plan_cat(ctx: NodeContext) -> Step:
     return Step(tuple(sources), tuple(Shape(t) for t in tensors), backward)
 
 
+def plan_stack(ctx: NodeContext) -> Step:
+    """torch.stack: each input gets its slice of the new dimension back."""
+    args = ctx.bind(("tensors", "dim"), dim=0)
+    tensors, dim = list(args["tensors"]), args["dim"]
+    is_source = [ctx.is_signal(t) for t in tensors]
+    if not any(is_source):
+        raise UnsupportedOp("none of its inputs depends on the image")
+    if dim == 0:
+        raise UnsupportedOp("it stacks along the batch dimension")
+
+    def backward(r: Tensor, values: list[Any]) -> list[Tensor]:
+        d = dim if dim >= 0 else dim + r.dim()
+        return [p for p, keep in zip(r.unbind(d), is_source) if keep]
+
+    return Step(tuple(t for t, keep in zip(tensors, is_source) if keep), (), backward)
+
+
 def _piece_sizes(length: int, how: str, amount: Any) -> list[int]:
     """The lengths torch.chunk / torch.split give along one dimension."""
     if how == "chunk":

@@ -58,6 +58,7 @@ class NodeContext:
     is_multi_output: Callable[[Any], bool]
     layer_rule: Rule | None = None  # the composite's rule for a conv / linear node
     fold: BatchNormFold | None = None  # the BatchNorm the canonizer folded into this conv
+    pad: Any = None  # the zero pad folded into this conv (ops.padding.PadFold)
 
     @property
     def args(self) -> tuple[Any, ...]:
