@@ -99,15 +99,20 @@ def method_options(method: str, model: nn.Module, layers: list[str], images: Ten
 
 
 def relative_conservation(cam: Any, images: Tensor, targets: Tensor) -> dict[str, float]:
-    """{layer: max over images and classes of |Σ R_layer − Σ R_logits| / Σ|R_logits|}."""
+    """{layer: max over images and classes of |Σ R_layer − Σ R_logits| / Σ|R_logits|}.
+
+    Slots whose target logit is exactly 0 (a ReLU before the last pooling, as in SqueezeNet, with
+    random weights) are left out: like any output of exactly 0, the rules drop its relevance."""
     with torch.no_grad():
         logits = cam.model(images)
     start = start_relevance(logits, targets, cam.config.start)  # (B, K, C)
     total, scale = start.sum(-1), start.abs().sum(-1).clamp(min=1e-12)
+    live = logits.gather(1, targets) != 0
     out = {}
     for layer, (_, r) in cam.relevance(images, targets).items():
         got = r.sum(tuple(range(2, r.dim())))
-        out[layer] = float(((got - total).abs() / scale).max())
+        error = ((got - total).abs() / scale).masked_fill(~live, 0.0)
+        out[layer] = float(error.max())
     return out
 
 
