@@ -13,8 +13,9 @@ from typing import Any, Optional
 
 import yaml
 
-from wsss.cam import CAM_METHODS, NORMALIZATIONS
+from wsss.cam import CAM_METHODS
 from wsss.cam.libra import BOUND_MODES
+from wsss.cam.postprocess import NORMALIZATIONS
 from wsss.config.fields import (
     AT_LEAST_ONE,
     FRACTION,

@@ -18,8 +18,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 
-from wsss.cam import ReferenceLibrary, aggregate_scales, build_cam, fuse_layers
+from wsss.cam import build_cam
+from wsss.cam.libra import ReferenceLibrary
 from wsss.cam.methods import METHODS
+from wsss.cam.postprocess import aggregate_scales, fuse_layers
 from wsss.data.masks import write_label_png
 from wsss.data.resize import restore_size
 from wsss.io import atomic_path, write_json_atomic

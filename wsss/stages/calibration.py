@@ -17,8 +17,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Subset
 
-from wsss.cam import LibrarySettings, ReferenceLibrary, library_for
-from wsss.cam.libra import model_fingerprint
+from wsss.cam.libra import LibrarySettings, ReferenceLibrary, library_for, model_fingerprint
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.distributed import barrier, is_global_zero
