@@ -8,6 +8,7 @@ import re
 import pytest
 
 import wsss.cam
+
 from conftest import ROOT
 
 DOCUMENTS = ("README.md", "docs/DESIGN.md", "docs/ALGORITHMS.md", "docs/benchmarks.md")

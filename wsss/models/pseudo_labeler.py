@@ -24,12 +24,12 @@ from wsss.cam.methods import METHODS
 from wsss.cam.postprocess import aggregate_scales, fuse_layers
 from wsss.data.masks import write_label_png
 from wsss.data.resize import restore_size
+from wsss.images import PIXEL_RANGE, denormalise
 from wsss.io import atomic_path, write_json_atomic
 from wsss.pseudo.distribution import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.pseudo.labels import scores_to_labels
 from wsss.pseudo.pixels import pixel_mask
 from wsss.pseudo.refine import check_refine_method, refine_scores
-from wsss.viz import denormalise
 
 SEED_DIR = "seeds"
 CALIBRATED_DIR = "calibrated"  # the calibrated masks before in-image refinement (par / crf)
@@ -306,7 +306,7 @@ class PseudoMaskWriter(BasePredictionWriter):
         valid = prediction["valid"][i].cpu()
         return {
             "id": batch["id"][i],
-            "display": denormalise(batch["image"][i, :, :h, :w], mean, std),
+            "display": denormalise(batch["image"][i, :, :h, :w], mean, std, PIXEL_RANGE),
             "classes": (prediction["targets"][i].cpu()[valid] + 1).tolist(),
             "layers": {k: v[i, valid, :h, :w].cpu() for k, v in prediction["layers"].items()},
             "fused": prediction["fused"][i, valid, :h, :w].cpu(),
