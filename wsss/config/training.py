@@ -35,10 +35,13 @@ class ClassifierConfig:
     backbone: str = option(
         "resnet18",
         "any torchvision classification model name "
-        "(torchvision.models.list_models(module=torchvision.models))",
+        "(torchvision.models.list_models(module=torchvision.models)), or timm:NAME for any "
+        "timm CNN (timm.list_models())",
     )
     pretrained: bool = option(
-        False, "ImageNet weights from torchvision (needs network or TORCH_HOME cache)"
+        False,
+        "ImageNet weights from torchvision (needs network or TORCH_HOME cache); timm:NAME "
+        "backbones load timm's from the Hugging Face Hub (network or HF_HOME cache)",
     )
     output_stride: int = choice(
         32,
