@@ -122,7 +122,9 @@ def main() -> None:
             kwargs = {"present": labels > 0.5} if CAM_REGISTRY[method].takes_present else {}
             started = time.perf_counter()
             with counter, build_cam(method, model, layers, **options) as cam:
-                per_layer = aggregate_scales(cam, images, [1.0], False, targets=targets, **kwargs)
+                per_layer = aggregate_scales(
+                    cam, images, [1.0], False, targets=targets, normalize="relu_max", **kwargs
+                )
             seconds += time.perf_counter() - started
             images_seen += len(images)
             if len(layers) > 1:

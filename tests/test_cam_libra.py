@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -229,7 +231,7 @@ def toy_data(n: int = 40):
 def test_library_holds_the_lowest_scored_absent_images_below_the_bound():
     model = ChannelMeans().eval()
     images, labels = toy_data()
-    settings = LibrarySettings(("features",), references=4, bound=0.2)
+    settings = LibrarySettings(("features",), references=4, bound=0.2, bound_mode="absolute")
     batches = [(images[i : i + 8], labels[i : i + 8]) for i in range(0, 40, 8)]
     library = build_library(model, batches, settings)
     with torch.no_grad():
@@ -263,9 +265,68 @@ def test_library_holds_the_lowest_scored_absent_images_below_the_bound():
     tied = build_library(
         model,
         [(same[i : i + 3], torch.zeros(len(same[i : i + 3]), 3)) for i in range(0, 7, 3)],
-        LibrarySettings(("features",), references=4, bound=1.0),
+        LibrarySettings(("features",), references=4, bound=1.0, bound_mode="absolute"),
     )
     assert tied.indices.tolist() == [[0, 1, 2, 3]] * 3
+
+
+def test_relative_bound_takes_the_lowest_quantile_of_each_class_negatives():
+    """bound_mode="relative": per class, the lowest ceil(q * N_c) negatives (at most R), ordered
+    by score, whatever the score scale; a classifier scoring every image above 0.5 still gets
+    references, where the absolute bound finds none."""
+    model = ChannelMeans().eval()
+    with torch.no_grad():
+        model.head.bias.fill_(5.0)  # every sigmoid score above 0.99
+    images, labels = toy_data()
+    with torch.no_grad():
+        scores = model(images).sigmoid()
+    assert bool((scores > 0.5).all())
+    batches = [(images[i : i + 8], labels[i : i + 8]) for i in range(0, 40, 8)]
+    for q, r in [(0.5, 30), (0.1, 30), (1.0, 4)]:
+        settings = LibrarySettings(("features",), references=r, negative_quantile=q)
+        library = build_library(model, batches, settings)
+        for c in range(3):
+            negatives = sorted((float(scores[i, c]), i) for i in range(40) if labels[i, c] == 0)
+            quota = min(r, max(1, math.ceil(q * len(negatives))))
+            n = int(library.counts[c])
+            assert n == quota
+            assert library.indices[c, :n].tolist() == [i for _, i in negatives[:quota]]
+            assert bool((library.indices[c, n:] == -1).all())
+            assert bool((library.activations["features"][c, n:] == 0).all())
+    absolute = build_library(
+        model, batches, LibrarySettings(("features",), bound=0.5, bound_mode="absolute")
+    )
+    assert absolute.counts.tolist() == [0, 0, 0]
+
+
+def test_relative_bound_is_empty_only_without_negative_images():
+    model = ChannelMeans().eval()
+    images, labels = toy_data(8)
+    labels[:, 1] = 1.0  # every image holds class 1
+    library = build_library(
+        model, [(images, labels)], LibrarySettings(("features",), negative_quantile=0.01)
+    )
+    assert library.counts[1] == 0 and bool((library.counts[[0, 2]] == 1).all())
+    with pytest.raises(ValueError, match=r"no references for classes \[1\]: no training image is "):
+        with LibraCAM(model, "features", library=library) as cam:
+            cam(images[:1], torch.tensor([1]))
+
+
+def test_library_settings_refuse_an_unknown_bound_mode_or_quantile():
+    with pytest.raises(ValueError, match="bound_mode must be one of"):
+        LibrarySettings(("features",), bound_mode="percent")
+    with pytest.raises(ValueError, match="negative_quantile must be in"):
+        LibrarySettings(("features",), negative_quantile=0.0)
+
+
+def test_a_library_stored_before_the_relative_bound_loads_as_absolute():
+    model = ChannelMeans().eval()
+    images, labels = toy_data()
+    settings = LibrarySettings(("features",), references=3, bound=0.3, bound_mode="absolute")
+    state = build_library(model, [(images, labels)], settings).state_dict()
+    for key in ("bound_mode", "negative_quantile"):
+        del state["settings"][key]
+    assert ReferenceLibrary.from_state_dict(state).spec.bound_mode == "absolute"
 
 
 def test_library_reused_only_for_the_same_classifier_and_settings():

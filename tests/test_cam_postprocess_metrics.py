@@ -16,7 +16,7 @@ from wsss.cam import (
     relu_max_normalize,
     upsample,
 )
-from wsss.config import MAP_NORMALIZATIONS
+from wsss.config import MAP_NORMALIZATIONS, Config
 from wsss.metrics import average_drop_increase, class_scores, insertion_deletion_auc
 
 
@@ -68,7 +68,7 @@ def test_aggregate_scales_normalises_each_raw_map_before_summing():
     out = aggregate_scales(maps_fn, images, flip=True, normalize="centred")
     assert torch.equal(out["layer"], obj)
     assert out["layer"].min() == 0 and relu_max_normalize(obj).min() == 0
-    plain = aggregate_scales(maps_fn, images, flip=True)  # relu_max keeps the floor
+    plain = aggregate_scales(maps_fn, images, flip=True, normalize="relu_max")  # keeps the floor
     assert plain["layer"].min() > 0.8
 
 
@@ -107,9 +107,21 @@ def test_aggregate_scales_with_cam_object():
             return {"x": images[:, :1].unsqueeze(1).squeeze(2).repeat(1, targets.shape[1], 1, 1)}
 
     images = torch.rand(1, 3, 8, 8)
-    out = aggregate_scales(FakeCAM(), images, scales=[1.0], targets=torch.tensor([[0, 1]]))["x"]
+    targets = torch.tensor([[0, 1]])
+    out = aggregate_scales(FakeCAM(), images, [1.0], targets=targets, normalize="relu_max")["x"]
     assert out.shape == (1, 2, 8, 8)
     torch.testing.assert_close(out[0, 0], relu_max_normalize(images[:, :1])[0, 0])
+
+
+def test_normalisation_defaults_to_the_pipelines_centred():
+    """normalize_maps and aggregate_scales default to cam.normalize's default (centred), so the
+    CAM-only path gives the pipeline's maps; relu_max stays one argument away."""
+    raw = torch.rand(2, 3, 5, 5) + 4.0  # a positive floor that only centring removes
+    assert Config().cam.normalize == "centred"
+    torch.testing.assert_close(normalize_maps(raw), centred_normalize(raw))
+    assert not torch.allclose(normalize_maps(raw), normalize_maps(raw, "relu_max"))
+    out = aggregate_scales(lambda images: {"x": raw}, torch.zeros(2, 3, 5, 5))["x"]
+    torch.testing.assert_close(out, centred_normalize(raw))
 
 
 def test_upsample_identity_when_same_size():

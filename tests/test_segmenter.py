@@ -271,12 +271,19 @@ def test_missing_pretrained_weights_explain_the_way_out(monkeypatch):
 
 def test_denormalise_16_bit_grayscale_to_rgb_uint8():
     raw = torch.linspace(0, 4095, 16).view(1, 4, 4)
-    image = denormalise((raw - 1000.0) / 500.0, [1000.0], [500.0])
+    image = denormalise((raw - 1000.0) / 500.0, [1000.0], [500.0], (0, 255))
     assert image.shape == (4, 4, 3) and image.dtype == np.uint8
     assert image.min() == 0 and image.max() == 255
     assert (image[..., 0] == image[..., 2]).all()
     rgb = torch.full((3, 2, 2), 100.0)
-    assert (denormalise((rgb - 127.0) / 60.0, [127.0] * 3, [60.0] * 3) == 100).all()
+    assert (denormalise((rgb - 127.0) / 60.0, [127.0] * 3, [60.0] * 3, (0, 255)) == 100).all()
+    # 0-1 units by default, as torchvision's Normalize and box_rule take them
+    unit = torch.full((3, 2, 2), 100.0 / 255.0)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    normalised = (unit - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert (denormalise(normalised, mean, std) == 100).all()
+    with pytest.raises(ValueError, match=r"look like 0-255 units.*pass mean/255 and std/255"):
+        denormalise(rgb, [127.0] * 3, [60.0] * 3)
 
 
 def test_heatmap_overlay_grid_and_atomic_png(tmp_path):

@@ -521,6 +521,7 @@ def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(
     classifier = stages.load_classifier(cfg)
     assert state["classifier_hash"] == model_fingerprint(classifier.export())
     assert state["settings"]["references"] == 3 and state["settings"]["bound"] == 1.0
+    assert state["settings"]["bound_mode"] == "relative"
     assert list(state["settings"]["layers"]) == list(cfg.cam.layers)
     dataset = build_source(cfg, "train", mean=classifier.hparams.mean, std=classifier.hparams.std)
     by_hand = build_library(
@@ -573,11 +574,57 @@ def test_libra_method_builds_its_library_once_per_classifier_and_uses_it(
     assert torch.load(path, weights_only=True)["scores"].shape[1] == 2
 
 
-def test_libra_without_references_names_the_classes_and_the_key(trained, tmp_path):
+def test_libra_absolute_bound_without_references_names_the_classes_and_the_key(trained, tmp_path):
+    """cam.libra_bound_mode=absolute: a bound no score passes stops the stage, as it always did;
+    the relative bound (the default) gets references from the same classifier."""
     reuse_stage(trained, tmp_path)
-    cfg = config(tmp_path, *LIBRA, "cam.libra_bound=1e-9")
+    cfg = config(tmp_path, *LIBRA, "cam.libra_bound=1e-9", "cam.libra_bound_mode=absolute")
     classifier = stages.load_classifier(cfg)
     with pytest.raises(StageError, match=r"cam.libra_bound=1e-09 for \['disc'"):
+        pseudo_stage.reference_library(cfg, classifier, tmp_path)
+    relative = config(tmp_path, *LIBRA, "cam.libra_bound=1e-9")
+    assert bool((pseudo_stage.reference_library(relative, classifier, tmp_path).counts > 0).all())
+
+
+def test_libra_negative_quantile_sets_how_many_negatives_each_class_draws_from(trained, tmp_path):
+    """cam.libra_negative_quantile=q: class c keeps min(R, ceil(q * N_c)) references, N_c its
+    negative training images, the lowest-scoring first."""
+    reuse_stage(trained, tmp_path)
+    classifier = stages.load_classifier(config(tmp_path))
+    for q in (0.1, 1.0):
+        cfg = config(
+            tmp_path, *LIBRA, "cam.libra_references=30", f"cam.libra_negative_quantile={q}"
+        )
+        library = pseudo_stage.reference_library(cfg, classifier, tmp_path)
+        dataset = build_source(cfg, "train")
+        labels = torch.stack([torch.as_tensor(dataset[i]["labels"]) for i in range(len(dataset))])
+        negatives = (labels < 0.5).sum(0)
+        want = torch.clamp(torch.ceil(q * negatives.double()).long(), min=1, max=30)
+        assert library.counts.tolist() == want.tolist()
+
+
+def test_libra_relative_bound_stops_only_for_a_class_without_negatives(
+    trained, tmp_path, monkeypatch
+):
+    """Under the relative bound a class is empty only when every training image holds it; the
+    stage says so, naming the class."""
+    reuse_stage(trained, tmp_path)
+    cfg = config(tmp_path, *LIBRA)
+    classifier = stages.load_classifier(cfg)
+    from wsss.stages import calibration
+
+    real = calibration.library_for
+
+    def every_image_has_square(model, batches, settings, *args, **kwargs):
+        def labelled():
+            for batch in batches():
+                batch["labels"][:, 1] = 1.0
+                yield batch
+
+        return real(model, labelled, settings, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "library_for", every_image_has_square)
+    with pytest.raises(StageError, match=r"no training image is labelled without \['square'\]"):
         pseudo_stage.reference_library(cfg, classifier, tmp_path)
 
 

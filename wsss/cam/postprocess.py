@@ -50,8 +50,9 @@ NORMALIZATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def normalize_maps(maps: Tensor, mode: str = "relu_max") -> Tensor:
-    """Normalise (B, K, h, w) maps to [0, 1] by one of ``NORMALIZATIONS``."""
+def normalize_maps(maps: Tensor, mode: str = "centred") -> Tensor:
+    """Normalise (B, K, h, w) maps to [0, 1] by one of ``NORMALIZATIONS`` (``centred`` by
+    default, as the pipeline's cam.normalize)."""
     if mode not in NORMALIZATIONS:
         raise ValueError(
             f"unknown map normalisation {mode!r}; choose one of {sorted(NORMALIZATIONS)}"
@@ -97,15 +98,15 @@ def aggregate_scales(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     targets: Tensor | None = None,
-    normalize: str = "relu_max",
+    normalize: str = "centred",
     **call_kwargs,
 ) -> dict[str, Tensor]:
     """Sum of maps over rescaled (and horizontally flipped) inputs, at the input size.
 
     maps_fn is `maps_fn(images) -> {layer: (B, K, h, w)}`, or a CAM object called as
     `cam(images, targets, **call_kwargs)` when targets is given. Every raw map is normalised
-    (``normalize``, at its own resolution) and resized before summing; flipped maps are flipped
-    back. The sum is renormalised to max 1.
+    (``normalize``, the pipeline's ``centred`` by default, at its own resolution) and resized
+    before summing; flipped maps are flipped back. The sum is renormalised to max 1.
     """
     size = images.shape[-2:]
     total: dict[str, Tensor] = {}

@@ -51,9 +51,13 @@ def _check_backbone(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"classifier.backbone: {exc}") from None
     if cfg.classifier.output_stride == 16 and not backbones.supports_output_stride_16(name):
+        why = (
+            "timm cannot dilate this family"
+            if name.startswith("timm:")
+            else "its last downsampling is a pooling or an even-kernel conv"
+        )
         raise ConfigError(
-            f"classifier.output_stride: 16 is not available for {name} (its last "
-            "downsampling is a pooling or an even-kernel conv); use 32"
+            f"classifier.output_stride: 16 is not available for {name} ({why}); use 32"
         )
     try:
         if cfg.cam.layers is None:

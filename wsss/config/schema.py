@@ -13,7 +13,9 @@ from typing import Any, Optional
 
 import yaml
 
-from wsss.cam import CAM_METHODS, NORMALIZATIONS
+from wsss.cam import CAM_METHODS
+from wsss.cam.libra import BOUND_MODES
+from wsss.cam.postprocess import NORMALIZATIONS
 from wsss.config.fields import (
     AT_LEAST_ONE,
     FRACTION,
@@ -161,12 +163,26 @@ class CamConfig:
     libra_references: int = option(
         30,
         "libra: reference activations per class, from training images labelled "
-        "without the class and scored below cam.libra_bound for it",
+        "without the class and inside the bound (cam.libra_bound_mode)",
         check=AT_LEAST_ONE,
     )
     libra_bound: float = option(
         0.1,
-        "libra: a reference image's sigmoid score for the class must be below this",
+        "libra, cam.libra_bound_mode=absolute: a reference image's sigmoid score for the class "
+        "must be below this",
+        check=interval("(0, 1]"),
+    )
+    libra_bound_mode: str = choice(
+        "relative",
+        *BOUND_MODES,
+        help="libra: which negative images may be references: relative (the lowest-scoring "
+        "cam.libra_negative_quantile of each class's negatives, at least one; works on any "
+        "classifier that ranks), absolute (scored below cam.libra_bound)",
+    )
+    libra_negative_quantile: float = option(
+        0.5,
+        "libra, cam.libra_bound_mode=relative: the fraction of each class's negative training "
+        "images, lowest scores first, references are drawn from",
         check=interval("(0, 1]"),
     )
 

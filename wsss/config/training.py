@@ -36,12 +36,15 @@ class ClassifierConfig:
     backbone: str = option(
         "resnet18",
         "any torchvision classification model name "
-        "(torchvision.models.list_models(module=torchvision.models)), or a ViT: "
+        "(torchvision.models.list_models(module=torchvision.models)), timm:NAME for any "
+        "timm CNN (timm.list_models()), or a ViT: "
         "deit_tiny_patch16_224, deit_small_patch16_224, vit_small_patch16_224, vit_b_16, "
         "vit_b_32, ... (wsss.models.vit_backbones.VIT_BACKBONES)",
     )
     pretrained: bool = option(
-        False, "ImageNet weights from torchvision (needs network or TORCH_HOME cache)"
+        False,
+        "ImageNet weights from torchvision (needs network or TORCH_HOME cache); timm:NAME "
+        "backbones load timm's from the Hugging Face Hub (network or HF_HOME cache)",
     )
     output_stride: int = choice(
         32,

@@ -1,4 +1,5 @@
-"""Classification backbones for the CAM pipeline: any torchvision classification model.
+"""Classification backbones for the CAM pipeline: any torchvision classification model, and
+any timm CNN as ``timm:NAME`` (``timm_backbones.py``; every function here dispatches to it).
 
 `build_backbone(name, num_classes, ...)` gives the torchvision model with:
 - a GAP + linear head over `num_classes` (the CAM methods need a final nn.Linear): the last
@@ -29,6 +30,8 @@ import torch
 import torchvision
 from torch import nn
 
+from wsss.models import timm_backbones
+
 _MLP_HEADS = ("vgg", "alexnet", "mobilenet_v3")
 _POOL_DOWNSAMPLING = (
     "vgg",
@@ -54,6 +57,8 @@ def available_backbones() -> tuple[str, ...]:
 
 def check_backbone(name: str) -> None:
     """ValueError naming the closest torchvision model when `name` is not one."""
+    if timm_backbones.is_timm_name(name):
+        return timm_backbones.check_timm_backbone(name)
     if name not in available_backbones():
         close = difflib.get_close_matches(name, available_backbones(), n=3)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -75,6 +80,8 @@ def family_of(name: str) -> str:
 
 
 def supports_output_stride_16(name: str) -> bool:
+    if timm_backbones.is_timm_name(name):
+        return timm_backbones.supports_timm_output_stride_16(name)
     return family_of(name) not in _POOL_DOWNSAMPLING
 
 
@@ -98,7 +105,12 @@ def build_backbone(
     output_stride: int = 32,
     in_channels: int = 3,
 ) -> nn.Module:
-    """A torchvision classifier with a GAP + linear head over `num_classes` (see module doc)."""
+    """A torchvision classifier with a GAP + linear head over `num_classes` (see module doc);
+    ``timm:NAME`` builds a timm CNN the same way (``timm_backbones``)."""
+    if timm_backbones.is_timm_name(backbone):
+        return timm_backbones.build_timm_backbone(
+            backbone, num_classes, pretrained, output_stride, in_channels
+        )
     check_backbone(backbone)
     if output_stride not in (16, 32):
         raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
@@ -286,6 +298,8 @@ def _probe_model(name: str) -> nn.Module:
 @functools.lru_cache(maxsize=64)
 def default_cam_layers(name: str) -> tuple[str, ...]:
     """Sensible CAM layers for a torchvision backbone (see the module docstring)."""
+    if timm_backbones.is_timm_name(name):
+        return timm_backbones.default_timm_cam_layers(name)
     check_backbone(name)
     family = family_of(name)
     if family in _NOT_CNNS:
@@ -343,6 +357,8 @@ def default_cam_layers(name: str) -> tuple[str, ...]:
 
 def check_cam_layers(name: str, layers: list[str]) -> None:
     """ValueError naming the closest module when a layer is not a module of the backbone."""
+    if timm_backbones.is_timm_name(name):
+        return timm_backbones.check_timm_cam_layers(name, layers)
     modules = [n for n, _ in _probe_model(name).named_modules() if n]
     for layer in layers:
         if layer != "input" and layer not in modules:

@@ -18,10 +18,13 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 
-from wsss.cam import ReferenceLibrary, aggregate_scales, build_cam, fuse_layers
+from wsss.cam import build_cam
+from wsss.cam.libra import ReferenceLibrary
 from wsss.cam.methods import METHODS
+from wsss.cam.postprocess import aggregate_scales, fuse_layers
 from wsss.data.masks import CONFIDENCE_DIR, write_confidence_png, write_label_png
 from wsss.data.resize import restore_size
+from wsss.images import PIXEL_RANGE, denormalise
 from wsss.io import atomic_path, write_json_atomic
 from wsss.pseudo.distribution import (
     confidence_levels,
@@ -32,7 +35,6 @@ from wsss.pseudo.distribution import (
 from wsss.pseudo.labels import scores_to_labels
 from wsss.pseudo.pixels import pixel_mask
 from wsss.pseudo.refine import check_refine_method, refine_scores
-from wsss.viz import denormalise
 
 SEED_DIR = "seeds"
 CALIBRATED_DIR = "calibrated"  # the calibrated masks before in-image refinement (par / crf)
@@ -341,7 +343,7 @@ class PseudoMaskWriter(BasePredictionWriter):
         valid = prediction["valid"][i].cpu()
         return {
             "id": batch["id"][i],
-            "display": denormalise(batch["image"][i, :, :h, :w], mean, std),
+            "display": denormalise(batch["image"][i, :, :h, :w], mean, std, PIXEL_RANGE),
             "classes": (prediction["targets"][i].cpu()[valid] + 1).tolist(),
             "layers": {k: v[i, valid, :h, :w].cpu() for k, v in prediction["layers"].items()},
             "fused": prediction["fused"][i, valid, :h, :w].cpu(),

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss import tracking
+from wsss.images import PIXEL_RANGE, denormalise
 from wsss.label_maps import IGNORE_INDEX
 from wsss.metrics import SegmentationScores
 from wsss.models.common import check_finite_loss, optimizer_with_schedule
 from wsss.pseudo.pixels import pixel_mask
 from wsss.pseudo.refine import refine_scores
-from wsss.viz import denormalise
 
 STRIDE = 32  # smp encoders downsample by 32: inputs are padded to a multiple of it
 
@@ -225,7 +225,7 @@ class SegmenterModule(L.LightningModule):
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
         items = [
             {
-                "image": denormalise(img, self.hparams.mean, self.hparams.std),
+                "image": denormalise(img, self.hparams.mean, self.hparams.std, PIXEL_RANGE),
                 "caption": f"val image {i}",
                 "masks": {"prediction": pred.numpy(), "ground_truth": gt.numpy()},
             }

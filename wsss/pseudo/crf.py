@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wsss.images import denormalise
+from wsss.images import PIXEL_RANGE, denormalise
 from wsss.pseudo.pixels import as_pixel_mask, check_scores
 
 CRF_MISSING = "dense CRF needs the optional extra: pip install -e '.[crf]' (pydensecrf2)"
@@ -104,5 +104,7 @@ def crf_refine(
         rows, cols = mask[i].any(1).nonzero(), mask[i].any(0).nonzero()
         h = int(rows.max()) + 1 if len(rows) else 0
         w = int(cols.max()) + 1 if len(cols) else 0
-        colours.append(denormalise(images[i, :, : max(h, 1), : max(w, 1)].cpu(), mean, std))
+        colours.append(
+            denormalise(images[i, :, : max(h, 1), : max(w, 1)].cpu(), mean, std, PIXEL_RANGE)
+        )
     return crf(scores, colours, iterations=int(options.pop("iterations", 5)), **options)

@@ -17,8 +17,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Subset
 
-from wsss.cam import LibrarySettings, ReferenceLibrary, library_for
-from wsss.cam.libra import model_fingerprint
+from wsss.cam.libra import LibrarySettings, ReferenceLibrary, library_for, model_fingerprint
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.distributed import barrier, is_global_zero
@@ -67,7 +66,11 @@ def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, An
 def library_settings(cfg: Config) -> LibrarySettings:
     """The Libra-CAM library settings the config defines (cam.layers, cam.libra_*)."""
     return LibrarySettings(
-        layers=tuple(cfg.cam.layers), references=cfg.cam.libra_references, bound=cfg.cam.libra_bound
+        layers=tuple(cfg.cam.layers),
+        references=cfg.cam.libra_references,
+        bound=cfg.cam.libra_bound,
+        bound_mode=cfg.cam.libra_bound_mode,
+        negative_quantile=cfg.cam.libra_negative_quantile,
     )
 
 
@@ -109,12 +112,23 @@ def reference_library(cfg: Config, classifier, out_dir: Path) -> Optional[Refere
         if count == 0
     ]
     if empty:
-        raise StageError(
+        raise StageError(_no_references_message(cfg, empty))
+    return library
+
+
+def _no_references_message(cfg: Config, empty: list[str]) -> str:
+    """Why the classes ``empty`` got no Libra references, and what to change."""
+    if cfg.cam.libra_bound_mode == "absolute":
+        return (
             f"cam.method=libra: no training image scored below cam.libra_bound="
             f"{cfg.cam.libra_bound} for {empty}, so these classes have no references; "
             "raise cam.libra_bound or train the classifier longer"
         )
-    return library
+    return (
+        f"cam.method=libra: no training image is labelled without {empty}, so these classes "
+        "have no references (Libra-CAM needs negative images of every class); add images "
+        "without them to the training split or choose another cam.method"
+    )
 
 
 def calibration_subset(cfg: Config, dataset) -> Subset:

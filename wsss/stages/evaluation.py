@@ -13,13 +13,13 @@ from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import read_mask
 from wsss.distributed import barrier, is_global_zero
+from wsss.images import PIXEL_RANGE, denormalise
 from wsss.models.prediction_writer import SegmentationWriter
 from wsss.stages.records import run_stage, stage_dir
 from wsss.stages.scoring import score_mask_dir
 from wsss.stages.segmenter import load_segmenter
 from wsss.stages.trainer import make_trainer
 from wsss.tracking import log_mask_overlays, log_table
-from wsss.viz import denormalise
 
 
 def _predict_split(
@@ -100,7 +100,9 @@ def _record(cfg: Config, logger: Any, record: dict[str, Any], overlays: int = 8)
     items = []
     for index in range(min(overlays, len(source))):
         raw = source.load_raw(index)
-        image = denormalise(torch.from_numpy(raw.image.transpose(2, 0, 1).copy()), None, None)
+        image = denormalise(
+            torch.from_numpy(raw.image.transpose(2, 0, 1).copy()), None, None, PIXEL_RANGE
+        )
         masks = {"prediction": read_mask(directory / f"{raw.id}.png")}
         if raw.mask is not None:
             masks["ground_truth"] = raw.mask

@@ -5,9 +5,11 @@
         maps = cam(images, targets)        # {layer: (B, K, h, w)}
 
 1. **Reference library** (not released by the authors; reconstructed). For each class c, the
-   R activations (default 30) of training images whose label does not contain c and that the
-   classifier scores below ``bound`` for c (sigmoid by default). Among the candidates the R with
-   the *lowest* score are kept, ties going to the image seen first, so the library is a
+   R activations (default 30) of training images whose label does not contain c, inside the
+   bound: by default (``bound_mode="relative"``) among the lowest ``negative_quantile`` of the
+   class's scores over its N_c negative images (ceil(q·N_c), at least one), or
+   (``bound_mode="absolute"``) scored below ``bound`` for c (sigmoid by default). Among the
+   candidates the R with the *lowest* score are kept, ties going to the image seen first, so the library is a
    deterministic function of the classifier and the order of the batches. One forward per batch,
    on the model's device, with the model in eval mode. Every layer of the library stores the same
    images. Activations are stored at the size of the first batch's activation at that layer;
@@ -55,6 +57,7 @@ from wsss.cam.libra.filter import (
     probabilities,
 )
 from wsss.cam.libra.library import (
+    BOUND_MODES,
     DTYPES,
     LibrarySettings,
     ReferenceLibrary,
@@ -66,6 +69,7 @@ from wsss.cam.libra.library import (
 
 __all__ = [
     "ACTIVATIONS",
+    "BOUND_MODES",
     "CALIBRATION_CUTS",
     "DTYPES",
     "LibraCAM",

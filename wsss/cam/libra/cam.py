@@ -114,7 +114,7 @@ class LibraCAM(HookedCAM):
             classes = sorted({int(c) for c in targets[empty]})
             raise ValueError(
                 f"the reference library has no references for classes {classes}: no "
-                f"training image scored below bound={self.library.settings['bound']}"
+                f"training image {self.library.spec.describe()}"
             )
         raw, masks = {}, {}
         for i, layer in enumerate(self.layers):

@@ -1,5 +1,10 @@
 """Libra-CAM's reference library: per class, the activations of the training images that the
-classifier scores lowest among those labelled without the class."""
+classifier scores lowest among those labelled without the class.
+
+Which of those images may enter is the bound: ``relative`` (the default) takes them from the
+lowest ``negative_quantile`` of the class's own scores on its negative images, so a classifier
+that ranks at all gets references whatever its score scale; ``absolute`` needs a score below
+``bound``, a fixed sigmoid level that does not carry from one classifier to the next."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from wsss.cam.core import named_layers, record_layers
 from wsss.cam.libra.filter import check_activation, probabilities
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BOUND_MODES = ("relative", "absolute")
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -30,9 +36,11 @@ class LibrarySettings:
     """What a library is built with. ``as_dict()`` is what a caller stores and compares (with the
     classifier's hash) to decide between reuse and rebuild.
 
-    layers: module names, as in ``model.named_modules()``; references: R per class; bound: a
-    candidate's score for the class must be below it; activation: "sigmoid" or "softmax" for that
-    score; dtype: storage precision of the activations ("float16" halves the memory).
+    layers: module names, as in ``model.named_modules()``; references: R per class; bound_mode:
+    "relative" (a reference ranks in the lowest ``negative_quantile`` of the class's scores over
+    its negative images, at least the single lowest) or "absolute" (its score is below
+    ``bound``); activation: "sigmoid" or "softmax" for that score; dtype: storage precision of
+    the activations ("float16" halves the memory).
     """
 
     layers: tuple[str, ...]
@@ -40,6 +48,8 @@ class LibrarySettings:
     bound: float = 0.1
     activation: str = "sigmoid"
     dtype: str = "float32"
+    bound_mode: str = "relative"
+    negative_quantile: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -51,6 +61,10 @@ class LibrarySettings:
             raise ValueError(f"references must be >= 1, got {self.references}")
         if not 0.0 < self.bound <= 1.0:
             raise ValueError(f"bound must be in (0, 1], got {self.bound}")
+        if self.bound_mode not in BOUND_MODES:
+            raise ValueError(f"bound_mode must be one of {BOUND_MODES}, got {self.bound_mode!r}")
+        if not 0.0 < self.negative_quantile <= 1.0:
+            raise ValueError(f"negative_quantile must be in (0, 1], got {self.negative_quantile}")
         check_activation(self.activation)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
@@ -62,7 +76,15 @@ class LibrarySettings:
             "bound": self.bound,
             "activation": self.activation,
             "dtype": self.dtype,
+            "bound_mode": self.bound_mode,
+            "negative_quantile": self.negative_quantile,
         }
+
+    def describe(self) -> str:
+        """The bound in words, for messages about classes without references."""
+        if self.bound_mode == "absolute":
+            return f"scored below bound={self.bound}"
+        return f"is labelled without the class (negative_quantile={self.negative_quantile})"
 
 
 class ReferenceLibrary:
@@ -142,6 +164,7 @@ class ReferenceLibrary:
     ) -> ReferenceLibrary:
         settings = dict(state["settings"])
         settings["layers"] = tuple(settings["layers"])
+        settings.setdefault("bound_mode", "absolute")  # stored before the relative bound existed
         return cls(
             LibrarySettings(**settings),
             {k: v.to(device) for k, v in state["activations"].items()},
@@ -210,6 +233,7 @@ class _LibraryBuilder:
         self.scores: Tensor | None = None
         self.indices: Tensor | None = None
         self.activations: dict[str, Tensor] = {}
+        self.negatives: Tensor | None = None  # (C,) images seen labelled without each class
         self.seen = 0
 
     def add(
@@ -221,6 +245,7 @@ class _LibraryBuilder:
         if self.scores is None:
             self.scores = torch.full((c, r), float("inf"), device=self.device)
             self.indices = torch.full((c, r), -1, dtype=torch.long, device=self.device)
+            self.negatives = torch.zeros(c, dtype=torch.long, device=self.device)
             for layer, a in acts.items():
                 self.activations[layer] = torch.zeros(
                     c, r, *a.shape[1:], dtype=self.dtype, device=self.device
@@ -234,7 +259,10 @@ class _LibraryBuilder:
                 f"labels {tuple(labels.shape)} must be (B, C) multi-hot with C = {c} "
                 f"(the classifier's outputs)"
             )
-        candidate = (labels.to(self.device) < 0.5) & (scores < self.settings.bound)
+        candidate = labels.to(self.device) < 0.5
+        self.negatives += candidate.sum(0)
+        if self.settings.bound_mode == "absolute":
+            candidate &= scores < self.settings.bound
         if not bool(candidate.any()):
             return
         new = torch.where(candidate, scores, torch.full_like(scores, float("inf"))).T  # (C, n)
@@ -270,13 +298,19 @@ class _LibraryBuilder:
         acts = {}
         for layer, a in self.activations.items():
             acts[layer] = a[torch.arange(a.shape[0], device=a.device)[:, None], order]
-        return ReferenceLibrary(
-            self.settings,
-            acts,
-            self.scores.gather(1, order),
-            self.indices.gather(1, order),
-            classifier_hash,
-        )
+        scores, indices = self.scores.gather(1, order), self.indices.gather(1, order)
+        if self.settings.bound_mode == "relative":
+            beyond = torch.arange(scores.shape[1], device=scores.device) >= self._quota()[:, None]
+            scores = scores.masked_fill(beyond, float("inf"))
+            indices = indices.masked_fill(beyond, -1)
+            acts = {layer: a * ~beyond[:, :, None, None, None] for layer, a in acts.items()}
+        return ReferenceLibrary(self.settings, acts, scores, indices, classifier_hash)
+
+    def _quota(self) -> Tensor:
+        """(C,) how many of the lowest-scoring negatives each class keeps under the relative
+        bound: ceil(negative_quantile * negatives), at least one where a negative exists."""
+        quota = torch.ceil(self.negatives.double() * self.settings.negative_quantile).long()
+        return torch.where(self.negatives > 0, quota.clamp(min=1), quota)
 
 
 @torch.no_grad()
@@ -289,8 +323,9 @@ def build_library(
 ) -> ReferenceLibrary:
     """One pass over `batches` ((images, multi-hot labels) pairs, or data-module dicts with
     "image", "labels" and optionally "size" for padded canvases) collecting, per class, the R
-    images the classifier scores lowest among those labelled without the class and scored below
-    ``settings.bound``. Images go to the model's device. The model must be in eval mode (a
+    images the classifier scores lowest among those labelled without the class and inside the
+    bound (``settings.bound_mode``: the lowest ``negative_quantile`` of the class's negatives, or
+    a score below ``settings.bound``). Images go to the model's device. The model must be in eval mode (a
     training-mode BatchNorm would make the scores depend on the batch). Pass batches without
     random augmentation for a reproducible library."""
     if model.training:

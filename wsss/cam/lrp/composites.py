@@ -112,8 +112,16 @@ def box_rule(
     """The z^B rule with the bounds of normalised images: (value_range - mean) / std per channel.
 
     E.g. RelevanceCAM(model, ["input"], input=box_rule(mean, std)) for pixel-level heatmaps of
-    images normalised as (x - mean) / std from pixels in value_range.
+    images normalised as (x - mean) / std from pixels in value_range. mean and std are in the
+    units of value_range, 0-1 by default (as wsss.viz takes them); values above 1.5 with the
+    default range look like 0-255 units and are refused with the fix.
     """
+    if tuple(value_range) == (0.0, 1.0) and max(float(v) for v in (*mean, *std)) > 1.5:
+        raise ValueError(
+            f"box_rule: mean={list(mean)} / std={list(std)} look like 0-255 units, but they are "
+            "taken in 0-1 units (as torchvision's Normalize and wsss.viz take them): pass "
+            "mean/255 and std/255, or value_range=(0, 255)"
+        )
     low = tuple((value_range[0] - m) / s for m, s in zip(mean, std))
     high = tuple((value_range[1] - m) / s for m, s in zip(mean, std))
     return Rule("zb", low=low, high=high)
