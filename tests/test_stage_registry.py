@@ -158,3 +158,18 @@ def test_the_cli_parser_loads_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_keys_added_later_leave_old_hashes_alone_only_where_they_change_nothing():
+    def hashes(*overrides):
+        return stage_hashes(load_config("configs/default.yaml", list(overrides)))
+
+    base = hashes()
+    assert hashes("segmenter.confidence_power=1")["segmenter"] != base["segmenter"]
+    assert hashes("affinity.boundary_power=2")["affinity"] != base["affinity"]
+    assert hashes("pseudo.affinity_labels=par")["pseudo_masks"] != base["pseudo_masks"]
+    assert hashes("classifier.token_pool=gap")["classifier"] != base["classifier"]
+    # Libra's bound keys are read by Libra-CAM only
+    assert hashes("cam.libra_bound_mode=absolute") == base
+    libra = hashes("cam.method=libra")
+    assert hashes("cam.method=libra", "cam.libra_negative_quantile=0.2") != libra

@@ -30,14 +30,38 @@ class StageError(RuntimeError):
     """A stage cannot run as asked; the message says why and what to do."""
 
 
+# Keys added after run directories were first recorded, at the value that does what the code did
+# before they existed: there they stay out of the hash, so those runs keep their stages.
+ADDED_AT_NEUTRAL = {
+    "segmenter.confidence_power": 0.0,
+    "pseudo.affinity_labels": "calibrated",
+    "affinity.boundary_power": 0.0,
+    "classifier.token_pool": "token",
+}
+# Keys added later that only one CAM method reads: out of the hash under every other method.
+ADDED_FOR_METHOD = {"cam.libra_bound_mode": "libra", "cam.libra_negative_quantile": "libra"}
+
+
+def _hashed(cfg: Config, key: str, value: Any) -> bool:
+    if key in ADDED_AT_NEUTRAL and value == ADDED_AT_NEUTRAL[key]:
+        return False
+    return key not in ADDED_FOR_METHOD or cfg.cam.method == ADDED_FOR_METHOD[key]
+
+
 def config_hash(
     cfg: Config, groups: Sequence[str], unread: Sequence[str] = (), extra: Any = None
 ) -> str:
-    """Hash of the config ``groups`` a stage depends on, less the ``unread`` keys, and ``extra``."""
+    """Hash of the config ``groups`` a stage depends on, less the ``unread`` keys and the later
+    keys that change nothing where they stand (``ADDED_AT_NEUTRAL``, ``ADDED_FOR_METHOD``), and
+    ``extra``."""
     payload: dict[str, Any] = {}
     for group in groups:
         values = dataclasses.asdict(getattr(cfg, group))
-        payload[group] = {k: v for k, v in values.items() if f"{group}.{k}" not in unread}
+        payload[group] = {
+            k: v
+            for k, v in values.items()
+            if f"{group}.{k}" not in unread and _hashed(cfg, f"{group}.{k}", v)
+        }
     payload["extra"] = extra
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
