@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from wsss.cam import GradCAM, LiftCAM, RelevanceCAM, build_cam, register_handler, unregister_rule
+from wsss.cam.conformance import hook_count
 
 C = 20
 
@@ -20,21 +21,6 @@ def small_resnet() -> nn.Module:
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
     return model
-
-
-def hook_count(model: nn.Module) -> int:
-    total = 0
-    for m in model.modules():
-        for name in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_backward_pre_hooks",
-            "_state_dict_hooks",
-            "_load_state_dict_pre_hooks",
-        ):
-            total += len(getattr(m, name, {}))
-    return total
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -358,13 +358,15 @@ def default_cam_layers(name: str) -> tuple[str, ...]:
 def check_cam_layers(name: str, layers: list[str]) -> None:
     """ValueError naming the closest module when a layer is not a module of the backbone."""
     if timm_backbones.is_timm_name(name):
-        return timm_backbones.check_timm_cam_layers(name, layers)
-    modules = [n for n, _ in _probe_model(name).named_modules() if n]
+        modules = timm_backbones.module_names(name)
+        defaults: Any = list(timm_backbones.default_timm_cam_layers(name))
+    else:
+        modules = [n for n, _ in _probe_model(name).named_modules() if n]
+        defaults = list(default_cam_layers(name)) if family_of(name) not in _NOT_CNNS else "none"
     for layer in layers:
         if layer != "input" and layer not in modules:
             close = difflib.get_close_matches(layer, modules, n=3)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(
-                f"{layer!r} is not a module of {name}{hint} (default layers for "
-                f"{name}: {list(default_cam_layers(name)) if family_of(name) not in _NOT_CNNS else 'none'})"
+                f"{layer!r} is not a module of {name}{hint} (default layers for {name}: {defaults})"
             )

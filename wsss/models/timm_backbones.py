@@ -196,14 +196,6 @@ def _has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def check_timm_cam_layers(name: str, layers: list[str]) -> None:
-    """ValueError naming the closest module when a layer is not a module of the model."""
-    modules = [n for n, _ in _probe_model(name).named_modules() if n]
-    for layer in layers:
-        if layer != "input" and layer not in modules:
-            close = difflib.get_close_matches(layer, modules, n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ValueError(
-                f"{layer!r} is not a module of {name}{hint} (default layers for {name}: "
-                f"{list(default_timm_cam_layers(name))})"
-            )
+def module_names(name: str) -> list[str]:
+    """The model's module paths (what cam.layers may name)."""
+    return [n for n, _ in _probe_model(name).named_modules() if n]
