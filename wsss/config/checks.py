@@ -59,10 +59,16 @@ def _check_backbone(cfg: Config) -> None:
         raise ConfigError(
             f"classifier.output_stride: 16 is not available for {name} ({why}); use 32"
         )
+    _resolve_cam_layers(cfg, backbones.default_cam_layers, backbones.check_cam_layers)
+
+
+def _resolve_cam_layers(cfg: Config, default_layers, check_layers) -> None:
+    """cam.layers: the backbone's default layers when unset, then checked against its modules."""
+    name = cfg.classifier.backbone
     try:
         if cfg.cam.layers is None:
-            cfg.cam.layers = list(backbones.default_cam_layers(name))
-        backbones.check_cam_layers(name, cfg.cam.layers)
+            cfg.cam.layers = list(default_layers(name))
+        check_layers(name, cfg.cam.layers)
     except ValueError as exc:
         raise ConfigError(f"cam.layers: {exc}") from None
 
@@ -74,12 +80,9 @@ def _check_vit_backbone(cfg: Config) -> None:
         raise ConfigError(
             f"classifier.output_stride: {name} is a ViT (its stride is its patch size); use 32"
         )
-    try:
-        if cfg.cam.layers is None:
-            cfg.cam.layers = list(vit_backbones.default_vit_cam_layers(name))
-        vit_backbones.check_vit_cam_layers(name, cfg.cam.layers)
-    except ValueError as exc:
-        raise ConfigError(f"cam.layers: {exc}") from None
+    _resolve_cam_layers(
+        cfg, vit_backbones.default_vit_cam_layers, vit_backbones.check_vit_cam_layers
+    )
 
 
 def _check_required(cfg: Config) -> None:

@@ -212,6 +212,17 @@ class PseudoMaskModule(L.LightningModule):
             labels = distribution_labels(distribution, classes, valid)
             return ignore_uncertain(labels, distribution, margin=band, pixel_mask=inside)
 
+        def refined_by(method: str) -> Tensor:
+            return refine_scores(
+                method,
+                probs,
+                images,
+                valid=inside,
+                mean=self.mean,
+                std=self.std,
+                **self.refine_options,
+            )
+
         out = {
             "seeds": seeds,
             "fused": fused,
@@ -220,31 +231,14 @@ class PseudoMaskModule(L.LightningModule):
             "valid": valid,
         }
         if self.refine in IMAGE_REFINEMENTS:
-            refined = refine_scores(
-                self.refine,
-                probs,
-                images,
-                valid=inside,
-                mean=self.mean,
-                std=self.std,
-                **self.refine_options,
-            )
+            refined = refined_by(self.refine)
             out.update(calibrated=labelled(probs), pseudo=labelled(refined))
             out["confidence"] = confidence_levels(refined)
         else:
             out["pseudo"] = labelled(probs)
             out["confidence"] = confidence_levels(probs)
         if self.affinity_labels is not None:
-            refined = refine_scores(
-                self.affinity_labels,
-                probs,
-                images,
-                valid=inside,
-                mean=self.mean,
-                std=self.std,
-                **self.refine_options,
-            )
-            out["affinity_labels"] = labelled(refined)
+            out["affinity_labels"] = labelled(refined_by(self.affinity_labels))
         return out
 
 

@@ -74,8 +74,8 @@ def mask_steps(cfg: Config, out_dir: Path) -> dict[str, Path]:
     if cfg.pseudo.refine in IMAGE_REFINEMENTS:
         return {"seed": out_dir / SEED_DIR, "pseudo": out_dir / CALIBRATED_DIR, "refined": out_dir}
     steps = {"seed": out_dir / SEED_DIR, "pseudo": out_dir}
-    if affinity_labels_dir(cfg, out_dir) is not None:
-        steps["affinity_labels"] = affinity_labels_dir(cfg, out_dir)
+    if (labels_dir := affinity_labels_dir(cfg, out_dir)) is not None:
+        steps["affinity_labels"] = labels_dir
     return steps
 
 
