@@ -3,6 +3,7 @@ mid-epoch that resume to bit-identical weights."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,17 @@ DDP = ("cam.batch_size=4", "pseudo.num_panels=3")
 TOLERANCE = 0.1
 
 
-def run_cli(run_dir: Path, *extra: str) -> dict:
-    """`wsss run` in a fresh interpreter (the ddp launcher relaunches this very command)."""
+def run_command(run_dir: Path, command: str, *extra: str) -> None:
+    """`wsss COMMAND` in a fresh interpreter (the ddp launcher relaunches this very command)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "wsss.cli", "run", *tiny_args(run_dir, *DDP, *extra)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    line = [sys.executable, "-m", "wsss.cli", command, *tiny_args(run_dir, *DDP, *extra)]
+    done = subprocess.run(line, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def run_cli(run_dir: Path, *extra: str) -> dict:
+    """`wsss run` in a fresh interpreter; its report."""
+    run_command(run_dir, "run", *extra)
     return json.loads((run_dir / "default" / "report.json").read_text())
 
 
@@ -96,6 +102,33 @@ def test_ddp_spawn_runs_every_stage_and_follows_one_process(single_process, tmp_
         )
     # the classifier's validation scores came back from the spawned processes
     assert {"val/mAP", "val/f1", "val/loss"} <= set(report["classifier"])
+
+
+# the boundary-aware walk on the affinities, one affinity epoch
+BOUNDARY_WALK = ("pseudo.refine=affinity", "affinity.boundary_power=2", "affinity.max_epochs=1")
+
+
+@pytest.mark.slow
+def test_ddp_boundary_walk_writes_the_masks_of_one_process(single_process, tmp_path):
+    """With the same classifier, pseudo-masks and trained affinity network, the boundary-aware
+    walk sharded over two processes writes every refined mask and confidence byte for byte as
+    one process does (what DDP changes is the affinity training, through CPU BatchNorm)."""
+    single_root, _ = single_process
+    one, two = tmp_path / "one", tmp_path / "two"
+    reuse_stage(single_root, one)
+    run_command(one, "make-pseudo-masks", *BOUNDARY_WALK)
+    run_command(one, "train-affinity", *BOUNDARY_WALK)
+    for stage in ("classifier", "pseudo_masks"):
+        reuse_stage(one, two, stage)
+    # the trained affinities only: the stage starts again, resumes past its last epoch and walks
+    (two / "default" / "affinity").mkdir(parents=True)
+    shutil.copy(one / "default" / "affinity" / "last.ckpt", two / "default" / "affinity")
+    run_command(two, "train-affinity", *BOUNDARY_WALK, "trainer.devices=2", "trainer.strategy=ddp")
+    record = json.loads((two / "default" / "affinity" / "stage.json").read_text())
+    assert record["status"] == "done"
+    written = digest(two / "default" / "affinity")
+    assert len(written) == 2 * 16  # every training image's mask and its confidence
+    assert written == digest(one / "default" / "affinity")
 
 
 def _tiny(tmp_path, *extra):
