@@ -27,6 +27,7 @@ from PIL import Image  # noqa: E402
 
 from wsss import stages  # noqa: E402
 from wsss.config import Config, load_config  # noqa: E402
+from wsss.data.datamodule import build_source  # noqa: E402
 from wsss.data.masks import voc_palette  # noqa: E402
 from wsss.stages import trainer as stage_trainer  # noqa: E402
 
@@ -194,3 +195,17 @@ def training_callbacks(monkeypatch) -> list:
 
     monkeypatch.setattr(stage_trainer, "make_trainer", with_extra)
     return extra
+
+
+def write_masks_with_confidence(cfg, directory, confidence_of):
+    """The data set's own masks as pseudo-masks in ``directory``, with confidence maps
+    ``confidence_of(mask)`` written as plain grayscale PNGs (not by the package's writer)."""
+    source = build_source(cfg, cfg.data.train_split)
+    (directory / "confidence").mkdir(parents=True)
+    for index in range(len(source)):
+        raw = source.load_raw(index)
+        save_palette_png(directory / f"{raw.id}.png", raw.mask)
+        Image.fromarray(confidence_of(raw.mask), mode="L").save(
+            directory / "confidence" / f"{raw.id}.png"
+        )
+    return source

@@ -16,7 +16,7 @@ from wsss.models.segmenter import SegmenterLoss, confidence_weighted_cross_entro
 from wsss.pseudo.distribution import slot_distribution, top2_margin
 from wsss.stages.records import StageError
 
-from conftest import reuse_stage, save_palette_png, tiny_config
+from conftest import reuse_stage, tiny_config, write_masks_with_confidence
 
 
 def _case(seed: int = 0):
@@ -69,24 +69,10 @@ def test_weighted_loss_without_a_confidence_map_names_the_fix():
         SegmenterLoss("ce", 1.0)(logits, mask)
 
 
-def _write_masks(cfg, directory, confidence_of):
-    """The data set's own masks as pseudo-masks in ``directory``, with confidence maps
-    ``confidence_of(mask)`` written as plain grayscale PNGs (not by the package's writer)."""
-    source = build_source(cfg, cfg.data.train_split)
-    (directory / "confidence").mkdir(parents=True)
-    for index in range(len(source)):
-        raw = source.load_raw(index)
-        save_palette_png(directory / f"{raw.id}.png", raw.mask)
-        Image.fromarray(confidence_of(raw.mask), mode="L").save(
-            directory / "confidence" / f"{raw.id}.png"
-        )
-    return source
-
-
 def test_confidence_is_augmented_with_its_mask(tmp_path):
     cfg = tiny_config(tmp_path, "data.image_size=64", "data.crop_size=48")
     masks = tmp_path / "masks"
-    source = _write_masks(
+    source = write_masks_with_confidence(
         cfg, masks, lambda m: np.where(m > 0, 255, 40).astype(np.uint8)
     )  # foreground certain, background at 40
     source.transform = train_transform(48, source.fill_value(), seed=3)
@@ -128,7 +114,7 @@ def test_confidence_power_reaches_the_segmenters_loss(tmp_path, training_callbac
         "segmenter.weight_decay=0",
         "segmenter.loss=ce",
     )
-    _write_masks(cfg, masks, lambda m: np.zeros_like(m, dtype=np.uint8))
+    write_masks_with_confidence(cfg, masks, lambda m: np.zeros_like(m, dtype=np.uint8))
     probe = _ParametersUnchanged()
     training_callbacks.append(probe)
     stages.train_segmenter(cfg)

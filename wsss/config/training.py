@@ -11,6 +11,7 @@ import segmentation_models_pytorch as smp
 
 from wsss.config.fields import (
     AT_LEAST_ONE,
+    FRACTION,
     NOT_NEGATIVE,
     Range,
     backbone_lr_mult_option,
@@ -123,6 +124,18 @@ class SegmenterConfig:
         "weigh each pixel's cross-entropy by its pseudo-mask confidence (the top-two margin the "
         "pseudo-mask stage stores beside each mask) to this power; 0: every pixel counts alike",
         check=NOT_NEGATIVE,
+    )
+    co_training: bool = option(
+        False,
+        "train a twin segmenter beside it (BECO-style): where a pseudo-mask pixel's confidence "
+        "is below segmenter.co_confidence, each network learns the other's prediction instead "
+        "of the mask; the twin is dropped after training (twice the training cost)",
+    )
+    co_confidence: float = option(
+        0.5,
+        "co-training: pseudo-mask confidence (top-two margin, 0-1) below which a pixel takes "
+        "the twin's label",
+        check=FRACTION,
     )
     masks: str = option(
         "pseudo", "training masks: pseudo | ground_truth | a directory of palette PNGs"

@@ -155,7 +155,8 @@ class SegmentationSource(Dataset):
         if not path.is_file():
             raise DataError(
                 f"{path}: confidence map is missing; the pseudo-mask stage writes one beside each "
-                f"mask (rerun it), or train with segmenter.confidence_power=0"
+                f"mask (rerun it), or train with segmenter.confidence_power=0 "
+                f"and segmenter.co_training=false"
             )
         levels = read_mask(path)
         if tuple(levels.shape) != tuple(image_hw):

@@ -18,6 +18,7 @@ from wsss import tracking
 from wsss.images import PIXEL_RANGE, denormalise
 from wsss.label_maps import IGNORE_INDEX
 from wsss.metrics import SegmentationScores
+from wsss.models.co_training import co_training_loss
 from wsss.models.common import check_finite_loss, optimizer_with_schedule
 from wsss.pseudo.pixels import pixel_mask
 from wsss.pseudo.refine import refine_scores
@@ -113,6 +114,8 @@ class SegmenterModule(L.LightningModule):
         schedule: str = "poly",
         loss: str = "ce",
         confidence_power: float = 0.0,
+        co_training: bool = False,
+        co_confidence: float = 0.5,
         eval_scales: Sequence[float] = (1.0,),
         eval_flip: bool = False,
         class_names: Optional[list[str]] = None,
@@ -123,17 +126,27 @@ class SegmenterModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_network(arch, encoder, num_classes, in_channels, pretrained)
+        # the co-trained twin: the same architecture from other random weights, kept for training
+        self.twin = (
+            build_network(arch, encoder, num_classes, in_channels, pretrained)
+            if co_training
+            else None
+        )
         self.loss_fn = SegmenterLoss(loss, confidence_power)
         self.val_scores = SegmentationScores(num_classes)
         self._panels: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits at the input size; any H, W (padded to a multiple of 32, then cropped back)."""
+        return self._padded(self.net, images)
+
+    @staticmethod
+    def _padded(net: nn.Module, images: Tensor) -> Tensor:
         h, w = images.shape[-2:]
         pad_h, pad_w = (-h) % STRIDE, (-w) % STRIDE
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
-        return self.net(images)[..., :h, :w]
+        return net(images)[..., :h, :w]
 
     @torch.no_grad()
     def predict_probs(self, images: Tensor) -> Tensor:
@@ -161,7 +174,16 @@ class SegmenterModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
         mask = batch["mask"]
-        if bool((mask != IGNORE_INDEX).any()):
+        if self.twin is not None and bool((mask != IGNORE_INDEX).any()):
+            loss = co_training_loss(
+                self.loss_fn,
+                logits.float(),
+                self._padded(self.twin, batch["image"]).float(),
+                mask,
+                batch["confidence"],
+                self.hparams.co_confidence,
+            )
+        elif bool((mask != IGNORE_INDEX).any()):
             loss = self.loss_fn(logits.float(), mask, batch.get("confidence"))
         else:  # an all-void batch (e.g. a crop inside an ignore band): nothing to learn, not a NaN
             loss = logits.float().sum() * 0.0

@@ -37,6 +37,9 @@ ADDED_AT_NEUTRAL = {
     "pseudo.affinity_labels": "calibrated",
     "affinity.boundary_power": 0.0,
     "classifier.token_pool": "token",
+    # the co-trained twin segmenter
+    "segmenter.co_training": False,
+    "segmenter.co_confidence": 0.5,
 }
 # Keys added later that only one CAM method reads: out of the hash under every other method.
 ADDED_FOR_METHOD = {"cam.libra_bound_mode": "libra", "cam.libra_negative_quantile": "libra"}

@@ -82,11 +82,12 @@ def train_segmenter(cfg: Config) -> dict[str, Any]:
 def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     s = cfg.segmenter
-    weighted = s.confidence_power > 0
+    weighted = s.confidence_power > 0 or s.co_training
     if weighted and masks is None:
+        key = "segmenter.co_training" if s.co_training else "segmenter.confidence_power"
         raise StageError(
-            "segmenter.confidence_power > 0 weighs pseudo-masks by their confidence, but "
-            "segmenter.masks=ground_truth has none; set segmenter.confidence_power=0"
+            f"{key} reads each pseudo-mask's confidence, but segmenter.masks=ground_truth "
+            f"has none; train on pseudo-masks or set {key}={'false' if s.co_training else 0}"
         )
     datamodule = StageDataModule(cfg, "segmenter", train_masks=masks, confidence=weighted)
     if masks is not None:
@@ -106,6 +107,8 @@ def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
         schedule=s.schedule,
         loss=s.loss,
         confidence_power=s.confidence_power,
+        co_training=s.co_training,
+        co_confidence=s.co_confidence,
         eval_scales=s.eval_scales,
         eval_flip=s.eval_flip,
         class_names=datamodule.train_set.all_class_names,
