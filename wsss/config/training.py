@@ -127,14 +127,15 @@ class SegmenterConfig:
     )
     co_training: bool = option(
         False,
-        "train a twin segmenter beside it (BECO-style): where a pseudo-mask pixel's confidence "
-        "is below segmenter.co_confidence, each network learns the other's prediction instead "
-        "of the mask; the twin is dropped after training (twice the training cost)",
+        "train a twin segmenter beside it (BECO-style): on each class's least confident "
+        "pseudo-mask pixels (segmenter.co_uncertain_fraction) each network learns the other's "
+        "prediction instead of the mask; the twin is dropped after training (twice the "
+        "training cost)",
     )
-    co_confidence: float = option(
-        0.5,
-        "co-training: pseudo-mask confidence (top-two margin, 0-1) below which a pixel takes "
-        "the twin's label",
+    co_uncertain_fraction: float = option(
+        0.3,
+        "co-training: the fraction of each class's labelled pixels in a batch, the least "
+        "confident (top-two margin), that take the twin's label",
         check=FRACTION,
     )
     masks: str = option(

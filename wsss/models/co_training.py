@@ -15,12 +15,20 @@ from wsss.label_maps import IGNORE_INDEX
 MaskLoss = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 
 
-def split_by_confidence(
-    mask: Tensor, confidence: Tensor, threshold: float
-) -> tuple[Tensor, Tensor]:
-    """(the mask with its uncertain pixels set to 255, the boolean map of those pixels):
-    uncertain means labelled (not 255) with confidence / 255 below ``threshold``."""
-    uncertain = (mask != IGNORE_INDEX) & (confidence.to(torch.float32) / 255.0 < threshold)
+def split_by_confidence(mask: Tensor, confidence: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    """(the mask with its uncertain pixels set to 255, the boolean map of those pixels). Per
+    class of the batch, the uncertain pixels are those of its labelled pixels whose confidence
+    lies below the class's ``fraction`` quantile: ranked within each class, because the margin
+    of a foreground pixel runs far below that of a background one."""
+    level = confidence.to(torch.float32)
+    uncertain = torch.zeros_like(mask, dtype=torch.bool)
+    if fraction > 0:
+        for label in mask.unique().tolist():
+            if label == IGNORE_INDEX:
+                continue
+            members = mask == label
+            cut = torch.quantile(level[members], fraction)
+            uncertain |= members & (level < cut)
     return mask.masked_fill(uncertain, IGNORE_INDEX), uncertain
 
 
@@ -39,11 +47,11 @@ def co_training_loss(
     twin_logits: Tensor,
     mask: Tensor,
     confidence: Tensor,
-    threshold: float,
+    fraction: float,
 ) -> Tensor:
     """L_A + L_B: each network's ``mask_loss`` on the certain pixels plus its cross-entropy
     against the other's prediction on the uncertain ones."""
-    certain_mask, uncertain = split_by_confidence(mask, confidence, threshold)
+    certain_mask, uncertain = split_by_confidence(mask, confidence, fraction)
     total = logits.sum() * 0.0
     for own, peer in ((logits, twin_logits), (twin_logits, logits)):
         if bool((certain_mask != IGNORE_INDEX).any()):

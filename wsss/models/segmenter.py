@@ -115,7 +115,7 @@ class SegmenterModule(L.LightningModule):
         loss: str = "ce",
         confidence_power: float = 0.0,
         co_training: bool = False,
-        co_confidence: float = 0.5,
+        co_uncertain_fraction: float = 0.3,
         eval_scales: Sequence[float] = (1.0,),
         eval_flip: bool = False,
         class_names: Optional[list[str]] = None,
@@ -181,7 +181,7 @@ class SegmenterModule(L.LightningModule):
                 self._padded(self.twin, batch["image"]).float(),
                 mask,
                 batch["confidence"],
-                self.hparams.co_confidence,
+                self.hparams.co_uncertain_fraction,
             )
         elif bool((mask != IGNORE_INDEX).any()):
             loss = self.loss_fn(logits.float(), mask, batch.get("confidence"))

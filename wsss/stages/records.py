@@ -39,7 +39,7 @@ ADDED_AT_NEUTRAL = {
     "classifier.token_pool": "token",
     # the co-trained twin segmenter
     "segmenter.co_training": False,
-    "segmenter.co_confidence": 0.5,
+    "segmenter.co_uncertain_fraction": 0.3,
 }
 # Keys added later that only one CAM method reads: out of the hash under every other method.
 ADDED_FOR_METHOD = {"cam.libra_bound_mode": "libra", "cam.libra_negative_quantile": "libra"}

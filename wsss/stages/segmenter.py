@@ -108,7 +108,7 @@ def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
         loss=s.loss,
         confidence_power=s.confidence_power,
         co_training=s.co_training,
-        co_confidence=s.co_confidence,
+        co_uncertain_fraction=s.co_uncertain_fraction,
         eval_scales=s.eval_scales,
         eval_flip=s.eval_flip,
         class_names=datamodule.train_set.all_class_names,
