@@ -165,6 +165,7 @@ def test_report_has_every_round(runs):
     assert f"| 2 | {100 * masks:.1f} | {100 * seg:.1f} | {second['seconds']} |" in text
 
 
+@pytest.mark.slow
 def test_a_round_killed_mid_epoch_resumes_bit_identical(runs, tmp_path, training_callbacks):
     one, _, _ = runs
     two_epochs = ("segmenter.rounds=2", "segmenter.max_epochs=2")
