@@ -17,7 +17,7 @@ from wsss.stages.report import write_report
 def run_all(cfg: Config, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """All stages in order, skipping finished ones, then report.json / report.md. A stage folder
     made with another config stops the run before any work (and before config.yaml changes)."""
-    stages = registry.REGISTRY
+    stages = registry.expand(cfg)
     _prepare(cfg, stages)
     for stage in stages:
         stage.run(cfg)  # each stage prints its own start and end lines
@@ -29,13 +29,18 @@ def run_all(cfg: Config, echo: Callable[[str], None] = print) -> dict[str, Any]:
 
 def run_one(cfg: Config, stage: Stage, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """One stage (skipped when finished, with a hint how to redo it), then the report of what
-    the run directory holds."""
-    _prepare(cfg, [stage])
-    result = stage.run(cfg)
-    if result.get("skipped"):
-        echo(
-            f"[wsss] {stage.command}: run.overwrite=true redoes it; outputs in {stage_dir(cfg, stage.name)}"
-        )
+    the run directory holds. The self-training rounds' command runs every round after the
+    first, in order."""
+    stages = registry.expand(cfg, [stage])
+    _prepare(cfg, stages)
+    result: dict[str, Any] = {"skipped": True, "not_used": True}
+    for each in stages:
+        result = each.run(cfg)
+    if not stages:
+        echo(f"[wsss] {stage.command}: nothing to do with segmenter.rounds={cfg.segmenter.rounds}")
+    elif result.get("skipped"):
+        where = stage_dir(cfg, stages[-1].name)
+        echo(f"[wsss] {stage.command}: run.overwrite=true redoes it; outputs in {where}")
     write_report(cfg)
     return result
 

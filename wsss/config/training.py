@@ -141,6 +141,13 @@ class SegmenterConfig:
     masks: str = option(
         "pseudo", "training masks: pseudo | ground_truth | a directory of palette PNGs"
     )
+    # self-training rounds
+    rounds: int = option(
+        1,
+        "self-training rounds: round r > 1 trains a fresh segmenter on round r-1's predictions "
+        "of the training split (with eval_scales / eval_flip and pseudo.refine); 1: none",
+        check=AT_LEAST_ONE,
+    )
     eval_scales: list[float] = option([1.0], "evaluation scales (multi-scale inference)")
     eval_flip: bool = option(False, "evaluation with horizontal flip")
     eval_crf: bool = option(

@@ -28,6 +28,8 @@ _EXPORTS = {
     "train_affinity": "affinity",
     "load_segmenter": "segmenter",
     "train_segmenter": "segmenter",
+    "train_rounds": "rounds",
+    "train_round": "rounds",
     "evaluate": "evaluation",
     "build_report": "report",
     "write_report": "report",

@@ -22,6 +22,12 @@ from wsss.stages.trainer import make_trainer
 from wsss.tracking import log_mask_overlays, log_table
 
 
+def prediction_batch(cfg: Config) -> int:
+    """Images per predict batch: sources of one image size batch; others go one image at a
+    time (full size, no padding for the network to see)."""
+    return cfg.data.batch_size if cfg.data.name in ("synthetic", "synthetic_lesion") else 1
+
+
 def _predict_split(
     cfg: Config, module, split: str, out_dir: Path, logger: Any = False
 ) -> Optional[dict[str, Any]]:
@@ -30,8 +36,7 @@ def _predict_split(
     ``crf_`` keys."""
     mean, std = module.hparams.mean, module.hparams.std
     dataset = build_source(cfg, split, mean=mean, std=std)
-    # sources of one image size batch; others go one image at a time (full size, no padding)
-    batch = cfg.data.batch_size if cfg.data.name in ("synthetic", "synthetic_lesion") else 1
+    batch = prediction_batch(cfg)
     crf_dir = out_dir.with_name(f"{out_dir.name}_crf")
     writer = SegmentationWriter(out_dir, {"pred_crf": crf_dir} if module.eval_crf else None)
     trainer = make_trainer(cfg, 1, logger, callbacks=[writer], limit_predict_batches=None)
@@ -62,12 +67,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
 
 
 def _evaluate(cfg: Config, logger: Any) -> dict[str, Any]:
-    module = load_segmenter(cfg)
-    # test-time augmentation is evaluation's choice, not part of the trained segmenter
-    module.hparams.eval_scales, module.hparams.eval_flip = (
-        cfg.segmenter.eval_scales,
-        cfg.segmenter.eval_flip,
-    )
+    module = load_segmenter(cfg)  # the last round's, with the config's test-time augmentation
     module.eval_crf = cfg.segmenter.eval_crf
     directory = stage_dir(cfg, "evaluation")
     results: dict[str, Any] = {"class_names": list(module.hparams.class_names or [])}

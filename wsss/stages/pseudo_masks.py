@@ -97,7 +97,7 @@ def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = 
     )
 
 
-def _done_ids(directories: list[Path], ids: list[str]) -> set[str]:
+def done_ids(directories: list[Path], ids: list[str]) -> set[str]:
     """Images whose masks of every step are already written and readable."""
     done = set()
     for sample_id in ids:
@@ -132,7 +132,7 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False
         cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
     )
     steps = mask_steps(cfg, out_dir)
-    done = _done_ids(list(steps.values()), dataset.ids)
+    done = done_ids(list(steps.values()), dataset.ids)
     todo = [i for i, sample_id in enumerate(dataset.ids) if sample_id not in done]
     shown = panel_ids(dataset.ids, cfg.pseudo.num_panels)
     # the affinity stage walks the saved maps

@@ -40,6 +40,8 @@ ADDED_AT_NEUTRAL = {
     # the co-trained twin segmenter
     "segmenter.co_training": False,
     "segmenter.co_uncertain_fraction": 0.3,
+    # self-training rounds: one round is the segmenter stage alone
+    "segmenter.rounds": 1,
 }
 # Keys added later that only one CAM method reads: out of the hash under every other method.
 ADDED_FOR_METHOD = {"cam.libra_bound_mode": "libra", "cam.libra_negative_quantile": "libra"}
@@ -79,7 +81,7 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     upstream invalidates downstream and nothing else does. A stage with one input hashes it
     as itself, one with several as their list."""
     hashes: dict[str, str] = {}
-    for stage in registry.REGISTRY:
+    for stage in registry.expand(cfg):
         parts = [
             _value(cfg, item) if "." in item else hashes[item] for item in stage.inputs_for(cfg)
         ]

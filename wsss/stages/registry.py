@@ -10,8 +10,8 @@ subcommands, and a stage's module is imported when the stage first runs.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 if TYPE_CHECKING:
     from wsss.config import Config
@@ -88,6 +88,78 @@ def _segmenter_inputs(cfg: Config) -> tuple[str, ...]:
     return (training_masks_stage(cfg) or "segmenter.masks", *TRAINING)
 
 
+# Self-training rounds. Round 1 is the segmenter stage; each later round r is a stage of its own,
+# ``segmenter_round<r>``, made from the one registry entry ROUNDS by ``expand``: it writes the
+# training split's masks from round r-1's segmenter and trains a fresh segmenter on them.
+ROUNDS = "segmenter_rounds"
+ROUND_PREFIX = "segmenter_round"
+# what a round's masks read besides the previous segmenter: its test-time augmentation and the
+# pseudo-mask stage's refinement and ignore band
+ROUND_MASKS = (
+    "segmenter.eval_scales",
+    "segmenter.eval_flip",
+    "pseudo.refine",
+    "pseudo.par_iterations",
+    "pseudo.ignore_band",
+)
+
+
+def round_name(index: int) -> str:
+    """The stage name of self-training round ``index`` (round 1 is the segmenter stage)."""
+    return "segmenter" if index == 1 else f"{ROUND_PREFIX}{index}"
+
+
+def round_index(name: str) -> Optional[int]:
+    """The round a stage name stands for (1 for the segmenter), or None."""
+    if name == "segmenter":
+        return 1
+    digits = name[len(ROUND_PREFIX) :] if name.startswith(ROUND_PREFIX) else ""
+    return int(digits) if digits.isdigit() and int(digits) > 1 else None
+
+
+def round_stage(index: int) -> Stage:
+    """Round ``index`` > 1 as a stage: the ROUNDS entry with its own name, folder and chain."""
+    template = stage_named(ROUNDS)
+    return replace(
+        template,
+        name=round_name(index),
+        folder=round_name(index),
+        inputs=(round_name(index - 1), *ROUND_MASKS, *TRAINING),
+        run=_round_runner(index),
+    )
+
+
+def _round_runner(index: int) -> StageFunction:
+    """Runs round ``index`` alone (``wsss.stages.rounds.train_round``), imported at its call."""
+
+    def run(cfg: Config) -> dict[str, Any]:
+        return importlib.import_module("wsss.stages.rounds").train_round(cfg, index)
+
+    run.__name__ = run.__qualname__ = f"train_round_{index}"
+    return run
+
+
+def final_segmenter(cfg: Config) -> str:
+    """The stage whose segmenter evaluation scores: the last self-training round."""
+    return round_name(cfg.segmenter.rounds)
+
+
+def expand(cfg: Config, stages: Optional[Sequence[Stage]] = None) -> tuple[Stage, ...]:
+    """The stages a config runs, in order: the ROUNDS entry becomes one stage per round after
+    the first (none with ``segmenter.rounds=1``)."""
+    out: list[Stage] = []
+    for stage in REGISTRY if stages is None else stages:
+        if stage.name == ROUNDS:
+            out += [round_stage(r) for r in range(2, cfg.segmenter.rounds + 1)]
+        else:
+            out.append(stage)
+    return tuple(out)
+
+
+def _evaluation_inputs(cfg: Config) -> tuple[str, ...]:
+    return (final_segmenter(cfg), *TEST_TIME, "data.val_split", "data.test_split")
+
+
 REGISTRY: tuple[Stage, ...] = (
     Stage(
         "classifier",
@@ -129,17 +201,30 @@ REGISTRY: tuple[Stage, ...] = (
         help="train the segmentation network on the masks segmenter.masks names",
         run=_imported("wsss.stages.segmenter:train_segmenter"),
         groups=("data", "segmenter"),
-        unread=(*DATA_NOT_READ, *TEST_TIME),
+        unread=(*DATA_NOT_READ, *TEST_TIME, "segmenter.rounds"),
         inputs=_segmenter_inputs,
         splits=("train", "val"),
         key_figure=("metrics", "val/miou"),
+    ),
+    Stage(
+        ROUNDS,
+        command="train-segmenter-rounds",
+        help="with segmenter.rounds > 1: self-training rounds, each writing the training split's "
+        "masks from the previous segmenter and training a fresh one on them",
+        run=_imported("wsss.stages.rounds:train_rounds"),
+        groups=("data", "segmenter"),
+        # a round does not depend on how many rounds follow it
+        unread=(*DATA_NOT_READ, *TEST_TIME, "segmenter.rounds"),
+        splits=("train", "val"),
+        key_figure=("metrics", "val/miou"),
+        optional=True,
     ),
     Stage(
         "evaluation",
         command="evaluate",
         help="segmenter mIoU on the val split; predictions as palette PNGs",
         run=_imported("wsss.stages.evaluation:evaluate"),
-        inputs=("segmenter", *TEST_TIME, "data.val_split", "data.test_split"),
+        inputs=_evaluation_inputs,
         splits=("val", "test"),
         key_figure=(None, "miou"),
     ),
@@ -153,6 +238,8 @@ def stage_named(name: str) -> Stage:
     for stage in REGISTRY:
         if stage.name == name:
             return stage
+    if (index := round_index(name)) is not None and index > 1:
+        return round_stage(index)
     raise KeyError(
         f"no stage {name!r}; the stages are {', '.join(stage.name for stage in REGISTRY)}"
     )

@@ -12,6 +12,7 @@ from wsss.distributed import is_global_zero
 from wsss.io import read_json, write_json_atomic, write_text_atomic
 from wsss.stages import registry
 from wsss.stages.records import read_stage, stage_dir
+from wsss.stages.round_report import round_keys, rounds_markdown
 from wsss.tracking import close_logger, log_artifact, log_summary, make_logger, run_paths
 
 STEPS = ("seed", "pseudo", "refined")  # the pseudo-mask stage's scored steps, in order
@@ -43,7 +44,7 @@ def _reference(cfg: Config) -> Optional[dict[str, Any]]:
 
 def build_report(cfg: Config) -> dict[str, Any]:
     """report.json: the headline numbers of every finished stage (docs/DESIGN.md contract)."""
-    records = {stage.name: read_stage(cfg, stage.name) or {} for stage in registry.REGISTRY}
+    records = {stage.name: read_stage(cfg, stage.name) or {} for stage in registry.expand(cfg)}
     # the refined step comes from the pseudo stage (par / crf) or the affinity stage
     pseudo = {
         **{k: v for k, v in records["affinity"].items() if k.startswith("refined_")},
@@ -72,7 +73,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "ignore_fraction": pseudo.get("ignore_fraction"),
         "classifier": records["classifier"].get("metrics"),
         "stage_seconds": {stage: record.get("seconds") for stage, record in records.items()},
-        "segmenter_masks": records["segmenter"].get("masks"),
+        "segmenter_masks": records[registry.final_segmenter(cfg)].get("masks"),
         "class_names": names,
         "absent_classes": {
             "segmenter": [
@@ -94,6 +95,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         for key in ("dice", "pixel_accuracy", "mean_class_accuracy"):
             report[f"{step}_{key}"] = pseudo.get(f"{step}_{key}")
         report[f"{step}_per_class_dice"] = _named(pseudo.get(f"{step}_per_class_dice"), names)
+    report.update(round_keys(cfg, records, pseudo, names))
     return report
 
 
@@ -292,6 +294,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"Ignored pixels (255) in the pseudo-masks: {_pct(report.get('ignore_fraction'))} %.",
         "",
     ]
+    lines += rounds_markdown(report)
     lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
     lines += [
         f"| {k} | {v if v is not None else 'n/a'} |" for k, v in report["stage_seconds"].items()

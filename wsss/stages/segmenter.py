@@ -15,7 +15,7 @@ from wsss.data.imageio import DataError
 from wsss.models.segmenter import SegmenterModule
 from wsss.stages.affinity import affinity_masks
 from wsss.stages.records import StageError, read_stage, run_stage, stage_dir
-from wsss.stages.registry import training_masks_stage
+from wsss.stages.registry import final_segmenter, training_masks_stage
 from wsss.stages.trainer import fit_stage, load_trained, log_checkpoint
 
 
@@ -74,12 +74,16 @@ def train_segmenter(cfg: Config) -> dict[str, Any]:
     return run_stage(
         cfg,
         "segmenter",
-        lambda logger: _train(cfg, masks, logger),
+        lambda logger: train_on_masks(cfg, masks, logger),
         recorder=lambda logger, record: log_checkpoint(cfg, "segmenter", logger),
     )
 
 
-def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
+def train_on_masks(
+    cfg: Config, masks: Optional[Path], logger: Any, stage: str = "segmenter"
+) -> dict[str, Any]:
+    """A fresh segmenter trained on ``masks`` (None: the data set's own) into ``stage``'s
+    folder, resumable from its last.ckpt: the segmenter stage and every self-training round."""
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     s = cfg.segmenter
     weighted = s.confidence_power > 0 or s.co_training
@@ -116,11 +120,16 @@ def _train(cfg: Config, masks: Optional[Path], logger: Any) -> dict[str, Any]:
         std=datamodule.std,
         num_panels=cfg.logger.num_panels,
     )
-    results = fit_stage(cfg, "segmenter", module, datamodule, s.max_epochs, logger)
+    results = fit_stage(cfg, stage, module, datamodule, s.max_epochs, logger)
     results["masks"] = str(masks) if masks is not None else "ground_truth"
     return results
 
 
-def load_segmenter(cfg: Config) -> SegmenterModule:
-    """The trained segmenter of the run, on the CPU."""
-    return load_trained(cfg, "segmenter", SegmenterModule)
+def load_segmenter(cfg: Config, stage: Optional[str] = None) -> SegmenterModule:
+    """The trained segmenter of the run (of its last self-training round, or of ``stage``), on
+    the CPU, predicting with the config's test-time augmentation: evaluation's choice, not part
+    of the trained segmenter."""
+    module = load_trained(cfg, stage or final_segmenter(cfg), SegmenterModule)
+    module.hparams.eval_scales = cfg.segmenter.eval_scales
+    module.hparams.eval_flip = cfg.segmenter.eval_flip
+    return module
