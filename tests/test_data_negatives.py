@@ -18,7 +18,7 @@ from wsss.data.voc import VOCSegmentation
 from wsss.stages.calibration import training_images
 from wsss.stages.records import preflight_data, stage_hashes
 
-from conftest import TINY_COMMON, VOC_MINI
+from conftest import TINY_COMMON, VOC_MINI, write_csv
 
 
 def write_negatives(folder, count=3, value=0, size=(40, 52)):
@@ -135,3 +135,45 @@ def test_libra_library_takes_references_from_the_negatives(tmp_path):
     assert bool((library.indices[:, :2] >= len(train)).all())  # the negatives' indices
     without = build_library(model, make_loader(train, cfg, 4), settings)
     assert without.counts.sum() == 0  # the oracle: no VOC image is inside the bound
+
+
+def test_folder_csv_negatives_are_used_the_same_way(tmp_path):
+    """A folder data set's own negatives (empty labels cells) reach the classifier with all-zero
+    targets and the Libra library as images lacking every class, beside data.negatives."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(4):
+        value = 0 if i == 3 else 200  # the CSV negative is dark, the labelled images bright
+        Image.fromarray(np.full((30, 40, 3), value, np.uint8)).save(root / "images" / f"s{i}.png")
+        rows.append((f"s{i}.png", "" if i == 3 else "lesion"))
+    write_csv(root / "train.csv", rows)
+    write_csv(root / "val.csv", rows[:2])
+    extra = write_negatives(tmp_path / "neg", count=2, value=0)
+    cfg = load_config(
+        "configs/medical.yaml",
+        [
+            f"run.dir={tmp_path / 'runs'}",
+            f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.crop_size=32",
+            "data.batch_size=2",
+            "data.channels=3",
+            "data.image_size=40",
+            "data.mean=[100, 100, 100]",
+            "data.std=[50, 50, 50]",
+            f"data.negatives={extra}",
+            *TINY_COMMON,
+        ],
+    )
+    module = StageDataModule(cfg, "classifier")
+    assert len(module.train_set) == 6
+    targets = {module.train_set[i]["id"]: module.train_set[i]["labels"] for i in range(6)}
+    zero = sorted(k for k, v in targets.items() if float(v.sum()) == 0)
+    assert zero == ["negative_00000_bg_0", "negative_00001_bg_1", "s3"]
+    classifier = SimpleNamespace(hparams=SimpleNamespace(mean=[100.0] * 3, std=[50.0] * 3))
+    dataset = training_images(cfg, classifier)
+    settings = LibrarySettings(("features",), references=3, bound=0.1, bound_mode="absolute")
+    library = build_library(MeanBrightness(1).eval(), make_loader(dataset, cfg, 2), settings)
+    assert library.counts.tolist() == [3]  # the CSV negative and both data.negatives images
+    assert sorted(library.indices[0].tolist()) == [3, 4, 5]
