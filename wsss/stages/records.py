@@ -42,9 +42,9 @@ ADDED_AT_NEUTRAL = {
     # background-only negatives
     "data.negatives": None,
 }
-# Keys added later that only one CAM method reads: out of the hash under every other method.
 # The stages that read data.negatives (the classifier's training set, the Libra library).
 NEGATIVES_READ_BY = ("classifier", "pseudo_masks")
+# Keys added later that only one CAM method reads: out of the hash under every other method.
 ADDED_FOR_METHOD = {"cam.libra_bound_mode": "libra", "cam.libra_negative_quantile": "libra"}
 
 
