@@ -112,3 +112,15 @@ def test_part_class_head_is_high_contrast_and_the_mask_covers_head_and_body():
         assert head_rows.std(0).mean() > body_rows.std(0).mean()
     assert found >= 2
     assert make_voc.main(["--out", "/nonexistent/x", "--negatives", "-1"]) == 1
+
+
+def test_command_line_writes_negatives_and_the_part_class(tmp_path):
+    args = ["--out", str(tmp_path), "--num-train", "12", "--num-val", "1", "--size", "48"]
+    assert make_voc.main([*args, "--negatives", "2", "--part-class"]) == 0
+    assert len(list((tmp_path / "negatives").glob("neg_*.jpg"))) == 2
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    values = set()
+    for path in (root / "SegmentationClass").glob("train_*.png"):
+        values |= set(np.unique(np.asarray(Image.open(path))).tolist())
+    assert PERSON in values  # the option reaches the drawn classes
+    assert values <= {0, 255, PERSON} | {make_voc.voc_index(n) for n in make_voc.CLASSES}
