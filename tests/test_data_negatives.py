@@ -15,8 +15,8 @@ from wsss.data.datamodule import StageDataModule, make_loader
 from wsss.data.imageio import DataError
 from wsss.data.negatives import ID_PREFIX, negative_paths
 from wsss.data.voc import VOCSegmentation
-from wsss.stages.calibration import training_images
-from wsss.stages.records import preflight_data, stage_hashes
+from wsss.stages.calibration import reference_library, training_images
+from wsss.stages.records import StageError, preflight_data, stage_hashes
 
 from conftest import TINY_COMMON, VOC_MINI, write_csv
 
@@ -177,3 +177,37 @@ def test_folder_csv_negatives_are_used_the_same_way(tmp_path):
     library = build_library(MeanBrightness(1).eval(), make_loader(dataset, cfg, 2), settings)
     assert library.counts.tolist() == [3]  # the CSV negative and both data.negatives images
     assert sorted(library.indices[0].tolist()) == [3, 4, 5]
+
+
+@pytest.mark.parametrize("with_negatives", [True, False])
+def test_the_stage_builds_its_libra_library_with_the_negatives(tmp_path, with_negatives):
+    """The pseudo-mask stage's own library builder: with data.negatives every class gets its
+    references from them; without, no VOC image is inside the bound and the stage refuses."""
+    folder = write_negatives(tmp_path / "neg", count=3, value=0)
+    extra = [f"data.negatives={folder}"] if with_negatives else []
+    cfg = voc_config(
+        tmp_path,
+        *extra,
+        "cam.method=libra",
+        "cam.libra_bound_mode=absolute",
+        "cam.libra_bound=0.1",
+        "cam.libra_references=2",
+    )
+    cfg.cam.layers = ["features"]  # the stand-in classifier's layer
+    train = VOCSegmentation(VOC_MINI, "train")
+    model = MeanBrightness(20).eval()
+    classifier = SimpleNamespace(
+        export=lambda: model,
+        hparams=SimpleNamespace(
+            mean=train.stats[0], std=train.stats[1], class_names=train.class_names
+        ),
+    )
+    out = tmp_path / "pseudo"
+    out.mkdir()
+    if not with_negatives:
+        with pytest.raises(StageError, match="no training image scored below"):
+            reference_library(cfg, classifier, out)
+        return
+    library = reference_library(cfg, classifier, out)
+    assert library.counts.tolist() == [2] * 20
+    assert bool((library.indices[:, :2] >= len(train)).all())
