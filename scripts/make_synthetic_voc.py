@@ -13,6 +13,13 @@ families touching (labels are VOC indices, so the other 14 classes are simply ab
 - clutter fragments of the object textures in random colours, JPEG images, several objects that
   occlude each other.
 
+Two options, off by default (the default set stays the same byte for byte):
+- ``--part-class`` adds ``person`` (VOC index 15), a class with one telling part: a small,
+  strongly textured, high-contrast head over a large plain, low-contrast body; its mask covers
+  both, so maps that fire on the head alone miss most of it;
+- ``--negatives N`` writes N background-only images to ``DIR/negatives/neg_<i>.jpg`` (for
+  ``data.negatives``): the same backgrounds, water and clutter the classes appear on, no object.
+
 Output under ``DIR/VOCdevkit/VOC2012``: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``
 (palette PNGs), ``SegmentationClassAug/<id>.png`` (the train masks again, so ``train_aug`` works
 too and ``scripts/prepare_voc.py`` accepts the layout) and ``ImageSets/Segmentation/{train,val,
@@ -81,6 +88,10 @@ OBJECT_PERIOD = (0.04, 0.07)
 CLUTTER_RADIUS = (0.02, 0.05)
 CLUTTER_PERIOD = (0.015, 0.03)
 MIN_VISIBLE_PIXELS = 30
+PART_CLASS = "person"  # drawn only with --part-class
+PART_HUE = 0.55  # the head's hue family (cyan); the body has none
+HEAD_PERIOD = 0.025  # the head's fine texture period, a fraction of the image side
+NEGATIVE_WATER = 0.5  # share of the negatives with water (the boats' context) in them
 
 
 def voc_index(name: str) -> int:
@@ -156,6 +167,34 @@ def _monitor(dy, dx, r):
     return screen | stand | base
 
 
+def person_parts(dy: np.ndarray, dx: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """(head, body) of an upright person: a small round head over a large torso-and-legs block."""
+    head = (dy + 0.74 * r) ** 2 + dx**2 <= (0.22 * r) ** 2
+    body = _box(dy, dx, -0.5 * r, r, -0.4 * r, 0.4 * r)
+    return head & ~body, body
+
+
+def paint_person(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    centre: tuple[float, float],
+    r: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The part class: a fine, high-contrast checked head (light and near-black, in the class's
+    hue family) over a plain body of one flat random colour, like the smooth background, so the
+    head is the only telling part. Returns (image, head, body)."""
+    cy, cx = centre
+    head, body = person_parts(yy - cy, xx - cx, r)
+    image = np.where(body[..., None], rng.uniform(60, 200, size=3).astype(np.float32), image)
+    light, dark = tinted_colours(rng, PART_HUE, HUE_SPREAD)
+    period = yy.shape[0] * HEAD_PERIOD
+    pattern = texture("checks", yy - cy, xx - cx, period, rng.uniform(0, np.pi))
+    image = paint_pattern(image, head, pattern, (light, dark * 0.3))
+    return image, head, body
+
+
 SHAPES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
     "bottle": _bottle,
     "chair": _chair,
@@ -180,17 +219,23 @@ def void_borders(mask: np.ndarray, width: int) -> np.ndarray:
 
 
 def render_voc_sample(
-    seed: int, split: str, index: int, size: int, void_width: int = 2
+    seed: int,
+    split: str,
+    index: int,
+    size: int,
+    void_width: int = 2,
+    classes: tuple[str, ...] | list[str] = tuple(CLASSES),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image (uint8 HxWx3) and its VOC-indexed mask (uint8; 0 background, 255 void)."""
+    """One image (uint8 HxWx3) and its VOC-indexed mask (uint8; 0 background, 255 void);
+    ``classes`` are the classes drawn from (``CLASSES``, plus ``PART_CLASS`` for --part-class)."""
     rng = np.random.default_rng([seed, split_code(split), index])
     yy, xx = pixel_grid(size, size)
     image = smooth_background(rng, size, size)
     mask = np.zeros((size, size), np.uint8)
 
     names = [
-        CLASSES[int(c)]
-        for c in rng.integers(0, len(CLASSES), size=rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+        classes[int(c)]
+        for c in rng.integers(0, len(classes), size=rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
     ]
     water_top = None
     if "boat" in names or rng.random() < 0.1:  # a boat is always on water; water alone sometimes
@@ -214,6 +259,11 @@ def render_voc_sample(
         if name == "boat":
             cy = water_top - 0.1 * r + rng.uniform(-0.04, 0.04) * size
             region = shape_mask("boat", yy, xx, cy, cx, r, 0.0)
+        elif name == PART_CLASS:
+            cy = rng.uniform(r, size - r)
+            image, head, body = paint_person(rng, image, yy, xx, (cy, cx), r)
+            mask[head | body] = voc_index(name)
+            continue
         else:
             cy = rng.uniform(r, size - r)
             mirror = -1.0 if rng.random() < 0.5 else 1.0  # chairs face either way
@@ -226,19 +276,61 @@ def render_voc_sample(
             image = np.where(boat_rig(yy - cy, xx - cx, r)[..., None], colours[1], image)
         mask[region] = voc_index(name)
 
-    void_small_classes(mask, [voc_index(n) for n in CLASSES], MIN_VISIBLE_PIXELS)
+    void_small_classes(mask, [voc_index(n) for n in classes], MIN_VISIBLE_PIXELS)
     mask = void_borders(mask, void_width)
     image = add_noise(rng, image, sigma=8.0)
     return np.round(image).astype(np.uint8), mask
 
 
 def labelled_sample(
-    seed: int, split: str, index: int, size: int, void_width: int
+    seed: int,
+    split: str,
+    index: int,
+    size: int,
+    void_width: int,
+    classes: tuple[str, ...] | list[str] = tuple(CLASSES),
 ) -> tuple[np.ndarray, np.ndarray]:
     """``render_voc_sample``, redrawn deterministically until at least one class is visible."""
     return render_labelled(
-        lambda key: render_voc_sample(seed, key, index, size, void_width), split, len(VOC_CLASSES)
+        lambda key: render_voc_sample(seed, key, index, size, void_width, classes),
+        split,
+        len(VOC_CLASSES),
     )
+
+
+def render_negative(seed: int, index: int, size: int) -> np.ndarray:
+    """A background-only image (uint8 HxWx3): the smooth background, water in about half of them
+    (the boats' context without a boat) and the same clutter as the labelled images."""
+    rng = np.random.default_rng([seed, split_code("negatives"), index])
+    yy, xx = pixel_grid(size, size)
+    image = smooth_background(rng, size, size)
+    if rng.random() < NEGATIVE_WATER:
+        top = size * rng.uniform(0.35, 0.7)
+        image = paint_water(rng, image, water_region(rng, yy, xx, top), yy, xx)
+    kinds = [t for name, t in CLASS_TEXTURE.items() if name != "boat"]
+    image = paint_clutter(
+        rng,
+        image,
+        yy,
+        xx,
+        kinds,
+        (4, 10),
+        (size * CLUTTER_RADIUS[0], size * CLUTTER_RADIUS[1]),
+        (size * CLUTTER_PERIOD[0], size * CLUTTER_PERIOD[1]),
+    )
+    return np.round(add_noise(rng, image, sigma=8.0)).astype(np.uint8)
+
+
+def write_negatives(
+    folder: Path, count: int, seed: int, size: int, echo: Callable[[str], object] = print
+) -> list[Path]:
+    """``count`` background-only JPEGs ``folder/neg_<i>.jpg``; returns their paths."""
+    paths = [folder / f"neg_{i:05d}.jpg" for i in range(count)]
+    for index, path in enumerate(paths):
+        with atomic_path(path) as tmp:
+            Image.fromarray(render_negative(seed, index, size)).save(tmp, format="JPEG", quality=90)
+    echo(f"negatives: {count} images in {folder}")
+    return paths
 
 
 def write_split(
@@ -249,11 +341,12 @@ def write_split(
     size: int,
     void_width: int,
     echo: Callable[[str], object] = print,
+    classes: tuple[str, ...] | list[str] = tuple(CLASSES),
 ) -> list[str]:
     """Images and masks of one split; returns its ids."""
     ids = [f"{split}_{i:05d}" for i in range(count)]
     for index, sample_id in enumerate(ids):
-        image, mask = labelled_sample(seed, split, index, size, void_width)
+        image, mask = labelled_sample(seed, split, index, size, void_width, classes)
         with atomic_path(root / "JPEGImages" / f"{sample_id}.jpg") as tmp:
             Image.fromarray(image).save(tmp, format="JPEG", quality=90)
         write_label_png(root / "SegmentationClass" / f"{sample_id}.png", mask)
@@ -272,21 +365,31 @@ def make_synthetic_voc(
     size: int = 160,
     void_width: int = 2,
     echo: Callable[[str], object] = print,
+    negatives: int = 0,
+    part_class: bool = False,
 ) -> Path:
-    """Write the data set under ``out/VOCdevkit/VOC2012`` and return that folder (``data.root``)."""
+    """Write the data set under ``out/VOCdevkit/VOC2012`` and return that folder (``data.root``);
+    ``negatives`` background-only images go to ``out/negatives``."""
     if num_train < 1 or num_val < 1:
         raise ValueError(
             f"--num-train and --num-val must be at least 1, got {num_train} and {num_val}"
         )
     if size < 32:
         raise ValueError(f"--size must be at least 32 pixels, got {size}")
+    if negatives < 0:
+        raise ValueError(f"--negatives must be 0 or more, got {negatives}")
+    classes = tuple(CLASSES) + ((PART_CLASS,) if part_class else ())
     root = Path(out) / "VOCdevkit" / "VOC2012"
-    train = write_split(root, "train", num_train, seed, size, void_width, echo)
-    write_split(root, "val", num_val, seed, size, void_width, echo)
+    train = write_split(root, "train", num_train, seed, size, void_width, echo, classes)
+    write_split(root, "val", num_val, seed, size, void_width, echo, classes)
     write_text_atomic(
         root / "ImageSets" / "Segmentation" / "train_aug.txt", "\n".join(train) + "\n"
     )
-    echo(f"ready: wsss run configs/synthetic_voc.yaml data.root={root}")
+    extra = ""
+    if negatives:
+        write_negatives(Path(out) / "negatives", negatives, seed, size, echo)
+        extra = f" data.negatives={Path(out) / 'negatives'}"
+    echo(f"ready: wsss run configs/synthetic_voc.yaml data.root={root}{extra}")
     return root
 
 
@@ -302,10 +405,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         "--void-width", type=int, default=2, help="void band along object boundaries, pixels"
     )
+    parser.add_argument(
+        "--negatives", type=int, default=0, help="background-only images to write to DIR/negatives"
+    )
+    parser.add_argument(
+        "--part-class",
+        action="store_true",
+        help="add person: a telling textured head over a plain body",
+    )
     args = parser.parse_args(argv)
     try:
         make_synthetic_voc(
-            args.out, args.num_train, args.num_val, args.seed, args.size, args.void_width
+            args.out,
+            args.num_train,
+            args.num_val,
+            args.seed,
+            args.size,
+            args.void_width,
+            negatives=args.negatives,
+            part_class=args.part_class,
         )
     except (ValueError, OSError) as exc:
         print(f"make_synthetic_voc: {exc}", file=sys.stderr)

@@ -126,6 +126,13 @@ class DataConfig:
         "$WSSS_CACHE_DIR, else $XDG_CACHE_HOME/wsss, else ~/.cache/wsss; "
         "never the data folder",
     )
+    # background-only negatives (W-OoD style)
+    negatives: Optional[str] = option(
+        None,
+        "a folder of images (or a text file listing image paths, one a line) that hold none of "
+        "the classes: added to the classifier's training split with all-zero labels and to the "
+        "Libra reference library as images lacking every class; never pseudo-masked. null = none",
+    )
     # built-in synthetic data
     num_train: int = option(400, "synthetic sources: images in the train split", check=AT_LEAST_ONE)
     num_val: int = option(100, "synthetic sources: images in the val split", check=AT_LEAST_ONE)

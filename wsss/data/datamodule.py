@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from wsss.config import SYNTHETIC_IMAGE_SIZE, Config
 from wsss.data.base import SegmentationSource
 from wsss.data.folder import FolderDataset
+from wsss.data.negatives import with_negatives
 from wsss.data.samplers import GlobalBatchSampler, ShardSampler
 from wsss.data.synthetic import SyntheticSegmentation
 from wsss.data.synthetic_lesion import SyntheticLesion
@@ -193,6 +194,8 @@ class StageDataModule(L.LightningDataModule):
         fill = tuple(float(m) for m in self.mean)
         augment = train_transform(cfg.data.crop_size, fill, seed=cfg.run.seed)
         self.train_set = build_source(cfg, cfg.data.train_split, augment, self.mean, self.std)
+        if stage == "classifier":  # background-only images, all-zero targets; no masks
+            self.train_set = with_negatives(self.train_set, cfg.data.negatives)
         if train_masks is not None:
             self.train_set.use_masks_from(train_masks, confidence=confidence)
         val_transform = eval_transform(cfg.data.crop_size, fill) if stage == "classifier" else None

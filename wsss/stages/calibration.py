@@ -20,6 +20,7 @@ from torch.utils.data import Subset
 from wsss.cam.libra import LibrarySettings, ReferenceLibrary, library_for, model_fingerprint
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
+from wsss.data.negatives import with_negatives
 from wsss.distributed import barrier, is_global_zero
 from wsss.io import atomic_path, read_json, write_json_atomic
 from wsss.models.calibration import CalibrationModule, ConfidenceCollector, merge_confidences
@@ -74,6 +75,15 @@ def library_settings(cfg: Config) -> LibrarySettings:
     )
 
 
+def training_images(cfg: Config, classifier):
+    """The training split the Libra library is drawn from, followed by the ``data.negatives``
+    images (all-zero labels: a reference candidate for every class), without augmentation."""
+    split = build_source(
+        cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
+    )
+    return with_negatives(split, cfg.data.negatives)
+
+
 def reference_library(cfg: Config, classifier, out_dir: Path) -> Optional[ReferenceLibrary]:
     """cam.method=libra: the reference library, built once per classifier from the training split
     (no augmentation, on the stage's device, with a progress bar) by global rank zero and stored
@@ -86,9 +96,7 @@ def reference_library(cfg: Config, classifier, out_dir: Path) -> Optional[Refere
     if is_global_zero():
         stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
         model = copy.deepcopy(classifier.export()).eval().to(stage_device(cfg))
-        dataset = build_source(
-            cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
-        )
+        dataset = training_images(cfg, classifier)
         library, built = library_for(
             model,
             lambda: make_loader(dataset, cfg, cfg.cam.batch_size),

@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from wsss.config import Config
 from wsss.data.datamodule import build_source
+from wsss.data.imageio import DataError
+from wsss.data.negatives import check_negatives
 from wsss.data.preflight import preflight
 from wsss.distributed import barrier, echo, is_global_zero
 from wsss.io import read_json, write_json_atomic, write_text_atomic
@@ -42,7 +44,11 @@ ADDED_AT_NEUTRAL = {
     "segmenter.co_uncertain_fraction": 0.3,
     # self-training rounds: one round is the segmenter stage alone
     "segmenter.rounds": 1,
+    # background-only negatives
+    "data.negatives": None,
 }
+# The stages that read data.negatives (the classifier's training set, the Libra library).
+NEGATIVES_READ_BY = ("classifier", "pseudo_masks")
 # Keys added later that only one CAM method reads: out of the hash under every other method.
 ADDED_FOR_METHOD = {"cam.libra_bound_mode": "libra", "cam.libra_negative_quantile": "libra"}
 
@@ -134,20 +140,28 @@ def check_stage_folders(cfg: Config, stages: Sequence[str]) -> None:
 
 def preflight_data(cfg: Config, stages: Sequence[str]) -> None:
     """Every file the unfinished ``stages`` will read exists, opens and fits its mask, checked
-    from the headers before any work (``wsss.data.preflight``); global rank zero only."""
+    from the headers before any work (``wsss.data.preflight``); global rank zero only. The
+    ``data.negatives`` images are checked too where the classifier or the pseudo-masks (the Libra
+    library) are still to be made."""
     if not is_global_zero():
         return
     names = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
     splits: dict[str, None] = {}
+    unfinished = []
     for stage in stages:
         record = read_stage(cfg, stage)
         if record is not None and record.get("status") == "done" and not cfg.run.overwrite:
             continue
+        unfinished.append(stage)
         splits.update(
             {names[role]: None for role in registry.stage_named(stage).splits if names[role]}
         )
     if splits:
         preflight({split: build_source(cfg, split) for split in splits})
+    if cfg.data.negatives and set(unfinished) & set(NEGATIVES_READ_BY):
+        problems = check_negatives(cfg.data.negatives, build_source(cfg, cfg.data.train_split))
+        if problems:
+            raise DataError("before any work:\n  " + "\n  ".join(problems))
 
 
 def begin_stage(cfg: Config, stage: str) -> Optional[dict[str, Any]]:
