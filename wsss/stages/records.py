@@ -37,6 +37,13 @@ ADDED_AT_NEUTRAL = {
     "pseudo.affinity_labels": "calibrated",
     "affinity.boundary_power": 0.0,
     "classifier.token_pool": "token",
+    # fine-scale gate and erasing-style expansion
+    "cam.fine_layer": None,
+    "cam.fine_power": 1.0,
+    "cam.fine_smooth": 1,
+    "cam.erase_steps": 0,
+    "cam.erase_score_floor": 0.5,
+    "cam.erase_threshold": 0.5,
 }
 # Keys added later that only one CAM method reads: out of the hash under every other method.
 ADDED_FOR_METHOD = {"cam.libra_bound_mode": "libra", "cam.libra_negative_quantile": "libra"}
