@@ -80,7 +80,9 @@ def test_added_evidence_is_bounded_by_the_score_ratio_and_never_overwrites_the_e
         calls.append((erased.clone(), classes.clone(), rows.clone()))
         return torch.ones(erased.shape[0], *erased.shape[-2:])
 
-    out = erase_expand(evidence, model, image, maps, torch.tensor([[0]]), torch.ones(1, 1), 1, 0.5, 0.5)
+    out = erase_expand(
+        evidence, model, image, maps, torch.tensor([[0]]), torch.ones(1, 1), 1, 0.5, 0.5
+    )
     with torch.no_grad():
         base = torch.sigmoid(model(image))[0, 0]
         erased = image.clone()

@@ -104,9 +104,7 @@ def test_off_the_maps_are_the_fused_deep_maps_and_power_zero_changes_nothing():
     off = fused(None)
     targets, valid = present_targets(labels)
     with build_cam("relevance", model, layers, preset="default") as cam:
-        maps = aggregate_scales(
-            cam, images, [1.0], True, targets=targets, present=labels > 0.5
-        )
+        maps = aggregate_scales(cam, images, [1.0], True, targets=targets, present=labels > 0.5)
     expected = fuse_layers(maps, images.shape[-2:]) * valid[:, :, None, None]
     assert torch.equal(off["fused"], expected)
     zero = fused(MapExpansion(fine_layer="layer1", fine_power=0.0))
