@@ -11,6 +11,7 @@ import torch
 from wsss import stages
 from wsss.config import ConfigError, load_config
 from wsss.data.datamodule import build_source, make_loader
+from wsss.models.backbones import head_of
 from wsss.stages.pseudo_masks import pseudo_module
 from wsss.stages.records import stage_hashes
 
@@ -44,12 +45,12 @@ def fused(trained, batch, *overrides):
     classifier, images = batch
     module = pseudo_module(config(trained, *overrides), classifier)
     with torch.no_grad():
-        module.model.fc.bias.add_(4.0)  # every present class recognised: erasing has slots
+        head_of(module.model).bias.add_(4.0)  # every present class recognised: erasing has slots
     try:
         return module.fused_maps(images["image"], images["labels"])["fused"]
     finally:
         with torch.no_grad():
-            module.model.fc.bias.sub_(4.0)
+            head_of(module.model).bias.sub_(4.0)
 
 
 @pytest.mark.parametrize(

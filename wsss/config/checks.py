@@ -23,6 +23,8 @@ def check_config(cfg: Config) -> None:
     _check_backbone(cfg)
     _check_required(cfg)
     check_ranges(cfg)
+    if cfg.cam.fine_smooth % 2 == 0:  # a centred box needs an odd window
+        raise ConfigError(f"cam.fine_smooth: must be an odd size, got {cfg.cam.fine_smooth}")
     _check_crf_extra(cfg)
     _check_data(cfg.data)
     _check_trainer(cfg)
@@ -75,11 +77,8 @@ def _resolve_cam_layers(cfg: Config, default_layers, check_layers) -> None:
 
 
 def _check_fine_layer(cfg: Config, check_layers) -> None:
-    """cam.fine_layer names a module of the backbone (or input, which only relevance maps), and
-    cam.fine_smooth is an odd window."""
+    """cam.fine_layer names a module of the backbone (or input, which only relevance maps)."""
     fine = cfg.cam.fine_layer
-    if cfg.cam.fine_smooth % 2 == 0:
-        raise ConfigError(f"cam.fine_smooth: must be an odd size, got {cfg.cam.fine_smooth}")
     if fine is None:
         return
     if fine == "input" and cfg.cam.method != "relevance":
