@@ -23,6 +23,8 @@ def check_config(cfg: Config) -> None:
     _check_backbone(cfg)
     _check_required(cfg)
     check_ranges(cfg)
+    if cfg.cam.fine_smooth % 2 == 0:  # a centred box needs an odd window
+        raise ConfigError(f"cam.fine_smooth: must be an odd size, got {cfg.cam.fine_smooth}")
     _check_crf_extra(cfg)
     _check_data(cfg.data)
     _check_trainer(cfg)
@@ -71,6 +73,23 @@ def _resolve_cam_layers(cfg: Config, default_layers, check_layers) -> None:
         check_layers(name, cfg.cam.layers)
     except ValueError as exc:
         raise ConfigError(f"cam.layers: {exc}") from None
+    _check_fine_layer(cfg, check_layers)
+
+
+def _check_fine_layer(cfg: Config, check_layers) -> None:
+    """cam.fine_layer names a module of the backbone (or input, which only relevance maps)."""
+    fine = cfg.cam.fine_layer
+    if fine is None:
+        return
+    if fine == "input" and cfg.cam.method != "relevance":
+        raise ConfigError(
+            f"cam.fine_layer: input (the pixel-level relevance) needs cam.method=relevance, "
+            f"got {cfg.cam.method}; name a shallow layer such as layer1 instead"
+        )
+    try:
+        check_layers(cfg.classifier.backbone, [fine])
+    except ValueError as exc:
+        raise ConfigError(f"cam.fine_layer: {exc}") from None
 
 
 def _check_vit_backbone(cfg: Config) -> None:

@@ -192,6 +192,30 @@ class CamConfig:
         "images, lowest scores first, references are drawn from",
         check=interval("(0, 1]"),
     )
+    # fine-scale gate and erasing-style expansion (docs/ALGORITHMS.md): off by default
+    fine_layer: Optional[str] = option(
+        None,
+        "a shallow layer (e.g. layer1) or input whose map gates the fused deep map, from the same "
+        "relevance sweep; None = no gate",
+    )
+    fine_power: float = option(
+        1.0, "fine gate: power of min(1, fine / its level in the object)", check=NOT_NEGATIVE
+    )
+    fine_smooth: int = option(
+        1, "fine gate: odd box-filter size in pixels applied to the fine map", check=AT_LEAST_ONE
+    )
+    erase_steps: int = option(
+        0, "erasing steps: query again with the found region removed; 0 = none", check=NOT_NEGATIVE
+    )
+    erase_score_floor: float = option(
+        0.5,
+        "erasing: stop once the class score on the erased image falls under this fraction of "
+        "the original",
+        check=FRACTION,
+    )
+    erase_threshold: float = option(
+        0.5, "erasing: the map level counted as found (erased)", check=interval("(0, 1]")
+    )
 
 
 @dataclass

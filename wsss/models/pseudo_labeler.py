@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 
 from wsss.cam import build_cam
+from wsss.cam.expansion import MapExpansion
 from wsss.cam.libra import ReferenceLibrary
 from wsss.cam.methods import METHODS
 from wsss.cam.postprocess import aggregate_scales, fuse_layers
@@ -77,6 +78,7 @@ class PseudoMaskModule(L.LightningModule):
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         library: Optional[ReferenceLibrary] = None,
+        expansion: Optional[MapExpansion] = None,
     ) -> None:
         super().__init__()
         self.model = model.eval()
@@ -107,6 +109,7 @@ class PseudoMaskModule(L.LightningModule):
             )
         self.affinity_labels = affinity_labels
         self.mean, self.std = mean, std
+        self.expansion = expansion or MapExpansion()
 
     def on_predict_start(self) -> None:
         if "library" in self.options:  # Libra's references beside the model, not copied per batch
@@ -138,24 +141,45 @@ class PseudoMaskModule(L.LightningModule):
         b, k = targets.shape
         height, width = images.shape[-2:]
         per_layer: dict[str, Tensor] = {}
-        for index, (h, w) in self._size_groups(sizes, b, (height, width)):
+        groups = self._size_groups(sizes, b, (height, width))
+        for index, (h, w) in groups:
             maps = self._layer_maps(images[index, :, :h, :w], targets[index], present[index])
             for name, m in maps.items():
                 canvas = per_layer.setdefault(name, m.new_zeros(b, k, height, width))
                 canvas[index, :, :h, :w] = m
-        fused = fuse_layers(per_layer, (height, width), self.layer_weights)
+        fused_layers = {name: per_layer[name] for name in self.layers}
+        fused = fuse_layers(fused_layers, (height, width), self.layer_weights)
+        if self.expansion.active:  # the gate and the erasing, on each group's own pixels
+            for index, (h, w) in groups:
+                fused[index, :, :h, :w] = self.expansion.apply(
+                    self._fused_group,
+                    self.model,
+                    images[index, :, :h, :w],
+                    fused[index, :, :h, :w],
+                    {name: m[index, :, :h, :w] for name, m in per_layer.items()},
+                    (targets[index], valid[index], present[index]),
+                )
         mask = valid[:, :, None, None].float()
         return {
             "targets": targets,
             "valid": valid,
             "fused": fused * mask,
-            "layers": {name: m * mask for name, m in per_layer.items()},
+            "layers": {name: m * mask for name, m in fused_layers.items()},
         }
+
+    def _fused_group(self, images: Tensor, targets: Tensor, present: Tensor) -> Tensor:
+        """Fused (and gated) maps of images of one size, from scratch: an erased image's evidence."""
+        maps = self._layer_maps(images, targets, present)
+        fused = fuse_layers(
+            {n: maps[n] for n in self.layers}, images.shape[-2:], self.layer_weights
+        )
+        return self.expansion.gate(fused, maps)
 
     def _layer_maps(self, images: Tensor, targets: Tensor, present: Tensor) -> dict[str, Tensor]:
         """Normalised per-layer maps at the images' size, aggregated over scales and flips."""
         kwargs = {"present": present} if METHODS[self.method].takes_present else {}
-        with build_cam(self.method, self.model, self.layers, **self.options) as cam:
+        layers = self.expansion.cam_layers(self.layers)
+        with build_cam(self.method, self.model, layers, **self.options) as cam:
             return aggregate_scales(
                 cam,
                 images,

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Subset
 
+from wsss.cam.expansion import MapExpansion
 from wsss.cam.libra import LibrarySettings, ReferenceLibrary, library_for, model_fingerprint
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
@@ -61,6 +62,14 @@ def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, An
         mean=classifier.hparams.mean,
         std=classifier.hparams.std,
         library=library,
+        expansion=MapExpansion(
+            fine_layer=c.fine_layer,
+            fine_power=c.fine_power,
+            fine_smooth=c.fine_smooth,
+            erase_steps=c.erase_steps,
+            erase_score_floor=c.erase_score_floor,
+            erase_threshold=c.erase_threshold,
+        ),
     )
 
 

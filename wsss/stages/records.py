@@ -46,6 +46,13 @@ ADDED_AT_NEUTRAL = {
     "segmenter.rounds": 1,
     # background-only negatives
     "data.negatives": None,
+    # fine-scale gate and erasing-style expansion
+    "cam.fine_layer": None,
+    "cam.fine_power": 1.0,
+    "cam.fine_smooth": 1,
+    "cam.erase_steps": 0,
+    "cam.erase_score_floor": 0.5,
+    "cam.erase_threshold": 0.5,
 }
 # The stages that read data.negatives (the classifier's training set, the Libra library).
 NEGATIVES_READ_BY = ("classifier", "pseudo_masks")
