@@ -37,6 +37,10 @@ ADDED_AT_NEUTRAL = {
     "pseudo.affinity_labels": "calibrated",
     "affinity.boundary_power": 0.0,
     "classifier.token_pool": "token",
+    # context decoupling (copy-paste classifier round)
+    "classifier.context_decoupling": False,
+    "classifier.paste_probability": 0.5,
+    "classifier.paste_min_scale": 0.5,
 }
 # Keys added later that only one CAM method reads: out of the hash under every other method.
 ADDED_FOR_METHOD = {"cam.libra_bound_mode": "libra", "cam.libra_negative_quantile": "libra"}
