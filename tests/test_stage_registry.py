@@ -44,7 +44,9 @@ PINNED = {
 
 @pytest.mark.parametrize("overrides", list(PINNED))
 def test_stage_hashes_match_the_ones_existing_runs_recorded(overrides):
-    assert stage_hashes(load_config("configs/default.yaml", list(overrides))) == PINNED[overrides]
+    hashes = stage_hashes(load_config("configs/default.yaml", list(overrides)))
+    # stages added later (the context-decoupling round) add hashes and change none of these
+    assert {stage: hashes[stage] for stage in PINNED[overrides]} == PINNED[overrides]
 
 
 TINY = [
@@ -71,7 +73,8 @@ def test_the_cli_subcommands_are_the_registry_stages_between_run_and_the_tools()
     for stage in registry.REGISTRY:
         assert commands[stage.command] == stage.help
     assert commands["run"] == (
-        "all stages (train-classifier -> make-pseudo-masks [-> train-affinity] -> "
+        "all stages (train-classifier -> make-pseudo-masks [-> train-decoupled-classifier] "
+        "[-> make-decoupled-pseudo-masks] [-> train-affinity] -> "
         "train-segmenter -> evaluate), resumable"
     )
     assert (

@@ -12,9 +12,13 @@ from wsss.distributed import is_global_zero
 from wsss.io import read_json, write_json_atomic, write_text_atomic
 from wsss.stages import registry
 from wsss.stages.records import read_stage, stage_dir
+from wsss.stages.report_rounds import (  # STEPS: the pseudo-mask stage's scored steps
+    DECOUPLING_STAGES,
+    STEPS,
+    decoupled_keys,
+    decoupled_lines,
+)
 from wsss.tracking import close_logger, log_artifact, log_summary, make_logger, run_paths
-
-STEPS = ("seed", "pseudo", "refined")  # the pseudo-mask stage's scored steps, in order
 
 
 def _named(
@@ -99,56 +103,8 @@ def build_report(cfg: Config) -> dict[str, Any]:
             report[f"{step}_{key}"] = pseudo.get(f"{step}_{key}")
         report[f"{step}_per_class_dice"] = _named(pseudo.get(f"{step}_per_class_dice"), names)
     if cfg.classifier.context_decoupling:
-        report.update(_decoupled_keys(records, names))
+        report.update(decoupled_keys(records, names, _named))
     return report
-
-
-DECOUPLING_STAGES = ("decoupled_classifier", "decoupled_pseudo_masks")
-
-
-def _decoupled_keys(records: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """The context-decoupling round's figures, beside round one's (which keep their keys): the
-    round-2 classifier's val metrics and the scores of the masks the segmenter trained on."""
-    pseudo = records["decoupled_pseudo_masks"]
-    keys: dict[str, Any] = {
-        "decoupled_classifier": records["decoupled_classifier"].get("metrics"),
-        "decoupled_thresholds": pseudo.get("thresholds"),
-        "decoupled_ignore_fraction": pseudo.get("ignore_fraction"),
-    }
-    for step in STEPS:
-        keys[f"decoupled_{step}_miou"] = pseudo.get(f"{step}_miou")
-        keys[f"decoupled_{step}_per_class_iou"] = _named(pseudo.get(f"{step}_per_class_iou"), names)
-    return keys
-
-
-def _decoupled_lines(report: dict[str, Any]) -> list[str]:
-    """report.md's section on the context-decoupling round: both rounds side by side."""
-    if "decoupled_classifier" not in report:
-        return []
-    first, second = report.get("classifier") or {}, report.get("decoupled_classifier") or {}
-    lines = [
-        "## Context decoupling (second classifier round on copy-paste images)",
-        "",
-        "| step | round 1 | round 2 (the segmenter's masks) |",
-        "|---|---|---|",
-        f"| classifier mAP (val split) | {_pct(first.get('val/mAP'))} | "
-        f"{_pct(second.get('val/mAP'))} |",
-    ]
-    for step in STEPS:
-        if report.get(f"{step}_miou") is None and report.get(f"decoupled_{step}_miou") is None:
-            continue
-        lines.append(
-            f"| {step} mIoU (train split) | {_pct(report.get(f'{step}_miou'))} | "
-            f"{_pct(report.get(f'decoupled_{step}_miou'))} |"
-        )
-    names = report.get("class_names") or []
-    final = next((s for s in reversed(STEPS) if report.get(f"decoupled_{s}_per_class_iou")), None)
-    if final and names:
-        one = report.get(f"{final}_per_class_iou") or {}
-        two = report[f"decoupled_{final}_per_class_iou"]
-        lines += ["", f"| class | round 1 {final} IoU | round 2 {final} IoU |", "|---|---|---|"]
-        lines += [f"| {n} | {_pct(one.get(n))} | {_pct(two.get(n))} |" for n in names]
-    return lines + [""]
 
 
 def _pct(value: Any) -> str:
@@ -285,7 +241,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report.get("data") in MEDICAL_SOURCES:
         lines += _foreground_table(report)
     lines += _summary_table(report) + [""]
-    lines += _decoupled_lines(report)
+    lines += decoupled_lines(report, _pct)
     scored_on = report.get("scored_on")
     if scored_on:
         lines += [
