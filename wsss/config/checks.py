@@ -114,6 +114,12 @@ def _check_required(cfg: Config) -> None:
             f"cam.layer_weights: needs one weight per layer in cam.layers "
             f"({len(cfg.cam.layers)}), got {len(cfg.cam.layer_weights)}"
         )
+    # context decoupling: the affinity stage would still learn from the round-1 masks
+    if cfg.classifier.context_decoupling and cfg.pseudo.refine == "affinity":
+        raise ConfigError(
+            "classifier.context_decoupling: not available with pseudo.refine=affinity (the "
+            "affinities learn from the round-1 masks); use pseudo.refine=par, crf or none"
+        )
 
 
 def _check_crf_extra(cfg: Config) -> None:

@@ -17,6 +17,7 @@ from wsss.config.fields import (
     backbone_lr_mult_option,
     choice,
     epochs_option,
+    interval,
     lr_option,
     momentum_option,
     optimizer_option,
@@ -67,6 +68,24 @@ class ClassifierConfig:
     momentum: float = momentum_option()
     schedule: str = schedule_option()
     optimizer: str = optimizer_option("sgd (with momentum) or adamw (scratch training)")
+    # context decoupling: a second classifier round on copy-paste images
+    context_decoupling: bool = option(
+        False,
+        "after the pseudo-masks, train a second classifier on images with objects cut out by "
+        "the round-1 masks and pasted onto other images (CDA), and make the pseudo-masks the "
+        "segmenter trains on again with it (stages decoupled_classifier, "
+        "decoupled_pseudo_masks)",
+    )
+    paste_probability: float = option(
+        0.5,
+        "context decoupling: share of training images that receive pasted objects",
+        check=interval("[0, 1]"),
+    )
+    paste_min_scale: float = option(
+        0.5,
+        "context decoupling: a pasted object is rescaled by a factor drawn from [this, 1]",
+        check=interval("(0, 1]"),
+    )
 
 
 @dataclass

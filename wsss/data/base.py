@@ -233,9 +233,13 @@ class SegmentationSource(Dataset):
         the albumentations pipeline is then reseeded for this item, so its augmentation depends
         on nothing but the seed (not on the worker, the process or what was loaded before)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
+        return self.item(self.load(index), seed)
+
+    def item(self, sample: RawSample, seed: Optional[int] = None) -> dict[str, Any]:
+        """A loaded sample (``load``) augmented (reseeded with ``seed`` where given) and as
+        tensors: the second half of ``__getitem__``, for wrappers that change the sample first."""
         if seed is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
-        sample = self.load(index)
         image, mask, confidence = sample.image, sample.mask, sample.confidence
         if self.transform is not None:
             if confidence is not None:  # augmented as a second mask, with the same draw

@@ -227,6 +227,7 @@ class StageDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             epoch_source=self._epoch if self.trainer else None,
+            with_epoch=getattr(self.train_set, "reads_epoch", False),
         )
         return make_loader(
             self.train_set,

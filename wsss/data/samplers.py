@@ -35,6 +35,8 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
     epoch). Lightning also calls ``set_epoch``, but a DataLoader with workers makes the
     first iterator of a resumed fit before that call, which would replay epoch 0's order.
     drop_last: drop the incomplete last global batch.
+    with_epoch: yield ``(index, augmentation_seed, epoch)``, for data sets whose own random
+    choices depend on the epoch (``wsss.data.copy_paste``).
     The share of a global batch of ``batch_size`` items is ``batch_size // world_size`` items;
     ``batch_size`` must divide evenly. An incomplete last batch (without drop_last) is padded
     by repeating its first items so every process gets the same number of items.
@@ -50,6 +52,7 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
         rank: int = 0,
         world_size: int = 1,
         epoch_source: Optional[Callable[[], int]] = None,
+        with_epoch: bool = False,
     ) -> None:
         if num_items < 1:
             raise ValueError("cannot sample from an empty data set")
@@ -64,6 +67,7 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
         self.drop_last = drop_last and num_items >= batch_size
         self.epoch = 0
         self.epoch_source = epoch_source
+        self.with_epoch = with_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -89,13 +93,16 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
         last = last.repeat(-(-share * self.world_size // rest))[: share * self.world_size]
         return torch.cat([head, last.view(self.world_size, share)[self.rank]])
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
         if self.epoch_source is not None:
             self.epoch = int(self.epoch_source())
         order = self._global_order()
         seeds = item_seeds(self.seed, self.epoch, self.num_items)
         positions = self._my_positions()
-        return iter(list(zip(order[positions].tolist(), seeds[positions].tolist())))
+        keys = zip(order[positions].tolist(), seeds[positions].tolist())
+        if self.with_epoch:
+            return iter([(index, seed, self.epoch) for index, seed in keys])
+        return iter(list(keys))
 
     def __len__(self) -> int:
         return len(self._my_positions())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 
@@ -19,14 +19,20 @@ def train_classifier(cfg: Config) -> dict[str, Any]:
     return run_stage(
         cfg,
         "classifier",
-        lambda logger: _train(cfg, logger),
-        recorder=lambda logger, record: _record(cfg, logger, record),
+        lambda logger: fit_classifier(
+            cfg, "classifier", lambda: StageDataModule(cfg, "classifier"), logger
+        ),
+        recorder=lambda logger, record: record_classifier(cfg, "classifier", logger, record),
     )
 
 
-def _train(cfg: Config, logger: Any) -> dict[str, Any]:
+def fit_classifier(
+    cfg: Config, stage: str, make_data: Callable[[], StageDataModule], logger: Any
+) -> dict[str, Any]:
+    """A fresh classifier of the ``classifier`` recipe fitted on the data ``make_data`` builds
+    (after seeding) into the folder of ``stage``: this stage, or the context-decoupling round."""
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    datamodule = StageDataModule(cfg, "classifier")
+    datamodule = make_data()
     c = cfg.classifier
     module = ClassifierModule(
         num_classes=datamodule.num_foreground,
@@ -45,10 +51,10 @@ def _train(cfg: Config, logger: Any) -> dict[str, Any]:
         std=datamodule.std,
         token_pool=c.token_pool,
     )
-    return fit_stage(cfg, "classifier", module, datamodule, c.max_epochs, logger)
+    return fit_stage(cfg, stage, module, datamodule, c.max_epochs, logger)
 
 
-def _record(cfg: Config, logger: Any, record: dict[str, Any]) -> None:
+def record_classifier(cfg: Config, stage: str, logger: Any, record: dict[str, Any]) -> None:
     """Per-class average precision on the val split as a table, and the checkpoint."""
     metrics = record.get("metrics") or {}
     rows = [
@@ -56,8 +62,8 @@ def _record(cfg: Config, logger: Any, record: dict[str, Any]) -> None:
         for key, value in metrics.items()
         if key.startswith("val/ap_")
     ]
-    log_table(logger, "classifier/per_class_ap", ["class", "average precision"], rows)
-    log_checkpoint(cfg, "classifier", logger)
+    log_table(logger, f"{stage}/per_class_ap", ["class", "average precision"], rows)
+    log_checkpoint(cfg, stage, logger)
 
 
 def load_classifier(cfg: Config) -> ClassifierModule:

@@ -120,8 +120,11 @@ def panel_ids(ids: list[str], count: int) -> list[str]:
     return [ids[(i * len(ids)) // count] for i in range(count)]
 
 
-def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False) -> dict[str, Any]:
-    """Calibrate, predict (resuming past finished images), then score, panel and manifest."""
+def run_pseudo_stage(
+    cfg: Config, classifier, out_dir: Path, logger: Any = False, stage: str = "pseudo_masks"
+) -> dict[str, Any]:
+    """Calibrate, predict (resuming past finished images), then score, panel and manifest;
+    ``stage``: whose hash the manifest records (this stage, or the context-decoupling round)."""
     library = reference_library(cfg, classifier, out_dir)
     thresholds = calibrate_thresholds(cfg, classifier, out_dir, library)
     names = list(classifier.hparams.class_names)
@@ -182,7 +185,7 @@ def run_pseudo_stage(cfg: Config, classifier, out_dir: Path, logger: Any = False
     write_json_atomic(
         out_dir / "manifest.json",
         {
-            "config_hash": stage_hashes(cfg)["pseudo_masks"],
+            "config_hash": stage_hashes(cfg)[stage],
             "count": len(dataset),
             "thresholds": thresholds,
             "complete": True,
@@ -223,10 +226,13 @@ class _SubsetSource:
         return self.source.load_raw(self.indices[index])
 
 
-def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> None:
+def record_pseudo_stage(
+    cfg: Config, logger: Any, record: dict[str, Any], stage: str = "pseudo_masks"
+) -> None:
     """Thresholds and per-class scores as tables, the panel samples as mask overlays, the panel
-    grid, and the pseudo-mask set (with manifest and thresholds) as an artifact."""
-    out_dir = stage_dir(cfg, "pseudo_masks")
+    grid, and the pseudo-mask set (with manifest and thresholds) as an artifact; ``stage``:
+    this stage, or the context-decoupling round."""
+    out_dir = stage_dir(cfg, stage)
     names = record.get("class_names") or []
     thresholds = record.get("thresholds") or {}
     pairs = thresholds.get("pairs") or {}
@@ -264,7 +270,7 @@ def record_pseudo_stage(cfg: Config, logger: Any, record: dict[str, Any]) -> Non
         log_images(logger, "pseudo/panels", [np.asarray(Image.open(out_dir / "panels.png"))])
     log_artifact(
         logger,
-        f"{cfg.run.name}-pseudo-masks",
+        f"{cfg.run.name}-{stage.replace('_', '-')}",
         "dataset",
         files=[out_dir / "manifest.json", out_dir / "thresholds.json"],
         references=[out_dir],

@@ -53,6 +53,10 @@ ADDED_AT_NEUTRAL = {
     "cam.erase_steps": 0,
     "cam.erase_score_floor": 0.5,
     "cam.erase_threshold": 0.5,
+    # context decoupling (copy-paste classifier round)
+    "classifier.context_decoupling": False,
+    "classifier.paste_probability": 0.5,
+    "classifier.paste_min_scale": 0.5,
 }
 # The stages that read data.negatives (the classifier's training set, the Libra library).
 NEGATIVES_READ_BY = ("classifier", "pseudo_masks")

@@ -30,6 +30,12 @@ TRAINING = (
 DATA_NOT_READ = ("data.num_workers", "data.test_split")
 # test-time augmentation is evaluation's choice, not part of the trained segmenter
 TEST_TIME = ("segmenter.eval_scales", "segmenter.eval_flip", "segmenter.eval_crf")
+# the context-decoupling keys: read by its round only, never by the first classifier
+CONTEXT_DECOUPLING = (
+    "classifier.context_decoupling",
+    "classifier.paste_probability",
+    "classifier.paste_min_scale",
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,8 @@ def training_masks_stage(cfg: Config) -> Optional[str]:
     ground truth or a folder of masks."""
     if cfg.segmenter.masks != "pseudo":
         return None
+    if cfg.classifier.context_decoupling:  # the masks of the round-2 classifier
+        return "decoupled_pseudo_masks"
     return "affinity" if cfg.pseudo.refine == "affinity" else "pseudo_masks"
 
 
@@ -167,7 +175,7 @@ REGISTRY: tuple[Stage, ...] = (
         help="train the multi-label classifier on image-level labels",
         run=_imported("wsss.stages.classifier:train_classifier"),
         groups=("data", "classifier"),
-        unread=DATA_NOT_READ,
+        unread=(*DATA_NOT_READ, *CONTEXT_DECOUPLING),
         inputs=TRAINING,
         splits=("train", "val"),
         key_figure=("metrics", "val/mAP"),
@@ -183,6 +191,32 @@ REGISTRY: tuple[Stage, ...] = (
         inputs=("classifier",),
         splits=("train",),
         key_figure=(None, "pseudo_miou"),
+    ),
+    Stage(
+        "decoupled_classifier",
+        command="train-decoupled-classifier",
+        help="with classifier.context_decoupling: a second classifier on copy-paste images "
+        "cut with the pseudo-masks",
+        run=_imported("wsss.stages.decoupled:train_decoupled_classifier"),
+        groups=("data", "classifier"),
+        unread=DATA_NOT_READ,
+        inputs=("pseudo_masks", *TRAINING),
+        splits=("train", "val"),
+        key_figure=("metrics", "val/mAP"),
+        optional=True,
+    ),
+    Stage(
+        "decoupled_pseudo_masks",
+        command="make-decoupled-pseudo-masks",
+        help="with classifier.context_decoupling: the pseudo-masks again, from the second "
+        "classifier",
+        run=_imported("wsss.stages.decoupled:make_decoupled_pseudo_masks"),
+        groups=("cam", "pseudo"),
+        unread=("cam.batch_size", "pseudo.num_panels"),
+        inputs=("decoupled_classifier",),
+        splits=("train",),
+        key_figure=(None, "pseudo_miou"),
+        optional=True,
     ),
     Stage(
         "affinity",

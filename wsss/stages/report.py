@@ -13,9 +13,13 @@ from wsss.io import read_json, write_json_atomic, write_text_atomic
 from wsss.stages import registry
 from wsss.stages.records import read_stage, stage_dir
 from wsss.stages.round_report import round_keys, rounds_markdown
+from wsss.stages.report_decoupled import (  # STEPS: the pseudo-mask stage's scored steps
+    DECOUPLING_STAGES,
+    STEPS,
+    decoupled_keys,
+    decoupled_lines,
+)
 from wsss.tracking import close_logger, log_artifact, log_summary, make_logger, run_paths
-
-STEPS = ("seed", "pseudo", "refined")  # the pseudo-mask stage's scored steps, in order
 
 
 def _named(
@@ -72,7 +76,11 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "thresholds": pseudo.get("thresholds"),
         "ignore_fraction": pseudo.get("ignore_fraction"),
         "classifier": records["classifier"].get("metrics"),
-        "stage_seconds": {stage: record.get("seconds") for stage, record in records.items()},
+        "stage_seconds": {
+            stage: record.get("seconds")
+            for stage, record in records.items()
+            if record or stage not in DECOUPLING_STAGES  # a default run lists what it always did
+        },
         "segmenter_masks": records[registry.final_segmenter(cfg)].get("masks"),
         "class_names": names,
         "absent_classes": {
@@ -96,6 +104,8 @@ def build_report(cfg: Config) -> dict[str, Any]:
             report[f"{step}_{key}"] = pseudo.get(f"{step}_{key}")
         report[f"{step}_per_class_dice"] = _named(pseudo.get(f"{step}_per_class_dice"), names)
     report.update(round_keys(cfg, records, pseudo, names))
+    if cfg.classifier.context_decoupling:
+        report.update(decoupled_keys(records, names, _named))
     return report
 
 
@@ -233,6 +243,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report.get("data") in MEDICAL_SOURCES:
         lines += _foreground_table(report)
     lines += _summary_table(report) + [""]
+    lines += decoupled_lines(report, _pct)
     scored_on = report.get("scored_on")
     if scored_on:
         lines += [

@@ -13,6 +13,7 @@ from wsss.config import Config
 from wsss.data.datamodule import StageDataModule, build_source
 from wsss.data.imageio import DataError
 from wsss.models.segmenter import SegmenterModule
+from wsss.stages import registry
 from wsss.stages.affinity import affinity_masks
 from wsss.stages.records import StageError, read_stage, run_stage, stage_dir
 from wsss.stages.registry import final_segmenter, training_masks_stage
@@ -24,15 +25,15 @@ def segmenter_masks(cfg: Config) -> Optional[Path]:
     source = training_masks_stage(cfg)
     if source == "affinity":
         return affinity_masks(cfg)
-    if source == "pseudo_masks":
-        record = read_stage(cfg, "pseudo_masks")
+    if source in ("pseudo_masks", "decoupled_pseudo_masks"):
+        record = read_stage(cfg, source)
         if record is None or record.get("status") != "done":
             raise StageError(
-                f"segmenter.masks=pseudo but {stage_dir(cfg, 'pseudo_masks')} is not "
-                f"complete; run `wsss make-pseudo-masks` first, or train on "
-                f"segmenter.masks=ground_truth"
+                f"segmenter.masks=pseudo but {stage_dir(cfg, source)} is not "
+                f"complete; run `wsss {registry.stage_named(source).command}` first, or train "
+                f"on segmenter.masks=ground_truth"
             )
-        return stage_dir(cfg, "pseudo_masks")
+        return stage_dir(cfg, source)
     if cfg.segmenter.masks == "ground_truth":
         return None
     path = Path(cfg.segmenter.masks)
