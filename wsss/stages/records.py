@@ -37,6 +37,8 @@ ADDED_AT_NEUTRAL = {
     "pseudo.affinity_labels": "calibrated",
     "affinity.boundary_power": 0.0,
     "classifier.token_pool": "token",
+    # label-free layer fusion weights
+    "pseudo.fusion_weights": "fixed",
 }
 # Keys added later that only one CAM method reads: out of the hash under every other method.
 ADDED_FOR_METHOD = {"cam.libra_bound_mode": "libra", "cam.libra_negative_quantile": "libra"}
