@@ -7,6 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from wsss import stages
+from wsss.data.datamodule import build_source, make_loader
+from wsss.data.imageio import read_mask
+from wsss.io import read_json
+from wsss.models.pseudo_labeler import SEED_DIR
 from wsss.pseudo.calibrate import choose_thresholds, masked_confidences
 from wsss.pseudo.fusion_weights import (
     choose_weights,
@@ -15,6 +20,11 @@ from wsss.pseudo.fusion_weights import (
     weighting_confidences,
     weighting_scores,
 )
+from wsss.pseudo.labels import scores_to_labels
+from wsss.stages.calibration import thresholds_from_confidences
+from wsss.stages.pseudo_masks import pseudo_module
+
+from conftest import reuse_stage, tiny_config
 
 
 class RegionScorer(nn.Module):
@@ -123,3 +133,69 @@ def test_delete_preserve_has_no_answer_when_no_region_alone_keeps_the_score():
     grid = [0.2, 0.5, 0.8]
     assert choose_thresholds(keep, delete, base, grid, "delete_preserve").isnan().all()
     assert float(choose_thresholds(keep, delete, base, grid, "delete")) == pytest.approx(0.5)
+
+
+# --- the keys reach the stage ----------------------------------------------------------------
+
+PSEUDO = ("pseudo.calibration_images=8", "pseudo.num_panels=0")
+
+
+def test_delete_preserve_reaches_the_stage_thresholds(tmp_path):
+    """The stage's thresholds.json comes from pseudo.objective: on answers where the part alone
+    passes deletion but not preservation, delete and delete_preserve give different thresholds."""
+    answers = {
+        "keep": torch.tensor([[0.9, 0.9, 0.2]] * 3),
+        "delete": torch.tensor([[0.0, 0.05, 0.1]] * 3),
+        "base": torch.tensor([0.9] * 3),
+        "class_index": torch.tensor([0, 0, 0]),
+    }
+    chosen = {}
+    for objective in ("delete", "delete_preserve"):
+        cfg = tiny_config(
+            tmp_path,
+            "pseudo.grid=[0.3, 0.5, 0.7]",
+            f"pseudo.objective={objective}",
+            "pseudo.shrinkage=0",
+            size="stage",
+        )
+        record = thresholds_from_confidences(cfg, ["a", "b"], answers, 3)
+        chosen[objective] = record["per_class"]["a"]
+        assert record["objective"] == objective
+    assert chosen == {"delete": 0.7, "delete_preserve": 0.5}
+
+
+@pytest.mark.slow
+def test_calibrated_fusion_weights_are_the_ones_the_written_seeds_use(trained_classifier, tmp_path):
+    """pseudo.fusion_weights=calibrated: the stage records the chosen weights (one of the
+    candidates, the best-scoring), and its written seeds are the fixed-threshold labels of the
+    maps fused with them, which differ from the equal-weight seeds."""
+    reuse_stage(trained_classifier, tmp_path)
+    cfg = tiny_config(
+        tmp_path,
+        *PSEUDO,
+        "pseudo.calibration=fixed",
+        "pseudo.fusion_weights=calibrated",
+        "pseudo.min_confidence=0.0",
+        size="stage",
+    )
+    stages.make_pseudo_masks(cfg)
+    out = tmp_path / "default" / "pseudo_masks"
+    searched = read_json(out / "layer_weights.json")
+    chosen = read_json(out / "thresholds.json")["layer_weights"]
+    scores = torch.tensor(searched["scores"])
+    assert chosen == searched["candidates"][int(scores.argmax())]
+    assert chosen != searched["candidates"][0]  # this classifier's best is not the equal weights
+    classifier = stages.load_classifier(cfg)
+    dataset = build_source(cfg, "train", mean=classifier.hparams.mean, std=classifier.hparams.std)
+    batch = next(iter(make_loader(dataset, cfg, 4)))
+    seeds = {}
+    for name, weights in (("chosen", chosen), ("equal", None)):
+        module = pseudo_module(cfg, classifier, layer_weights=weights)
+        maps = module.fused_maps(batch["image"], batch["labels"], batch.get("size"))
+        seeds[name] = scores_to_labels(
+            maps["fused"], maps["targets"] + 1, maps["valid"], cfg.pseudo.threshold, 0.0
+        )
+    assert not torch.equal(seeds["chosen"], seeds["equal"])
+    for i, sample_id in enumerate(batch["id"]):
+        written = torch.from_numpy(read_mask(out / SEED_DIR / f"{sample_id}.png").astype("int64"))
+        assert (written == seeds["chosen"][i]).float().mean() > 0.995
