@@ -23,6 +23,7 @@ from wsss.pseudo.fusion_weights import (
 from wsss.pseudo.labels import scores_to_labels
 from wsss.stages.calibration import thresholds_from_confidences
 from wsss.stages.pseudo_masks import pseudo_module
+from wsss.stages.report import report_markdown
 
 from conftest import reuse_stage, tiny_config
 
@@ -199,3 +200,13 @@ def test_calibrated_fusion_weights_are_the_ones_the_written_seeds_use(trained_cl
     for i, sample_id in enumerate(batch["id"]):
         written = torch.from_numpy(read_mask(out / SEED_DIR / f"{sample_id}.png").astype("int64"))
         assert (written == seeds["chosen"][i]).float().mean() > 0.995
+
+
+def test_report_names_the_calibrated_layer_weights_only_when_there_are_some():
+    thresholds = {"method": "libra", "objective": "delete", "global": 0.4, "per_class": {}}
+    report = {"run": "r", "data": "synthetic", "cam_method": "relevance", "stage_seconds": {}}
+    with_weights = report_markdown(
+        dict(report, thresholds=dict(thresholds, layer_weights=[0.5, 0.0, 0.5]))
+    )
+    assert "layer fusion weights (calibrated): 0.5, 0, 0.5" in with_weights
+    assert "layer fusion weights" not in report_markdown(dict(report, thresholds=thresholds))

@@ -273,6 +273,9 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"`{thresholds.get('objective')}`, global {thresholds.get('global')}",
             "",
         ]
+        if thresholds.get("layer_weights") is not None:  # pseudo.fusion_weights=calibrated
+            weights = ", ".join(f"{w:g}" for w in thresholds["layer_weights"])
+            lines += [f"layer fusion weights (calibrated): {weights}", ""]
         per_class = thresholds.get("per_class") or {}
         pairs = thresholds.get("pairs") or {}
         if per_class:
