@@ -294,7 +294,8 @@ def test_invalid_slots_are_nan_and_unknown_objectives_list_the_choices():
     keep = torch.tensor([[[0.9, 0.1], [NAN, NAN]]])
     base = torch.tensor([[0.5, NAN]])
     for objective in OBJECTIVES:
-        chosen = choose_thresholds(keep, keep, base, [0.2, 0.4], objective)
+        # keeping falls and deleting rises with the threshold, as on a real map
+        chosen = choose_thresholds(keep, keep.flip(-1), base, [0.2, 0.4], objective)
         assert not chosen[0, 0].isnan() and chosen[0, 1].isnan()
     with pytest.raises(ValueError, match="increase.*keep_delete.*area.*delete"):
         choose_thresholds(keep, keep, base, [0.2, 0.4], "auc")

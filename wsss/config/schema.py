@@ -33,6 +33,7 @@ from wsss.config.training import (
 )
 from wsss.data.intensity import INTENSITY_MODES
 from wsss.pseudo.calibrate import OBJECTIVES
+from wsss.pseudo.fusion_weights import FUSION_WEIGHTS
 from wsss.pseudo.refine import REFINE_METHODS
 
 # the measured-best normalisation first, then the others in the order wsss.cam lists them
@@ -231,7 +232,8 @@ class PseudoConfig:
         *OBJECTIVES,
         help="libra calibration objective: increase, keep_delete, area "
         "(docs/ALGORITHMS.md) or delete (smallest region whose removal drops "
-        "the confidence to pseudo.delta of it; measured best, docs/benchmarks.md)",
+        "the confidence to pseudo.delta of it; measured best, docs/benchmarks.md) or "
+        "delete_preserve (as delete, and the region alone keeps pseudo.rho of it)",
     )
     rho: float = option(0.9, "area objective: keep this fraction of the confidence", check=FRACTION)
     delta: float = option(
@@ -255,6 +257,14 @@ class PseudoConfig:
         help="threshold of a class with few or no calibration pairs: shrink (its median "
         "pulled toward pseudo.threshold by pseudo.shrinkage pseudo-pairs; none: "
         "pseudo.threshold) or global (the median over all classes)",
+    )
+    # label-free layer fusion weights
+    fusion_weights: str = choice(
+        "fixed",
+        *FUSION_WEIGHTS,
+        help="layer weights of the fused map: fixed (cam.layer_weights) or calibrated (chosen "
+        "on the calibration images by masked queries: the candidate whose top regions keep the "
+        "class score alone and remove it when deleted; docs/ALGORITHMS.md)",
     )
     shrinkage: float = option(
         4.0, "shrink fallback: weight of pseudo.threshold, in calibration pairs"

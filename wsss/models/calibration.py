@@ -20,13 +20,17 @@ from torch import Tensor, nn
 from wsss.io import atomic_path
 from wsss.models.pseudo_labeler import PseudoMaskModule
 from wsss.pseudo.calibrate import masked_confidences
+from wsss.pseudo.fusion_weights import simplex_candidates, weighting_confidences
 
 CONFIDENCE_KEYS = ("keep", "delete", "base", "class_index")
 
 
 class CalibrationModule(PseudoMaskModule):
     """Fused maps of the present classes (as the pseudo-masks use them), then the classifier's
-    confidence on masked copies. Run with ``Trainer(inference_mode=False)``."""
+    confidence on masked copies. Run with ``Trainer(inference_mode=False)``.
+
+    ``search_weights``: instead of the threshold grid, query each candidate layer weighting's
+    top regions (``wsss.pseudo.fusion_weights``); ``keep`` / ``delete`` are then (S, W, Q)."""
 
     def __init__(
         self,
@@ -34,9 +38,11 @@ class CalibrationModule(PseudoMaskModule):
         grid: Sequence[float],
         min_confidence: float = 0.0,
         max_batch: int = 64,
+        search_weights: bool = False,
         **pseudo_options: Any,
     ) -> None:
         super().__init__(model, **pseudo_options)
+        self.search_weights = search_weights
         self.grid = [float(g) for g in grid]
         self.min_confidence = float(min_confidence)
         self.max_batch = max_batch
@@ -48,6 +54,18 @@ class CalibrationModule(PseudoMaskModule):
         ``class_index`` (S,). Slots under ``min_confidence`` keep NaN answers (no query)."""
         images = batch["image"]
         maps = self.fused_maps(images, batch["labels"], batch.get("size"))
+        if self.search_weights:
+            keep, delete, base = weighting_confidences(
+                self.model,
+                images,
+                maps["layers"],
+                maps["targets"],
+                maps["valid"],
+                simplex_candidates(len(maps["layers"])),
+                max_batch=self.max_batch,
+                min_confidence=self.min_confidence,
+            )
+            return self._rows(keep, delete, base, maps)
         keep, delete, base = masked_confidences(
             self.model,
             images,
@@ -58,6 +76,12 @@ class CalibrationModule(PseudoMaskModule):
             self.max_batch,
             self.min_confidence,
         )
+        return self._rows(keep, delete, base, maps)
+
+    @staticmethod
+    def _rows(
+        keep: Tensor, delete: Tensor, base: Tensor, maps: dict[str, Any]
+    ) -> dict[str, Tensor]:
         valid = maps["valid"]
         return {
             "keep": keep[valid],

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-OBJECTIVES = ("increase", "keep_delete", "area", "delete")
+OBJECTIVES = ("increase", "keep_delete", "area", "delete", "delete_preserve")
 """The ``pseudo.objective`` choices, in the order the config lists them (``choose_thresholds``)."""
 FALLBACKS = ("shrink", "global")
 
@@ -156,6 +156,10 @@ def choose_thresholds(
       the smallest region whose removal takes the evidence away, so every part the classifier
       could still recognise the class from is inside. NaN (no answer, left out of the medians)
       if deleting even the largest region leaves more than ``delta`` of the confidence.
+    - ``delete_preserve``: the largest threshold passing ``delete``'s test whose region alone
+      also keeps ``rho`` of the confidence: a classifier that leans on one part stops
+      ``delete`` at the part, and the preservation test grows the region past it. NaN if no
+      threshold passes both.
     """
     _check_objective(objective)
     taus = _grid(grid, keep.device)
@@ -169,13 +173,11 @@ def choose_thresholds(
             f"{tuple(keep.shape)}, {tuple(delete.shape)}, {tuple(base.shape)}"
         )
     invalid = base.isnan()
-    if objective in ("area", "delete"):
+    if objective in ("area", "delete", "delete_preserve"):
         # NaN compares False
-        ok = (
-            keep >= rho * base[..., None]
-            if objective == "area"
-            else delete <= delta * base[..., None]
-        )
+        kept = keep >= rho * base[..., None]
+        deleted = delete <= delta * base[..., None]
+        ok = {"area": kept, "delete": deleted, "delete_preserve": kept & deleted}[objective]
         largest = torch.where(ok, taus, float("-inf")).amax(-1)
         fallback = (
             taus.min() if objective == "area" else torch.tensor(float("nan"), device=taus.device)

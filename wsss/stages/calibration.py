@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,11 +28,13 @@ from wsss.io import atomic_path, read_json, write_json_atomic
 from wsss.models.calibration import CalibrationModule, ConfidenceCollector, merge_confidences
 from wsss.models.pseudo_labeler import IMAGE_REFINEMENTS
 from wsss.pseudo.calibrate import ThresholdCalibrator
+from wsss.pseudo.fusion_weights import choose_weights, simplex_candidates, weighting_scores
 from wsss.stages.records import StageError
 from wsss.stages.trainer import make_trainer, stage_device
 
 CALIBRATION_DIR = ".calibration"
 LIBRARY_FILE = "libra_library.pt"
+WEIGHTS_FILE = "layer_weights.json"
 
 
 def pseudo_module_options(cfg: Config, classifier, library=None) -> dict[str, Any]:
@@ -193,15 +196,79 @@ def thresholds_from_confidences(
     }
 
 
+def _query_subset(
+    cfg: Config, classifier, out_dir: Path, library, **module_options: Any
+) -> Optional[dict[str, torch.Tensor]]:
+    """The calibration subset's masked-query answers, merged from every process (global rank
+    zero; None elsewhere). module_options override ``pseudo_module_options``."""
+    p = cfg.pseudo
+    dataset = build_source(
+        cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
+    )
+    subset = calibration_subset(cfg, dataset)
+    shards = out_dir / CALIBRATION_DIR
+    options = {**pseudo_module_options(cfg, classifier, library), **module_options}
+    module = CalibrationModule(
+        classifier.export(), grid=p.grid, min_confidence=p.min_confidence, **options
+    )
+    trainer = make_trainer(cfg, 1, False, [ConfidenceCollector(shards)], inference_mode=False)
+    trainer.predict(
+        module, dataloaders=make_loader(subset, cfg, cfg.cam.batch_size), return_predictions=False
+    )
+    barrier()
+    merged = None
+    if is_global_zero():
+        merged = merge_confidences(shards)
+        merged["images"] = torch.tensor(len(subset))
+        shutil.rmtree(shards)
+    barrier()
+    return merged
+
+
+def calibrate_layer_weights(cfg: Config, classifier, out_dir: Path, library=None) -> dict[str, Any]:
+    """pseudo.fusion_weights=calibrated: the layer weights chosen by masked queries on the
+    calibration images (``wsss.pseudo.fusion_weights``), with every candidate's score; stored
+    as ``layer_weights.json`` so every process reads the same choice."""
+    path = out_dir / WEIGHTS_FILE
+    if not path.is_file():
+        started = time.perf_counter()
+        answers = _query_subset(cfg, classifier, out_dir, library, search_weights=True)
+        if is_global_zero():
+            candidates = simplex_candidates(len(cfg.cam.layers))
+            scores = (
+                weighting_scores(answers["keep"], answers["delete"], answers["base"])
+                if answers["base"].numel()
+                else torch.full((len(candidates),), float("nan"))
+            )
+            write_json_atomic(
+                path,
+                {
+                    "layer_weights": choose_weights(scores, candidates),
+                    "layers": list(cfg.cam.layers),
+                    "candidates": candidates,
+                    "scores": [round(float(v), 4) for v in scores],
+                    "seconds": round(time.perf_counter() - started, 1),
+                },
+            )
+        barrier()
+    return read_json(path)
+
+
 def calibrate_thresholds(
     cfg: Config, classifier, out_dir: Path, library: Optional[ReferenceLibrary] = None
 ) -> dict[str, Any]:
-    """thresholds.json: reused when an earlier attempt wrote it, otherwise calibrated (or fixed)."""
+    """thresholds.json: reused when an earlier attempt wrote it, otherwise calibrated (or fixed),
+    on the maps fused with the calibrated layer weights when pseudo.fusion_weights=calibrated
+    (then recorded as ``layer_weights``; the stage fuses its maps with them)."""
     path = out_dir / "thresholds.json"
     if path.is_file():  # calibrated before an interruption: reuse, don't redo
         return read_json(path)
     names = list(classifier.hparams.class_names)
     p = cfg.pseudo
+    fusion: dict[str, Any] = {}
+    if p.fusion_weights == "calibrated":
+        searched = calibrate_layer_weights(cfg, classifier, out_dir, library)
+        fusion = {"layer_weights": searched["layer_weights"]}
     if p.calibration == "fixed":
         thresholds = {
             "method": "fixed",
@@ -209,30 +276,18 @@ def calibrate_thresholds(
             "global": p.threshold,
             "per_class": {n: p.threshold for n in names},
             "images": 0,
+            **fusion,
         }
         if is_global_zero():
             write_json_atomic(path, thresholds)
         barrier()
         return thresholds
-    dataset = build_source(
-        cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
-    )
-    subset = calibration_subset(cfg, dataset)
-    shards = out_dir / CALIBRATION_DIR
-    module = CalibrationModule(
-        classifier.export(),
-        grid=p.grid,
-        min_confidence=p.min_confidence,
-        **pseudo_module_options(cfg, classifier, library),
-    )
-    trainer = make_trainer(cfg, 1, False, [ConfidenceCollector(shards)], inference_mode=False)
-    trainer.predict(
-        module, dataloaders=make_loader(subset, cfg, cfg.cam.batch_size), return_predictions=False
-    )
-    barrier()
+    started = time.perf_counter()
+    answers = _query_subset(cfg, classifier, out_dir, library, **fusion)
     if is_global_zero():
-        thresholds = thresholds_from_confidences(cfg, names, merge_confidences(shards), len(subset))
-        write_json_atomic(path, thresholds)
-        shutil.rmtree(shards)
+        images = int(answers.pop("images"))
+        thresholds = thresholds_from_confidences(cfg, names, answers, images)
+        thresholds["seconds"] = round(time.perf_counter() - started, 1)
+        write_json_atomic(path, {**thresholds, **fusion})
     barrier()
     return read_json(path)

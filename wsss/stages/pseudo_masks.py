@@ -88,13 +88,19 @@ def affinity_labels_dir(cfg: Config, out_dir: Path) -> Optional[Path]:
     return out_dir / AFFINITY_LABEL_DIR
 
 
-def pseudo_module(cfg: Config, classifier, thresholds: Optional[torch.Tensor] = None, library=None):
-    """The pseudo-mask LightningModule around the trained classifier's network."""
-    return PseudoMaskModule(
-        classifier.export(),
-        thresholds=thresholds,
-        **pseudo_module_options(cfg, classifier, library),
-    )
+def pseudo_module(
+    cfg: Config,
+    classifier,
+    thresholds: Optional[torch.Tensor] = None,
+    library=None,
+    layer_weights: Optional[list[float]] = None,
+):
+    """The pseudo-mask LightningModule around the trained classifier's network; layer_weights
+    (calibrated ones) replace cam.layer_weights when given."""
+    options = pseudo_module_options(cfg, classifier, library)
+    if layer_weights is not None:
+        options["layer_weights"] = layer_weights
+    return PseudoMaskModule(classifier.export(), thresholds=thresholds, **options)
 
 
 def done_ids(directories: list[Path], ids: list[str]) -> set[str]:
@@ -129,7 +135,7 @@ def run_pseudo_stage(
     thresholds = calibrate_thresholds(cfg, classifier, out_dir, library)
     names = list(classifier.hparams.class_names)
     per_class = torch.tensor([thresholds["per_class"][n] for n in names])
-    module = pseudo_module(cfg, classifier, per_class, library)
+    module = pseudo_module(cfg, classifier, per_class, library, thresholds.get("layer_weights"))
 
     dataset = build_source(
         cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std

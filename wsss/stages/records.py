@@ -57,6 +57,8 @@ ADDED_AT_NEUTRAL = {
     "classifier.context_decoupling": False,
     "classifier.paste_probability": 0.5,
     "classifier.paste_min_scale": 0.5,
+    # label-free layer fusion weights
+    "pseudo.fusion_weights": "fixed",
 }
 # The stages that read data.negatives (the classifier's training set, the Libra library).
 NEGATIVES_READ_BY = ("classifier", "pseudo_masks")

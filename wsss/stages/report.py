@@ -12,13 +12,13 @@ from wsss.distributed import is_global_zero
 from wsss.io import read_json, write_json_atomic, write_text_atomic
 from wsss.stages import registry
 from wsss.stages.records import read_stage, stage_dir
-from wsss.stages.round_report import round_keys, rounds_markdown
 from wsss.stages.report_decoupled import (  # STEPS: the pseudo-mask stage's scored steps
     DECOUPLING_STAGES,
     STEPS,
     decoupled_keys,
     decoupled_lines,
 )
+from wsss.stages.round_report import round_keys, rounds_markdown
 from wsss.tracking import close_logger, log_artifact, log_summary, make_logger, run_paths
 
 
@@ -286,6 +286,9 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"`{thresholds.get('objective')}`, global {thresholds.get('global')}",
             "",
         ]
+        if thresholds.get("layer_weights") is not None:  # pseudo.fusion_weights=calibrated
+            weights = ", ".join(f"{w:g}" for w in thresholds["layer_weights"])
+            lines += [f"layer fusion weights (calibrated): {weights}", ""]
         per_class = thresholds.get("per_class") or {}
         pairs = thresholds.get("pairs") or {}
         if per_class:
