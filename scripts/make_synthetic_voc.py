@@ -94,6 +94,22 @@ HEAD_PERIOD = 0.025  # the head's fine texture period, a fraction of the image s
 NEGATIVE_WATER = 0.5  # share of the negatives with water (the boats' context) in them
 
 
+def _clutter(rng, image: np.ndarray, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
+    """Fragments of the object textures (every class's but the boat's) in random colours, the
+    same on labelled and background-only images."""
+    kinds = [t for name, t in CLASS_TEXTURE.items() if name != "boat"]
+    return paint_clutter(
+        rng,
+        image,
+        yy,
+        xx,
+        kinds,
+        (4, 10),
+        (size * CLUTTER_RADIUS[0], size * CLUTTER_RADIUS[1]),
+        (size * CLUTTER_PERIOD[0], size * CLUTTER_PERIOD[1]),
+    )
+
+
 def voc_index(name: str) -> int:
     return VOC_CLASSES.index(name) + 1
 
@@ -241,17 +257,7 @@ def render_voc_sample(
     if "boat" in names or rng.random() < 0.1:  # a boat is always on water; water alone sometimes
         water_top = size * rng.uniform(0.5, 0.7)
         image = paint_water(rng, image, water_region(rng, yy, xx, water_top), yy, xx)
-    kinds = [t for name, t in CLASS_TEXTURE.items() if name != "boat"]
-    image = paint_clutter(
-        rng,
-        image,
-        yy,
-        xx,
-        kinds,
-        (4, 10),
-        (size * CLUTTER_RADIUS[0], size * CLUTTER_RADIUS[1]),
-        (size * CLUTTER_PERIOD[0], size * CLUTTER_PERIOD[1]),
-    )
+    image = _clutter(rng, image, yy, xx, size)
 
     for name in names:
         r = size * rng.uniform(*OBJECT_RADIUS)
@@ -307,17 +313,7 @@ def render_negative(seed: int, index: int, size: int) -> np.ndarray:
     if rng.random() < NEGATIVE_WATER:
         top = size * rng.uniform(0.35, 0.7)
         image = paint_water(rng, image, water_region(rng, yy, xx, top), yy, xx)
-    kinds = [t for name, t in CLASS_TEXTURE.items() if name != "boat"]
-    image = paint_clutter(
-        rng,
-        image,
-        yy,
-        xx,
-        kinds,
-        (4, 10),
-        (size * CLUTTER_RADIUS[0], size * CLUTTER_RADIUS[1]),
-        (size * CLUTTER_PERIOD[0], size * CLUTTER_PERIOD[1]),
-    )
+    image = _clutter(rng, image, yy, xx, size)
     return np.round(add_noise(rng, image, sigma=8.0)).astype(np.uint8)
 
 

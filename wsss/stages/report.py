@@ -11,6 +11,8 @@ from wsss.config import Config
 from wsss.distributed import is_global_zero
 from wsss.io import read_json, write_json_atomic, write_text_atomic
 from wsss.stages import registry
+from wsss.stages.markdown import class_table
+from wsss.stages.markdown import percent as _pct
 from wsss.stages.records import read_stage, stage_dir
 from wsss.stages.report_decoupled import (  # STEPS: the pseudo-mask stage's scored steps
     DECOUPLING_STAGES,
@@ -107,10 +109,6 @@ def build_report(cfg: Config) -> dict[str, Any]:
     if cfg.classifier.context_decoupling:
         report.update(decoupled_keys(records, names, _named))
     return report
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if not isinstance(value, (int, float)) or value != value else f"{100 * value:.1f}"
 
 
 MEDICAL_SOURCES = ("folder", "synthetic_lesion")  # reports lead with each finding's Dice and IoU
@@ -243,7 +241,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report.get("data") in MEDICAL_SOURCES:
         lines += _foreground_table(report)
     lines += _summary_table(report) + [""]
-    lines += decoupled_lines(report, _pct)
+    lines += decoupled_lines(report)
     scored_on = report.get("scored_on")
     if scored_on:
         lines += [
@@ -259,16 +257,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     ]
     columns = [(title, table) for title, table in columns if table]
     if names and columns:
-        lines += [
-            "## Per-class scores (%)",
-            "",
-            "| class | " + " | ".join(t for t, _ in columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
-        lines += [
-            f"| {name} | " + " | ".join(_pct(table.get(name)) for _, table in columns) + " |"
-            for name in names
-        ]
+        lines += ["## Per-class scores (%)", "", *class_table(names, columns)]
         absent = report.get("absent_classes") or {}
         for where, missing in absent.items():
             if missing:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from wsss.stages.markdown import percent as pct
+
 STEPS = ("seed", "pseudo", "refined")  # the pseudo-mask stage's scored steps, in order
 
 DECOUPLING_STAGES = ("decoupled_classifier", "decoupled_pseudo_masks")
@@ -28,7 +30,7 @@ def decoupled_keys(
     return keys
 
 
-def decoupled_lines(report: dict[str, Any], pct: Callable[[Any], str]) -> list[str]:
+def decoupled_lines(report: dict[str, Any]) -> list[str]:
     """report.md's section on the context-decoupling round: both rounds side by side."""
     if "decoupled_classifier" not in report:
         return []

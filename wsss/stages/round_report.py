@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from wsss.config import Config
+from wsss.stages.markdown import class_table
+from wsss.stages.markdown import percent as _pct
 from wsss.stages.registry import round_name
 
 ROUND_KEYS = (
@@ -63,10 +65,6 @@ def round_keys(
     return out
 
 
-def _pct(value: Any) -> str:
-    return "n/a" if not isinstance(value, (int, float)) else f"{100 * value:.1f}"
-
-
 def rounds_markdown(report: dict[str, Any]) -> list[str]:
     """report.md's self-training section: one row per round, then per-class IoU per round."""
     seg = report.get("round_seg_miou")
@@ -98,13 +96,5 @@ def rounds_markdown(report: dict[str, Any]) -> list[str]:
         if table
     ]
     if names and tables:
-        lines += [
-            "",
-            "| class | " + " | ".join(title for title, _ in tables) + " |",
-            "|---|" + "---|" * len(tables),
-        ]
-        lines += [
-            f"| {name} | " + " | ".join(_pct(table.get(name)) for _, table in tables) + " |"
-            for name in names
-        ]
+        lines += ["", *class_table(names, tables)]
     return lines + [""]
