@@ -37,6 +37,9 @@ def test_each_hash_holds_only_what_its_stage_reads(tmp_path):
     )  # global batch: same result
     assert changed("pseudo.ignore_band=0.1") == {
         "pseudo_masks",
+        # the context-decoupling stages chain the pseudo-masks (they run only when asked)
+        "decoupled_classifier",
+        "decoupled_pseudo_masks",
         "affinity",
         "segmenter",
         "evaluation",

@@ -11,6 +11,7 @@ import torch
 from wsss.cam import RelevanceCAM
 from wsss.cli import main
 from wsss.config import ConfigError
+from wsss.data.datamodule import StageDataModule
 from wsss.models.classifier import ClassifierModule
 from wsss.models.vit_backbones import (
     build_vit_backbone,
@@ -119,5 +120,6 @@ def test_classifier_stage_passes_token_pool(tmp_path, monkeypatch):
     )
     vit = ("classifier.backbone=deit_tiny_patch16_224", "classifier.output_stride=32")
     for pool in ("gap", "token"):
-        stage._train(tiny_config(tmp_path, *vit, f"classifier.token_pool={pool}"), None)
+        cfg = tiny_config(tmp_path, *vit, f"classifier.token_pool={pool}")
+        stage.fit_classifier(cfg, "classifier", lambda: StageDataModule(cfg, "classifier"), None)
         assert seen["m"].model.token_pool == pool
