@@ -26,7 +26,6 @@ from torch.utils.data import Subset
 
 from wsss.config import Config
 from wsss.data.datamodule import StageDataModule, build_source, make_loader
-from wsss.data.imageio import DataError, read_mask
 from wsss.data.masks import CONFIDENCE_DIR
 from wsss.data.resize import restore_size
 from wsss.distributed import barrier, echo, is_global_zero
@@ -36,7 +35,7 @@ from wsss.models.pseudo_labeler import MAP_DIR
 from wsss.pseudo.distribution import confidence_levels
 from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.stages.classifier import load_classifier
-from wsss.stages.pseudo_masks import affinity_labels_dir
+from wsss.stages.pseudo_masks import affinity_labels_dir, done_ids
 from wsss.stages.records import StageError, read_stage, run_stage, stage_dir
 from wsss.stages.scoring import score_mask_dir
 from wsss.stages.trainer import fit_stage, log_checkpoint, make_trainer
@@ -174,18 +173,6 @@ class AffinityRefiner(L.LightningModule):
         return {"pred": preds, "confidence": confidence}
 
 
-def _done(directory: Path, ids: list[str]) -> set[str]:
-    done = set()
-    for sample_id in ids:
-        try:
-            if (directory / f"{sample_id}.png").is_file():
-                read_mask(directory / f"{sample_id}.png")
-                done.add(sample_id)
-        except DataError:
-            continue
-    return done
-
-
 def _propagate(
     cfg: Config, classifier, trained, thresholds: dict[str, Any], logger: Any
 ) -> dict[str, Any]:
@@ -203,9 +190,8 @@ def _propagate(
         cfg, cfg.data.train_split, mean=classifier.hparams.mean, std=classifier.hparams.std
     )
     out_dir = refined_mask_dir(cfg)
-    todo = [
-        i for i, sample_id in enumerate(dataset.ids) if sample_id not in _done(out_dir, dataset.ids)
-    ]
+    done = done_ids([out_dir], dataset.ids)  # read once: each check opens the mask
+    todo = [i for i, sample_id in enumerate(dataset.ids) if sample_id not in done]
     barrier()
     if todo:
         writer = SegmentationWriter(out_dir, confidence_dir=out_dir / CONFIDENCE_DIR)
