@@ -1,10 +1,13 @@
-"""scripts/make_synthetic_voc.py options: the default set is unchanged by them, negatives hold no
-class, the part class has a high-contrast head over a plain body and a mask over both."""
+"""scripts/make_synthetic_voc.py options (the scene drawn by wsss.data.synthetic_voc): the
+default set is unchanged by them, negatives hold no class, the part class has a high-contrast
+head over a plain body and a mask over both."""
 
 import hashlib
 
 import numpy as np
 from PIL import Image
+
+from wsss.data import synthetic_voc as scene
 
 from conftest import load_script
 
@@ -34,7 +37,7 @@ def test_default_set_is_the_same_bytes_as_before():
     digest = hashlib.sha256()
     for split, count in (("train", 6), ("val", 2)):
         for index in range(count):
-            image, mask = make_voc.labelled_sample(0, split, index, 64, 2)
+            image, mask = scene.labelled_sample(0, split, index, 64, 2)
             digest.update(image.tobytes())
             digest.update(mask.tobytes())
     assert digest.hexdigest() == ARRAYS_BEFORE
@@ -55,10 +58,10 @@ def test_negatives_leave_the_labelled_set_alone_and_hold_no_class(tmp_path):
     for index, path in enumerate(written):
         image = np.asarray(Image.open(path))
         assert image.shape == (64, 64, 3)
-        clean = make_voc.render_negative(0, index, 64)
+        clean = scene.render_negative(0, index, 64)
         assert np.abs(block_means(image) - block_means(clean)).mean() < 3  # its JPEG
     for index in range(40):  # no object drawn: the head's hue family and class shapes are absent
-        image = make_voc.render_negative(0, index, 96).astype(np.float32)
+        image = scene.render_negative(0, index, 96).astype(np.float32)
         waters += bool((image[-5:, :, 2] > image[-5:, :, 0] + 50).mean() > 0.8)
     assert 5 < waters < 35  # water (the boats' context) without boats in about half of them
 
@@ -71,12 +74,12 @@ def test_negatives_draw_no_object(monkeypatch):
         raise AssertionError("a class was drawn into a negative")
 
     for name in ("shape_mask", "boat_rig", "paint_person", "tinted_colours", "person_parts"):
-        monkeypatch.setattr(make_voc, name, forbidden)
-    monkeypatch.setattr(make_voc, "SHAPES", {k: forbidden for k in make_voc.SHAPES})
+        monkeypatch.setattr(scene, name, forbidden)
+    monkeypatch.setattr(scene, "SHAPES", {k: forbidden for k in scene.SHAPES})
     for index in range(10):
-        assert make_voc.render_negative(0, index, 64).shape == (64, 64, 3)
+        assert scene.render_negative(0, index, 64).shape == (64, 64, 3)
     try:  # the same trap catches a labelled image, so it would catch a negative with an object
-        make_voc.labelled_sample(0, "train", 0, 64, 2)
+        scene.labelled_sample(0, "train", 0, 64, 2)
     except AssertionError as exc:
         assert "class was drawn" in str(exc)
     else:
@@ -85,20 +88,20 @@ def test_negatives_draw_no_object(monkeypatch):
 
 def test_part_class_head_is_high_contrast_and_the_mask_covers_head_and_body():
     size = 160
-    yy, xx = make_voc.pixel_grid(size, size)
+    yy, xx = scene.pixel_grid(size, size)
     rng = np.random.default_rng(3)
     blank = np.full((size, size, 3), 128.0, np.float32)
-    image, head, body = make_voc.paint_person(rng, blank, yy, xx, (80.0, 80.0), 50.0)
+    image, head, body = scene.paint_person(rng, blank, yy, xx, (80.0, 80.0), 50.0)
     assert head.sum() > 50 and body.sum() > 5 * head.sum()  # a small head, a large body
     assert not (head & body).any()
     head_spread = image[head].std(0).mean()
     body_spread = image[body].std(0).mean()
     assert head_spread > 40 and body_spread < 1  # checked head, flat body
 
-    classes = tuple(make_voc.CLASSES) + (make_voc.PART_CLASS,)
+    classes = tuple(scene.CLASSES) + (scene.PART_CLASS,)
     found = 0
     for index in range(30):
-        image, mask = make_voc.labelled_sample(0, "train", index, 96, 2, classes)
+        image, mask = scene.labelled_sample(0, "train", index, 96, 2, classes)
         person = mask == PERSON
         if person.sum() < 200:
             continue
@@ -123,4 +126,4 @@ def test_command_line_writes_negatives_and_the_part_class(tmp_path):
     for path in (root / "SegmentationClass").glob("train_*.png"):
         values |= set(np.unique(np.asarray(Image.open(path))).tolist())
     assert PERSON in values  # the option reaches the drawn classes
-    assert values <= {0, 255, PERSON} | {make_voc.voc_index(n) for n in make_voc.CLASSES}
+    assert values <= {0, 255, PERSON} | {scene.voc_index(n) for n in scene.CLASSES}
