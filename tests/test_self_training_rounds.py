@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from wsss import stages
 from wsss.cli import main
@@ -22,14 +23,17 @@ from wsss.pseudo.distribution import confidence_levels, top2_margin
 from wsss.pseudo.refine import refine_scores
 from wsss.stages import registry
 from wsss.stages import segmenter as segmenter_stage
+from wsss.stages.pseudo_masks import panel_ids
 from wsss.stages.records import StageError, stage_hashes
-from wsss.stages.rounds import round_masks
+from wsss.stages.rounds import round_masks, round_panel_items
+from wsss.viz import mask_panel_grid
 
 from conftest import SimulatedKill, reuse_stage, tiny_config
 
 # no ignore band: a round's masks are then the plain argmax over background and the labelled
 # classes, which the tests recompute by hand
 ROUND = ("pseudo.calibration_images=8", "pseudo.num_panels=0", "pseudo.ignore_band=0")
+PANELS = "pseudo.num_panels=2"  # read by no stage's hash: the reused stages still hold
 ONE_ROUND_STAGES = ["classifier", "pseudo_masks", "affinity", "segmenter", "evaluation"]
 
 
@@ -57,7 +61,7 @@ def runs(tmp_path_factory, trained_classifier):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(segmenter_stage, "StageDataModule", noting)
-        run_all(config(two, "segmenter.rounds=2"))
+        run_all(config(two, "segmenter.rounds=2", PANELS))
     return one / "default", two / "default", seen
 
 
@@ -95,6 +99,22 @@ def test_round_two_trains_on_round_one_predictions_of_the_training_split(runs):
         foreground |= bool((written > 0).any())
     # the pseudo-masks would not pass for round 1's predictions, and the masks are not trivial
     assert differs_from_pseudo and foreground
+
+
+def test_round_panels_show_the_masks_before_and_after_the_round(runs):
+    _, two, _ = runs
+    cfg = config(two.parent, "segmenter.rounds=2", PANELS)
+    dataset = build_source(cfg, "train")
+    items = round_panel_items(cfg, 2, dataset)
+    assert [item["caption"] for item in items] == panel_ids(dataset.ids, 2)
+    for item in items:
+        masks = item["masks"]
+        assert list(masks) == ["round 1 masks", "round 2 masks", "ground_truth"]
+        name = f"{item['caption']}.png"
+        assert np.array_equal(masks["round 1 masks"], read_mask(two / "pseudo_masks" / name))
+        assert np.array_equal(masks["round 2 masks"], read_mask(round_masks(cfg, 2) / name))
+    drawn = np.asarray(Image.open(two / "segmenter_round2" / "panels.png").convert("RGB"))
+    assert np.array_equal(drawn, mask_panel_grid(items, dataset.all_class_names))
 
 
 def test_evaluation_scores_the_last_round(runs):

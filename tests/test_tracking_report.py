@@ -169,6 +169,40 @@ def test_panel_grid_has_a_row_per_present_class_and_a_legend():
     assert (np.abs(legend.astype(int) - voc_red).sum(-1) == 0).any()
 
 
+def test_mask_panel_grid_puts_each_mask_over_its_image_in_its_column():
+    from wsss.viz import mask_overlay, mask_panel_grid
+
+    h = w = 24
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    before = np.zeros((h, w), np.uint8)
+    before[4:12, 4:12] = 1
+    after = np.zeros((h, w), np.uint8)
+    after[10:20, 6:22] = 2
+    truth = np.full((h, w), 255, np.uint8)
+    items = [
+        {
+            "image": image,
+            "caption": "a",
+            "masks": {"old": before, "new": after, "ground_truth": truth},
+        },
+        {"image": image, "caption": "b", "masks": {"old": after, "new": before}},
+    ]
+    grid = mask_panel_grid(items, ["background", "one", "two"])
+    title, gap = 14, 2
+
+    def tile(row, column):
+        y, x = title + row * (h + gap), column * (w + gap)
+        return grid[y : y + h, x : x + w]
+
+    assert grid.shape[1] == 4 * (w + gap) - gap  # image, old, new, ground truth
+    assert np.array_equal(tile(0, 1), mask_overlay(image, before))
+    assert np.array_equal(tile(0, 2), mask_overlay(image, after))
+    assert np.array_equal(tile(1, 1), mask_overlay(image, after))
+    assert (tile(0, 3) == [224, 224, 192]).all()  # void in the VOC palette
+    assert grid.shape[0] > title + 2 * (h + gap) + 10  # the legend strip below
+
+
 @pytest.mark.slow
 def test_resumed_stage_continues_its_wandb_run(tmp_path, training_callbacks):
     class Kill(L.Callback):

@@ -7,14 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from wsss.config import Config
 from wsss.data.datamodule import build_source, make_loader
-from wsss.data.imageio import read_mask
 from wsss.distributed import barrier, is_global_zero
-from wsss.images import PIXEL_RANGE, denormalise
 from wsss.models.prediction_writer import SegmentationWriter
+from wsss.stages.mask_overlays import mask_overlay_items
 from wsss.stages.records import run_stage, stage_dir
 from wsss.stages.scoring import score_mask_dir
 from wsss.stages.segmenter import load_segmenter
@@ -97,14 +94,5 @@ def _record(cfg: Config, logger: Any, record: dict[str, Any], overlays: int = 8)
     )
     source = build_source(cfg, cfg.data.val_split)
     directory = stage_dir(cfg, "evaluation") / cfg.data.val_split
-    items = []
-    for index in range(min(overlays, len(source))):
-        raw = source.load_raw(index)
-        image = denormalise(
-            torch.from_numpy(raw.image.transpose(2, 0, 1).copy()), None, None, PIXEL_RANGE
-        )
-        masks = {"prediction": read_mask(directory / f"{raw.id}.png")}
-        if raw.mask is not None:
-            masks["ground_truth"] = raw.mask
-        items.append({"image": image, "caption": raw.id, "masks": masks})
+    items = mask_overlay_items(source, {"prediction": directory}, range(min(overlays, len(source))))
     log_mask_overlays(logger, "evaluation/overlays", items, names)

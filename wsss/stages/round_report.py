@@ -76,7 +76,8 @@ def rounds_markdown(report: dict[str, Any]) -> list[str]:
         "",
         "Round 1 trains on the pseudo-masks; round r on round r-1's predictions of the training "
         "split. Masks scored on the training split, segmenters on the val split (no test-time "
-        "augmentation); evaluation scores the last round.",
+        "augmentation); evaluation scores the last round. Each round r > 1 draws its masks "
+        "beside round r-1's in `segmenter_round<r>/panels.png` (with `pseudo.num_panels` > 0).",
         "",
         "| round | masks mIoU (%) | segmenter mIoU (%) | seconds |",
         "|---|---|---|---|",

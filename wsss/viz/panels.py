@@ -1,5 +1,6 @@
-"""Panel grids: tiles in rows under column titles, text on tiles, a colour legend, and the
-pseudo-mask stage's grid (maps per layer, seeds, masks, ground truth), saved atomically as PNG."""
+"""Panel grids: tiles in rows under column titles, text on tiles, a colour legend, the
+pseudo-mask stage's grid (maps per layer, seeds, masks, ground truth) and a grid of written masks
+side by side (the self-training rounds'), saved atomically as PNG."""
 
 from __future__ import annotations
 
@@ -136,7 +137,32 @@ def pseudo_panel_grid(
             rows.append([first, *heat, *(masks if k == 0 else [blank_like(image)] * len(masks))])
     steps = ["seeds", "calibrated", "refined"] if refined else ["seeds", "pseudo"]
     grid = panel_grid(rows, ["image", *layers, "fused", *steps, "final mask", "ground truth"])
+    return with_legend(grid, class_names)
+
+
+def with_legend(grid: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """The grid above a colour legend of ``class_names`` (background included) and "ignore", in
+    the VOC palette the masks are drawn in."""
     palette = np.asarray(voc_palette(), np.uint8).reshape(256, 3)
     colours = palette[[*range(len(class_names)), IGNORE_INDEX]]
-    legend = color_legend([*class_names, "ignore"], colours, grid.shape[1])
-    return stack_rows(grid, legend)
+    return stack_rows(grid, color_legend([*class_names, "ignore"], colours, grid.shape[1]))
+
+
+def mask_panel_grid(items: list[dict[str, Any]], class_names: list[str]) -> np.ndarray:
+    """One row per item of ``wsss.stages.mask_overlays.mask_overlay_items``: the image (its id
+    on it), then each of its label maps over the image at 50 % in the items' order, the ground
+    truth in plain label colours (a "none" tile where an item has none); a colour legend with
+    ``class_names`` (background included) below."""
+    names = [name for name in items[0]["masks"] if name != "ground_truth"]
+    rows = []
+    for item in items:
+        image, masks = item["image"], item["masks"]
+        truth = masks.get("ground_truth")
+        rows.append(
+            [
+                annotate(image, str(item["caption"])),
+                *[mask_overlay(image, masks[name]) for name in names],
+                colorize(truth) if truth is not None else annotate(blank_like(image), "none"),
+            ]
+        )
+    return with_legend(panel_grid(rows, ["image", *names, "ground truth"]), class_names)
