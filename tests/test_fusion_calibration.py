@@ -11,7 +11,7 @@ from wsss import stages
 from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import read_mask
 from wsss.io import read_json
-from wsss.models.pseudo_labeler import SEED_DIR
+from wsss.models.pseudo_writer import SEED_DIR
 from wsss.pseudo.calibrate import choose_thresholds, masked_confidences
 from wsss.pseudo.fusion_weights import (
     choose_weights,

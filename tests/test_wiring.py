@@ -19,7 +19,8 @@ from wsss.cam.methods import METHODS
 from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import read_mask
 from wsss.io import read_json
-from wsss.models.pseudo_labeler import SEED_DIR, present_targets
+from wsss.models.pseudo_labeler import present_targets
+from wsss.models.pseudo_writer import SEED_DIR
 from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.stages import pseudo_masks as pseudo_stage
 from wsss.stages.pseudo_masks import pseudo_module

@@ -31,7 +31,7 @@ from wsss.data.resize import restore_size
 from wsss.distributed import barrier, echo, is_global_zero
 from wsss.models.affinity import AffinityModule, propagate
 from wsss.models.prediction_writer import SegmentationWriter
-from wsss.models.pseudo_labeler import MAP_DIR
+from wsss.models.pseudo_writer import MAP_DIR
 from wsss.pseudo.distribution import confidence_levels
 from wsss.pseudo.refine import distribution_labels, ignore_uncertain, slot_distribution
 from wsss.stages.classifier import load_classifier

@@ -31,14 +31,13 @@ from wsss.data.datamodule import build_source, make_loader
 from wsss.data.imageio import DataError, read_mask
 from wsss.distributed import barrier, is_global_zero
 from wsss.io import read_json, write_json_atomic
-from wsss.models.pseudo_labeler import (
+from wsss.models.pseudo_labeler import IMAGE_REFINEMENTS, PseudoMaskModule
+from wsss.models.pseudo_writer import (
     AFFINITY_LABEL_DIR,
     CALIBRATED_DIR,
-    IMAGE_REFINEMENTS,
     PANEL_DIR,
     RANK_DIR,
     SEED_DIR,
-    PseudoMaskModule,
     PseudoMaskWriter,
 )
 from wsss.stages.calibration import (  # noqa: F401 (LIBRARY_FILE re-exported beside the stage)
