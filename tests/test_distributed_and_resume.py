@@ -135,6 +135,34 @@ def test_ddp_boundary_walk_writes_the_masks_of_one_process(single_process, tmp_p
     assert written == digest(one / "default" / "affinity")
 
 
+@pytest.mark.slow
+def test_ddp_self_training_round_writes_the_masks_of_one_process(single_process, tmp_path):
+    """Round 2 of the self-training rounds, sharded over two processes: the previous
+    segmenter's predictions of the training split (masks and confidences) are written byte for
+    byte as one process writes them, every image once, and the round's segmenter then trains."""
+    single_root, _ = single_process
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root in (one, two):
+        for stage in ("classifier", "pseudo_masks", "segmenter"):
+            reuse_stage(single_root, root, stage)
+    run_command(one, "train-segmenter-rounds", "segmenter.rounds=2")
+    run_command(
+        two,
+        "train-segmenter-rounds",
+        "segmenter.rounds=2",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    )
+    round_dir = two / "default" / "segmenter_round2"
+    written = digest(round_dir / "masks")
+    assert len(written) == 2 * 16  # every training image's mask and its confidence
+    assert written == digest(one / "default" / "segmenter_round2" / "masks")
+    record = json.loads((round_dir / "stage.json").read_text())
+    assert record["status"] == "done" and record["epochs"] == 1
+    assert record["masks_written_now"] == 16 and "val/miou" in record["metrics"]
+    assert (round_dir / "panels.png").is_file()
+
+
 def _tiny(tmp_path, *extra):
     return tiny_config(tmp_path, *DDP, *extra)
 

@@ -2,6 +2,7 @@
 report.md and panels.png, and the console's quiet corners."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -80,6 +81,28 @@ def test_offline_wandb_runs_hold_each_stages_numbers_tables_overlays_and_artifac
     for key in ("seed_miou", "pseudo_miou", "seg_miou", "dice"):
         assert summary[key] == pytest.approx(report[key])
     assert any(kind == "report" for _, kind, _ in runs["report"][0]["artifacts"])
+
+
+@pytest.mark.slow
+def test_a_self_training_round_has_its_own_wandb_run_with_its_numbers_and_panels(
+    wandb_run, tmp_path
+):
+    """Round 2, run on the wandb run's classifier, pseudo-masks and segmenter: one offline run of
+    its own, holding its masks' scores, its segmenter's metrics, and the round's panels and
+    mask overlays."""
+    root = tmp_path / "rounds"
+    for stage in ("classifier", "pseudo_masks", "segmenter"):
+        shutil.copytree(wandb_run / stage, root / "default" / stage)
+    extra = (*LOGGED, "logger.kind=wandb", "logger.wandb_mode=offline", "segmenter.rounds=2")
+    assert main(["train-segmenter-rounds", *tiny_args(root, *extra)]) == 0
+    runs = runs_by_job(root / "default")
+    assert set(runs) == {"segmenter_round2", "report"}  # the command refreshes the report too
+    (round_run,) = runs["segmenter_round2"]
+    record = json.loads((root / "default" / "segmenter_round2" / "stage.json").read_text())
+    assert round_run["summary"]["masks_miou"] == pytest.approx(record["masks_miou"])
+    assert round_run["summary"]["metrics/val/miou"] == pytest.approx(record["metrics"]["val/miou"])
+    assert {"segmenter_round2/overlays", "segmenter_round2/panels"} <= round_run["logged"]
+    assert any(p.endswith(".mask.png") for p in round_run["files"])
 
 
 @pytest.mark.slow
