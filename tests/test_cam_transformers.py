@@ -99,6 +99,27 @@ def test_attention_rule_composes_the_unfused_rules():
     torch.testing.assert_close(rk, want_kt.transpose(-2, -1))
 
 
+def test_attention_rule_with_a_mask_and_several_images_and_classes():
+    """The per-image factors of the composed rule against the unfused rules node by node, with
+    an additive mask (a finite bias and −∞ entries), 2 images and 3 classes."""
+    b, k, heads, n, d = 2, 3, 2, 5, 4
+    q, kk, v = randn(b, heads, n, d), randn(b, heads, n, d), randn(b, heads, n, d)
+    r = randn(b * k, heads, n, d)
+    mask = randn(1, heads, n, n)
+    mask[..., 1, 3] = -math.inf
+    mask[..., 4, 0] = -math.inf
+    rq, rk, rv = attention_relevance(q, kk, v, r, 0.3, mask)
+    qs = q * 0.3
+    scores = qs @ kk.transpose(-2, -1)
+    attn = torch.softmax(scores + mask, -1)
+    r_attn, want_v = bilinear_relevance(attn, v, r)
+    r_scores = softmax_relevance(scores + mask, r_attn, -1)
+    want_q, want_kt = bilinear_relevance(qs, kk.transpose(-2, -1), r_scores)
+    for got, want in ((rv, want_v), (rq, want_q), (rk, want_kt.transpose(-2, -1))):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 # ---- a small ViT written here, and an independent oracle ------------------------------------
 #
 # LRP as the gradient of a modified forward: each rule's surrogate keeps the value and carries
