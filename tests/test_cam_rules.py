@@ -75,6 +75,36 @@ def test_zplus_rule_with_bias_count():
     torch.testing.assert_close(propagate(Rule("zplus", bias=bias), layer(), X, R), want)
 
 
+def test_epsilon_and_zplus_with_the_recorded_output_keep_their_closed_forms():
+    """Given the layer's output y = Wx + b, ε (bias counted once) takes Z = y and z⁺ on a signed
+    input takes W⁺x⁺ + W⁻x⁻ = ½(|W||x| + y − b): the same relevance as the loops."""
+    y = X @ W.t() + B
+    eps = 0.1
+
+    def z_eps(b, j):
+        v = sum(X[b, i] * W[j, i] for i in range(N_IN)) + B[j]
+        return v + (eps if v >= 0 else -eps)
+
+    want = per_element(lambda b, i, j: X[b, i] * W[j, i] / z_eps(b, j))
+    got = propagate(Rule("epsilon", epsilon=eps, bias=1.0), layer(), X, R, y)
+    torch.testing.assert_close(got, want)
+    for bias in (0.0, 2.0):
+
+        def z_plus(b, j, bias=bias):
+            return (
+                sum(pos(X[b, i]) * pos(W[j, i]) + neg(X[b, i]) * neg(W[j, i]) for i in range(N_IN))
+                + bias * B[j]
+            )
+
+        want = per_element(
+            lambda b, i, j: (
+                (pos(X[b, i]) * pos(W[j, i]) + neg(X[b, i]) * neg(W[j, i])) / z_plus(b, j)
+            )
+        )
+        got = propagate(Rule("zplus", bias=bias), layer(), X, R, y)
+        torch.testing.assert_close(got, want)
+
+
 def test_alphabeta_rule():
     alpha, beta = 2.0, 1.0
 

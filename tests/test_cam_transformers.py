@@ -99,6 +99,27 @@ def test_attention_rule_composes_the_unfused_rules():
     torch.testing.assert_close(rk, want_kt.transpose(-2, -1))
 
 
+def test_attention_rule_with_a_mask_and_several_images_and_classes():
+    """The per-image factors of the composed rule against the unfused rules node by node, with
+    an additive mask (a finite bias and −∞ entries), 2 images and 3 classes."""
+    b, k, heads, n, d = 2, 3, 2, 5, 4
+    q, kk, v = randn(b, heads, n, d), randn(b, heads, n, d), randn(b, heads, n, d)
+    r = randn(b * k, heads, n, d)
+    mask = randn(1, heads, n, n)
+    mask[..., 1, 3] = -math.inf
+    mask[..., 4, 0] = -math.inf
+    rq, rk, rv = attention_relevance(q, kk, v, r, 0.3, mask)
+    qs = q * 0.3
+    scores = qs @ kk.transpose(-2, -1)
+    attn = torch.softmax(scores + mask, -1)
+    r_attn, want_v = bilinear_relevance(attn, v, r)
+    r_scores = softmax_relevance(scores + mask, r_attn, -1)
+    want_q, want_kt = bilinear_relevance(qs, kk.transpose(-2, -1), r_scores)
+    for got, want in ((rv, want_v), (rq, want_q), (rk, want_kt.transpose(-2, -1))):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 # ---- a small ViT written here, and an independent oracle ------------------------------------
 #
 # LRP as the gradient of a modified forward: each rule's surrogate keeps the value and carries
@@ -117,6 +138,14 @@ def zplus_linear(lin, x):
     w = lin.weight
     z = x.clamp(min=0) @ w.clamp(min=0).t() + x.clamp(max=0) @ w.clamp(max=0).t()
     return surrogate(z, lin(x))
+
+
+def epsilon_linear(lin, x):
+    """The ε-rule with the bias counted: R_in = x ⊙ Wᵀ(R ⊘ y_ε), y the layer's output."""
+    y = lin(x)
+    z = x @ lin.weight.t()
+    ratio = (y / (y + EPSILON * torch.where(y >= 0, 1.0, -1.0))).detach()
+    return z * ratio + (y - z * ratio).detach()
 
 
 def uniform_matmul(a, b):
@@ -144,14 +173,14 @@ class Attention(nn.Module):
             o = attn @ v
         return self.proj(o.transpose(1, 2).reshape(b, n, c))
 
-    def lrp_forward(self, x, keep, path):
+    def lrp_forward(self, x, keep, path, lin=zplus_linear):
         b, n, c = x.shape
-        qkv = zplus_linear(self.qkv, x)
+        qkv = lin(self.qkv, x)
         q, k, v = qkv.reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         scores = keep(f"{path}.scores", uniform_matmul(q * self.scale, k.transpose(-2, -1)))
         attn = keep(f"{path}.probs", scores.softmax(dim=-1))
         o = uniform_matmul(attn, v)
-        return keep(path, zplus_linear(self.proj, o.transpose(1, 2).reshape(b, n, c)))
+        return keep(path, lin(self.proj, o.transpose(1, 2).reshape(b, n, c)))
 
 
 class Block(nn.Module):
@@ -165,10 +194,10 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
-    def lrp_forward(self, x, keep, path):
-        x = x + self.attn.lrp_forward(surrogate(x, self.norm1(x)), keep, f"{path}.attn")
-        h = zplus_linear(self.fc1, surrogate(x, self.norm2(x)))
-        return keep(path, x + zplus_linear(self.fc2, surrogate(h, self.act(h))))
+    def lrp_forward(self, x, keep, path, lin=zplus_linear):
+        x = x + self.attn.lrp_forward(surrogate(x, self.norm1(x)), keep, f"{path}.attn", lin)
+        h = lin(self.fc1, surrogate(x, self.norm2(x)))
+        return keep(path, x + lin(self.fc2, surrogate(h, self.act(h))))
 
 
 class TinyViT(nn.Module):
@@ -194,18 +223,18 @@ class TinyViT(nn.Module):
     def forward(self, x):
         return self.head(self.pooled(self.norm(self.blocks(self.embed(x) + self.pos))))
 
-    def lrp_forward(self, x, keep):
+    def lrp_forward(self, x, keep, lin=zplus_linear):
         t = self.embed(x)
         t = surrogate(t, t + self.pos)  # the position embedding is a bias: no relevance
         for i, block in enumerate(self.blocks):
-            t = block.lrp_forward(t, keep, f"blocks.{i}")
+            t = block.lrp_forward(t, keep, f"blocks.{i}", lin)
         n = surrogate(t, self.norm(t))
         if self.pool == "token":
-            return zplus_linear(self.head, n[:, 0])
+            return lin(self.head, n[:, 0])
         s = n[:, 1:]  # z⁺ through the mean, sign-aware: in proportion to s⁺ (s⁻ where < 0)
         p = s.mean(1)
         z = torch.where(p >= 0, s.clamp(min=0).mean(1), s.clamp(max=0).mean(1))
-        return zplus_linear(self.head, surrogate(z, p))
+        return lin(self.head, surrogate(z, p))
 
 
 def tiny_vit(fused: bool = False, pool: str = "token") -> TinyViT:
@@ -226,7 +255,7 @@ T = torch.tensor([[1, 3], [2, 0]])
 LAYERS = ["blocks.0", "blocks.0.attn", "blocks.1.attn.scores", "blocks.1.attn.probs", "blocks.1"]
 
 
-def oracle(net, x, t, names):
+def oracle(net, x, t, names, lin=zplus_linear):
     kept = {}
 
     def keep(name, tensor):
@@ -234,7 +263,7 @@ def oracle(net, x, t, names):
         kept[name] = tensor
         return tensor
 
-    logits = net.lrp_forward(x, keep)
+    logits = net.lrp_forward(x, keep, lin)
     torch.testing.assert_close(logits, net(x))  # the surrogates keep every value
     seed = torch.zeros_like(logits).scatter_(1, t[:, None], 1.0) / logits.gather(1, t[:, None])
     logits.backward(seed)
@@ -257,6 +286,21 @@ def test_small_vit_gap_head_matches_autograd_oracle():
     with RelevanceCAM(net, ["blocks.1", "blocks.0"], preset="lrp") as cam:
         got = cam.relevance(X, t)
     want = oracle(net, X, t, ["blocks.1", "blocks.0"])
+    for layer in want:
+        torch.testing.assert_close(got[layer][1][:, 0], want[layer], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_small_vit_with_epsilon_on_linear_layers_matches_autograd_oracle(fused):
+    """The ε-rule with the bias counted (the attnlrp preset's Linear rule), which takes its
+    denominator from the recorded Linear outputs, against the oracle's ε surrogate."""
+    net = tiny_vit(fused=fused)
+    t = torch.tensor([1, 4])
+    with RelevanceCAM(
+        net, LAYERS[:2] + LAYERS[4:], preset="lrp", linear=Rule("epsilon", bias=1.0)
+    ) as cam:
+        got = cam.relevance(X, t)
+    want = oracle(net, X, t, LAYERS[:2] + LAYERS[4:], lin=epsilon_linear)
     for layer in want:
         torch.testing.assert_close(got[layer][1][:, 0], want[layer], rtol=1e-6, atol=1e-9)
 

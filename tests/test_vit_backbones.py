@@ -4,11 +4,12 @@ config keys and checks, and the whole pipeline on a tiny ViT."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from wsss.cam import RelevanceCAM
+from wsss.cam import RelevanceCAM, Rule, preset_config
 from wsss.cli import main
 from wsss.config import ConfigError
 from wsss.data.datamodule import StageDataModule
@@ -20,6 +21,7 @@ from wsss.models.vit_backbones import (
     resample_grid,
 )
 from wsss.stages import classifier as stage
+from wsss.stages.calibration import pseudo_module_options
 
 from conftest import tiny_args, tiny_config
 
@@ -85,6 +87,22 @@ def test_config_fills_and_checks_vit_layers(tmp_path):
         tiny_config(tmp_path, "classifier.backbone=deit_tiny_patch16_224")  # tiny runs use 16
     with pytest.raises(ConfigError, match="classifier.token_pool"):
         tiny_config(tmp_path, *vit, "classifier.token_pool=mean")
+
+
+def test_vit_backbones_default_to_the_attnlrp_preset_and_cnns_keep_default(tmp_path):
+    """cam.preset unset: attnlrp (ε on Linear layers) for a ViT backbone, default for a CNN; a
+    preset that is set stays; the pseudo-mask stage gets the resolved one."""
+    vit = ("classifier.backbone=deit_tiny_patch16_224", "classifier.output_stride=32")
+    cfg = tiny_config(tmp_path, *vit)
+    assert cfg.cam.preset == "attnlrp"
+    assert tiny_config(tmp_path, *vit, "cam.preset=default").cam.preset == "default"
+    assert tiny_config(tmp_path).cam.preset == "default"
+    classifier = SimpleNamespace(hparams=SimpleNamespace(mean=None, std=None))
+    assert pseudo_module_options(cfg, classifier)["preset"] == "attnlrp"
+    model = build_vit_backbone("deit_tiny_patch16_224", 3).eval()
+    with RelevanceCAM(model, cfg.cam.layers, preset=cfg.cam.preset) as cam:
+        assert cam.config.linear == Rule("epsilon", epsilon=1e-6, bias=1.0)
+        assert cam.config.conv == preset_config("default").conv
 
 
 def test_classifier_module_builds_the_vit_with_its_pool():

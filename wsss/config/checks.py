@@ -10,7 +10,7 @@ import importlib.util
 import segmentation_models_pytorch as smp
 from lightning.pytorch.strategies import StrategyRegistry
 
-from wsss.cam import PRESETS
+from wsss.cam import DEFAULT_PRESET, PRESETS
 from wsss.config.coercion import closest
 from wsss.config.fields import ConfigError
 from wsss.config.schema import Config, DataConfig
@@ -43,7 +43,7 @@ def check_ranges(cfg: Config) -> None:
 
 def _check_backbone(cfg: Config) -> None:
     """The backbone exists in torchvision, allows the output stride, and has the CAM layers
-    (filled in with the family's default when unset)."""
+    (filled in with the family's default when unset, as is cam.preset)."""
     name = cfg.classifier.backbone
     if vit_backbones.is_vit_backbone(name):
         _check_vit_backbone(cfg)
@@ -62,6 +62,13 @@ def _check_backbone(cfg: Config) -> None:
             f"classifier.output_stride: 16 is not available for {name} ({why}); use 32"
         )
     _resolve_cam_layers(cfg, backbones.default_cam_layers, backbones.check_cam_layers)
+    _resolve_cam_preset(cfg, DEFAULT_PRESET)
+
+
+def _resolve_cam_preset(cfg: Config, default: str) -> None:
+    """cam.preset: the backbone family's default preset when unset."""
+    if cfg.cam.preset is None:
+        cfg.cam.preset = default
 
 
 def _resolve_cam_layers(cfg: Config, default_layers, check_layers) -> None:
@@ -93,7 +100,8 @@ def _check_fine_layer(cfg: Config, check_layers) -> None:
 
 
 def _check_vit_backbone(cfg: Config) -> None:
-    """A ViT backbone: stride 32 only (its stride is the patch size), blocks as CAM layers."""
+    """A ViT backbone: stride 32 only (its stride is the patch size), blocks as CAM layers,
+    the transformer preset unless cam.preset is set."""
     name = cfg.classifier.backbone
     if cfg.classifier.output_stride != 32:
         raise ConfigError(
@@ -102,6 +110,7 @@ def _check_vit_backbone(cfg: Config) -> None:
     _resolve_cam_layers(
         cfg, vit_backbones.default_vit_cam_layers, vit_backbones.check_vit_cam_layers
     )
+    _resolve_cam_preset(cfg, vit_backbones.DEFAULT_VIT_CAM_PRESET)
 
 
 def _check_required(cfg: Config) -> None:

@@ -148,7 +148,11 @@ class DataConfig:
 @dataclass
 class CamConfig:
     method: str = choice("relevance", *CAM_METHODS, help="attribution method")
-    preset: str = option("default", "RelevanceCAM preset (see wsss.cam presets)")
+    preset: Optional[str] = option(
+        None,
+        "RelevanceCAM preset (see wsss.cam presets); None = the backbone family's default: "
+        "attnlrp for ViT backbones (ε on Linear layers), default for CNNs",
+    )
     layers: Optional[list[str]] = option(
         None,
         "layers to capture, as in model.named_modules(); None = the "

@@ -34,6 +34,8 @@ TIMM_VITS = (
     "vit_base_patch16_224",
 )
 VIT_BACKBONES = TIMM_VITS + TORCHVISION_VITS
+# The Relevance-CAM preset a ViT backbone gets when cam.preset is unset (CNNs: "default").
+DEFAULT_VIT_CAM_PRESET = "attnlrp"
 
 
 def is_vit_backbone(name: str) -> bool:

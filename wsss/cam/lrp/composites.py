@@ -17,6 +17,9 @@ Presets are composites (docs/ALGORITHMS.md derives "reference"):
 - stable / stable_gamma / sglrp: BN folded, positive split, contrast against absent classes;
 - epsilon_gamma_box: γ in the lower third, z⁺ in the middle, ε at the head, z^B at the input
   (the layered composite recommended by Montavon et al. 2019, like zennit's EpsilonGammaBox).
+- attnlrp: default with the ε-rule (bias counted) on Linear layers, as AttnLRP (Achtibat et al.
+  2024) treats a transformer's Linear layers; the ViT backbones' default (one product per
+  class and Linear, where z⁺ needs two on signed LayerNorm outputs).
 """
 
 from __future__ import annotations
@@ -188,6 +191,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the residual split by positive parts (same seed IoU as "reference" on the synthetic toy, and no
 # negative or amplified relevance).
 PRESETS["default"] = dict(PRESETS["reference"], residual="positive")
+# Transformers: the default's rules with AttnLRP's ε-rule on Linear layers (bias counted, so the
+# denominator is the recorded output); docs/ALGORITHMS.md gives the reasons.
+PRESETS["attnlrp"] = dict(PRESETS["default"], linear=Rule("epsilon", epsilon=1e-6, bias=1.0))
 
 DEFAULT_PRESET = "default"
 

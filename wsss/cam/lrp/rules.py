@@ -160,10 +160,19 @@ def _paired_z(
 
 
 def zplus(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
-    """LRP-z⁺ (α1β0) with the official code's bias count."""
+    """LRP-z⁺ (α1β0) with the official code's bias count.
+
+    For a signed input whose output y = Wx + b is known (in x's dtype), the denominator takes
+    one product instead of two: W⁺x⁺ + W⁻x⁻ = ½(|W||x| + Wx) with Wx = y − b.
+    """
     xp, xn = _split_input(x)
     wp, wn = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
-    z = layer.with_bias(_paired_z(layer, xp, xn, wp, wn), rule.bias, layer.bias)
+    if xn is not None and y is not None and y.dtype == x.dtype:
+        wx = layer.with_bias(y, -1.0, layer.bias)
+        z = 0.5 * (layer.forward(x.abs(), layer.weight.abs()) + wx)
+    else:
+        z = _paired_z(layer, xp, xn, wp, wn)
+    z = layer.with_bias(z, rule.bias, layer.bias)
     return _paired(layer, xp, xn, r, z, wp, wn)
 
 
@@ -185,8 +194,15 @@ def alphabeta(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | No
 
 
 def epsilon(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
-    """LRP-ε: Z = Wx + bias·b, moved away from zero by ε with the sign of Z (sign(0) = +1)."""
-    z = layer.with_bias(layer.forward(x, layer.weight), rule.bias, layer.bias)
+    """LRP-ε: Z = Wx + bias·b, moved away from zero by ε with the sign of Z (sign(0) = +1).
+
+    With the bias counted once Z is the layer's output y: taken as given when known (in x's
+    dtype), so the rule needs no product of its own in the forward direction.
+    """
+    if y is not None and rule.bias == 1.0 and y.dtype == x.dtype:
+        z = y
+    else:
+        z = layer.with_bias(layer.forward(x, layer.weight), rule.bias, layer.bias)
     z = z + torch.where(z >= 0, rule.epsilon, -rule.epsilon)
     s = mul_per_image(r, z.reciprocal())
     return mul_per_image(layer.backward(s, layer.weight), x)
@@ -280,6 +296,7 @@ def propagate(
 ) -> Tensor:
     """Relevance r (B*K, out...) at the layer's output -> relevance (B*K, in...) at its input x.
 
-    y is the layer's output (B, out...), used by the sign-aware gamma rule (computed if None).
+    y is the layer's output (B, out...) with its bias: the sign-aware gamma rule reads it
+    (computed if None); epsilon (bias counted once) and zplus (signed x) save a product with it.
     """
     return RULE_FUNCTIONS[rule.kind](rule, layer, x, r, y)

@@ -74,15 +74,37 @@ def attention_relevance(
     q: Tensor, k: Tensor, v: Tensor, r: Tensor, scale: float, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Relevance (R_q, R_k, R_v) of O = softmax(q kᵀ·scale + mask) v, from r at O: the rules of
-    the unfused form composed (A·v uniform, softmax, q·kᵀ uniform; mask and scale constants)."""
+    the unfused form composed (A·v uniform, softmax, q·kᵀ uniform; mask and scale constants).
+
+    The composition is written out so that everything that does not depend on the class is
+    computed once per image: with G = (R ⊘ O_ε) vᵀ, the softmax rule on R_A = ½ A ⊙ G followed
+    by the division of the q·kᵀ rule is F ⊙ (G − Σ_j A_j G_j), where F = ½ S ⊙ A ⊘ (q kᵀ·c)_ε
+    (S the softmax input, 0 where masked) and Σ_j A_j G_j = Σ_d (R ⊘ O_ε) ⊙ O. Per class that
+    leaves the four products of the gradient and two passes over the scores.
+    """
     qs = q * scale
     scores = qs @ k.transpose(-2, -1)
     logits = scores if mask is None else scores + mask
     attn = torch.softmax(logits, -1)
-    r_attn, r_v = bilinear_relevance(attn, v, r)
-    r_scores = softmax_relevance(logits, r_attn, -1)
-    r_q, r_kt = bilinear_relevance(qs, k.transpose(-2, -1), r_scores)
-    return r_q, r_kt.transpose(-2, -1), r_v
+    out = attn @ v
+    finite = torch.where(torch.isfinite(logits), logits, 0.0)
+    factor = (0.5 * finite * attn / stabilised(scores)).unsqueeze(1)  # (B, 1, ..., n, n)
+    b = q.shape[0]
+    g = r.view(b, -1, *r.shape[1:]) / stabilised(out).unsqueeze(1)  # (B, K, ..., n, d)
+    r_v = 0.5 * v.unsqueeze(1) * _per_image_matmul(attn.transpose(-2, -1), g)
+    g_scores = g @ v.unsqueeze(1).transpose(-2, -1)  # (B, K, ..., n, n)
+    g_scores.sub_((g * out.unsqueeze(1)).sum(-1, keepdim=True)).mul_(factor)
+    r_q = 0.5 * qs.unsqueeze(1) * (g_scores @ k.unsqueeze(1))
+    r_k = 0.5 * k.unsqueeze(1) * (g_scores.transpose(-2, -1) @ qs.unsqueeze(1))
+    return r_q.flatten(0, 1), r_k.flatten(0, 1), r_v.flatten(0, 1)
+
+
+def _per_image_matmul(a: Tensor, g: Tensor) -> Tensor:
+    """a (B, ..., n, m) @ g (B, K, ..., m, p) for every class, a not copied K times: the
+    classes go side by side in the columns of one product per image."""
+    k, p = g.shape[1], g.shape[-1]
+    out = a @ g.movedim(1, -2).flatten(-2)  # (B, ..., n, K·p)
+    return out.unflatten(-1, (k, p)).movedim(-2, 1)
 
 
 # ---------------------------------------------------------------------------- the plans
@@ -207,7 +229,8 @@ def plan_multihead_attention(ctx: NodeContext) -> Step:
             return [None, None, None]
         xs = [as_compute(t, r.dtype) for t in values]
         projections = weights(r)
-        q, k, v = (heads_of(F.linear(x, w, b)) for x, (w, b) in zip(xs, projections))
+        ys = [F.linear(x, w, b) for x, (w, b) in zip(xs, projections)]
+        q, k, v = (heads_of(y) for y in ys)
         scale = q.shape[-1] ** -0.5
         o = torch.softmax((q * scale) @ k.transpose(-2, -1), -1) @ v
         o = o.transpose(1, 2).flatten(2)
@@ -216,9 +239,9 @@ def plan_multihead_attention(ctx: NodeContext) -> Step:
         r_o = propagate(rule, linear_map(w_out, b_out), o, r)
         r_heads = attention_relevance(q, k, v, heads_of(r_o), scale)
         out = []
-        for name, x, (w, b), rh in zip(("q", "k", "v"), xs, projections, r_heads):
+        for name, x, (w, b), y, rh in zip(("q", "k", "v"), xs, projections, ys, r_heads):
             in_rule = ctx.config.rule_for(layer(f"in_proj.{name}", mha))
-            out.append(propagate(in_rule, linear_map(w, b), x, rh.transpose(1, 2).flatten(2)))
+            out.append(propagate(in_rule, linear_map(w, b), x, rh.transpose(1, 2).flatten(2), y))
         return out
 
     return Step(sources, sources, backward)

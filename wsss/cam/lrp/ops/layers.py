@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn import grad as nn_grad
 
 from wsss.cam.lrp.canonize import BATCHNORMS
 from wsss.cam.lrp.ops.types import NodeContext, Step, UnsupportedOp
-from wsss.cam.lrp.rules import LinearMap, as_compute, propagate
+from wsss.cam.lrp.rules import LinearMap, Rule, as_compute, propagate
 
 _CONV_FUNCTIONS = {
     1: (F.conv1d, nn_grad.conv1d_input),
@@ -115,16 +116,30 @@ def _output_read(ctx: NodeContext) -> tuple[fx.Node, ...]:
     return (fold.node,) if affine else ()
 
 
+def reads_linear_output(rule: Rule) -> bool:
+    """Does a Linear layer's rule use its recorded output y = Wx + b? γ needs it; ε with the
+    bias counted once and z⁺ on signed inputs save a product with it."""
+    return rule.kind in ("gamma", "zplus") or (rule.kind == "epsilon" and rule.bias == 1.0)
+
+
+def linear_output(rule: Rule, value: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The recorded output as the rule takes it: γ in any dtype, the others only when it was
+    computed in the relevance dtype (under autocast they compute it again, in full precision)."""
+    if rule.kind == "gamma":
+        return as_compute(value, dtype)
+    return value if value.dtype == dtype else None
+
+
 def plan_linear(ctx: NodeContext) -> Step:
     lin, rule = ctx.module, ctx.layer_rule
     x_node = ctx.signal(ctx.args[0])
-    reads = (x_node, ctx.node) if rule.kind == "gamma" else (x_node,)
+    reads = (x_node, ctx.node) if reads_linear_output(rule) else (x_node,)
 
     def backward(r: Tensor, values: list[Any]) -> list[Tensor]:
         x = as_compute(values[0], r.dtype)
         weight = lin.weight.detach().to(r.dtype)
         bias = lin.bias.detach().to(r.dtype) if lin.bias is not None else None
-        y = as_compute(values[1], r.dtype) if len(values) > 1 else None
+        y = linear_output(rule, values[1], r.dtype) if len(values) > 1 else None
         return [propagate(rule, linear_map(weight, bias), x, r, y)]
 
     return Step((x_node,), reads, backward)
@@ -165,7 +180,8 @@ def plan_functional_layer(ctx: NodeContext) -> Step:
     if pad is not None:
         x_node = pad.source
     reads = [x_node, weight] + ([bias] if isinstance(bias, fx.Node) else [])
-    output = _output_read(ctx)
+    is_linear = conv_dims is None
+    output = (ctx.node,) if is_linear and reads_linear_output(rule) else _output_read(ctx)
     reads.extend(output)
 
     def backward(r: Tensor, values: list[Any]) -> list[Tensor]:
@@ -175,9 +191,10 @@ def plan_functional_layer(ctx: NodeContext) -> Step:
             b = b.detach().to(r.dtype)
         if fold is not None:
             w, b = fold.fold_into(w, b)
-        y = as_compute(values[-1], r.dtype) if output else None
-        if conv_dims is None:
+        if is_linear:
+            y = linear_output(rule, values[-1], r.dtype) if output else None
             return [propagate(rule, linear_map(w, b), x, r, y)]
+        y = as_compute(values[-1], r.dtype) if output else None
         params = _ConvParams(
             conv_dims, w.shape, args["stride"], args["padding"], args["dilation"], args["groups"]
         )

@@ -110,7 +110,8 @@ def plan_shifted_window_attention(ctx: NodeContext) -> Step:
         xw = _windows(xin, window, shift)  # (B, nW, T, C)
         n_windows, tokens = xw.shape[1], xw.shape[2]
         xw = xw.flatten(0, 1)  # (B·nW, T, C): one "image" per window
-        q, kk, v = F.linear(xw, w_qkv, b_qkv).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(xw, w_qkv, b_qkv)
+        q, kk, v = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
         scale = (c // heads) ** -0.5
         mask = bias.reshape(1, heads, tokens, tokens)
         if any(shift):
@@ -127,7 +128,7 @@ def plan_shifted_window_attention(ctx: NodeContext) -> Step:
         r_heads = r_o.unflatten(-1, (heads, -1)).transpose(1, 2)
         r_q, r_k, r_v = attention_relevance(q, kk, v, r_heads, scale, mask)
         r_qkv = torch.stack([r_q, r_k, r_v], 0).permute(1, 3, 0, 2, 4).flatten(2)
-        r_x = propagate(qkv_rule, linear_map(w_qkv, b_qkv), xw, r_qkv)  # (B·nW·K, T, C)
+        r_x = propagate(qkv_rule, linear_map(w_qkv, b_qkv), xw, r_qkv, qkv)  # (B·nW·K, T, C)
         r_x = (
             r_x.view(b, n_windows, k, tokens, c)
             .transpose(1, 2)
