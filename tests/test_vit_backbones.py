@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from wsss.cam import RelevanceCAM
+from wsss.cam import LiftCAM, RelevanceCAM
 from wsss.cli import main
 from wsss.config import ConfigError
 from wsss.data.datamodule import StageDataModule
@@ -21,7 +21,7 @@ from wsss.models.vit_backbones import (
 )
 from wsss.stages import classifier as stage
 
-from conftest import tiny_args, tiny_config
+from conftest import reuse_stage, tiny_args, tiny_config
 
 
 def head_input(model, x):
@@ -123,3 +123,58 @@ def test_classifier_stage_passes_token_pool(tmp_path, monkeypatch):
         cfg = tiny_config(tmp_path, *vit, f"classifier.token_pool={pool}")
         stage.fit_classifier(cfg, "classifier", lambda: StageDataModule(cfg, "classifier"), None)
         assert seen["m"].model.token_pool == pool
+
+
+VIT_STAGE = (
+    "classifier.backbone=deit_tiny_patch16_224",
+    "classifier.output_stride=32",
+    "classifier.token_pool=gap",
+    "classifier.optimizer=adamw",
+    "classifier.lr=0.0005",
+)
+
+
+@pytest.fixture(scope="module")
+def trained_vit(tmp_path_factory):
+    """A run root holding a tiny ViT classifier (the "stage" size: 12 images, one epoch)."""
+    root = tmp_path_factory.mktemp("trained_vit")
+    assert main(["train-classifier", *tiny_args(root, *VIT_STAGE, size="stage")]) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_affinity_refinement_on_a_vit(trained_vit, tmp_path):
+    """pseudo.refine=affinity with a ViT: the blocks' tokens are the affinity head's levels, on
+    their patch grid; the stage refines every mask and the segmenter trains on them."""
+    reuse_stage(trained_vit, tmp_path)
+    refine = ("pseudo.refine=affinity", "affinity.max_epochs=1", "affinity.steps=4")
+    assert main(["run", *tiny_args(tmp_path, *VIT_STAGE, *refine, size="stage")]) == 0
+    run = tmp_path / "default"
+    report = json.loads((run / "report.json").read_text())
+    assert 0.0 <= report["refined_miou"] <= 1.0 and 0.0 <= report["seg_miou"] <= 1.0
+    refined = sorted(p.name for p in (run / "affinity" / "masks").glob("syn_*.png"))
+    assert refined == sorted(p.name for p in (run / "pseudo_masks").glob("syn_*.png"))
+    assert len(refined) == 12
+    state = torch.load(run / "affinity" / "last.ckpt", weights_only=False)["state_dict"]
+    # each level's branch reads the 192 channels of DeiT-Tiny's tokens, not the token count
+    assert state["net.branches.0.0.weight"].shape[1] == 192
+
+
+@pytest.mark.slow
+def test_liftcam_pseudo_masks_on_a_vit(trained_vit, tmp_path, monkeypatch):
+    """cam.method=liftcam on a ViT classifier: LIFT-CAM maps every image, each gets a mask."""
+    seen = []
+    original = LiftCAM.__call__
+
+    def counted(self, images, targets):
+        maps = original(self, images, targets)
+        seen.extend(m.shape[-2:] for m in maps.values())
+        return maps
+
+    monkeypatch.setattr(LiftCAM, "__call__", counted)
+    reuse_stage(trained_vit, tmp_path)
+    args = tiny_args(tmp_path, *VIT_STAGE, "cam.method=liftcam", size="stage")
+    assert main(["make-pseudo-masks", *args]) == 0
+    masks = tmp_path / "default" / "pseudo_masks"
+    assert len(list(masks.glob("syn_*.png"))) == 12
+    assert seen and all(hw == (4, 4) for hw in seen)  # 64 px images, 16 px patches
