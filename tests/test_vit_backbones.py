@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from wsss.cam import LiftCAM, RelevanceCAM
+from wsss.cam import LiftCAM, RelevanceCAM, Rule
 from wsss.cli import main
 from wsss.config import ConfigError
 from wsss.data.datamodule import StageDataModule
@@ -63,6 +63,25 @@ def test_position_embeddings_follow_the_image_size():
         with RelevanceCAM(model, ["blocks.3", "blocks.11"]) as cam:
             maps = cam(torch.randn(1, 3, size, size), torch.tensor([1]))
         assert maps["blocks.3"].shape == (1, 1, size // 16, size // 16)
+
+
+def test_linear_layers_after_the_position_embeddings_get_the_linear_rule():
+    """The image reaches the position embeddings' resampling only through its size (a shape,
+    not a value), so the Linear layers after it are not the input layer: the head gets the
+    composite's Linear rule (here ε with the bias: R = p ⊙ W_t / (z_t ± ε) on the class token)."""
+    torch.manual_seed(0)
+    model = build_vit_backbone("deit_tiny_patch16_224", 4).double().eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.tensor([1, 3])
+    linear = Rule("epsilon", epsilon=1e-9, bias=1.0)
+    with RelevanceCAM(model, ["norm"], preset="lrp", linear=linear) as cam:
+        a, r = cam.relevance(x, t)["norm"]
+    p = a[:, 0]
+    with torch.no_grad():
+        z = model.head(p).gather(1, t[:, None])
+    want = p * model.head.weight[t].detach() / (z + torch.where(z >= 0, 1e-9, -1e-9))
+    torch.testing.assert_close(r[:, 0, 0], want, rtol=1e-9, atol=1e-12)
+    assert (r[:, 0, 1:] == 0).all()
 
 
 def test_default_layers_and_layer_check():
