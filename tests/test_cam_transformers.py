@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from wsss.cam import GradCAM, RelevanceCAM, Rule, TokenLayout, to_grid, token_layout
+from wsss.cam import GradCAM, LiftCAM, RelevanceCAM, Rule, TokenLayout, to_grid, token_layout
 from wsss.cam.lrp.ops.attention import (
     EPSILON,
     attention_relevance,
@@ -640,4 +640,76 @@ def test_swin_t_batching_and_last_stage_conservation():
     for layer, side in zip(layers, (8, 4, 2)):
         assert maps[layer].shape == (2, 2, side, side)
         scale = maps[layer].abs().max()
+        assert (alone[layer][0, 0] - maps[layer][1, 1]).abs().max() <= 1e-4 * scale
+
+
+# ---- LIFT-CAM through a ViT head (LayerNorm with σ held, class token / patch mean) ------------
+
+
+def block_output(net, x, layer="blocks.1"):
+    seen = {}
+    handle = dict(net.named_modules())[layer].register_forward_hook(
+        lambda m, a, out: seen.update(a=out.detach())
+    )
+    try:
+        net(x)
+    finally:
+        handle.remove()
+    return seen["a"]
+
+
+@pytest.mark.parametrize("pool", ["token", "mean"])
+def test_liftcam_vit_head_closed_form_and_completeness(pool):
+    """At the last block: φ_kc(n) = A_c(n)·[(g − mean_c g)/σ(n)]_c with g = γ ⊙ W_t · s(n),
+    s = 1 at the class token (token head) or 1/(h·w) at each patch (mean head); Σ φ equals
+    y_t(A) − y_t(0) exactly, y_t(0) = W_t·β + b_t."""
+    net = tiny_vit(pool=pool)
+    a = block_output(net, X)  # (B, N, C)
+    sigma = (a.var(-1, unbiased=False, keepdim=True) + net.norm.eps).sqrt()
+    s = torch.zeros(a.shape[1], dtype=a.dtype)
+    if pool == "token":
+        s[0] = 1.0
+    else:
+        s[1:] = 1.0 / (a.shape[1] - 1)
+    g = net.norm.weight * net.head.weight[T]  # (B, K, C)
+    g = g[:, :, None, :] * s[:, None]  # (B, K, N, C)
+    phi = (g - g.mean(-1, keepdim=True)) / sigma[:, None] * a[:, None]
+    grid = to_grid(a, (16, 16), token_layout(net))
+    want = torch.einsum("bkc,bchw->bkhw", phi.sum(2), grid)
+    with LiftCAM(net, ["blocks.1"]) as cam:
+        got = cam(X, T)["blocks.1"]
+        contributions = LiftCAM._contributions(cam.heads["blocks.1"], a.clone(), T)
+    torch.testing.assert_close(contributions, phi, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        gained = net(X).gather(1, T) - (net.head.weight @ net.norm.bias + net.head.bias)[T]
+    torch.testing.assert_close(contributions.flatten(2).sum(2), gained, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", ["token", "mean"])
+def test_liftcam_small_vit_batched_equals_one_by_one(pool):
+    net = tiny_vit(pool=pool)
+    layers = ["blocks.0", "blocks.1"]
+    with LiftCAM(net, layers) as cam:
+        maps = cam(X, T)
+        for i, k in itertools.product(range(2), range(2)):
+            alone = cam(X[i : i + 1], T[i, k : k + 1])
+            for layer in layers:
+                torch.testing.assert_close(alone[layer][0, 0], maps[layer][i, k])
+    for layer in layers:
+        assert maps[layer].shape == (2, 2, 4, 4) and torch.isfinite(maps[layer]).all()
+        assert maps[layer].abs().max() > 0
+
+
+def test_liftcam_deit_tiny_batched_equals_one_by_one():
+    model = timm_model("deit_tiny_patch16_224", img_size=64)
+    layers = ["blocks.3", "blocks.7", "blocks.11"]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with LiftCAM(model, layers) as cam:
+        maps = cam(x, T)
+        alone = cam(x[1:], T[1, 1:])
+    for layer in layers:
+        assert maps[layer].shape == (2, 2, 4, 4) and torch.isfinite(maps[layer]).all()
+        scale = maps[layer].abs().max()
+        assert scale > 0
         assert (alone[layer][0, 0] - maps[layer][1, 1]).abs().max() <= 1e-4 * scale

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from wsss.cam import RelevanceCAM, Rule, preset_config
+from wsss.cam import LiftCAM, RelevanceCAM, Rule, preset_config
 from wsss.cli import main
 from wsss.config import ConfigError
 from wsss.data.datamodule import StageDataModule
@@ -23,7 +23,7 @@ from wsss.models.vit_backbones import (
 from wsss.stages import classifier as stage
 from wsss.stages.calibration import pseudo_module_options
 
-from conftest import tiny_args, tiny_config
+from conftest import reuse_stage, tiny_args, tiny_config
 
 
 def head_input(model, x):
@@ -65,6 +65,25 @@ def test_position_embeddings_follow_the_image_size():
         with RelevanceCAM(model, ["blocks.3", "blocks.11"]) as cam:
             maps = cam(torch.randn(1, 3, size, size), torch.tensor([1]))
         assert maps["blocks.3"].shape == (1, 1, size // 16, size // 16)
+
+
+def test_linear_layers_after_the_position_embeddings_get_the_linear_rule():
+    """The image reaches the position embeddings' resampling only through its size (a shape,
+    not a value), so the Linear layers after it are not the input layer: the head gets the
+    composite's Linear rule (here ε with the bias: R = p ⊙ W_t / (z_t ± ε) on the class token)."""
+    torch.manual_seed(0)
+    model = build_vit_backbone("deit_tiny_patch16_224", 4).double().eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.tensor([1, 3])
+    linear = Rule("epsilon", epsilon=1e-9, bias=1.0)
+    with RelevanceCAM(model, ["norm"], preset="lrp", linear=linear) as cam:
+        a, r = cam.relevance(x, t)["norm"]
+    p = a[:, 0]
+    with torch.no_grad():
+        z = model.head(p).gather(1, t[:, None])
+    want = p * model.head.weight[t].detach() / (z + torch.where(z >= 0, 1e-9, -1e-9))
+    torch.testing.assert_close(r[:, 0, 0], want, rtol=1e-9, atol=1e-12)
+    assert (r[:, 0, 1:] == 0).all()
 
 
 def test_default_layers_and_layer_check():
@@ -141,3 +160,58 @@ def test_classifier_stage_passes_token_pool(tmp_path, monkeypatch):
         cfg = tiny_config(tmp_path, *vit, f"classifier.token_pool={pool}")
         stage.fit_classifier(cfg, "classifier", lambda: StageDataModule(cfg, "classifier"), None)
         assert seen["m"].model.token_pool == pool
+
+
+VIT_STAGE = (
+    "classifier.backbone=deit_tiny_patch16_224",
+    "classifier.output_stride=32",
+    "classifier.token_pool=gap",
+    "classifier.optimizer=adamw",
+    "classifier.lr=0.0005",
+)
+
+
+@pytest.fixture(scope="module")
+def trained_vit(tmp_path_factory):
+    """A run root holding a tiny ViT classifier (the "stage" size: 12 images, one epoch)."""
+    root = tmp_path_factory.mktemp("trained_vit")
+    assert main(["train-classifier", *tiny_args(root, *VIT_STAGE, size="stage")]) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_affinity_refinement_on_a_vit(trained_vit, tmp_path):
+    """pseudo.refine=affinity with a ViT: the blocks' tokens are the affinity head's levels, on
+    their patch grid; the stage refines every mask and the segmenter trains on them."""
+    reuse_stage(trained_vit, tmp_path)
+    refine = ("pseudo.refine=affinity", "affinity.max_epochs=1", "affinity.steps=4")
+    assert main(["run", *tiny_args(tmp_path, *VIT_STAGE, *refine, size="stage")]) == 0
+    run = tmp_path / "default"
+    report = json.loads((run / "report.json").read_text())
+    assert 0.0 <= report["refined_miou"] <= 1.0 and 0.0 <= report["seg_miou"] <= 1.0
+    refined = sorted(p.name for p in (run / "affinity" / "masks").glob("syn_*.png"))
+    assert refined == sorted(p.name for p in (run / "pseudo_masks").glob("syn_*.png"))
+    assert len(refined) == 12
+    state = torch.load(run / "affinity" / "last.ckpt", weights_only=False)["state_dict"]
+    # each level's branch reads the 192 channels of DeiT-Tiny's tokens, not the token count
+    assert state["net.branches.0.0.weight"].shape[1] == 192
+
+
+@pytest.mark.slow
+def test_liftcam_pseudo_masks_on_a_vit(trained_vit, tmp_path, monkeypatch):
+    """cam.method=liftcam on a ViT classifier: LIFT-CAM maps every image, each gets a mask."""
+    seen = []
+    original = LiftCAM.__call__
+
+    def counted(self, images, targets):
+        maps = original(self, images, targets)
+        seen.extend(m.shape[-2:] for m in maps.values())
+        return maps
+
+    monkeypatch.setattr(LiftCAM, "__call__", counted)
+    reuse_stage(trained_vit, tmp_path)
+    args = tiny_args(tmp_path, *VIT_STAGE, "cam.method=liftcam", size="stage")
+    assert main(["make-pseudo-masks", *args]) == 0
+    masks = tmp_path / "default" / "pseudo_masks"
+    assert len(list(masks.glob("syn_*.png"))) == 12
+    assert seen and all(hw == (4, 4) for hw in seen)  # 64 px images, 16 px patches

@@ -3,7 +3,10 @@ target logit, with the zero activation as the reference.
 
 For a GAP + linear head the contribution is exact (W_tc · mean A_c); for deeper heads (VGG's MLP,
 or the stages after an inner layer) the rescale rule runs through the activations, max pools and
-linear ops of the traced graph after the layer (`DeepLiftHead`).
+linear ops of the traced graph after the layer (`DeepLiftHead`). LayerNorms in the head get the
+multiplier of the normalisation with σ held constant, so a ViT's head (final norm, class token
+or patch-token mean, linear) is exact at the last block; token layers (B, N, C) give maps on
+the patch grid (`wsss.cam.tokens`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from wsss.cam.core import HookedCAM, targets_2d
 from wsss.cam.lrp.ops import node_rule
 from wsss.cam.lrp.rules import compute_dtype
-from wsss.cam.lrp.tracing import evaluate_node, head_after, trace
+from wsss.cam.lrp.tracing import TracedModel, evaluate_node, head_after, trace
+from wsss.cam.tokens import TokenLayout, to_grid, token_layout
 
 # --------------------------------------------------------------------------------------------
 
@@ -24,11 +29,12 @@ from wsss.cam.lrp.tracing import evaluate_node, head_after, trace
 class DeepLiftHead:
     """The part of the traced model after a layer, y = F(A), with each op's DeepLIFT kind.
 
+    LayerNorms ("layernorm") pass the multiplier of the normalisation with σ held constant.
     Ops with no rescale rule ("other": products of two signals as in squeeze-excitation gates,
-    normalisations, stacks, reductions other than pooling) pass their ordinary gradient, as
-    Captum's DeepLift does for every op it has no rule for."""
+    other normalisations, stacks, reductions other than pooling) pass their ordinary gradient,
+    as Captum's DeepLift does for every op it has no rule for."""
 
-    def __init__(self, traced, layer: str):
+    def __init__(self, traced: TracedModel, layer: str):
         self.traced = traced
         self.start, self.nodes = head_after(traced, layer)
         self.kinds = {}
@@ -37,6 +43,8 @@ class DeepLiftHead:
             kind = rule.kind if rule is not None else "other"
             if kind == "linear" and self._multiplies_signals(node):
                 kind = "other"
+            if layer_norm_arguments(node, traced) is not None:
+                kind = "layernorm"
             self.kinds[node] = kind
 
     def _multiplies_signals(self, node: fx.Node) -> bool:
@@ -57,6 +65,8 @@ class DeepLiftHead:
             self._constants(node, env)
             if reference is None or self.kinds[node] in ("linear", "other"):
                 env[node] = evaluate_node(node, env, self.traced)
+            elif self.kinds[node] == "layernorm":
+                env[node] = _sigma_held_layer_norm(node, env, self.traced)
             elif self.kinds[node] == "elementwise":
                 env[node] = _rescaled(node, env, reference, self.traced)
             else:
@@ -72,6 +82,42 @@ class DeepLiftHead:
             if i not in env:
                 self._constants(i, env)
                 env[i] = evaluate_node(i, env, self.traced)
+
+
+def layer_norm_arguments(node: fx.Node, traced: TracedModel) -> tuple | None:
+    """(input node, normalized_shape, weight, bias, eps) of an nn.LayerNorm module or an
+    F.layer_norm call (weight and bias: tensors, graph nodes or None); None for other nodes."""
+    if node.op == "call_module":
+        module = traced.modules[node.target]
+        if type(module).forward is not nn.LayerNorm.forward:
+            return None
+        return (node.args[0], module.normalized_shape, module.weight, module.bias, module.eps)
+    if node.op == "call_function" and node.target in (F.layer_norm, torch.layer_norm):
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        values = dict(zip(names, (None, None, None, None, 1e-5)))
+        values.update(zip(names, node.args))
+        values.update({k: v for k, v in node.kwargs.items() if k in names})
+        return tuple(values[k] for k in names)
+    return None
+
+
+def _sigma_held_layer_norm(node: fx.Node, env: dict, traced: TracedModel) -> Tensor:
+    """The LayerNorm's exact value, with the gradient of γ ⊙ (x − μ(x))/σ + β where σ is held
+    constant (an affine map of x: its DeepLIFT multipliers are this Jacobian)."""
+    x_node, shape, weight, bias, eps = layer_norm_arguments(node, traced)
+    x = env[x_node]
+    weight, bias = (env[w] if isinstance(w, fx.Node) else w for w in (weight, bias))
+    dims = tuple(range(-len(tuple(shape)), 0))
+    mu = x.mean(dims, keepdim=True)
+    sigma = (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt().detach()
+    held = (x - mu) / sigma
+    if weight is not None:
+        held = held * weight
+    if bias is not None:
+        held = held + bias
+    with torch.no_grad():
+        exact = evaluate_node(node, env, traced)
+    return exact + (held - held.detach())
 
 
 def _rescaled(node: fx.Node, env: dict, reference: dict, traced) -> Tensor:
@@ -125,13 +171,19 @@ class LiftCAM(HookedCAM):
 
     map_k = Σ_c φ_kc A_c (raw). For a GAP + linear head φ_c = W_tc·mean(A_c) exactly; for deeper
     heads (VGG's MLP, or the stages after an inner layer) the rescale rule runs through the
-    activations, max pools and linear ops of the traced graph after the layer.
+    activations, max pools and linear ops of the traced graph after the layer, LayerNorms with
+    σ held constant. Transformer tokens (B, N, C) (or Swin's (B, H, W, C)): φ_kc sums over every
+    token, prefix tokens included, and the map is drawn on the patch grid (B, K, h, w); `tokens`
+    gives the layout, read from the model by default (see wsss.cam.tokens).
     """
 
-    def __init__(self, model: nn.Module, layers: list[str] | str):
+    def __init__(
+        self, model: nn.Module, layers: list[str] | str, tokens: TokenLayout | None = None
+    ):
         super().__init__(model, layers)
         traced = trace(model)
         self.heads = {layer: DeepLiftHead(traced, layer) for layer in self.layers}
+        self.tokens = tokens if tokens is not None else token_layout(model)
 
     def __call__(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         targets = targets_2d(targets, images)
@@ -142,9 +194,21 @@ class LiftCAM(HookedCAM):
             targets = targets.clone()
             for layer in self.layers:
                 a = acts[layer].to(compute_dtype(acts[layer])).clone()
-                phi = self._contributions(self.heads[layer], a, targets)  # (B, K, C, h, w)
-                out[layer] = torch.einsum("bkc,bchw->bkhw", phi.sum((-2, -1)), a)
+                phi = self._contributions(self.heads[layer], a, targets)  # (B, K, *A.shape[1:])
+                out[layer] = self._map(phi, a, tuple(images.shape[-2:]))
         return out
+
+    def _map(self, phi: Tensor, a: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        """Σ_c φ_kc A_c: φ summed over every position (all tokens), A on its (h, w) grid."""
+        tokens = a.dim() == 3 or (a.dim() == 4 and self.tokens.channels_last)
+        if a.dim() != 4 and not tokens:
+            raise ValueError(
+                f"LIFT-CAM needs (B, C, h, w) activations or (B, N, C) tokens, got {tuple(a.shape)}"
+            )
+        positions = tuple(range(2, phi.dim() - 1)) if tokens else (-2, -1)
+        weights = phi.sum(positions)  # (B, K, C)
+        grid = to_grid(a, image_hw, self.tokens) if tokens else a
+        return torch.einsum("bkc,bchw->bkhw", weights, grid)
 
     @staticmethod
     def _contributions(head: DeepLiftHead, a: Tensor, targets: Tensor) -> Tensor:

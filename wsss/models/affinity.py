@@ -2,7 +2,9 @@
 
 The classifier's backbone gives features at several levels; a small head maps each to a common
 width, upsamples them to the feature grid (1/``stride`` of the image, ceil) and fuses them into a
-per-cell embedding e. The affinity of two cells within ``radius`` is ``exp(-mean |e_p - e_q|)``
+per-cell embedding e. Transformer levels, (B, N, C) tokens (or Swin's channels-last grids), are
+reshaped to their patch grid first (``wsss.cam.tokens``), so a ViT classifier's blocks serve as
+levels like a CNN's stages. The affinity of two cells within ``radius`` is ``exp(-mean |e_p - e_q|)``
 (``wsss.pseudo.affinity_pairs.pairwise_affinity``). Training pairs come from the seed masks alone
 (``affinity_labels``): same label -> 1, different -> 0, pairs touching the 255 band ignored; the
 loss balances background pairs, foreground pairs and negative pairs as AffinityNet does.
@@ -20,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from wsss.cam.tokens import to_grid, token_layout
 from wsss.models.common import check_finite_loss, optimizer_with_schedule
+from wsss.models.vit_backbones import GridPositionEmbedding
 from wsss.pseudo.affinity_pairs import Affinities, affinity_labels, pairwise_affinity
 from wsss.pseudo.walk import random_walk_refine
 
@@ -61,7 +65,8 @@ def _first_conv(model: nn.Module) -> nn.Conv2d:
 
 class AffinityNetwork(nn.Module):
     """Backbone levels -> per-level 1x1 conv + GroupNorm + ReLU -> upsampled to the feature grid
-    -> concatenated -> 1x1 conv -> (B, embed_dim, ceil(H/stride), ceil(W/stride)) embedding."""
+    -> concatenated -> 1x1 conv -> (B, embed_dim, ceil(H/stride), ceil(W/stride)) embedding.
+    Token levels are put on their patch grid, prefix tokens dropped, before the branches."""
 
     def __init__(
         self,
@@ -83,12 +88,16 @@ class AffinityNetwork(nn.Module):
         self.layers = list(layers)
         self.stride = stride
         self.freeze_backbone = freeze_backbone
+        self.tokens = token_layout(backbone)
         self.features = create_feature_extractor(
-            copy.deepcopy(backbone).eval(), return_nodes={name: name for name in self.layers}
+            copy.deepcopy(backbone).eval(),
+            return_nodes={name: name for name in self.layers},
+            # reads the image's patch grid as Python ints: one node, run as it is
+            tracer_kwargs={"leaf_modules": [GridPositionEmbedding]},
         )
         in_channels = _first_conv(backbone).in_channels
         with torch.no_grad():
-            probe = self.features(torch.zeros(1, in_channels, 64, 64))
+            probe = self.levels(torch.zeros(1, in_channels, 64, 64))
         widths = [probe[name].shape[1] for name in self.layers]
         self.branches = nn.ModuleList(
             nn.Sequential(
@@ -110,10 +119,16 @@ class AffinityNetwork(nn.Module):
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         return -(-height // self.stride), -(-width // self.stride)
 
+    def levels(self, images: Tensor) -> dict[str, Tensor]:
+        """The backbone's outputs at ``layers``, each as a (B, C, h, w) map."""
+        feats = self.features(images)
+        hw = tuple(images.shape[-2:])
+        return {name: to_grid(feats[name], hw, self.tokens) for name in self.layers}
+
     def forward(self, images: Tensor) -> Tensor:
         size = self.grid_size(*images.shape[-2:])
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            feats = self.features(images)
+            feats = self.levels(images)
         levels = [
             F.interpolate(
                 branch(feats[name].float()), size=size, mode="bilinear", align_corners=False

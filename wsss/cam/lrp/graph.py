@@ -181,8 +181,9 @@ class RelevanceGraph:
         ]
         reads_image: dict[fx.Node, bool] = {}
         for n in nodes:
-            reads_image[n] = n is t.placeholder or (
-                n not in linear and any(reads_image[i] for i in n.all_input_nodes)
+            reads_image[n] = n is t.placeholder or (  # through values, not shapes read
+                n not in linear
+                and any(reads_image[i] for i in n.all_input_nodes if self._derived[i])
             )
         infos = {}
         for i, n in enumerate(linear):
