@@ -159,8 +159,15 @@ def _cell(result) -> str:
     if isinstance(result, str):
         return result
     if result.passed:
+        notes = []
+        if result.batch_rounding:
+            notes.append(
+                f"float32 {result.batch_error:.1e}, float64 {result.batch_error_float64:.0e}"
+            )
         worst = max(result.conservation.values(), default=None)
-        return "pass" if worst is None else f"pass ({worst:.0e})"
+        if worst is not None:
+            notes.append(f"{worst:.0e}")
+        return f"pass ({'; '.join(notes)})" if notes else "pass"
     reason = result.reason.replace("|", "/")
     return reason if len(reason) <= 140 else reason[:137] + "..."
 
@@ -188,7 +195,8 @@ def details(rows, methods: list[str]) -> str:
                 continue
             cons = ", ".join(f"{k}: {v:.1e}" for k, v in r.conservation.items())
             out.append(
-                f"- {m}: {'pass' if r.passed else r.reason}; batch {r.batch_error:.1e}; "
+                f"- {m}: {'pass' if r.passed else r.reason}; batch {r.batch_error:.1e} "
+                f"(float64 rerun {r.batch_error_float64:.1e}); "
                 f"finite {r.finite}; hooks left {r.hooks_left}; conservation {{{cons}}}"
             )
     return "\n".join(out)
