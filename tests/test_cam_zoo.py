@@ -3,6 +3,7 @@ problem family; the whole zoo is scripts/cam_conformance.py (table in docs/bench
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import pytest
@@ -16,6 +17,8 @@ from wsss.cam.conformance import (
     check_method,
     released,
 )
+from wsss.cam.libra import LibrarySettings, build_library
+from wsss.cam.methods import build_cam
 
 timm = pytest.importorskip("timm")
 
@@ -113,3 +116,85 @@ def test_no_float64_rerun_when_float32_holds_the_bound():
     result = check_method(tiny_cnn(nn.Identity()), "gradcam", ["act"], X[:, :, :16, :16], T)
     assert result.passed and result.batch_error <= BATCH_TOLERANCE
     assert result.batch_error_float64 != result.batch_error_float64  # NaN: not measured
+
+
+class Branches(nn.Module):
+    """Returns a list of two maps at two resolutions, as HRNet's stages do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Conv2d(3, 4, 3, padding=1)
+        self.coarse = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.fine(x), self.coarse(x)]
+
+
+class TwoResolutions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stage = Branches()
+        self.fc = nn.Linear(8, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fine, coarse = self.stage(x)
+        return self.fc(torch.cat([fine.mean((2, 3)), coarse.mean((2, 3))], 1))
+
+
+def test_a_layer_that_returns_a_list_of_maps_is_refused_with_the_reason():
+    model, x = TwoResolutions().eval(), X[:, :, :16, :16]
+    traced = (
+        "ValueError: cannot capture relevance at 'stage': its output is not a single tensor "
+        "(e.g. a list of branch maps); request its parent or a neighbouring module"
+    )
+    hooked = (
+        "ValueError: cannot read layer 'stage': its output is a list, not one tensor (e.g. "
+        "HRNet's stages return a list of branch maps); request a module that returns one "
+        "(B, C, h, w) map"
+    )
+    for method, reason in [
+        ("relevance:default", traced),
+        ("liftcam", traced),
+        ("gradcam", hooked),
+        ("gradcampp", hooked),
+        ("libra", hooked),
+    ]:
+        assert check_method(model, method, ["stage"], x, T).reason == reason, method
+    assert check_method(model, "gradcam", ["stage.fine", "stage.coarse"], x, T).passed
+
+
+class Saturated(nn.Module):
+    """Logits of 100 and more: every sigmoid score is exactly 1.0, even in float64 (dla34 with
+    random weights saturates the same way)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4, C)
+        with torch.no_grad():
+            self.fc.bias.fill_(100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_libra_with_the_absolute_bound_on_saturated_scores_names_the_empty_class():
+    """The absolute bound finds no image scored below 1.0 when every score is 1.0: the exact
+    message; the relative bound (the conformance check's) still has references and passes."""
+    model, x = Saturated().double().eval(), X[:, :, :16, :16].double()
+    refs = torch.randn(
+        6, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    assert bool((model(refs).sigmoid() == 1.0).all())
+    settings = LibrarySettings(("features",), references=3, bound=1.0, bound_mode="absolute")
+    library = build_library(model, [(refs, torch.zeros(6, C))], settings)
+    message = (
+        "the reference library has no references for classes [1, 2, 4, 5]: no training image "
+        "scored below bound=1.0"
+    )
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        with build_cam("libra", model, ["features"], library=library) as cam:
+            cam(x, T)
+    assert check_method(model.float(), "libra", ["features"], X[:, :, :16, :16], T).passed
