@@ -10,6 +10,7 @@ CAM layers: the last three feature stages of timm's `model.feature_info`.
     python scripts/cam_conformance.py                      # the whole zoo, a markdown table
     python scripts/cam_conformance.py --models resnet18,tf_efficientnet_b0 --details
     python scripts/cam_conformance.py --torchvision        # every torchvision CNN up to 60M params
+    python scripts/cam_conformance.py --torchvision --min-params 30 --max-params 100
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ def build(name: str, kwargs: dict, classes: int) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=classes, **kwargs).eval()
 
 
-def torchvision_cnns(max_params: float) -> tuple[list[tuple[str, dict]], list[str]]:
-    """Every torchvision classification CNN ("tv:" + name) with at most `max_params` million
-    parameters, and the names left out for their size."""
+def torchvision_cnns(
+    max_params: float, min_params: float = 0.0
+) -> tuple[list[tuple[str, dict]], list[str]]:
+    """Every torchvision classification CNN ("tv:" + name) with more than `min_params` and at
+    most `max_params` million parameters, and the names left out for their size."""
     import torchvision
 
     from wsss.models.backbones import _NOT_CNNS, family_of
@@ -87,23 +90,33 @@ def torchvision_cnns(max_params: float) -> tuple[list[tuple[str, dict]], list[st
     for name in torchvision.models.list_models(module=torchvision.models):
         if family_of(name) in _NOT_CNNS:
             continue
-        try:
-            with torch.device("meta"):  # no memory, no init
-                model = build(f"tv:{name}", {}, 6)
-        except (NotImplementedError, RuntimeError):  # RegNet computes its widths with tensors
-            if any(big in name for big in ("_16gf", "_32gf", "_128gf")):
-                skipped.append(f"tv:{name}")
-                continue
-            model = build(f"tv:{name}", {}, 6)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        (kept if params <= max_params else skipped).append(f"tv:{name}")
+        params = parameter_millions(name)
+        (kept if min_params < params <= max_params else skipped).append(f"tv:{name}")
     return [(n, {}) for n in kept], skipped
+
+
+def parameter_millions(name: str) -> float:
+    """A torchvision model's parameter count in millions, with the survey's 6 classes, without
+    allocating it (on the meta device). RegNet computes its widths with tensors, which the meta
+    device refuses: there the count in torchvision's weights metadata (with the 1000-class
+    head, a few million more for the widest) is used, so that regnet_y_128gf is never built
+    just to be counted."""
+    import torchvision
+
+    try:
+        with torch.device("meta"):  # no memory, no init
+            model = build(f"tv:{name}", {}, 6)
+        return sum(p.numel() for p in model.parameters()) / 1e6
+    except (NotImplementedError, RuntimeError):
+        weights = next(iter(torchvision.models.get_model_weights(name)))
+        return weights.meta["num_params"] / 1e6
 
 
 def stage_layers(model: torch.nn.Module, count: int = 3, size: int = 64) -> list[str]:
     """The module names of the last `count` feature stages timm reports whose output is one
-    (B, C, h, w) map (HRNet's stages return lists of branches); for a torchvision model, the
-    family's default CAM layers (wsss.models.backbones.default_cam_layers)."""
+    (B, C, h, w) map; when none is (HRNet's stages return lists of branch maps), the last
+    top-level module that returns one (HRNet: final_layer, the head's fused map). For a
+    torchvision model, the family's default CAM layers (wsss.models.backbones.default_cam_layers)."""
     if getattr(model, "_conformance_name", "").startswith("tv:"):
         from wsss.models.backbones import default_cam_layers
 
@@ -111,6 +124,7 @@ def stage_layers(model: torch.nn.Module, count: int = 3, size: int = 64) -> list
     info = getattr(model, "feature_info", None) or []
     modules = dict(model.named_modules())
     names = [d["module"] for d in info if d.get("module") in modules]
+    children = [n for n, _ in model.named_children() if n not in names]
     maps: dict[str, bool] = {}
 
     def probe(name: str):
@@ -119,14 +133,15 @@ def stage_layers(model: torch.nn.Module, count: int = 3, size: int = 64) -> list
 
         return hook
 
-    hooks = [modules[n].register_forward_hook(probe(n)) for n in names]
+    hooks = [modules[n].register_forward_hook(probe(n)) for n in names + children]
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))
     finally:
         for h in hooks:
             h.remove()
-    return [n for n in names if maps.get(n)][-count:]
+    stages = [n for n in names if maps.get(n)][-count:]
+    return stages or [n for n in maps if maps[n] and n in children][-1:]
 
 
 def survey(models: list[tuple[str, dict]], methods: list[str], size: int, classes: int):
@@ -159,8 +174,15 @@ def _cell(result) -> str:
     if isinstance(result, str):
         return result
     if result.passed:
+        notes = []
+        if result.batch_rounding:
+            notes.append(
+                f"float32 {result.batch_error:.1e}, float64 {result.batch_error_float64:.0e}"
+            )
         worst = max(result.conservation.values(), default=None)
-        return "pass" if worst is None else f"pass ({worst:.0e})"
+        if worst is not None:
+            notes.append(f"{worst:.0e}")
+        return f"pass ({'; '.join(notes)})" if notes else "pass"
     reason = result.reason.replace("|", "/")
     return reason if len(reason) <= 140 else reason[:137] + "..."
 
@@ -188,7 +210,8 @@ def details(rows, methods: list[str]) -> str:
                 continue
             cons = ", ".join(f"{k}: {v:.1e}" for k, v in r.conservation.items())
             out.append(
-                f"- {m}: {'pass' if r.passed else r.reason}; batch {r.batch_error:.1e}; "
+                f"- {m}: {'pass' if r.passed else r.reason}; batch {r.batch_error:.1e} "
+                f"(float64 rerun {r.batch_error_float64:.1e}); "
                 f"finite {r.finite}; hooks left {r.hooks_left}; conservation {{{cons}}}"
             )
     return "\n".join(out)
@@ -208,14 +231,24 @@ def main() -> None:
         help="every torchvision classification CNN instead of the timm zoo",
     )
     parser.add_argument("--max-params", type=float, default=60.0, help="millions (--torchvision)")
+    parser.add_argument(
+        "--min-params",
+        type=float,
+        default=0.0,
+        help="millions (--torchvision): only models with more parameters than this",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     zoo = dict(ZOO)
     names = [n for n in args.models.split(",") if n] or list(zoo)
     models = [(n, zoo.get(n, {})) for n in names]
     if args.torchvision:
-        models, skipped = torchvision_cnns(args.max_params)
-        print(f"left out (over {args.max_params:g}M parameters): {', '.join(skipped)}\n")
+        models, skipped = torchvision_cnns(args.max_params, args.min_params)
+        window = f"{args.min_params:g}M-{args.max_params:g}M" if args.min_params else ""
+        print(
+            f"left out ({'outside ' + window if window else f'over {args.max_params:g}M'} "
+            f"parameters): {', '.join(skipped)}\n"
+        )
     methods = [m for m in args.methods.split(",") if m]
     rows = survey(models, methods, args.size, args.classes)
     print(table(rows, methods))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from wsss.cam import LiftCAM, RelevanceCAM, Rule, register_rule, unregister_rule
+from wsss.cam import LiftCAM, RelevanceCAM, Rule, register_rule, start_relevance, unregister_rule
 
 C = 6
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -366,3 +366,40 @@ def test_functional_conv_and_linear_equal_their_modules():
         got = cam.relevance(x, T)
     torch.testing.assert_close(got["input"][1], want["input"][1])
     torch.testing.assert_close(got["r1"][1], want["1"][1])
+
+
+def test_pointwise_conv_classifier_gets_the_linear_rule():
+    """A 1×1 conv on the pooled map whose output is the logits (timm's conv heads: DPN) is a
+    Linear layer: the same relevance as the head written as nn.Linear, and with the reference
+    preset (conv bias counted twice, Linear bias ignored) conserved when the features have no
+    bias. A 1×1 conv inside the features keeps the conv rule."""
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU())
+    fc = nn.Linear(8, C)
+    with torch.no_grad():
+        fc.bias.copy_(torch.linspace(-0.5, 0.5, C))  # as large as the logits
+    conv_fc = nn.Conv2d(8, C, 1)
+    with torch.no_grad():
+        conv_fc.weight.copy_(fc.weight[:, :, None, None])
+        conv_fc.bias.copy_(fc.bias)
+    pool = nn.AdaptiveAvgPool2d(1)
+    linear_head = nn.Sequential(features, pool, nn.Flatten(), fc).eval()
+    conv_head = nn.Sequential(features, pool, conv_fc, nn.Flatten()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with RelevanceCAM(linear_head, ["0"], preset="reference") as cam:
+        want = cam.relevance(x, T)["0"][1]
+    with RelevanceCAM(conv_head, ["0"], preset="reference") as cam:
+        got = cam.relevance(x, T)["0"][1]
+    torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        total = start_relevance(conv_head(x), T, "clrp").sum(-1)  # (B, K)
+    torch.testing.assert_close(got.sum((2, 3, 4)), total, atol=1e-6, rtol=1e-4)
+    # a 1×1 conv with a bias inside the features (not the logits) keeps the conv rule
+    inner = nn.Sequential(features, nn.Conv2d(8, 8, 1), nn.ReLU(), pool, nn.Flatten(), fc).eval()
+    with torch.no_grad():
+        inner[1].bias.fill_(0.5)
+    with RelevanceCAM(inner, ["0"], preset="reference") as cam:
+        inner_r = cam.relevance(x, T)["0"][1]
+    with RelevanceCAM(inner, ["0"], preset="reference", conv=Rule("zplus")) as cam:
+        inner_no_bias = cam.relevance(x, T)["0"][1]
+    assert not torch.allclose(inner_r, inner_no_bias)

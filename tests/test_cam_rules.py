@@ -158,8 +158,36 @@ def test_gamma_rule_follows_the_sign_of_each_output():
 
 
 def test_gamma_rule_conserves_without_bias():
-    got = propagate(Rule("gamma", gamma=0.25), layer(), X, R, X @ W.t())
-    torch.testing.assert_close(got.sum(1), R.sum(1))
+    """With the bias left out of the denominators, the sign that picks the weights is the sign of
+    Wx, not of the layer's output Wx + b: where the bias alone flips it, the favoured weights
+    would act on a sum of the other sign and the denominator could pass through 0."""
+    y0 = X @ W.t()
+    flip = -1.5 * y0[0]  # a bias that flips every output of the first image
+    y = y0 + flip  # the layer's output, as the engine passes it
+    assert ((y0 * y)[0] < 0).all() and ((y0 * y)[1] > 0).any()
+    for output in (y, None):
+        got = propagate(Rule("gamma", gamma=0.25), linear_map(W, flip), X, R, output)
+        torch.testing.assert_close(got.sum(1), R.sum(1))
+
+
+def test_gamma_rule_without_bias_follows_the_sign_of_the_bias_free_output():
+    gamma = 0.5
+    y0 = X @ W.t()
+
+    def contribution(b, i, j):
+        favour = 1 if y0[b, j] > 0 else -1
+        w = W[j, i]
+        wp = w + gamma * (pos(w) if favour > 0 else neg(w))
+        wn = w + gamma * (neg(w) if favour > 0 else pos(w))
+        return pos(X[b, i]) * wp + neg(X[b, i]) * wn
+
+    def z(b, j):
+        return sum(contribution(b, i, j) for i in range(N_IN))
+
+    want = per_element(lambda b, i, j: contribution(b, i, j) / z(b, j))
+    flip = -1.5 * y0[0]
+    got = propagate(Rule("gamma", gamma=gamma), linear_map(W, flip), X, R, y0 + flip)
+    torch.testing.assert_close(got, want)
 
 
 def test_zbox_rule_with_bounds():

@@ -62,6 +62,12 @@ def record_layers(
 
     def hook(name: str):
         def keep(module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
+            if not isinstance(output, Tensor):
+                raise ValueError(
+                    f"cannot read layer {name!r}: its output is a {type(output).__name__}, not "
+                    "one tensor (e.g. HRNet's stages return a list of branch maps); request a "
+                    "module that returns one (B, C, h, w) map"
+                )
             if not keep_graph:
                 activations[name] = output.detach().clone()
                 return None

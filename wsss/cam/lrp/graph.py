@@ -190,6 +190,8 @@ class RelevanceGraph:
             path, _ = t.owner(n)
             module = t.modules[path] if path in t.modules else t.model
             is_conv = isinstance(module, CONVS) or n.target in FUNCTIONAL_LAYERS[1:]
+            if is_conv and n.op == "call_module" and self._is_conv_classifier(n):
+                is_conv = False
             infos[n] = LayerInfo(
                 path,
                 module,
@@ -198,6 +200,26 @@ class RelevanceGraph:
                 i / max(1, len(linear)),
             )
         return infos
+
+    def _is_conv_classifier(self, node: fx.Node) -> bool:
+        """A pointwise conv (1×1 kernel, stride 1, one group, no padding) whose output is the
+        logits up to reshapes: a Linear layer on the pooled map (timm's conv heads, e.g. DPN),
+        so it gets the composite's Linear rule, as the same head written as nn.Linear would."""
+        conv = self.traced.modules[node.target]
+        pointwise = (
+            all(k == 1 for k in conv.kernel_size)
+            and all(s == 1 for s in conv.stride)
+            and conv.groups == 1
+            and (conv.padding == "valid" or all(p == 0 for p in conv.padding))
+        )
+        while pointwise and node is not self.traced.logits:
+            if len(node.users) != 1:
+                return False
+            node = next(iter(node.users))
+            module = self.traced.modules.get(node.target) if node.op == "call_module" else None
+            if not (node.target in _SHAPE_ONLY or isinstance(module, (nn.Flatten, nn.Identity))):
+                return False
+        return pointwise
 
     def _context(self, node: fx.Node) -> NodeContext:
         t = self.traced

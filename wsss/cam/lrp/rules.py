@@ -11,9 +11,10 @@ Rules (`Rule.kind`), with x⁺ = max(x, 0), x⁻ = min(x, 0), W⁺/W⁻ likewise
 - zplus:     Z = W⁺x⁺ + W⁻x⁻ + bias·b;            R_in = x⁺⊙W⁺ᵀ(R⊘Z) + x⁻⊙W⁻ᵀ(R⊘Z)
 - alphabeta: α·(the z⁺ term with bias·b⁺) − β·(the same with W⁻x⁺ + W⁺x⁻ and bias·b⁻)
 - epsilon:   Z = Wx + bias·b, shifted away from 0 by ε·sign(Z);  R_in = x⊙Wᵀ(R/Z)
-- gamma:     sign-aware, as zennit's Gamma: where the layer's output y > 0 the weights are
-             W + γW⁺ on x⁺ and W + γW⁻ on x⁻ (bias b + γb⁺); where y < 0, W + γW⁻ on x⁺ and
-             W + γW⁺ on x⁻ (bias b + γb⁻). Each denominator then has the sign of y.
+- gamma:     sign-aware, as zennit's Gamma: where the output as the rule counts it,
+             y = Wx + bias·b, is > 0 the weights are W + γW⁺ on x⁺ and W + γW⁻ on x⁻ (bias
+             b + γb⁺); where y < 0, W + γW⁻ on x⁺ and W + γW⁺ on x⁻ (bias b + γb⁻). Each
+             denominator is then y plus terms of y's sign, so it has the sign of y and |Z| ≥ |y|.
 - zb:        the z^B (box) rule for the input layer, bounds l ≤ x ≤ h:
              Z = Wx − W⁺l − W⁻h;  R_in = x⊙Wᵀ(R⊘Z) − l⊙W⁺ᵀ(R⊘Z) − h⊙W⁻ᵀ(R⊘Z)
              (bounds None: the per-image minimum and maximum, as the official code does)
@@ -209,14 +210,20 @@ def epsilon(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | None
 
 
 def gamma(rule: Rule, layer: LinearMap, x: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
-    """LRP-γ, sign-aware (zennit's Gamma): the favoured weights follow the sign of the output y."""
+    """LRP-γ, sign-aware (zennit's Gamma): the favoured weights follow the sign of the output
+    with the bias counted as in the denominators (`rule.bias` times). y, the layer's output with
+    its whole bias, is shifted to that count: with the bias left out, an output that the bias
+    alone makes positive would otherwise get the "positive" weights on a sum Wx < 0, and a
+    denominator near 0 (RepVGG's folded BatchNorm shifts: amplification by 1e11)."""
+    b = layer.bias
     if y is None:
-        y = layer.with_bias(layer.forward(x, layer.weight), 1.0, layer.bias)
+        y = layer.with_bias(layer.forward(x, layer.weight), rule.bias, b)
+    elif b is not None and rule.bias != 1.0:
+        y = y - (1.0 - rule.bias) * b.view(*layer.bias_shape)
     xp, xn = _split_input(x)
     w = layer.weight
     w_up = w + rule.gamma * w.clamp(min=0)  # favours positive contributions
     w_down = w + rule.gamma * w.clamp(max=0)  # favours negative contributions
-    b = layer.bias
     out = None
     for mask, w_on_pos, w_on_neg, b_mod in (
         (y > 0, w_up, w_down, None if b is None else b + rule.gamma * b.clamp(min=0)),

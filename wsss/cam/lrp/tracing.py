@@ -106,14 +106,14 @@ class TracedModel:
         outputs = self.module_outputs.get(layer, [])
         if len(outputs) != 1 or outputs[0] is None:
             why = (
-                "never called in the forward"
+                "the module is never called in the forward"
                 if not outputs
-                else "called several times in the forward (e.g. a shared ReLU)"
+                else "the module is called several times in the forward (e.g. a shared ReLU)"
                 if len(outputs) > 1
-                else "its output is not a single tensor"
+                else "its output is not a single tensor (e.g. a list of branch maps)"
             )
             raise ValueError(
-                f"cannot capture relevance at {layer!r}: the module is {why}; "
+                f"cannot capture relevance at {layer!r}: {why}; "
                 "request its parent or a neighbouring module"
             )
         return outputs[0]
