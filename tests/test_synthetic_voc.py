@@ -3,6 +3,7 @@ source; labels from the masks, void borders along every boundary, boats always o
 
 import numpy as np
 
+from wsss.data import synthetic_voc as scene
 from wsss.data.voc import VOC_CLASSES, VOCSegmentation
 
 from conftest import load_script
@@ -32,14 +33,14 @@ def test_written_set_reads_back_through_the_voc_source(tmp_path):
     assert (
         prepare_voc.prepare(root, echo=lambda _: None) == 0
     )  # the full layout, train_aug included
-    allowed = {0, 255} | {VOC_CLASSES.index(name) + 1 for name in make_voc.CLASSES}
+    allowed = {0, 255} | {VOC_CLASSES.index(name) + 1 for name in scene.CLASSES}
     train = VOCSegmentation(root, "train")
     assert len(train) == 30 and len(VOCSegmentation(root, "val")) == 2
     assert VOCSegmentation(root, "train_aug").ids == train.ids
     boats = plain = 0
     for index in range(len(train)):
         raw = train.load_raw(index)
-        image, mask = make_voc.labelled_sample(0, "train", index, SIZE, 2)
+        image, mask = scene.labelled_sample(0, "train", index, SIZE, 2)
         assert np.array_equal(
             raw.mask, mask
         )  # the palette PNG holds the generator's labels exactly
@@ -75,7 +76,7 @@ def test_void_border_band_has_the_requested_width():
     mask = np.zeros((9, 12), np.uint8)
     mask[:, 6:] = 4
     for width in (1, 2, 4):
-        out = make_voc.void_borders(mask, width)
+        out = scene.void_borders(mask, width)
         columns = np.flatnonzero((out == 255).all(0))
         assert (
             len(columns) == width and columns.max() - columns.min() == width - 1
@@ -84,7 +85,7 @@ def test_void_border_band_has_the_requested_width():
         assert set(np.unique(out[:, : columns.min()])) == {0} and set(
             np.unique(out[:, columns.max() + 1 :])
         ) == {4}
-    assert np.array_equal(make_voc.void_borders(mask, 0), mask)
+    assert np.array_equal(scene.void_borders(mask, 0), mask)
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
