@@ -337,15 +337,21 @@ def test_conservation_ledger_at_each_block():
     torch.testing.assert_close(total["blocks.0"], total["blocks.1"] - absorbed, rtol=1e-4, atol=0)
 
 
+def assert_batched_equals_one_by_one(cam, layers):
+    """The (B=2, K=2) call's maps equal those of each image and class alone; returns them."""
+    maps = cam(X, T)
+    for b, k in itertools.product(range(2), range(2)):
+        alone = cam(X[b : b + 1], T[b, k : k + 1])
+        for layer in layers:
+            torch.testing.assert_close(maps[layer][b, k], alone[layer][0, 0])
+    return maps
+
+
 def test_batched_equals_one_at_a_time_and_layers_in_one_sweep():
     net = tiny_vit()
     layers = ["blocks.0", "blocks.1"]
     with RelevanceCAM(net, layers) as cam:
-        maps = cam(X, T)
-        for b, k in itertools.product(range(2), range(2)):
-            alone = cam(X[b : b + 1], T[b, k : k + 1])
-            for layer in layers:
-                torch.testing.assert_close(maps[layer][b, k], alone[layer][0, 0])
+        maps = assert_batched_equals_one_by_one(cam, layers)
     for layer in layers:
         with RelevanceCAM(net, [layer]) as cam:
             torch.testing.assert_close(cam(X, T)[layer], maps[layer])
@@ -691,11 +697,7 @@ def test_liftcam_small_vit_batched_equals_one_by_one(pool):
     net = tiny_vit(pool=pool)
     layers = ["blocks.0", "blocks.1"]
     with LiftCAM(net, layers) as cam:
-        maps = cam(X, T)
-        for i, k in itertools.product(range(2), range(2)):
-            alone = cam(X[i : i + 1], T[i, k : k + 1])
-            for layer in layers:
-                torch.testing.assert_close(alone[layer][0, 0], maps[layer][i, k])
+        maps = assert_batched_equals_one_by_one(cam, layers)
     for layer in layers:
         assert maps[layer].shape == (2, 2, 4, 4) and torch.isfinite(maps[layer]).all()
         assert maps[layer].abs().max() > 0
