@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,7 +193,7 @@ def _verdict(result: CheckResult, method: str) -> str:
     if not result.finite:
         return "non-finite maps"
     if not (result.batch_error <= BATCH_TOLERANCE or result.batch_rounding):
-        if result.batch_error_float64 == result.batch_error_float64:  # measured (not NaN)
+        if not math.isnan(result.batch_error_float64):  # the float64 rerun was made
             return (
                 f"batched != one by one (rel. {result.batch_error:.1e} in float32, "
                 f"{result.batch_error_float64:.1e} in float64)"
