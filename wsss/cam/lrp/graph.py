@@ -202,9 +202,8 @@ class RelevanceGraph:
         return infos
 
     def _is_conv_classifier(self, node: fx.Node) -> bool:
-        """A pointwise conv (1×1 kernel, stride 1, one group, no padding) whose output is the
-        logits up to reshapes: a Linear layer on the pooled map (timm's conv heads, e.g. DPN),
-        so it gets the composite's Linear rule, as the same head written as nn.Linear would."""
+        """A pointwise conv (1×1, stride 1, one group, no padding) whose output is the logits up to
+        reshapes (timm's conv heads, e.g. DPN): a Linear layer, so it gets the Linear rule."""
         conv = self.traced.modules[node.target]
         pointwise = (
             all(k == 1 for k in conv.kernel_size)
