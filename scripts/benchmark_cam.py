@@ -195,7 +195,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--preset", default="default")
+    parser.add_argument(
+        "--preset",
+        help="Relevance-CAM preset (default: the model family's, as cam.preset unset: attnlrp "
+        "for the ViT backbones, default otherwise)",
+    )
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument(
         "--interleave",
@@ -212,6 +216,10 @@ def main() -> None:
         from wsss.models.backbones import default_cam_layers
 
         args.layers = ",".join(default_cam_layers(args.model))
+    if args.preset is None:
+        from wsss.models.vit_backbones import default_cam_preset
+
+        args.preset = default_cam_preset(args.model)
 
     if args.row:
         print(json.dumps(measure_row(args.row, args)))

@@ -17,6 +17,7 @@ from wsss.models.classifier import ClassifierModule
 from wsss.models.vit_backbones import (
     build_vit_backbone,
     check_vit_cam_layers,
+    default_cam_preset,
     default_vit_cam_layers,
     resample_grid,
 )
@@ -116,6 +117,12 @@ def test_vit_backbones_default_to_the_attnlrp_preset_and_cnns_keep_default(tmp_p
     assert cfg.cam.preset == "attnlrp"
     assert tiny_config(tmp_path, *vit, "cam.preset=default").cam.preset == "default"
     assert tiny_config(tmp_path).cam.preset == "default"
+    # the one resolver, which scripts/benchmark_cam.py also uses for its --preset
+    assert [default_cam_preset(n) for n in ("vit_b_16", "resnet50", "timm:resnet18")] == [
+        "attnlrp",
+        "default",
+        "default",
+    ]
     classifier = SimpleNamespace(hparams=SimpleNamespace(mean=None, std=None))
     assert pseudo_module_options(cfg, classifier)["preset"] == "attnlrp"
     model = build_vit_backbone("deit_tiny_patch16_224", 3).eval()

@@ -10,7 +10,7 @@ import importlib.util
 import segmentation_models_pytorch as smp
 from lightning.pytorch.strategies import StrategyRegistry
 
-from wsss.cam import DEFAULT_PRESET, PRESETS
+from wsss.cam import PRESETS
 from wsss.config.coercion import closest
 from wsss.config.fields import ConfigError
 from wsss.config.schema import Config, DataConfig
@@ -62,13 +62,13 @@ def _check_backbone(cfg: Config) -> None:
             f"classifier.output_stride: 16 is not available for {name} ({why}); use 32"
         )
     _resolve_cam_layers(cfg, backbones.default_cam_layers, backbones.check_cam_layers)
-    _resolve_cam_preset(cfg, DEFAULT_PRESET)
+    _resolve_cam_preset(cfg)
 
 
-def _resolve_cam_preset(cfg: Config, default: str) -> None:
+def _resolve_cam_preset(cfg: Config) -> None:
     """cam.preset: the backbone family's default preset when unset."""
     if cfg.cam.preset is None:
-        cfg.cam.preset = default
+        cfg.cam.preset = vit_backbones.default_cam_preset(cfg.classifier.backbone)
 
 
 def _resolve_cam_layers(cfg: Config, default_layers, check_layers) -> None:
@@ -110,7 +110,7 @@ def _check_vit_backbone(cfg: Config) -> None:
     _resolve_cam_layers(
         cfg, vit_backbones.default_vit_cam_layers, vit_backbones.check_vit_cam_layers
     )
-    _resolve_cam_preset(cfg, vit_backbones.DEFAULT_VIT_CAM_PRESET)
+    _resolve_cam_preset(cfg)
 
 
 def _check_required(cfg: Config) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from wsss.cam import register_rule
+from wsss.cam import DEFAULT_PRESET, register_rule
 
 TOKEN_POOLS = ("token", "gap")
 TORCHVISION_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
@@ -40,6 +40,12 @@ DEFAULT_VIT_CAM_PRESET = "attnlrp"
 
 def is_vit_backbone(name: str) -> bool:
     return name in VIT_BACKBONES
+
+
+def default_cam_preset(backbone: str) -> str:
+    """The Relevance-CAM preset of a backbone's family, what cam.preset unset means:
+    DEFAULT_VIT_CAM_PRESET for a ViT backbone, the CNN default for any other model name."""
+    return DEFAULT_VIT_CAM_PRESET if is_vit_backbone(backbone) else DEFAULT_PRESET
 
 
 def resample_grid(pos: Tensor, prefix: int, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
