@@ -83,6 +83,30 @@ GROUPS = [  # (name, method, preset, normalisation, layers reported alone, layer
         ["layer4"],
         ALL_LAYERS,
     ),
+    (
+        method_title("relevance", "attnlrp"),
+        "relevance",
+        "attnlrp",
+        "centred",
+        ALL_LAYERS,
+        ALL_LAYERS,
+    ),
+    (
+        method_title("relevance", "default, position weights"),
+        "relevance",
+        "default",
+        "centred",
+        ALL_LAYERS,
+        ALL_LAYERS,
+    ),
+    (
+        method_title("relevance", "attnlrp, position weights"),
+        "relevance",
+        "attnlrp",
+        "centred",
+        ALL_LAYERS,
+        ALL_LAYERS,
+    ),
     (method_title("gradcam"), "gradcam", None, "centred", ALL_LAYERS, ALL_LAYERS),
     (method_title("gradcam"), "gradcam", None, "relu_max", ["layer4"], ALL_LAYERS),
     (method_title("gradcampp"), "gradcampp", None, "centred", ["layer4"], ALL_LAYERS),
@@ -92,6 +116,11 @@ GROUPS = [  # (name, method, preset, normalisation, layers reported alone, layer
     (method_title("libra"), "libra", None, "centred", ALL_LAYERS, ALL_LAYERS),
     (method_title("libra"), "libra", None, "minmax", ["layer4"], ["layer4"]),
 ]
+# RelevanceCAM options a group sets beyond its preset (by group name)
+GROUP_OPTIONS = {
+    method_title("relevance", "default, position weights"): {"weights": "position"},
+    method_title("relevance", "attnlrp, position weights"): {"weights": "position"},
+}
 ORACLE_GRID = [round(0.05 * i, 2) for i in range(1, 20)]
 OBJECTIVES = ("increase", "keep_delete", "area", "delete")
 
@@ -199,6 +228,7 @@ def quality(args) -> None:
         module = pseudo_stage.pseudo_module(
             run_cfg, classifier, library=library if method == "libra" else None
         )
+        module.options.update(GROUP_OPTIONS.get(name, {}))
         scored, seconds, forwards = collect(module, evaluation, run_cfg)
         queried, _, _ = collect(module, calibration, run_cfg)
         views = alone + (["fused"] if len(layers) > 1 else [])

@@ -162,6 +162,17 @@ def test_positive_split_matches_slow_reference():
     assert_maps_close(got, want)
 
 
+def clrp_rho(model: nn.Module, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """ρ_k of docs/ALGORITHMS.md §1.5: the CLRP relevance of each pooled layer4 channel."""
+    a_bar = a.mean((2, 3))  # (B, 512)
+    w_pos = model.fc.weight.clamp(min=0)  # (C, 512)
+    z = a_bar @ w_pos.t()  # (B, C)
+    ratio = w_pos.unsqueeze(0) / z.unsqueeze(2)  # (B, C, 512)
+    own = ratio[torch.arange(len(t)), t]  # (B, 512)
+    others = (ratio.sum(1) - own) / C
+    return a_bar * (own - others)
+
+
 def test_closed_form_at_last_layer():
     """The closed form derived in docs/ALGORITHMS.md: layer4 map = Σ_k ρ_k A_k with the CLRP ρ."""
     model = resnet("resnet18")
@@ -170,14 +181,21 @@ def test_closed_form_at_last_layer():
     with RelevanceCAM(model, ["layer4"], preset="reference") as cam:
         got = cam(x, t)["layer4"][:, 0]
         a = cam.relevance(x, t)["layer4"][0]
-    a_bar = a.mean((2, 3))  # (B, 512)
-    w_pos = model.fc.weight.clamp(min=0)  # (C, 512)
-    z = a_bar @ w_pos.t()  # (B, C)
-    ratio = w_pos.unsqueeze(0) / z.unsqueeze(2)  # (B, C, 512)
-    own = ratio[torch.arange(2), t]  # (B, 512)
-    others = (ratio.sum(1) - own) / C
-    rho = a_bar * (own - others)
-    want = torch.einsum("bk,bkhw->bhw", rho, a)
+    want = torch.einsum("bk,bkhw->bhw", clrp_rho(model, a, t), a)
+    assert_maps_close(got, want, rtol=1e-5)
+
+
+def test_position_weights_closed_form_at_last_layer():
+    """weights="position" (docs/ALGORITHMS.md §7.10): layer4 map = Σ_k ρ_k A_k / Σ_ij A_k, each
+    channel's closed-form ρ_k spread over its positions in proportion to its activation."""
+    model = resnet("resnet18")
+    x = images(2, 64)
+    t = torch.tensor([0, 7])
+    with RelevanceCAM(model, ["layer4"], preset="reference", weights="position") as cam:
+        got = cam(x, t)["layer4"][:, 0]
+        a = cam.relevance(x, t)["layer4"][0]
+    share = a / a.sum((2, 3), keepdim=True).clamp(min=1e-30)
+    want = torch.einsum("bk,bkhw->bhw", clrp_rho(model, a, t), share)
     assert_maps_close(got, want, rtol=1e-5)
 
 

@@ -368,6 +368,23 @@ def test_token_map_is_relevance_weighted_patch_tokens():
     torch.testing.assert_close(maps, want)
 
 
+@pytest.mark.parametrize("layer", ["blocks.1", "blocks.0"])
+def test_position_weights_map_is_the_token_relevance_of_the_autograd_oracle(layer):
+    """weights="position": each patch token's map value is its relevance summed over channels,
+    here the gradient × input of the oracle's surrogate net (GAP head, one-hot start), which the
+    channel-wide α·A map of the same relevance does not equal."""
+    net = tiny_vit(pool="mean")
+    t = torch.tensor([0, 2])
+    with RelevanceCAM(net, [layer], preset="lrp", weights="position") as cam:
+        maps = cam(X, t)[layer]
+    with RelevanceCAM(net, [layer], preset="lrp") as cam:
+        channel_wide = cam(X, t)[layer]
+    relevance = oracle(net, X, t, [layer])[layer]  # (B, 17, C)
+    want = relevance[:, 1:].sum(-1).view(2, 1, 4, 4)
+    torch.testing.assert_close(maps, want, rtol=1e-6, atol=1e-9)
+    assert (channel_wide - want).abs().max() > 1e-2 * want.abs().max()
+
+
 def test_unsupported_attention_variant_fails_at_construction_naming_the_node():
     class EinsumAttention(Attention):
         def forward(self, x):

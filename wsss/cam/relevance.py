@@ -2,6 +2,9 @@
 
 map_k = Σ_c α_kc A_c with α_kc = Σ_ij R_kc(i,j), where A is the activation at a layer's output
 and R_k the LRP relevance of target class k at that same tensor (derived in docs/ALGORITHMS.md).
+With weights="position" each position weights the channels by its own ratio R_kc(i,j)/A_c(i,j),
+so map_k(i,j) = Σ_c R_kc(i,j): for signed activations (transformer tokens), where a channel-wide
+α would flip with the sign of the channel's total.
 The layer name "input" gives the pixel-level LRP heatmap Σ_c R_kc(i,j) instead (relevance at the
 image; the input layers use the composite's `input` rule, z^B by default: see `box_rule`).
 """
@@ -157,6 +160,10 @@ class RelevanceCAM(LayerCAM):
                 f"Relevance-CAM needs (B, C, h, w) activations or (B, N, C) tokens at {layer!r}, "
                 f"got {tuple(a.shape)}"
             )
+        if self.config.weights == "position":
+            # per-position weights R/A: the map is the relevance itself, summed over channels
+            grid_r = to_grid(r, tuple(image_hw), self.tokens, lead=2) if tokens else r
+            return grid_r.sum(2)
         # α sums over every position (for tokens: the prefix tokens too); the map shows the grid
         positions = tuple(range(2, r.dim() - 1)) if tokens else (-2, -1)
         alpha = r.sum(positions)

@@ -8,7 +8,8 @@ A composite picks a rule for every Conv / Linear layer on the relevance path, in
    layers (in graph order), when set;
 4. `conv` for convolutions, `linear` for Linear layers.
 It also says how BatchNorm (identity or folded into the conv before it), residual additions
-(signed / positive / abs split), the start vector and the channel weights are handled.
+(signed / positive / abs split), the start vector and the channel weights (summed or averaged
+over positions, or per position: see RelevanceCAM) are handled.
 
 Presets are composites (docs/ALGORITHMS.md derives "reference"):
 - reference: the official Relevance-CAM rules exactly;
@@ -35,7 +36,7 @@ from wsss.cam.lrp.rules import Rule, as_rule
 BATCHNORM_MODES = ("identity", "fold")
 RESIDUAL_MODES = ("signed", "positive", "abs")
 START_VECTORS = ("lrp", "clrp", "clrp_absent", "sglrp")
-WEIGHTS = ("sum", "mean")
+WEIGHTS = ("sum", "mean", "position")
 
 
 @dataclass(frozen=True)
