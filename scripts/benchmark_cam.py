@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--preset",
-        help="Relevance-CAM preset (default: the model family's, as cam.preset unset: attnlrp "
+        help="Relevance-CAM preset (default: the model family's, as cam.preset unset: transformer "
         "for the ViT backbones, default otherwise)",
     )
     parser.add_argument("--rows", default=",".join(ROWS))

@@ -109,26 +109,26 @@ def test_config_fills_and_checks_vit_layers(tmp_path):
         tiny_config(tmp_path, *vit, "classifier.token_pool=mean")
 
 
-def test_vit_backbones_default_to_the_attnlrp_preset_and_cnns_keep_default(tmp_path):
-    """cam.preset unset: attnlrp (ε on Linear layers) for a ViT backbone, default for a CNN; a
-    preset that is set stays; the pseudo-mask stage gets the resolved one."""
+def test_vit_backbones_default_to_the_transformer_preset_and_cnns_keep_default(tmp_path):
+    """cam.preset unset: transformer (the default rules, per-position weights) for a ViT
+    backbone, default for a CNN; a preset that is set stays; the pseudo-mask stage gets the
+    resolved one."""
     vit = ("classifier.backbone=deit_tiny_patch16_224", "classifier.output_stride=32")
     cfg = tiny_config(tmp_path, *vit)
-    assert cfg.cam.preset == "attnlrp"
-    assert tiny_config(tmp_path, *vit, "cam.preset=default").cam.preset == "default"
+    assert cfg.cam.preset == "transformer"
+    assert tiny_config(tmp_path, *vit, "cam.preset=attnlrp").cam.preset == "attnlrp"
     assert tiny_config(tmp_path).cam.preset == "default"
     # the one resolver, which scripts/benchmark_cam.py also uses for its --preset
     assert [default_cam_preset(n) for n in ("vit_b_16", "resnet50", "timm:resnet18")] == [
-        "attnlrp",
+        "transformer",
         "default",
         "default",
     ]
     classifier = SimpleNamespace(hparams=SimpleNamespace(mean=None, std=None))
-    assert pseudo_module_options(cfg, classifier)["preset"] == "attnlrp"
+    assert pseudo_module_options(cfg, classifier)["preset"] == "transformer"
     model = build_vit_backbone("deit_tiny_patch16_224", 3).eval()
     with RelevanceCAM(model, cfg.cam.layers, preset=cfg.cam.preset) as cam:
-        assert cam.config.linear == Rule("epsilon", epsilon=1e-6, bias=1.0)
-        assert cam.config.conv == preset_config("default").conv
+        assert cam.config == preset_config("default", weights="position")
 
 
 def test_classifier_module_builds_the_vit_with_its_pool():

@@ -151,7 +151,7 @@ class CamConfig:
     preset: Optional[str] = option(
         None,
         "RelevanceCAM preset (see wsss.cam presets); None = the backbone family's default: "
-        "attnlrp for ViT backbones (ε on Linear layers), default for CNNs",
+        "transformer for ViT backbones (per-position weights), default for CNNs",
     )
     layers: Optional[list[str]] = option(
         None,

@@ -35,7 +35,7 @@ TIMM_VITS = (
 )
 VIT_BACKBONES = TIMM_VITS + TORCHVISION_VITS
 # The Relevance-CAM preset a ViT backbone gets when cam.preset is unset (CNNs: "default").
-DEFAULT_VIT_CAM_PRESET = "attnlrp"
+DEFAULT_VIT_CAM_PRESET = "transformer"
 
 
 def is_vit_backbone(name: str) -> bool:

@@ -19,8 +19,10 @@ Presets are composites (docs/ALGORITHMS.md derives "reference"):
 - epsilon_gamma_box: γ in the lower third, z⁺ in the middle, ε at the head, z^B at the input
   (the layered composite recommended by Montavon et al. 2019, like zennit's EpsilonGammaBox).
 - attnlrp: default with the ε-rule (bias counted) on Linear layers, as AttnLRP (Achtibat et al.
-  2024) treats a transformer's Linear layers; the ViT backbones' default (one product per
-  class and Linear, where z⁺ needs two on signed LayerNorm outputs).
+  2024) treats a language model's Linear layers (one product per class and Linear, where z⁺
+  needs two on signed LayerNorm outputs);
+- transformer: default with per-position weights (weights="position"), the ViT backbones'
+  default: the best of these on a trained DeiT-Tiny (docs/benchmarks.md §12).
 """
 
 from __future__ import annotations
@@ -195,6 +197,9 @@ PRESETS["default"] = dict(PRESETS["reference"], residual="positive")
 # Transformers: the default's rules with AttnLRP's ε-rule on Linear layers (bias counted, so the
 # denominator is the recorded output); docs/ALGORITHMS.md gives the reasons.
 PRESETS["attnlrp"] = dict(PRESETS["default"], linear=Rule("epsilon", epsilon=1e-6, bias=1.0))
+# Transformers, measured best on a ViT: the default's rules with per-position weights (the map is
+# the relevance itself, which keeps its sign on signed tokens; docs/ALGORITHMS.md §7.10).
+PRESETS["transformer"] = dict(PRESETS["default"], weights="position")
 
 DEFAULT_PRESET = "default"
 
